@@ -1,0 +1,24 @@
+"""streamsched: a distributed task scheduler for Python teams, built on NATS JetStream."""
+
+from .client import Client, TaskHandle
+from .config import Settings
+from .errors import Fail, PermanentError, Retry, StreamschedError
+from .model import Envelope, Status, TaskState
+from .registry import TaskContext, current_task, task
+
+__all__ = [
+    "Client",
+    "Envelope",
+    "Fail",
+    "PermanentError",
+    "Retry",
+    "Settings",
+    "Status",
+    "StreamschedError",
+    "TaskContext",
+    "TaskHandle",
+    "TaskState",
+    "current_task",
+    "task",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,406 @@
+"""The thin adapter over nats-py: connect, bounded async publish, continuous priority pull.
+
+Two things nats-py does not do the way a scheduler needs, done here once:
+
+* :meth:`Bus.publish` returns a future that always completes: nats-py's async publish
+  futures never resolve if the PubAck is lost in a reconnect, so a sweeper fails them
+  after ``publish_timeout_s`` and the caller retries (same ``Nats-Msg-Id``, so no copy).
+* :class:`Puller` keeps pull requests outstanding on several durable consumers, one per
+  priority level, with *credit*: it never asks the server for more messages than its
+  holder has free capacity, so a process never holds more than ``capacity`` un-acked
+  messages (backpressure stays JetStream's), and it asks higher levels first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+from nats.js.api import PubAck
+
+log = logging.getLogger("streamsched.bus")
+
+#: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
+LONG_POLL_S = 5.0
+#: Expiry of a "take what is there now" pull request on a level that has a backlog.
+SHORT_POLL_S = 0.002
+
+
+class Bus:
+    """One NATS connection with its JetStream context, shared by the roles of a process."""
+
+    def __init__(self, nc: nats.NATS, *, api_timeout_s: float = 10.0, publish_timeout_s: float = 10.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=api_timeout_s, publish_async_max_pending=8000)
+        self.api_timeout_s = api_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self._inflight: collections.deque[tuple[float, asyncio.Future[PubAck]]] = collections.deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._on_reconnect: list[Callable[[], None]] = []
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str) -> Bus:
+        """Connect with reconnects that never give up (roles are long-running services)."""
+        holder: list[Bus] = []
+
+        async def reconnected() -> None:
+            log.warning("reconnected to %s", holder[0].nc.connected_url.netloc if holder else url)
+            for callback in list(holder[0]._on_reconnect) if holder else ():
+                callback()
+
+        async def disconnected() -> None:
+            if holder and not holder[0].nc.is_closed:
+                log.warning("disconnected from NATS; reconnecting")
+
+        async def error(exc: Exception) -> None:
+            log.debug("nats client error: %r", exc)
+
+        nc = await nats.connect(
+            url.split(","),
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            connect_timeout=5,
+            reconnected_cb=reconnected,
+            disconnected_cb=disconnected,
+            error_cb=error,
+        )
+        bus = cls(nc)
+        holder.append(bus)
+        return bus
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every reconnect (pull requests do not survive one)."""
+        self._on_reconnect.append(callback)
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[PubAck]:
+        """Publish to JetStream without waiting; the future holds the PubAck or an error.
+
+        Bounded: waits when 8000 publishes are already in flight.
+        """
+        future = await self.js.publish_async(subject, data, headers=headers)
+        self._inflight.append((time.monotonic() + self.publish_timeout_s, future))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return future
+
+    async def _sweep(self) -> None:
+        inflight = self._inflight
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            while inflight and (inflight[0][1].done() or inflight[0][0] < now):
+                _, future = inflight.popleft()
+                if not future.done():
+                    future.set_exception(nats.errors.TimeoutError())
+
+    async def api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A raw ``$JS.API`` request, for what nats-py has no helper for."""
+        reply = await self.nc.request(subject, json.dumps(request or {}).encode(), timeout=self.api_timeout_s)
+        return json.loads(reply.data)
+
+    async def close(self) -> None:
+        """Flush what is buffered and close; idempotent."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+
+
+def when_all(futures: Sequence[asyncio.Future[Any]], callback: Callable[[BaseException | None], None]) -> None:
+    """Call ``callback(first_error_or_None)`` once, when every future is done.
+
+    Cheaper than ``asyncio.gather`` on the per-message path: no task, no wrapper future.
+    """
+    remaining = len(futures)
+    errors: list[BaseException] = []
+
+    def done(future: asyncio.Future[Any]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if future.cancelled():
+            errors.append(asyncio.CancelledError())
+        elif future.exception() is not None:
+            errors.append(future.exception())  # type: ignore[arg-type]
+        if remaining == 0:
+            callback(errors[0] if errors else None)
+
+    if not futures:
+        callback(None)
+    for future in futures:
+        future.add_done_callback(done)
+
+
+def delivery_info(reply: str) -> tuple[int, int, int]:
+    """``(num_delivered, stream_seq, num_pending)`` from a JetStream ack subject.
+
+    Parsed by hand because ``Msg.metadata`` builds datetimes we do not need per message.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    return int(tokens[6]), int(tokens[7]), int(tokens[10])
+
+
+def stored_at_ns(reply: str) -> int:
+    """The time the server stored the message, from its ack subject (nanoseconds)."""
+    tokens = reply.split(".")
+    return int(tokens[7] if len(tokens) == 9 else tokens[9])
+
+
+class _Level:
+    __slots__ = ("consumer", "inbox", "outstanding", "hot", "last_seen", "sub")
+
+    def __init__(self, consumer: str, inbox: str) -> None:
+        self.consumer = consumer
+        self.inbox = inbox
+        self.outstanding = 0  # messages asked for and not yet delivered or expired
+        self.hot = True  # the level may have a backlog: ask it for a batch
+        self.last_seen = time.monotonic()
+        self.sub: Any = None
+
+
+class Puller:
+    """Continuous pull from one or more durable consumers of one stream, with credit.
+
+    ``consumers`` are in priority order, highest first. Each delivered message is passed
+    to ``on_message(level, msg)`` and counts against ``capacity`` until the holder calls
+    :meth:`release`. Free capacity goes to the highest level that has a backlog, except
+    that every ``share_every``-th allocation starts at a lower level, so lower levels
+    keep a small share and never starve. Levels without a backlog keep one long-poll
+    request of one message open, so a new task anywhere is seen at once.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        consumers: Sequence[str],
+        capacity: int,
+        on_message: Callable[[int, Msg], Any],
+        *,
+        share_every: int = 8,
+    ) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.capacity = capacity
+        self.on_message = on_message
+        self.share_every = share_every
+        prefix = bus.nc.new_inbox()
+        self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
+        self.held = 0
+        self._rounds = 0
+        self._wake = asyncio.Event()
+        self._stopped = False
+        bus.on_reconnect(self.reset)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.held - sum(level.outstanding for level in self.levels)
+
+    def release(self, count: int = 1) -> None:
+        """The holder is done with ``count`` messages (acked, nak'ed or termed)."""
+        self.held -= count
+        self._wake.set()
+
+    def reset(self) -> None:
+        """Forget outstanding requests (after a reconnect the server no longer has them)."""
+        for level in self.levels:
+            level.outstanding = 0
+            level.hot = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask for nothing more. Messages already requested may still arrive."""
+        self._stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Subscribe and keep requests outstanding until :meth:`stop`."""
+        for index, level in enumerate(self.levels):
+            level.sub = await self.bus.nc.subscribe(level.inbox, cb=self._handler(index), pending_msgs_limit=-1)
+        try:
+            while not self._stopped:
+                for subject, body, inbox in self._allocate():
+                    try:
+                        await self.bus.nc.publish(subject, body, reply=inbox)
+                    except Exception as exc:  # noqa: BLE001 - disconnected: the reconnect resets credit
+                        log.debug("pull request not sent: %r", exc)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    self._expire_lost_requests()
+                self._wake.clear()
+                # Let releases of the same loop tick accumulate into one bigger request.
+                await asyncio.sleep(0)
+        finally:
+            self._stopped = True
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; call after :meth:`stop` once held messages are settled."""
+        for level in self.levels:
+            if level.sub is not None and not self.bus.nc.is_closed:
+                try:
+                    await level.sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - connection already gone
+                    pass
+                level.sub = None
+
+    def _handler(self, index: int) -> Callable[[Msg], Any]:
+        level = self.levels[index]
+
+        async def handle(msg: Msg) -> None:
+            level.last_seen = time.monotonic()
+            if msg.reply:  # a message of the stream
+                if level.outstanding > 0:
+                    level.outstanding -= 1
+                self.held += 1
+                level.hot = delivery_info(msg.reply)[2] > 0
+                result = self.on_message(index, msg)
+                if asyncio.iscoroutine(result):
+                    await result
+                return
+            status = msg.headers.get("Status") if msg.headers else None
+            if status in ("408", "409"):  # the request expired or was refused: credit comes back
+                pending = int(msg.headers.get("Nats-Pending-Messages", level.outstanding))
+                level.outstanding = max(0, level.outstanding - pending)
+                level.hot = False
+                self._wake.set()
+            elif status == "404":
+                level.outstanding = 0
+                level.hot = False
+                self._wake.set()
+            # 100 (heartbeat) needs nothing: last_seen was updated.
+
+        return handle
+
+    def _allocate(self) -> list[tuple[str, bytes, str]]:
+        """Turn free capacity into pull requests: ``(subject, body, reply inbox)`` each."""
+        requests: list[tuple[str, bytes, str]] = []
+        free = self.free
+        if self._stopped or free <= 0:
+            return requests
+        if len(self.levels) == 1:
+            level = self.levels[0]
+            # Continuous pull: top up once a quarter of the window is free, so requests stay big.
+            if level.outstanding == 0 or free >= max(1, self.capacity // 4):
+                requests.append(self._request(level, free, LONG_POLL_S))
+            return requests
+        self._rounds += 1
+        order = list(range(len(self.levels)))
+        if self._rounds % self.share_every == 0:
+            start = 1 + (self._rounds // self.share_every) % (len(order) - 1)
+            order = order[start:] + order[:start]
+        for index in order:
+            if free <= 0:
+                break
+            level = self.levels[index]
+            if level.hot:
+                if level.outstanding == 0 or free >= max(1, self.capacity // 4):
+                    requests.append(self._request(level, free, SHORT_POLL_S))
+                # Either way the credit is kept for the highest level with a backlog.
+                free = 0
+            elif level.outstanding == 0:
+                requests.append(self._request(level, 1, LONG_POLL_S))
+                free -= 1
+        return requests
+
+    def _request(self, level: _Level, batch: int, expires_s: float) -> tuple[str, bytes, str]:
+        level.outstanding += batch
+        level.last_seen = time.monotonic()
+        body = b'{"batch":%d,"expires":%d}' % (batch, int(expires_s * 1e9))
+        return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{level.consumer}", body, level.inbox
+
+    def _expire_lost_requests(self) -> None:
+        """A request the server never answered (restart, lost connection) frees its credit."""
+        now = time.monotonic()
+        for level in self.levels:
+            if level.outstanding and now - level.last_seen > LONG_POLL_S + 2.0:
+                log.info("pull requests on %s went unanswered; asking again", level.consumer)
+                level.outstanding = 0
+                level.hot = True
+
+
+#: Ack-protocol bodies (what ``Msg.ack()`` and friends send), used directly so that acks
+#: can be batched and a term can carry its reason.
+ACK = b"+ACK"
+TERM = b"+TERM"
+
+
+def nak_with_delay(delay_s: float) -> bytes:
+    return b'-NAK {"delay":%d}' % int(delay_s * 1e9)
+
+
+def term_with_reason(reason: str) -> bytes:
+    return b"+TERM " + reason.encode()[:512]
+
+
+class Settler:
+    """Settles upstream messages after their downstream publishes land.
+
+    ``forward(msg, publishes)`` publishes without waiting; when every PubAck is in, the
+    message is acked (or, if any publish failed, nak'ed with a short delay so it comes
+    back and is published again under the same ``Nats-Msg-Id``). Acks of one loop tick
+    go out together, then their credit is released to the puller.
+    """
+
+    def __init__(self, bus: Bus, puller: Puller, *, retry_delay_s: float = 1.0) -> None:
+        self.bus = bus
+        self.puller = puller
+        self.retry_delay_s = retry_delay_s
+        self._ready: list[tuple[Msg, bytes]] = []
+        self._flushing = False
+
+    async def forward(
+        self,
+        msg: Msg,
+        publishes: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        *,
+        reply: bytes = ACK,
+        also: Sequence[asyncio.Future[Any]] = (),
+    ) -> None:
+        """Publish, then send ``reply`` for ``msg`` once these and ``also`` landed (nak if not)."""
+        try:
+            futures = [await self.bus.publish(subject, data, headers) for subject, data, headers in publishes]
+        except Exception as exc:  # noqa: BLE001 - not connected: nak, it comes back
+            self._landed(msg, reply, exc)
+            return
+        when_all([*futures, *also], lambda error: self._landed(msg, reply, error))
+
+    def _landed(self, msg: Msg, reply: bytes, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
+            reply = nak_with_delay(self.retry_delay_s)
+        self.settle(msg, reply)
+
+    def settle(self, msg: Msg, reply: bytes) -> None:
+        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release its credit."""
+        self._ready.append((msg, reply))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                for msg, reply in batch:
+                    try:
+                        await self.bus.nc.publish(msg.reply, reply)
+                    except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
+                        log.debug("could not settle %s: %r", msg.subject, exc)
+                self.puller.release(len(batch))
+        finally:
+            self._flushing = False

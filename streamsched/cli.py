@@ -1,0 +1,268 @@
+"""The ``streamsched`` command: thin wrappers that parse, build Settings and call the library."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+import typer
+
+from . import streams
+from .bus import Bus
+from .client import Client
+from .config import Settings
+from .errors import ConfigError, NotFound
+from .model import DEFAULT_PRIORITY, Status
+from .service import configure_logging, serve
+
+
+class Exit(enum.IntEnum):
+    """Exit codes, named so scripts and probes can rely on them."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NOT_FOUND = 3
+    TASK_FAILED = 4
+    TIMEOUT = 5
+
+
+app = typer.Typer(
+    help="streamsched: a distributed task scheduler on NATS JetStream.",
+    epilog=(
+        "Examples:\n\n"
+        "  streamsched up                                  # everything on this machine\n\n"
+        "  streamsched submit echo --payload '{\"a\": 1}' --wait\n\n"
+        "  streamsched worker workers.examples --region default --concurrency 32\n\n"
+        "Every command but `up` connects to $NATS_URL (default nats://127.0.0.1:4222)."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+streams_app = typer.Typer(help="Create, update and inspect the JetStream streams.", no_args_is_help=True)
+app.add_typer(streams_app, name="streams")
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings.load(**overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(Exit.USAGE) from None
+
+
+def _regions(value: str | None) -> tuple[str, ...] | None:
+    return tuple(r.strip() for r in value.split(",") if r.strip()) if value else None
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    data_dir: Annotated[Path, typer.Option(help="Where the embedded server keeps its JetStream store.")] = Path(".streamsched"),
+    regions: Annotated[str, typer.Option(help="Comma-separated regions.")] = "default",
+    workers: Annotated[int, typer.Option(help="Worker processes per region.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Task slots per worker process.")] = 16,
+    handlers: Annotated[str, typer.Option(help="Module with the @task handlers the workers load.")] = "workers.examples",
+    nats_url: Annotated[str | None, typer.Option(help="Use this server instead of embedding one.")] = None,
+    monitor_port: Annotated[int, typer.Option(help="Monitoring port of the embedded server (0: off).")] = 8222,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Start the whole system: embedded nats-server, streams, master, regional schedulers, projector, workers."""
+    from .up import UpOptions, run
+
+    configure_logging(log_level)
+    settings = _settings(regions=_regions(regions))
+    options = UpOptions(
+        port=port, data_dir=data_dir, workers=workers, concurrency=concurrency, handlers=handlers,
+        nats_url=nats_url, monitor_port=monitor_port or None,
+    )
+    raise typer.Exit(run(settings, options))
+
+
+@app.command()
+def master(log_level: LogLevel = "INFO") -> None:
+    """Run a master scheduler (validates tasks.submit, routes to regions)."""
+    from .master import Master
+
+    configure_logging(log_level)
+    settings = _settings()
+
+    async def build(bus: Bus) -> list[Master]:
+        return [Master(settings, bus)]
+
+    anyio.run(serve, settings, "streamsched-master", build)
+
+
+@app.command()
+def regional(
+    region: Annotated[str, typer.Option(help="The region this scheduler serves.")] = "default",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
+    from .regional import Regional
+
+    configure_logging(log_level)
+    settings = _settings()
+    _check_region(settings, region)
+
+    async def build(bus: Bus) -> list[Regional]:
+        return [Regional(settings, bus, region)]
+
+    anyio.run(serve, settings, f"streamsched-regional-{region}", build)
+
+
+@app.command()
+def worker(
+    modules: Annotated[list[str], typer.Argument(help="Modules with @task handlers, e.g. workers.examples.")],
+    region: Annotated[str, typer.Option(help="The region whose tasks this worker runs.")] = "default",
+    concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once (also the most it holds un-acked).")] = 16,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run a worker: fetch tasks of a region, run their handlers, ack or retry."""
+    from .registry import Registry
+    from .worker import Worker
+
+    configure_logging(log_level)
+    settings = _settings()
+    _check_region(settings, region)
+    registry = Registry.from_modules(modules)
+
+    async def build(bus: Bus) -> list[Worker]:
+        return [Worker(settings, bus, registry, region=region, concurrency=concurrency)]
+
+    anyio.run(serve, settings, f"streamsched-worker-{region}", build)
+
+
+@app.command()
+def projector(log_level: LogLevel = "INFO") -> None:
+    """Run the state projector (folds EVENTS into KV `tasks`)."""
+    from .projector import Projector
+    from .state import StateStore
+
+    configure_logging(log_level)
+    settings = _settings()
+
+    async def build(bus: Bus) -> list[Projector]:
+        return [Projector(settings, bus, await StateStore.open(bus))]
+
+    anyio.run(serve, settings, "streamsched-projector", build)
+
+
+@app.command()
+def submit(
+    type: Annotated[str, typer.Argument(help="Task type (handler name).")],
+    payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
+    priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
+    id: Annotated[str | None, typer.Option(help="Task id (default: generated).")] = None,
+    region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
+) -> None:
+    """Submit a task; prints its id (and with --wait, its outcome)."""
+    settings = _settings()
+    try:
+        decoded = msgspec.json.decode(payload)
+    except msgspec.DecodeError as exc:
+        typer.echo(f"error: --payload is not JSON: {exc}", err=True)
+        raise typer.Exit(Exit.USAGE) from None
+
+    async def go() -> int:
+        async with await Client.connect(settings.nats_url) as client:
+            handle = await client.submit(type, decoded, id=id, priority=priority, region=region)
+            typer.echo(handle.id)
+            if not wait:
+                return Exit.OK
+            try:
+                state = await client.wait(handle.id, timeout_s=timeout)
+            except (TimeoutError, NotFound) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return Exit.TIMEOUT
+            typer.echo(_encode_state(state))
+            return Exit.OK if state.status is Status.SUCCEEDED else Exit.TASK_FAILED
+
+    raise typer.Exit(anyio.run(go))
+
+
+@app.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
+) -> None:
+    """Show a task's current state."""
+    settings = _settings()
+
+    async def go() -> int:
+        async with await Client.connect(settings.nats_url) as client:
+            state = await client.get(task_id)
+        if state is None:
+            typer.echo(f"no task {task_id}", err=True)
+            return Exit.NOT_FOUND
+        if json:
+            typer.echo(_encode_state(state))
+        else:
+            for key, value in msgspec.to_builtins(state).items():
+                if key != "rank":
+                    typer.echo(f"{key:<13} {msgspec.json.encode(value).decode() if key == 'result' else value}")
+        return Exit.OK
+
+    raise typer.Exit(anyio.run(go))
+
+
+@streams_app.command("apply")
+def streams_apply(
+    regions: Annotated[str | None, typer.Option(help="Comma-separated regions (default: $STREAMSCHED_REGIONS or default).")] = None,
+) -> None:
+    """Create or update every stream, consumer and KV bucket; prints what changed."""
+    settings = _settings(regions=_regions(regions))
+
+    async def go() -> None:
+        bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
+        try:
+            for change in await streams.apply(bus, settings):
+                typer.echo(str(change))
+        finally:
+            await bus.close()
+
+    anyio.run(go)
+
+
+@streams_app.command("show")
+def streams_show() -> None:
+    """Print every stream with its depth per subject, and its consumers."""
+    settings = _settings()
+
+    async def go() -> None:
+        bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
+        try:
+            for line in await streams.show(bus):
+                typer.echo(line)
+        finally:
+            await bus.close()
+
+    anyio.run(go)
+
+
+def _check_region(settings: Settings, region: str) -> None:
+    if region not in settings.regions:
+        typer.echo(f"error: region {region!r} is not in STREAMSCHED_REGIONS ({', '.join(settings.regions)})", err=True)
+        raise typer.Exit(Exit.USAGE)
+
+
+def _encode_state(state: Any) -> str:
+    raw = msgspec.to_builtins(state)
+    raw.pop("rank", None)
+    return msgspec.json.encode(raw).decode()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

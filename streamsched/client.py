@@ -1,0 +1,117 @@
+"""The Python client: submit tasks, read their state, wait for their outcome.
+
+Async (``async with await Client.connect(url) as client``; nats-py is asyncio-only).
+A submission is a JetStream publish to ``tasks.submit`` carrying
+the task id as ``Nats-Msg-Id``, so a retried submit inside the dedupe window is stored
+once. The id is chosen here when the caller gives none, so the handle exists at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import subjects
+from .bus import Bus
+from .errors import NotFound, Rejected
+from .model import DEFAULT_PRIORITY, Envelope, Status, TaskState, _base32, state_decoder
+from .state import StateStore, is_final
+
+
+def new_task_id() -> str:
+    """A time-sortable, random, ULID-shaped id (26 characters)."""
+    return _base32(time.time_ns() // 1_000_000, 10) + _base32(int.from_bytes(os.urandom(10)), 16)
+
+
+class TaskHandle:
+    """A submitted task: ask for its state, or wait for its outcome."""
+
+    def __init__(self, client: Client, task_id: str) -> None:
+        self.client = client
+        self.id = task_id
+
+    async def status(self) -> TaskState | None:
+        return await self.client.get(self.id)
+
+    async def result(self, timeout_s: float = 60.0) -> Any:
+        """The handler's return value; raises :class:`RuntimeError` if the task did not succeed."""
+        state = await self.client.wait(self.id, timeout_s=timeout_s)
+        if state.status is not Status.SUCCEEDED:
+            raise RuntimeError(f"task {self.id} ended {state.status.value}: {state.error}")
+        return msgspec.json.decode(state.result)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r})"
+
+
+class Client:
+    """Connection to a streamsched deployment."""
+
+    def __init__(self, bus: Bus, store: StateStore) -> None:
+        self.bus = bus
+        self.store = store
+
+    @classmethod
+    async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client") -> Client:
+        bus = await Bus.connect(url, name=name)
+        return cls(bus, await StateStore.open(bus))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.bus.close()
+
+    async def submit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        id: str | None = None,
+        priority: str = DEFAULT_PRIORITY,
+        region: str | None = None,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> TaskHandle:
+        """Submit a task and return its handle once JetStream has stored it."""
+        task_id = id or new_task_id()
+        envelope = Envelope(
+            type=type, id=task_id, payload=msgspec.Raw(msgspec.json.encode(payload)), priority=priority,
+            region=region, timeout_s=timeout_s, max_attempts=max_attempts, labels=dict(labels or {}),
+        )
+        await self.bus.js.publish(subjects.SUBMIT, msgspec.json.encode(envelope), headers={subjects.H_MSG_ID: task_id})
+        return TaskHandle(self, task_id)
+
+    async def get(self, task_id: str) -> TaskState | None:
+        """The task's latest state, or ``None`` if the projection has not seen it (yet)."""
+        found = await self.store.get(task_id)
+        return found[0] if found else None
+
+    async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
+        """Wait until the task reaches a final status (succeeded, failed, dead, rejected)."""
+        watcher = await self.store.kv.watch(subjects.state_key(task_id))
+        try:
+            with anyio.fail_after(timeout_s):
+                async for entry in watcher:
+                    if entry is None or entry.value is None:
+                        continue
+                    state = state_decoder.decode(entry.value)
+                    if is_final(state):
+                        return state
+        except TimeoutError:
+            state = await self.get(task_id)
+            if state is None:
+                raise NotFound(f"no task {task_id} after {timeout_s}s") from None
+            raise TimeoutError(f"task {task_id} still {state.status.value} after {timeout_s}s") from None
+        finally:
+            await watcher.stop()
+        raise Rejected(f"watch on task {task_id} ended")  # pragma: no cover - watcher stopped early

@@ -1,0 +1,104 @@
+"""Settings, read once (defaults ← environment ← explicit overrides) and passed down.
+
+Environment variables are ``STREAMSCHED_<FIELD>`` (upper case), plus ``NATS_URL``.
+An unknown ``STREAMSCHED_*`` variable is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+from .model import PRIORITIES
+
+ENV_PREFIX = "STREAMSCHED_"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Deployment settings shared by every role."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """Where the roles connect. Comma-separated for a cluster."""
+    regions: tuple[str, ...] = ("default",)
+    """Regions the master may route to; each needs a regional scheduler and workers."""
+    priorities: tuple[str, ...] = PRIORITIES
+    """Priority levels, highest first."""
+    max_payload_bytes: int = 256 * 1024
+    """Largest accepted submission (whole envelope, bytes); larger ones are rejected."""
+    duplicate_window_s: float = 120.0
+    """JetStream dedupe window: the same task id submitted twice within it runs once."""
+    master_window: int = 2000
+    """Submissions a master holds un-acked at once (its consumer's ``max_ack_pending``)."""
+    regional_window: int = 2000
+    """Tasks a regional scheduler holds un-acked at once, across its priorities."""
+    work_max_ack_pending: int = 20_000
+    """Cap on un-acked WORK messages per region and priority across all workers."""
+    ack_wait_s: float = 30.0
+    """A worker that stops heartbeating for this long loses its task to another worker."""
+    max_deliver: int = 100
+    """Safety net against poison messages that crash workers before they can count."""
+    default_max_attempts: int = 3
+    """Attempts for tasks whose envelope and handler do not say."""
+    retry_base_s: float = 1.0
+    """First retry delay; doubles with every attempt (with jitter)."""
+    retry_max_s: float = 300.0
+    """Longest retry delay."""
+    grace_s: float = 30.0
+    """On SIGTERM, how long running tasks may take to finish before they are nak'ed."""
+    tasks_max_age_s: float = 7 * 24 * 3600.0
+    """How long TASKS keeps submissions (for replay)."""
+    events_max_age_s: float = 7 * 24 * 3600.0
+    """How long EVENTS keeps lifecycle events."""
+    stream_max_bytes: int = 2 * 1024**3
+    """Disk limit per stream; publishers get an error when it is full (discard new)."""
+    replicas: int = 1
+    """Stream replicas: 1 on a laptop, 3 on a cluster."""
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from defaults, then the environment, then ``overrides``.
+
+        Overrides whose value is ``None`` are skipped, so CLI options can pass through.
+        """
+        env = os.environ if env is None else env
+        fields = set(cls.__struct_fields__)
+        raw: dict[str, Any] = {}
+        if "NATS_URL" in env:
+            raw["nats_url"] = env["NATS_URL"]
+        for key, value in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key} (known: {', '.join(sorted(fields))})")
+            raw[name] = _parse_env(value, cls.__struct_defaults__[cls.__struct_fields__.index(name)])
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(str(exc)) from None
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, with the reason."""
+        from .subjects import is_token
+
+        for name in (*self.regions, *self.priorities):
+            if not is_token(name):
+                raise ConfigError(f"{name!r} is not a valid region or priority name")
+        if not self.regions or not self.priorities:
+            raise ConfigError("at least one region and one priority are needed")
+        if self.master_window < 1 or self.regional_window < 1:
+            raise ConfigError("windows must be at least 1")
+
+
+def _parse_env(value: str, default: Any) -> Any:
+    """Tuple settings are comma-separated; everything else is left for msgspec to convert."""
+    if isinstance(default, tuple):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value

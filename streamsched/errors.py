@@ -1,0 +1,43 @@
+"""One shallow exception tree. Handlers raise :class:`Retry` or :class:`Fail` to decide
+what happens to a failed attempt; any other exception follows the task's retry policy."""
+
+from __future__ import annotations
+
+
+class StreamschedError(Exception):
+    """Root of every streamsched exception."""
+
+
+class ConfigError(StreamschedError):
+    """Settings that cannot work (unknown key, bad value)."""
+
+
+class Rejected(StreamschedError):
+    """A submission was invalid; ``str()`` is the reason given to the submitter."""
+
+
+class NotFound(StreamschedError):
+    """No task with that id."""
+
+
+class TaskTimeout(StreamschedError):
+    """An attempt ran past its ``timeout_s``; retried like any other error."""
+
+
+class Retry(StreamschedError):
+    """Raised by a handler: retry this task, after ``delay_s`` if given.
+
+    Counts as an attempt, so ``max_attempts`` still bounds it.
+    """
+
+    def __init__(self, message: str = "retry requested", *, delay_s: float | None = None) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class Fail(StreamschedError):
+    """Raised by a handler: the task failed permanently, do not retry."""
+
+
+#: Alias that reads well at the raise site: ``raise PermanentError("bad address")``.
+PermanentError = Fail

@@ -1,0 +1,137 @@
+"""The master scheduler: validates submissions from ``tasks.submit`` and routes them to regions.
+
+For each submission it either
+
+* accepts it: picks an id (the submitter's, or one derived from the message's place in
+  TASKS so a redelivery gets the same one), a region and a priority, publishes the
+  original bytes to ``sched.<region>.<priority>`` with routing data in headers, and
+  records ``submitted`` and ``scheduled`` events; or
+* rejects it: publishes the original bytes to ``tasks.rejected`` with the reason, and a
+  ``rejected`` event.
+
+Only when those publishes are acknowledged is the submission acked, so a crash at any
+point redelivers it, and ``Nats-Msg-Id`` dedupe drops what had already gone through.
+Any number of masters can share the durable consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import zlib
+
+import msgspec
+from nats.aio.msg import Msg
+
+from . import events as ev
+from . import subjects
+from .bus import Bus, Puller, Settler, delivery_info, stored_at_ns
+from .config import Settings
+from .errors import Rejected
+from .model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
+
+log = logging.getLogger("streamsched.master")
+
+#: Handler names travel in a header, so they must not contain spaces or control characters.
+TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+
+
+class Master:
+    """Consumes TASKS through the durable ``master`` and publishes to SCHED."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
+        self.settler = Settler(bus, self.puller)
+        self.accepted = 0
+        self.rejected = 0
+
+    async def run(self) -> None:
+        log.info("master routing to regions %s", ", ".join(self.settings.regions))
+        await self.puller.run()
+
+    async def shutdown(self) -> None:
+        self.puller.stop()
+
+    def validate(self, data: bytes, task_id_if_missing: str) -> Envelope:
+        """The decoded envelope, with its id filled in; raises :class:`Rejected` with a reason."""
+        if len(data) > self.settings.max_payload_bytes:
+            raise Rejected(f"submission is {len(data)} bytes, over the limit of {self.settings.max_payload_bytes}")
+        try:
+            envelope = envelope_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise Rejected(f"not a valid task envelope: {exc}") from None
+        if not TYPE_RE.fullmatch(envelope.type):
+            raise Rejected(f"type {envelope.type!r} is not a valid handler name (1-200 characters of A-Z a-z 0-9 _ - . : /)")
+        if envelope.priority not in self.settings.priorities:
+            raise Rejected(f"unknown priority {envelope.priority!r} (expected one of {', '.join(self.settings.priorities)})")
+        if envelope.id is not None and not subjects.is_token(envelope.id):
+            raise Rejected(f"id {envelope.id!r} is not subject-safe (1-128 characters of A-Z a-z 0-9 _ -)")
+        if envelope.region is not None and envelope.region not in self.settings.regions:
+            raise Rejected(f"unknown region {envelope.region!r} (expected one of {', '.join(self.settings.regions)})")
+        if envelope.max_attempts is not None and envelope.max_attempts < 1:
+            raise Rejected("`max_attempts` must be at least 1")
+        if envelope.timeout_s is not None and envelope.timeout_s <= 0:
+            raise Rejected("`timeout_s` must be positive")
+        for field in UNSUPPORTED_FIELDS:
+            if getattr(envelope, field):
+                raise Rejected(f"`{field}` is not supported by this version yet")
+        if envelope.id is None:
+            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing)
+        return envelope
+
+    def pick_region(self, task_id: str) -> str:
+        """Deterministic, so a redelivered submission goes where its first copy went."""
+        regions = self.settings.regions
+        return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
+
+    async def _on_message(self, _level: int, msg: Msg) -> None:
+        _, stream_seq, _ = delivery_info(msg.reply)
+        fallback_id = derive_task_id(stored_at_ns(msg.reply), stream_seq)
+        now = time.time()
+        try:
+            envelope = self.validate(msg.data, fallback_id)
+        except Rejected as exc:
+            await self._reject(msg, fallback_id, str(exc), now)
+            return
+        await self._route(msg, envelope, now)
+
+    async def _route(self, msg: Msg, envelope: Envelope, now: float) -> None:
+        task_id = envelope.id
+        assert task_id is not None
+        region = envelope.region or self.pick_region(task_id)
+        priority = envelope.priority
+        headers = {
+            subjects.H_MSG_ID: subjects.msg_id(task_id, "sched"),
+            subjects.H_TASK_ID: task_id,
+            subjects.H_TYPE: envelope.type,
+            subjects.H_PRIORITY: priority,
+            subjects.H_REGION: region,
+        }
+        if envelope.max_attempts is not None:
+            headers[subjects.H_MAX_ATTEMPTS] = str(envelope.max_attempts)
+        if envelope.timeout_s is not None:
+            headers[subjects.H_TIMEOUT] = repr(envelope.timeout_s)
+        submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
+        scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
+        await self.settler.forward(
+            msg,
+            [
+                (subjects.sched(region, priority), msg.data, headers),
+                *(ev.publication(event) for event in (submitted, scheduled)),
+            ],
+        )
+        self.accepted += 1
+
+    async def _reject(self, msg: Msg, task_id: str, reason: str, now: float) -> None:
+        log.warning("rejected submission %s: %s", task_id, reason)
+        headers = {
+            subjects.H_MSG_ID: subjects.msg_id(task_id, "rejected"),
+            subjects.H_TASK_ID: task_id,
+            subjects.H_REASON: " ".join(reason.split())[:1024],  # one line: it is a header
+        }
+        rejected = ev.Rejected(task_id=task_id, at=now, reason=reason, original=msg.data)
+        await self.settler.forward(msg, [(subjects.REJECTED, msg.data, headers), ev.publication(rejected)])
+        self.rejected += 1

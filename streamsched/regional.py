@@ -1,0 +1,61 @@
+"""The regional scheduler: releases one region's tasks from SCHED onto WORK, highest priority first.
+
+It reads ``sched.<region>.<priority>`` through one durable consumer per priority with a
+:class:`~streamsched.bus.Puller`, so a high task never waits behind a low backlog and
+lower levels keep a small share. Each task is republished byte for byte to
+``work.<region>.<priority>`` (routing data stays in the headers) with a ``dispatched``
+event, and acked on SCHED only when both publishes landed.
+
+Backpressure: the puller holds at most ``regional_window`` un-acked tasks; when WORK
+refuses publishes (stream limits) they are nak'ed and come back, so the backlog waits
+durably in SCHED. Any number of regional schedulers can serve one region.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from nats.aio.msg import Msg
+
+from . import events as ev
+from . import subjects
+from .bus import Bus, Puller, Settler, term_with_reason
+from .config import Settings
+
+log = logging.getLogger("streamsched.regional")
+
+
+class Regional:
+    """Moves one region's tasks from SCHED to WORK."""
+
+    def __init__(self, settings: Settings, bus: Bus, region: str) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.region = region
+        self.priorities = settings.priorities
+        self.work_subjects = [subjects.work(region, p) for p in self.priorities]
+        consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
+        self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, settings.regional_window, self._on_message)
+        self.settler = Settler(bus, self.puller)
+        self.released = 0
+
+    async def run(self) -> None:
+        log.info("regional scheduler for region %s", self.region)
+        await self.puller.run()
+
+    async def shutdown(self) -> None:
+        self.puller.stop()
+
+    async def _on_message(self, level: int, msg: Msg) -> None:
+        headers = dict(msg.headers or {})
+        task_id = headers.get(subjects.H_TASK_ID)
+        if task_id is None:  # not published by a master: nothing to route it by
+            log.error("SCHED message without %s on %s; terminating it", subjects.H_TASK_ID, msg.subject)
+            self.settler.settle(msg, term_with_reason("missing task id header"))
+            return
+        priority = self.priorities[level]
+        headers[subjects.H_MSG_ID] = subjects.msg_id(task_id, "work")
+        dispatched = ev.Dispatched(task_id=task_id, at=time.time(), region=self.region, priority=priority)
+        await self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers), ev.publication(dispatched)])
+        self.released += 1

@@ -1,0 +1,64 @@
+"""Running roles as a service: one task group, signals handled in one place.
+
+Every CLI role command ends in :func:`serve`. The first SIGINT/SIGTERM asks each role to
+shut down (they stop fetching and drain); a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import anyio
+
+from .bus import Bus
+from .config import Settings
+
+log = logging.getLogger("streamsched.service")
+
+
+class Role(Protocol):
+    """The shape every role has: ``run()`` until done, ``shutdown()`` to ask it to stop."""
+
+    async def run(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
+    """Connect, build the roles, run them until they finish or a signal stops them."""
+    bus = await Bus.connect(settings.nats_url, name=name)
+    try:
+        roles = await build(bus)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, roles)
+            async with anyio.create_task_group() as role_group:
+                for role in roles:
+                    role_group.start_soon(role.run)
+            tg.cancel_scope.cancel()
+    finally:
+        await bus.close()
+
+
+async def _stop_on_signal(roles: Sequence[Role]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: draining (send it again to exit at once)", signal.Signals(signum).name)
+            for role in roles:
+                await role.shutdown()
+            break
+        async for _ in signals:
+            log.warning("second signal: exiting now")
+            os._exit(130)

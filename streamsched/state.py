@@ -1,0 +1,98 @@
+"""Task state: the fold of EVENTS into one :class:`TaskState` per task, kept in KV ``tasks``.
+
+:func:`fold` is idempotent (the same event twice changes nothing) and order-insensitive
+for the outcome: an event only moves ``status`` forward if it ranks above the last one
+folded in (see :func:`streamsched.events.rank`), while facts such as ``submitted_at``
+are filled in whenever they arrive.
+"""
+
+from __future__ import annotations
+
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from . import events as ev
+from . import subjects
+from .bus import Bus
+from .model import Status, TaskState, encode, state_decoder
+
+#: Header for compare-and-set writes to the KV stream.
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+
+
+def fold(state: TaskState | None, event: ev.Event) -> TaskState:
+    """Apply ``event`` to ``state`` (which is updated in place when given) and return it."""
+    if state is None:
+        state = TaskState(id=event.task_id, status=event.status)
+    newer = ev.rank(event) > state.rank
+    latest_attempt = event.attempt >= state.attempts
+    if newer:
+        state.status = event.status
+        state.rank = ev.rank(event)
+        state.updated_at = event.at
+    state.attempts = max(state.attempts, event.attempt)
+
+    if isinstance(event, ev.Submitted):
+        state.type = event.type
+        state.priority = state.priority or event.priority
+        state.region = state.region or event.region
+        state.labels = event.labels
+        state.submitted_at = event.at
+    elif isinstance(event, (ev.Scheduled, ev.Dispatched)):
+        state.region = event.region
+        state.priority = event.priority
+        if isinstance(event, ev.Dispatched):
+            state.scheduled_at = event.at
+    elif isinstance(event, ev.Started):
+        if latest_attempt:
+            state.started_at = event.at
+            state.worker = event.worker
+    elif isinstance(event, ev.Succeeded):
+        state.result = event.result
+        state.error = None
+        state.finished_at = event.at
+    elif isinstance(event, (ev.Failed, ev.Dead)):
+        state.error = event.error
+        state.finished_at = event.at
+    elif isinstance(event, ev.Retrying):
+        if newer:
+            state.error = event.error
+    elif isinstance(event, ev.Rejected):
+        state.error = event.reason
+        state.finished_at = event.at
+    return state
+
+
+def is_final(state: TaskState) -> bool:
+    """True once the task will not change again on its own."""
+    return state.status in (Status.SUCCEEDED, Status.FAILED, Status.DEAD, Status.REJECTED)
+
+
+class StateStore:
+    """Read access to KV ``tasks`` (the projector writes through :func:`put_subject`)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus) -> StateStore:
+        return cls(await bus.js.key_value(subjects.STATE_BUCKET))
+
+    async def get(self, task_id: str) -> tuple[TaskState, int] | None:
+        """The task's state and its KV revision, or ``None`` if unknown."""
+        try:
+            entry = await self.kv.get(subjects.state_key(task_id))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return state_decoder.decode(entry.value), entry.revision or 0
+
+
+def put_subject(task_id: str) -> str:
+    """The KV stream subject of a task's state, for raw CAS publishes."""
+    return f"$KV.{subjects.STATE_BUCKET}.{subjects.state_key(task_id)}"
+
+
+def encode_state(state: TaskState) -> bytes:
+    return encode(state)

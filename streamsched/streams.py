@@ -1,0 +1,236 @@
+"""Streams, consumers and the KV bucket, declared from :class:`Settings` and applied idempotently.
+
+Retention follows the role of each stream:
+
+* TASKS (limits): every submission and every rejection, kept for replay and inspection.
+* SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
+  so a full stream refuses publishers with an error instead of dropping old work.
+* EVENTS (limits): the lifecycle log, the source of truth.
+* DLQ (limits): dead tasks with their last error.
+* KV ``tasks``: the latest state of each task, a projection of EVENTS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from . import subjects
+from .bus import Bus
+from .config import Settings
+
+DAY_S = 24 * 3600.0
+#: Streams whose subjects are few (per region and priority), so a count per subject is useful.
+DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM)
+
+
+def stream_configs(settings: Settings) -> list[StreamConfig]:
+    """Every stream streamsched needs (the KV bucket's stream is created by nats-py)."""
+    common = {
+        "storage": StorageType.FILE,
+        "num_replicas": settings.replicas,
+        "max_bytes": settings.stream_max_bytes,
+        "allow_direct": True,
+        "duplicate_window": settings.duplicate_window_s,
+    }
+    return [
+        StreamConfig(
+            name=subjects.TASKS_STREAM,
+            subjects=[subjects.SUBMIT, subjects.REJECTED],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.NEW,
+            max_age=settings.tasks_max_age_s,
+            max_msg_size=settings.max_payload_bytes * 4,
+            **common,
+        ),
+        StreamConfig(
+            name=subjects.SCHED_STREAM,
+            subjects=["sched.*.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            **common,
+        ),
+        StreamConfig(
+            name=subjects.WORK_STREAM,
+            subjects=["work.*.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            **common,
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=["events.*.*"],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.events_max_age_s,
+            **common,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            subjects=["dlq.*"],
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=max(settings.events_max_age_s, 30 * DAY_S),
+            **common,
+        ),
+    ]
+
+
+def kv_config(settings: Settings) -> KeyValueConfig:
+    """The ``tasks`` bucket: one revision per task, expiring with the events it folds."""
+    return KeyValueConfig(
+        bucket=subjects.STATE_BUCKET,
+        history=1,
+        ttl=settings.events_max_age_s,
+        storage=StorageType.FILE,
+        replicas=settings.replicas,
+        max_bytes=settings.stream_max_bytes,
+        direct=True,
+    )
+
+
+def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
+    """``(stream, config)`` of every durable pull consumer."""
+    out: list[tuple[str, ConsumerConfig]] = [
+        (
+            subjects.TASKS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.MASTER_CONSUMER,
+                filter_subject=subjects.SUBMIT,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=settings.master_window,
+                max_deliver=settings.max_deliver,
+                max_waiting=512,
+            ),
+        ),
+        (
+            subjects.EVENTS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.PROJECTOR_CONSUMER,
+                filter_subject="events.>",
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=8000,
+                max_deliver=settings.max_deliver,
+            ),
+        ),
+    ]
+    for region in settings.regions:
+        for priority in settings.priorities:
+            out.append(
+                (
+                    subjects.SCHED_STREAM,
+                    ConsumerConfig(
+                        durable_name=subjects.sched_consumer(region, priority),
+                        filter_subject=subjects.sched(region, priority),
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=30.0,
+                        max_ack_pending=settings.regional_window,
+                        max_deliver=settings.max_deliver,
+                    ),
+                )
+            )
+            out.append(
+                (
+                    subjects.WORK_STREAM,
+                    ConsumerConfig(
+                        durable_name=subjects.work_consumer(region, priority),
+                        filter_subject=subjects.work(region, priority),
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=settings.ack_wait_s,
+                        max_ack_pending=settings.work_max_ack_pending,
+                        max_deliver=settings.max_deliver,
+                    ),
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of what ``streams apply`` did."""
+
+    kind: str  # "stream", "consumer" or "kv"
+    name: str
+    action: str  # "created", "updated" or "unchanged"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        tail = f" ({self.detail})" if self.detail else ""
+        return f"{self.action:<9} {self.kind:<8} {self.name}{tail}"
+
+
+def _differences(desired: dict, current: dict) -> list[str]:
+    return sorted(key for key, value in desired.items() if current.get(key) != value)
+
+
+async def apply(bus: Bus, settings: Settings) -> list[Change]:
+    """Create what is missing and update what differs; safe to run on every start."""
+    js = bus.js
+    changes: list[Change] = []
+    for config in stream_configs(settings):
+        try:
+            current = (await js.stream_info(config.name)).config
+        except NotFoundError:
+            await js.add_stream(config)
+            changes.append(Change("stream", config.name, "created"))
+            continue
+        diff = _differences(config.as_dict(), current.as_dict())
+        if diff:
+            await js.update_stream(config)
+        changes.append(Change("stream", config.name, "updated" if diff else "unchanged", ", ".join(diff)))
+
+    kv = kv_config(settings)
+    try:
+        await js.key_value(kv.bucket)
+        changes.append(Change("kv", kv.bucket, "unchanged"))
+    except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
+        await js.create_key_value(kv)
+        changes.append(Change("kv", kv.bucket, "created"))
+
+    for stream, config in consumer_configs(settings):
+        name = config.durable_name
+        assert name is not None
+        try:
+            current_consumer = (await js.consumer_info(stream, name)).config
+        except NotFoundError:
+            await js.add_consumer(stream, config)
+            changes.append(Change("consumer", f"{stream}/{name}", "created"))
+            continue
+        diff = _differences(config.as_dict(), current_consumer.as_dict())
+        if diff:
+            # add_consumer is create-or-update on an existing durable (NATS-FACTS gotcha 7).
+            await js.add_consumer(stream, config)
+        changes.append(Change("consumer", f"{stream}/{name}", "updated" if diff else "unchanged", ", ".join(diff)))
+    return changes
+
+
+async def show(bus: Bus) -> list[str]:
+    """Human-readable lines: each stream with its depth per subject, then its consumers."""
+    js = bus.js
+    lines: list[str] = []
+    for info in await js.streams_info():
+        name = info.config.name
+        state = info.state
+        lines.append(f"{name:<12} {state.messages:>9} msgs {state.bytes:>12} bytes  subjects={info.config.subjects}")
+        if name in DEPTH_BY_SUBJECT:
+            detail = await js.stream_info(name, subjects_filter=">")
+            for subject, count in sorted((detail.state.subjects or {}).items())[:50]:
+                lines.append(f"    {subject:<40} {count:>9}")
+        for consumer in await js.consumers_info(name):
+            lines.append(
+                f"    consumer {consumer.name:<28} pending={consumer.num_pending:<8} "
+                f"ack_pending={consumer.num_ack_pending:<6} redelivered={consumer.num_redelivered}"
+            )
+    return lines

@@ -1,0 +1,92 @@
+"""Every external name: subjects, streams, consumers, KV buckets and headers.
+
+No other module builds a subject with an f-string; they call these functions, so a
+rename happens here once (the idea of arq's ``constants.py``).
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Ingress: anyone publishes a JSON task here (``nats pub tasks.submit '{...}'``).
+SUBMIT = "tasks.submit"
+#: Invalid submissions, with the original bytes as body and the reason in a header.
+REJECTED = "tasks.rejected"
+
+#: Stream names.
+TASKS_STREAM = "TASKS"
+SCHED_STREAM = "SCHED"
+WORK_STREAM = "WORK"
+EVENTS_STREAM = "EVENTS"
+DLQ_STREAM = "DLQ"
+#: KV bucket holding the latest state of every task (a projection of EVENTS).
+STATE_BUCKET = "tasks"
+
+#: Durable consumer names that are not per region.
+MASTER_CONSUMER = "master"
+PROJECTOR_CONSUMER = "projector"
+
+#: Headers. Routing data travels in headers so hops forward payload bytes untouched.
+H_TASK_ID = "Streamsched-Task-Id"
+H_TYPE = "Streamsched-Type"
+H_PRIORITY = "Streamsched-Priority"
+H_REGION = "Streamsched-Region"
+H_MAX_ATTEMPTS = "Streamsched-Max-Attempts"
+H_TIMEOUT = "Streamsched-Timeout"
+H_REASON = "Streamsched-Reason"
+H_ERROR = "Streamsched-Error"
+H_ATTEMPTS = "Streamsched-Attempts"
+H_MSG_ID = "Nats-Msg-Id"
+
+#: A task id or region name must be one subject token: no dots, wildcards or spaces.
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def is_token(value: str) -> bool:
+    """True when ``value`` can be used as a single subject token."""
+    return TOKEN_RE.fullmatch(value) is not None
+
+
+def sched(region: str, priority: str) -> str:
+    """The SCHED subject a master publishes to for one region and priority."""
+    return f"sched.{region}.{priority}"
+
+
+def work(region: str, priority: str) -> str:
+    """The WORK subject a regional scheduler releases work onto."""
+    return f"work.{region}.{priority}"
+
+
+def event(task_id: str, kind: str) -> str:
+    """The EVENTS subject of one lifecycle step of one task."""
+    return f"events.{task_id}.{kind}"
+
+
+def events_filter(task_id: str = "*", kind: str = "*") -> str:
+    """A filter over EVENTS, e.g. every event of one task."""
+    return f"events.{task_id}.{kind}"
+
+
+def dlq(task_id: str) -> str:
+    """Where a dead task is kept with its last error."""
+    return f"dlq.{task_id}"
+
+
+def sched_consumer(region: str, priority: str) -> str:
+    """Durable on SCHED read by the regional schedulers of ``region``."""
+    return f"regional-{region}-{priority}"
+
+
+def work_consumer(region: str, priority: str) -> str:
+    """Durable on WORK shared by every worker of ``region``."""
+    return f"worker-{region}-{priority}"
+
+
+def state_key(task_id: str) -> str:
+    """KV key of one task's state (the id itself; kept as a function for one place to change)."""
+    return task_id
+
+
+def msg_id(task_id: str, hop: str, attempt: int = 0) -> str:
+    """``Nats-Msg-Id`` stable for one task, hop and attempt, so a redelivered hop dedupes."""
+    return f"{task_id}:{hop}:{attempt}"

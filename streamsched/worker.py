@@ -1,0 +1,317 @@
+"""The worker: fetches tasks of one region from WORK, runs their handlers, records the outcome.
+
+Life of one delivery:
+
+1. The :class:`~streamsched.bus.Puller` hands over a message, never more than
+   ``concurrency`` at a time, highest priority first.
+2. ``started`` is published; the handler runs (sync ones in a thread) under its
+   per-attempt timeout, while one heartbeat loop sends ``in_progress`` for every
+   running task so a long task is not redelivered while its worker is alive.
+3. The outcome is published first, then the message is settled:
+
+   ============================  ==========================  ========================
+   outcome                       published                   then
+   ============================  ==========================  ========================
+   returned                      ``succeeded`` + result      ack
+   raised, attempts left         ``retrying``                nak with backoff delay
+   raised, attempts exhausted    DLQ message + ``dead``      term
+   raised :class:`Fail`          ``failed``                  term
+   ============================  ==========================  ========================
+
+The attempt number is JetStream's delivery count, so an attempt that died with its
+worker (SIGKILL) still counts, and a task redelivered past ``max_attempts`` is
+dead-lettered without running again.
+
+On shutdown the worker stops asking for messages, naks any that still arrive, gives
+running tasks ``grace_s`` to finish, then cancels and naks the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+from nats.aio.msg import Msg
+
+from . import events as ev
+from . import subjects
+from .bus import ACK, Bus, Puller, Settler, delivery_info, nak_with_delay, term_with_reason
+from .config import Settings
+from .errors import Fail, Retry, TaskTimeout
+from .model import envelope_decoder
+from .registry import Registry, TaskContext, TaskDef, _current
+
+log = logging.getLogger("streamsched.worker")
+
+#: Longest error text kept in events and the DLQ.
+MAX_ERROR_CHARS = 2000
+#: Nak with no delay: hand the task to another worker at once (used when draining).
+NAK_NOW = b"-NAK"
+
+
+class _Running:
+    __slots__ = ("msg", "scope")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.scope: anyio.CancelScope | None = None
+
+
+class Worker:
+    """Runs handlers of one region with at most ``concurrency`` tasks at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        registry: Registry,
+        *,
+        region: str,
+        concurrency: int,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.registry = registry
+        self.region = region
+        self.concurrency = concurrency
+        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
+        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message)
+        self.settler = Settler(bus, self.puller)
+        self.threads = anyio.CapacityLimiter(concurrency)
+        self.running: dict[int, _Running] = {}
+        self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0}
+        self._draining = False
+        self._idle = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        log.info(
+            "worker %s: region %s, concurrency %d, handlers %s",
+            self.id, self.region, self.concurrency, ", ".join(self.registry.names()) or "(none)",
+        )
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._heartbeat)
+            await self.puller.run()  # returns once shutdown() stopped it
+            await self._drain()
+            tg.cancel_scope.cancel()
+        await self.puller.unsubscribe()
+        log.info("worker %s stopped: %s", self.id, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
+
+    async def shutdown(self) -> None:
+        """Stop fetching; :meth:`run` then drains and returns."""
+        self._draining = True
+        self.puller.stop()
+
+    async def _drain(self) -> None:
+        self._draining = True
+        if self.running:
+            log.info("draining %d running task(s), up to %.0fs", len(self.running), self.settings.grace_s)
+            self._idle = anyio.Event()
+            with anyio.move_on_after(self.settings.grace_s):
+                await self._idle.wait()
+            for running in list(self.running.values()):
+                if running.scope is not None:
+                    running.scope.cancel()
+            with anyio.move_on_after(5):
+                while self.running:
+                    await anyio.sleep(0.01)
+        # Let the last acks and naks go out before the connection is drained.
+        with anyio.move_on_after(5):
+            while self.puller.held > 0:
+                await anyio.sleep(0.01)
+
+    def _on_message(self, level: int, msg: Msg) -> None:
+        if self._draining or self._tg is None:
+            self.settler.settle(msg, NAK_NOW)
+            return
+        self._tg.start_soon(self._execute, level, msg)
+
+    async def _heartbeat(self) -> None:
+        """One loop keeps every running task alive: ``+WPI`` resets its ack_wait timer."""
+        interval = max(0.1, self.settings.ack_wait_s / 3)
+        while True:
+            await anyio.sleep(interval)
+            for running in list(self.running.values()):
+                try:
+                    await self.bus.nc.publish(running.msg.reply, b"+WPI")
+                except Exception as exc:  # noqa: BLE001 - disconnected: try again next beat
+                    log.debug("heartbeat not sent: %r", exc)
+
+    async def _execute(self, level: int, msg: Msg) -> None:
+        headers = msg.headers or {}
+        task_id = headers.get(subjects.H_TASK_ID)
+        task_type = headers.get(subjects.H_TYPE, "")
+        if task_id is None:
+            log.error("WORK message without %s on %s; terminating it", subjects.H_TASK_ID, msg.subject)
+            self.settler.settle(msg, term_with_reason("missing task id header"))
+            return
+        attempt = delivery_info(msg.reply)[0]
+        definition = self.registry.get(task_type)
+        max_attempts = _int(headers.get(subjects.H_MAX_ATTEMPTS)) or (
+            definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
+        )
+        if attempt > max_attempts:
+            error = f"attempt {attempt} of {max_attempts}: earlier attempts ended without an outcome (worker lost?)"
+            await self._dead(msg, task_id, task_type, attempt, error, [])
+            return
+
+        started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, worker=self.id)
+        started_future = await self._publish_quietly(ev.publication(started))
+        context = TaskContext(
+            id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
+            priority=self.settings.priorities[level], region=self.region, worker=self.id,
+        )
+        running = _Running(msg)
+        self.running[id(msg)] = running
+        begin = time.monotonic()
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            with anyio.CancelScope() as scope:
+                running.scope = scope
+                if definition is None:
+                    raise LookupError(f"no handler for task type {task_type!r} on worker {self.id}")
+                timeout = _float(headers.get(subjects.H_TIMEOUT)) or definition.timeout_s
+                result = await self._call(definition, msg.data, context, timeout)
+            if scope.cancelled_caught:  # drained past the grace period: another worker takes it
+                self.settler.settle(msg, NAK_NOW)
+                return
+        except Exception as exc:  # noqa: BLE001 - every handler error is an outcome
+            error = exc
+        finally:
+            del self.running[id(msg)]
+            if not self.running:
+                self._idle.set()
+
+        extra = [started_future] if started_future is not None else []
+        if error is None:
+            try:
+                encoded = msgspec.json.encode(result)
+            except (TypeError, msgspec.EncodeError) as exc:
+                error = Fail(f"result is not JSON-serialisable: {exc}")
+            else:
+                done = ev.Succeeded(
+                    task_id=task_id, at=time.time(), attempt=attempt,
+                    result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
+                )
+                self.counts["succeeded"] += 1
+                await self.settler.forward(msg, [ev.publication(done)], reply=ACK, also=extra)
+                return
+        await self._failed(msg, task_id, task_type, attempt, max_attempts, error, extra)
+
+    async def _failed(
+        self, msg: Msg, task_id: str, task_type: str, attempt: int, max_attempts: int,
+        error: BaseException, extra: list[Any],
+    ) -> None:
+        text = _describe(error)
+        if isinstance(error, Fail):
+            log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
+            failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, error=text)
+            self.counts["failed"] += 1
+            await self.settler.forward(msg, [ev.publication(failed)], reply=term_with_reason(text), also=extra)
+            return
+        if attempt >= max_attempts:
+            await self._dead(msg, task_id, task_type, attempt, text, extra)
+            return
+        delay = error.delay_s if isinstance(error, Retry) and error.delay_s is not None else self.backoff(attempt)
+        log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
+        retrying = ev.Retrying(task_id=task_id, at=time.time(), attempt=attempt, error=text, delay_s=delay)
+        self.counts["retrying"] += 1
+        await self.settler.forward(msg, [ev.publication(retrying)], reply=nak_with_delay(delay), also=extra)
+
+    async def _dead(self, msg: Msg, task_id: str, task_type: str, attempt: int, error: str, extra: list[Any]) -> None:
+        """Keep the task and its last error on DLQ, record ``dead``, then term it off WORK."""
+        log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error)
+        dlq_headers = {
+            subjects.H_MSG_ID: subjects.msg_id(task_id, "dlq", attempt),
+            subjects.H_TASK_ID: task_id,
+            subjects.H_TYPE: task_type,
+            subjects.H_ATTEMPTS: str(attempt),
+            subjects.H_ERROR: " ".join(error.split())[:1024],
+        }
+        dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, error=error)
+        self.counts["dead"] += 1
+        await self.settler.forward(
+            msg, [(subjects.dlq(task_id), msg.data, dlq_headers), ev.publication(dead)],
+            reply=term_with_reason("dead: attempts exhausted"), also=extra,
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with ±20% jitter, capped at ``retry_max_s``."""
+        base = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempt - 1))
+        return base * random.uniform(0.8, 1.2)
+
+    async def _call(self, definition: TaskDef, body: bytes, context: TaskContext, timeout: float | None) -> Any:
+        try:
+            payload = msgspec.json.decode(envelope_decoder.decode(body).payload)
+        except msgspec.DecodeError as exc:
+            raise Fail(f"task body is not a valid envelope: {exc}") from None
+        token = _current.set(context)
+        try:
+            if definition.is_async:
+                with anyio.fail_after(timeout):
+                    return await definition.fn(payload)
+            return await _run_in_thread(definition.fn, payload, timeout, self.threads)
+        except TimeoutError:
+            raise TaskTimeout(f"attempt timed out after {timeout}s") from None
+        finally:
+            _current.reset(token)
+
+    async def _publish_quietly(self, publication: tuple[str, bytes, dict[str, str]]) -> Any:
+        try:
+            return await self.bus.publish(*publication)
+        except Exception as exc:  # noqa: BLE001 - the outcome publish will retry the hop
+            log.debug("event not published: %r", exc)
+            return None
+
+
+async def _run_in_thread(fn: Callable[[Any], Any], payload: Any, timeout: float | None, limiter: anyio.CapacityLimiter) -> Any:
+    """Run a sync handler in a thread; on timeout, raise TaskTimeout inside that thread.
+
+    Python cannot kill a thread, so (like Dramatiq's time limits) the timeout is
+    delivered as an asynchronous exception that the handler sees at its next bytecode.
+    """
+    thread_id: list[int] = []
+
+    def call() -> Any:
+        thread_id.append(threading.get_ident())
+        return fn(payload)
+
+    try:
+        with anyio.fail_after(timeout):
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=limiter)
+    except TimeoutError:
+        if thread_id:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id[0]), ctypes.py_object(TaskTimeout))
+        raise
+
+
+def _describe(error: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(error)).strip()
+    return text[:MAX_ERROR_CHARS]
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
