@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -207,9 +208,12 @@ def status(
         if json:
             typer.echo(_encode_state(state))
         else:
-            for key, value in msgspec.to_builtins(state).items():
-                if key != "rank":
-                    typer.echo(f"{key:<13} {msgspec.json.encode(value).decode() if key == 'result' else value}")
+            for key, value in _state_dict(state).items():
+                if key.endswith("_at"):
+                    value = datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+                elif not isinstance(value, str):
+                    value = msgspec.json.encode(value).decode()
+                typer.echo(f"{key:<13} {value}")
         return Exit.OK
 
     raise typer.Exit(anyio.run(go))
@@ -255,10 +259,15 @@ def _check_region(settings: Settings, region: str) -> None:
         raise typer.Exit(Exit.USAGE)
 
 
-def _encode_state(state: Any) -> str:
-    raw = msgspec.to_builtins(state)
+def _state_dict(state: Any) -> dict[str, Any]:
+    """The state as plain JSON values, without the projector's internal ``rank``."""
+    raw = msgspec.json.decode(msgspec.json.encode(state))
     raw.pop("rank", None)
-    return msgspec.json.encode(raw).decode()
+    return raw
+
+
+def _encode_state(state: Any) -> str:
+    return msgspec.json.encode(_state_dict(state)).decode()
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ Used by ``streamsched up`` and by the test fixture (:mod:`streamsched.testing`).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -14,8 +13,16 @@ import sysconfig
 import time
 from pathlib import Path
 
-#: The server config shipped at the repository root; used when present.
+#: The server config shipped at the repository root.
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "nats.conf"
+
+
+def default_config() -> Path | None:
+    """``./nats.conf`` if there is one, else the repository's (editable installs), else none."""
+    for candidate in (Path("nats.conf"), REPO_CONFIG):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
 
 
 def binary() -> str:
@@ -108,9 +115,3 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def env_with(**values: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(values)
-    return env

@@ -22,7 +22,7 @@ import anyio
 from . import streams
 from .bus import Bus
 from .config import Settings
-from .server import REPO_CONFIG, NatsServer
+from .server import NatsServer, default_config
 
 log = logging.getLogger("streamsched.up")
 
@@ -59,7 +59,7 @@ def run(settings: Settings, options: UpOptions) -> int:
         server = NatsServer(
             port=options.port,
             store_dir=options.data_dir.resolve() / "jetstream",
-            config=REPO_CONFIG if REPO_CONFIG.exists() else None,
+            config=default_config(),
             monitor_port=options.monitor_port,
         ).start()
         url = server.url

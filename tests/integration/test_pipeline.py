@@ -1,0 +1,43 @@
+"""The whole path in one process: tasks.submit -> master -> regional -> worker -> projector."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from streamsched.bus import Bus
+from streamsched.client import Client
+from streamsched.config import Settings
+from streamsched.master import Master
+from streamsched.model import Status
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.registry import Registry
+from streamsched.state import StateStore
+from streamsched.testing import EventLog, running
+from streamsched.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+
+async def all_roles(settings: Settings, bus: Bus, registry: Registry, concurrency: int = 8) -> list:
+    return [
+        Master(settings, bus),
+        Regional(settings, bus, "default"),
+        Projector(settings, bus, await StateStore.open(bus)),
+        Worker(settings, bus, registry, region="default", concurrency=concurrency),
+    ]
+
+
+async def test_a_raw_json_submission_runs_and_its_result_is_recorded(settings, bus, events: EventLog, examples):
+    async with running(await all_roles(settings, bus, examples)):
+        await bus.nc.publish("tasks.submit", b'{"id":"t1","type":"echo","payload":{"hello":"world"}}')
+        final = await events.wait_final("t1")
+        assert events.kinds_of("t1") == ["submitted", "scheduled", "dispatched", "started", "succeeded"]
+        assert msgspec.json.decode(final.result) == {"hello": "world"}
+        client = Client(bus, await StateStore.open(bus))
+        state = await client.wait("t1", timeout_s=10)
+        assert state.status is Status.SUCCEEDED
+        assert msgspec.json.decode(state.result) == {"hello": "world"}
+        assert (state.type, state.priority, state.region, state.attempts) == ("echo", "medium", "default", 1)
+        assert state.submitted_at <= state.started_at <= state.finished_at

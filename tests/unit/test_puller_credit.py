@@ -1,0 +1,77 @@
+"""How the puller turns free capacity into pull requests (pure logic, no server)."""
+
+from __future__ import annotations
+
+import json
+
+from streamsched.bus import Puller
+
+
+class _NoNetwork:
+    """Just enough of a Bus for a Puller to be built; nothing is sent in these tests."""
+
+    class nc:  # noqa: N801 - mimics the attribute
+        @staticmethod
+        def new_inbox() -> str:
+            return "_INBOX.test"
+
+    def on_reconnect(self, _callback) -> None:
+        pass
+
+
+def puller(capacity: int, levels: int = 3) -> Puller:
+    return Puller(_NoNetwork(), "WORK", [f"c{i}" for i in range(levels)], capacity, lambda level, msg: None)
+
+
+def requests(p: Puller) -> list[tuple[str, int]]:
+    return [(subject.rsplit(".", 1)[1], json.loads(body)["batch"]) for subject, body, _ in p._allocate()]
+
+
+def test_all_free_capacity_goes_to_the_highest_level_with_a_backlog():
+    p = puller(10)
+    assert requests(p) == [("c0", 10)]
+    assert p.free == 0
+
+
+def test_idle_levels_keep_a_one_message_long_poll_so_new_work_is_seen_at_once():
+    p = puller(10)
+    for level in p.levels:
+        level.hot = False
+    assert requests(p) == [("c0", 1), ("c1", 1), ("c2", 1)]
+    assert p.free == 7
+
+
+def test_a_lower_backlog_gets_the_rest_when_higher_levels_are_idle():
+    p = puller(10)
+    p.levels[0].hot = p.levels[1].hot = False
+    assert requests(p) == [("c0", 1), ("c1", 1), ("c2", 8)]
+
+
+def test_credit_never_exceeds_capacity_minus_held_messages():
+    p = puller(4)
+    p.held = 3
+    assert requests(p) == [("c0", 1)]
+    assert requests(p) == []  # nothing free until a release
+    p.release(2)
+    assert sum(batch for _, batch in requests(p)) <= 2
+    assert p.held + sum(level.outstanding for level in p.levels) <= 4
+
+
+def test_lower_levels_get_a_small_share_while_the_top_level_is_saturated():
+    p = puller(8, levels=2)
+    served = {"c0": 0, "c1": 0}
+    for _ in range(80):
+        for level in p.levels:
+            level.outstanding = 0  # every request answered in full
+        for consumer, batch in requests(p):
+            served[consumer] += batch
+    assert served["c1"] > 0
+    assert served["c0"] > 5 * served["c1"]
+
+
+def test_a_reconnect_forgets_requests_the_server_no_longer_has():
+    p = puller(6)
+    requests(p)
+    assert p.free == 0
+    p.reset()
+    assert p.free == 6

@@ -1,0 +1,71 @@
+"""The projection fold: idempotent, and order-insensitive for the outcome."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+
+from streamsched import events as ev
+from streamsched.model import Status
+from streamsched.state import fold
+
+LIFE = [
+    ev.Submitted(task_id="t", at=1.0, type="echo", priority="high", region="eu", labels={"team": "a"}),
+    ev.Scheduled(task_id="t", at=2.0, region="eu", priority="high"),
+    ev.Dispatched(task_id="t", at=3.0, region="eu", priority="high"),
+    ev.Started(task_id="t", at=4.0, attempt=1, worker="w1"),
+    ev.Retrying(task_id="t", at=5.0, attempt=1, error="boom", delay_s=1.0),
+    ev.Started(task_id="t", at=6.0, attempt=2, worker="w2"),
+    ev.Succeeded(task_id="t", at=7.0, attempt=2, result=msgspec.Raw(b'{"ok":true}'), duration_s=1.0),
+]
+
+
+def replay(events):
+    state = None
+    for event in events:
+        state = fold(state, event)
+    return state
+
+
+def test_a_full_life_ends_succeeded_with_every_fact_kept():
+    state = replay(LIFE)
+    assert state.status is Status.SUCCEEDED
+    assert state.attempts == 2
+    assert state.worker == "w2"
+    assert state.error is None
+    assert msgspec.json.decode(state.result) == {"ok": True}
+    assert (state.submitted_at, state.scheduled_at, state.started_at, state.finished_at) == (1.0, 3.0, 6.0, 7.0)
+    assert state.labels == {"team": "a"}
+
+
+def test_the_same_event_applied_twice_changes_nothing():
+    once = replay(LIFE)
+    twice = replay([e for event in LIFE for e in (event, event)])
+    assert msgspec.json.encode(once) == msgspec.json.encode(twice)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_any_delivery_order_ends_in_the_same_state(seed):
+    shuffled = LIFE[:] + LIFE[:4]
+    random.Random(seed).shuffle(shuffled)
+    assert msgspec.json.encode(replay(shuffled)) == msgspec.json.encode(replay(LIFE))
+
+
+def test_a_late_retrying_event_does_not_roll_back_a_success():
+    state = replay([*LIFE, ev.Retrying(task_id="t", at=9.0, attempt=1, error="late", delay_s=1.0)])
+    assert state.status is Status.SUCCEEDED
+    assert state.error is None
+
+
+def test_dead_keeps_the_last_error():
+    state = replay([LIFE[0], ev.Started(task_id="t", at=2.0, attempt=3, worker="w"), ev.Dead(task_id="t", at=3.0, attempt=3, error="E")])
+    assert (state.status, state.error, state.attempts) == (Status.DEAD, "E", 3)
+
+
+def test_events_round_trip_through_json_with_their_kind():
+    for event in LIFE:
+        decoded = ev.decode(ev.encode(event))
+        assert decoded == event
+        assert ev.kind(decoded) in ev.KINDS
