@@ -75,3 +75,28 @@ def test_a_reconnect_forgets_requests_the_server_no_longer_has():
     assert p.free == 0
     p.reset()
     assert p.free == 6
+
+
+def test_with_less_capacity_than_levels_a_free_slot_asks_every_level_highest_first():
+    p = puller(1)
+    for expected in ("c0", "c1", "c2"):
+        assert requests(p) == [(expected, 1)]
+        asked = next(level for level in p.levels if level.outstanding)
+        asked.outstanding, asked.hot = 0, False  # answered 408: nothing there
+    p.held = 1  # c2 had a message after all
+    p.release()
+    assert requests(p) == [("c0", 1)]  # the next free slot starts from the top again
+
+
+def test_with_less_capacity_than_levels_idle_levels_take_turns_with_brief_polls():
+    p = puller(1)
+    for level in p.levels:
+        level.hot = False
+    asked = []
+    for _ in range(3):
+        [(subject, body, _)] = p._allocate()
+        asked.append(subject.rsplit(".", 1)[1])
+        assert json.loads(body)["expires"] < 1e9  # not a 5 s long poll holding the only slot
+        for level in p.levels:
+            level.outstanding = 0  # the poll expired
+    assert sorted(asked) == ["c0", "c1", "c2"]

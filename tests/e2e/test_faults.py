@@ -1,0 +1,332 @@
+"""Faults through every role, with workers (and, for restarts, every role) as real subprocesses.
+
+A worker SIGKILLed mid-task, a worker drained by SIGTERM, and nats-server stopped and
+restarted on the same port and store while workers are idle and while they are busy.
+The broker is never mocked; every process is stopped by its PID at teardown.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+import pytest
+
+from streamsched import events as ev
+from streamsched import subjects
+from streamsched.bus import Bus
+from streamsched.client import Client
+from streamsched.config import Settings
+from streamsched.master import Master
+from streamsched.model import Status, TaskState
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.server import NatsServer
+from streamsched.state import StateStore, is_final
+from streamsched.testing import EventLog, running
+
+from ..conftest import subprocess_env
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+#: Errors a JetStream call may raise while the server is away or recovering its streams.
+UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    TimeoutError,
+)
+
+
+class RestartableServer:
+    """The test's nats-server, which can be stopped and started again on the same port and store."""
+
+    def __init__(self, server: NatsServer) -> None:
+        self.server = server
+
+    async def restart(self, bus: Bus, *, timeout_s: float = 15.0) -> None:
+        """Stop and start again (in a thread, so this event loop keeps running), then wait
+        until ``bus`` has reconnected."""
+        reconnects = bus.nc.stats["reconnects"]
+
+        def restart() -> None:
+            self.server.stop()
+            self.server = NatsServer(port=self.server.port, store_dir=self.server.store_dir).start()
+
+        await anyio.to_thread.run_sync(restart)
+        deadline = time.monotonic() + timeout_s
+        while bus.nc.stats["reconnects"] == reconnects or not bus.nc.is_connected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the test's connection did not come back within {timeout_s}s")
+            await anyio.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Processes:
+    """Role subprocesses of one test, each logging to its own file; stopped by PID at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.env = subprocess_env(settings)
+        self.grace_s = settings.grace_s
+        self.log_dir = log_dir
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{name}.log", "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
+                env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        self.started[name] = process
+        return process
+
+    def worker(self, name: str, *, concurrency: int) -> subprocess.Popen[bytes]:
+        return self.start(name, "worker", "workers.examples", "--region", "default", "--concurrency", str(concurrency))
+
+    def schedulers(self) -> None:
+        """Master, the default region's scheduler and the projector, one process each."""
+        self.start("master", "master")
+        self.start("regional", "regional", "--region", "default")
+        self.start("projector", "projector")
+
+    def alive(self) -> list[str]:
+        return [name for name, process in self.started.items() if process.poll() is None]
+
+    def logs(self) -> str:
+        """The tail of every role's log, for assertion messages."""
+        tails = []
+        for name in self.started:
+            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+            tails.append(f"--- {name} ---\n" + "\n".join(lines[-25:]))
+        return "\n".join(tails)
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running, then SIGKILL those that outlive the grace period."""
+        for process in self.started.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 5
+        for process in self.started.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def restartable_server(server: NatsServer) -> Iterator[RestartableServer]:
+    restartable = RestartableServer(server)
+    try:
+        yield restartable
+    finally:
+        restartable.stop()  # the replacement, if any; the fixture `server` stops the first
+
+
+@pytest.fixture
+def processes(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(settings, tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+async def client(bus: Bus) -> Client:
+    return Client(bus, await StateStore.open(bus))
+
+
+@pytest.fixture
+async def schedulers(settings: Settings, bus: Bus) -> AsyncIterator[None]:
+    """Master, regional scheduler and projector in this process (for the worker fault tests)."""
+    roles = [Master(settings, bus), Regional(settings, bus, "default"), Projector(settings, bus, await StateStore.open(bus))]
+    async with running(roles):
+        yield
+
+
+def worker_id(process: subprocess.Popen[bytes]) -> str:
+    """The id a worker process puts in its ``started`` events."""
+    return f"{socket.gethostname()}-{process.pid}"
+
+
+async def wait_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """The process's exit code; fails if it is still running after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {process.pid} still running after {timeout_s}s")
+        await anyio.sleep(0.02)
+    return process.returncode
+
+
+async def submit(client: Client, task_type: str, payload: Any, *, id: str, timeout_s: float = 15.0) -> None:
+    """Submit, retrying while the server is restarting (same id, so a retry is deduped)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.submit(task_type, payload, id=id)
+            return
+        except UNAVAILABLE:
+            if time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.1)
+
+
+async def final_states(client: Client, task_ids: Sequence[str], *, timeout_s: float, processes: Processes) -> dict[str, TaskState]:
+    """Poll KV ``tasks`` until every task has a final state; fail with what is missing at the deadline."""
+    found: dict[str, TaskState] = {}
+    latest: dict[str, TaskState | None] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for task_id in [t for t in task_ids if t not in found]:
+            try:
+                latest[task_id] = state = await client.get(task_id)
+            except UNAVAILABLE:
+                break
+            if state is not None and is_final(state):
+                found[task_id] = state
+        if len(found) == len(task_ids):
+            return found
+        if time.monotonic() > deadline:
+            missing = {t: (s.status.value if (s := latest.get(t)) else None) for t in task_ids if t not in found}
+            raise AssertionError(
+                f"{len(missing)} of {len(task_ids)} tasks not final after {timeout_s}s: "
+                f"{dict(list(missing.items())[:10])}\n{processes.logs()}"
+            )
+        await anyio.sleep(0.1)
+
+
+async def event_counts(bus: Bus, kind: str) -> dict[str, int]:
+    """Events of ``kind`` per task id, read from the EVENTS stream (not from a live subscription)."""
+    info = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter("*", kind))
+    return {subject.split(".")[1]: count for subject, count in (info.state.subjects or {}).items()}
+
+
+async def wait_drained(bus: Bus, stream: str, *, timeout_s: float) -> None:
+    """Wait until a work-queue stream holds no message: every task was acked off it."""
+    deadline = time.monotonic() + timeout_s
+    while (messages := (await bus.js.stream_info(stream)).state.messages) > 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{stream} still holds {messages} message(s) after {timeout_s}s")
+        await anyio.sleep(0.1)
+
+
+async def test_a_task_whose_worker_is_sigkilled_mid_run_is_redelivered_and_succeeds_on_another_worker(
+    settings, bus, events: EventLog, client: Client, schedulers, processes: Processes
+):
+    first = processes.worker("worker-a", concurrency=1)
+    await client.submit("sleep", {"seconds": 2.0}, id="killed-mid-run")
+    await events.wait(lambda log: "started" in log.kinds_of("killed-mid-run"), timeout_s=20, what="the first start")
+    first.send_signal(signal.SIGKILL)
+    assert await wait_exit(first, timeout_s=5) == -signal.SIGKILL
+
+    second = processes.worker("worker-b", concurrency=1)
+    # A's heartbeats stopped with it: after ack_wait the task goes to B, which runs it again.
+    final = await events.wait_final("killed-mid-run", timeout_s=settings.ack_wait_s + 20)
+
+    starts = [(e.attempt, e.worker) for e in events.of_task("killed-mid-run") if ev.kind(e) == "started"]
+    assert starts == [(1, worker_id(first)), (2, worker_id(second))], processes.logs()
+    assert ev.kind(final) == "succeeded" and final.attempt == 2
+    state = await client.wait("killed-mid-run", timeout_s=10)
+    assert (state.status, state.attempts, state.worker) == (Status.SUCCEEDED, 2, worker_id(second))
+
+
+async def test_a_worker_sent_sigterm_finishes_its_running_task_exits_zero_and_leaves_queued_work_to_others(
+    settings, bus, events: EventLog, client: Client, schedulers, processes: Processes
+):
+    draining = processes.worker("worker-a", concurrency=1)
+    await client.submit("sleep", {"seconds": 1.5}, id="running-at-sigterm")
+    await events.wait(lambda log: "started" in log.kinds_of("running-at-sigterm"), timeout_s=20, what="the long task's start")
+    # With one slot busy, the next task waits on WORK: released by the region, not fetched.
+    await client.submit("sleep", {"seconds": 0.1}, id="queued-at-sigterm")
+    await events.wait(lambda log: "dispatched" in log.kinds_of("queued-at-sigterm"), timeout_s=10, what="the queued task on WORK")
+
+    draining.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert await wait_exit(draining, timeout_s=settings.grace_s + 5) == 0, processes.logs()
+    # It left as soon as its task was done, not at the end of the grace period.
+    assert time.monotonic() - signalled < settings.grace_s
+    final = await events.wait_final("running-at-sigterm", timeout_s=5)
+    assert ev.kind(final) == "succeeded" and final.attempt == 1
+    assert events.kinds_of("running-at-sigterm").count("started") == 1  # finished in the grace period, not handed on
+    assert "started" not in events.kinds_of("queued-at-sigterm")
+
+    successor = processes.worker("worker-b", concurrency=1)
+    final = await events.wait_final("queued-at-sigterm", timeout_s=20)
+    assert ev.kind(final) == "succeeded"
+    starts = [e.worker for e in events.of_task("queued-at-sigterm") if ev.kind(e) == "started"]
+    assert starts == [worker_id(successor)]
+    # Run once overall, as the EVENTS stream (not only the live log) records it.
+    assert (await event_counts(bus, "started")).get("queued-at-sigterm") == 1
+    assert (await event_counts(bus, "succeeded")).get("queued-at-sigterm") == 1
+
+
+async def test_roles_reconnect_by_themselves_when_nats_server_restarts_while_workers_are_idle(
+    bus, client: Client, restartable_server: RestartableServer, processes: Processes
+):
+    processes.schedulers()
+    processes.worker("worker", concurrency=4)
+    await client.submit("echo", {"n": -1}, id="before-restart")
+    before = await final_states(client, ["before-restart"], timeout_s=30, processes=processes)
+    assert before["before-restart"].status is Status.SUCCEEDED
+
+    await restartable_server.restart(bus)
+    task_ids = [f"after-restart-{n}" for n in range(20)]
+    for n, task_id in enumerate(task_ids):
+        await submit(client, "echo", {"n": n}, id=task_id)
+
+    states = await final_states(client, task_ids, timeout_s=30, processes=processes)
+    assert {s.status for s in states.values()} == {Status.SUCCEEDED}
+    assert [msgspec.json.decode(states[t].result) for t in task_ids] == [{"n": n} for n in range(20)]
+    assert sorted(processes.alive()) == ["master", "projector", "regional", "worker"]
+
+
+async def test_no_task_is_lost_when_nats_server_restarts_while_workers_are_busy(
+    bus, events: EventLog, client: Client, restartable_server: RestartableServer, processes: Processes
+):
+    rng = random.Random(4)
+    task_ids = [f"busy-{n:03d}" for n in range(200)]
+    processes.schedulers()
+    processes.worker("worker", concurrency=4)
+    for task_id in task_ids:
+        await client.submit("sleep", {"seconds": round(rng.uniform(0.01, 0.05), 3)}, id=task_id)
+
+    await events.wait_count("succeeded", 30, timeout_s=30)
+    await restartable_server.restart(bus)
+    done_before_restart = len(await event_counts(bus, "succeeded"))
+    assert done_before_restart < len(task_ids), "the work was done before the restart: nothing was tested"
+
+    # The live log may have missed events while it was disconnected: read KV and EVENTS.
+    states = await final_states(client, task_ids, timeout_s=60, processes=processes)
+    assert {s.status for s in states.values()} == {Status.SUCCEEDED}
+    succeeded = await event_counts(bus, "succeeded")
+    assert sorted(succeeded) == task_ids
+    for stream in (subjects.SCHED_STREAM, subjects.WORK_STREAM):
+        await wait_drained(bus, stream, timeout_s=30)
+
+    started = await event_counts(bus, "started")
+    duplicated = {task_id: count for task_id, count in started.items() if count > 1}
+    print(
+        f"\nserver restarted after {done_before_restart}/{len(task_ids)} successes; "
+        f"tasks started more than once: {len(duplicated)} {duplicated}; "
+        f"succeeded events beyond one per task: {sum(succeeded.values()) - len(task_ids)}"
+    )
+    assert sorted(processes.alive()) == ["master", "projector", "regional", "worker"]

@@ -1,0 +1,142 @@
+"""The master against a real server: every kind of bad input is rejected with its reason
+(never dropped, never fatal), and a submission without an id gets a stable generated one."""
+
+from __future__ import annotations
+
+import datetime
+import re
+
+import msgspec
+import pytest
+from nats.js.errors import NotFoundError
+
+from streamsched import streams, subjects
+from streamsched.bus import Bus
+from streamsched.client import Client
+from streamsched.config import Settings
+from streamsched.master import Master
+from streamsched.model import Status, derive_task_id
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.registry import Registry
+from streamsched.state import StateStore
+from streamsched.testing import EventLog, running
+from streamsched.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+#: A ULID-shaped id: 26 characters of Crockford's base32.
+ULID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+
+#: A valid envelope over the 1 KiB limit of the ``limited`` settings.
+OVERSIZED = b'{"type": "echo", "payload": "' + b"x" * 2000 + b'"}'
+#: ``(submission, a fragment its rejection reason must contain)``.
+BAD_INPUTS = [
+    (b"this is not json", "JSON is malformed"),
+    (b"", "not a valid task envelope"),
+    (b"[1, 2, 3]", "Expected `object`, got `array`"),
+    (b'{"payload": {"to": "x"}}', "missing required field `type`"),
+    (b'{"type": "echo", "priorty": "high"}', "unknown field `priorty`"),
+    (b'{"type": "echo", "max_attempts": "three"}', "Expected `int | null`, got `str`"),
+    (b'{"type": "echo", "priority": "urgent"}', "unknown priority 'urgent'"),
+    (b'{"type": "echo", "id": "a.b"}', "id 'a.b' is not subject-safe"),
+    (b'{"type": "echo", "id": "a b"}', "id 'a b' is not subject-safe"),
+    (b'{"type": "two words"}', "type 'two words' is not a valid handler name"),
+    (b'{"type": "echo", "region": "mars"}', "unknown region 'mars'"),
+    (b'{"type": "echo", "max_attempts": 0}', "`max_attempts` must be at least 1"),
+    (b'{"type": "echo", "timeout_s": -1}', "`timeout_s` must be positive"),
+    (b'{"type": "echo", "cron": "* * * * * *"}', "`cron` is not supported by this version yet"),
+    (b'{"type": "echo", "depends_on": ["t1"]}', "`depends_on` is not supported by this version yet"),
+    (OVERSIZED, f"is {len(OVERSIZED)} bytes, over the limit of 1024"),
+]
+
+
+@pytest.fixture
+async def limited(settings: Settings, bus: Bus) -> Settings:
+    """The test settings with a 1 KiB submission limit, applied to the streams."""
+    small = msgspec.structs.replace(settings, max_payload_bytes=1024)
+    await streams.apply(bus, small)
+    return small
+
+
+async def all_roles(settings: Settings, bus: Bus, registry: Registry) -> list:
+    return [
+        Master(settings, bus),
+        Regional(settings, bus, "default"),
+        Projector(settings, bus, await StateStore.open(bus)),
+        Worker(settings, bus, registry, region="default", concurrency=4),
+    ]
+
+
+async def rejected_messages(bus: Bus) -> list:
+    """Every message on ``tasks.rejected``, oldest first."""
+    found, seq = [], 1
+    while True:
+        try:
+            msg = await bus.js.get_msg(subjects.TASKS_STREAM, seq=seq, subject=subjects.REJECTED, next=True)
+        except NotFoundError:
+            return found
+        found.append(msg)
+        seq = msg.seq + 1
+
+
+async def test_each_kind_of_bad_input_is_rejected_with_its_reason_and_the_master_keeps_serving(
+    limited, bus, events: EventLog, examples
+):
+    roles = await all_roles(limited, bus, examples)
+    master = roles[0]
+    async with running(roles):
+        for data, _ in BAD_INPUTS:
+            await bus.js.publish(subjects.SUBMIT, data)
+        await bus.js.publish(subjects.SUBMIT, b'{"id": "still-fine", "type": "echo", "payload": "ok"}')
+        final = await events.wait_final("still-fine")
+        await events.wait_count("rejected", len(BAD_INPUTS))
+        first = next(e for e in events.of_kind("rejected") if e.original == BAD_INPUTS[0][0])
+        state = await Client(bus, await StateStore.open(bus)).wait(first.task_id, timeout_s=10)
+
+    rejections = {e.original: e for e in events.of_kind("rejected")}
+    on_subject = {m.data or b"": m for m in await rejected_messages(bus)}  # nats-py: empty body is None
+    assert len(rejections) == len(on_subject) == len(BAD_INPUTS)
+    for data, fragment in BAD_INPUTS:
+        event = rejections[data]  # `original` is the bytes as sent
+        assert fragment in event.reason, (data[:60], event.reason)
+        assert ULID_RE.fullmatch(event.task_id)
+        msg = on_subject[data]  # the body on tasks.rejected is the original bytes too
+        assert msg.headers[subjects.H_REASON] == " ".join(event.reason.split())[:1024]
+        assert msg.headers[subjects.H_TASK_ID] == event.task_id
+    assert (state.status, state.error) == (Status.REJECTED, first.reason)
+
+    assert events.kinds_of("still-fine") == ["submitted", "scheduled", "dispatched", "started", "succeeded"]
+    assert msgspec.json.decode(final.result) == "ok"
+    assert (master.rejected, master.accepted) == (len(BAD_INPUTS), 1)
+    assert not events.undecodable
+
+
+async def test_a_task_without_an_id_gets_a_generated_id_that_survives_redelivery(settings, bus, events: EventLog, examples):
+    async with running(await all_roles(settings, bus, examples)):
+        await bus.js.publish(subjects.SUBMIT, b'{"type": "echo", "payload": 1}')
+        await bus.js.publish(subjects.SUBMIT, b'{"type": "echo", "payload": 2}')
+        await events.wait_count("succeeded", 2)
+    first, second = [e.task_id for e in events.of_kind("submitted")]
+    assert ULID_RE.fullmatch(first) and ULID_RE.fullmatch(second)
+    assert first < second  # sortable in submission order
+
+    # The id is derived from the submission's place in TASKS (time stored, sequence).
+    stored = await bus.js.get_msg(subjects.TASKS_STREAM, seq=1)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    stored_ms = (stored.time - epoch) // datetime.timedelta(milliseconds=1)
+    assert first == derive_task_id(stored_ms * 1_000_000, 1)
+
+    # Make the master see both submissions again, as after a crash before its acks.
+    await bus.js.delete_consumer(subjects.TASKS_STREAM, subjects.MASTER_CONSUMER)
+    await streams.apply(bus, settings)
+    again = Master(settings, bus)
+    async with running([again]):
+        await events.wait_count("submitted", 4)
+    assert [e.task_id for e in events.of_kind("submitted")] == [first, second, first, second]
+    assert again.accepted == 2
+    # Same ids, same Nats-Msg-Id: the server dropped the second copies, nothing runs twice.
+    assert (await bus.js.stream_info(subjects.SCHED_STREAM)).state.messages == 0
+    stored_events = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter(first))
+    assert set(stored_events.state.subjects.values()) == {1}
+    assert len(events.of_kind("started")) == 2

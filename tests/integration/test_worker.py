@@ -1,0 +1,261 @@
+"""The worker against a real server: priority order, backpressure, retries, dead letters,
+permanent failures, long tasks, duplicate submissions and per-attempt timeouts.
+
+Master and regional scheduler run in-process too, so tasks arrive on WORK the way they do
+in production; the projector runs where a test reads the KV state.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from streamsched import current_task, streams, subjects, task
+from streamsched import events as ev
+from streamsched.bus import Bus
+from streamsched.client import Client
+from streamsched.config import Settings
+from streamsched.master import Master
+from streamsched.model import Status, TaskState
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.registry import Registry
+from streamsched.state import StateStore
+from streamsched.testing import EventLog, running
+from streamsched.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+REGION = "default"
+
+
+@task("test.flaky")
+def flaky(payload: Any) -> dict[str, int]:
+    """Fails its first two attempts, succeeds on the third."""
+    attempt = current_task().attempt
+    if attempt < 3:
+        raise RuntimeError(f"flaky on attempt {attempt}")
+    return {"attempt": attempt}
+
+
+@task("test.nap")
+async def nap(payload: dict[str, float]) -> None:
+    """Sleeps on the event loop (the async counterpart of the example `sleep`)."""
+    await anyio.sleep(payload["seconds"])
+
+
+@pytest.fixture
+def registry(examples: Registry) -> Registry:
+    """The example handlers plus the ones defined in this module."""
+    examples.add_module(sys.modules[__name__])
+    return examples
+
+
+async def submit(bus: Bus, **fields: Any) -> bytes:
+    """Publish a task as raw JSON to the ingress (stored before this returns); returns the bytes."""
+    data = msgspec.json.encode(fields)
+    await bus.js.publish(subjects.SUBMIT, data)
+    return data
+
+
+async def routing(settings: Settings, bus: Bus) -> list:
+    """Everything upstream of the worker, plus the projector."""
+    return [Master(settings, bus), Regional(settings, bus, REGION), Projector(settings, bus, await StateStore.open(bus))]
+
+
+async def final_state(bus: Bus, task_id: str) -> TaskState:
+    return await Client(bus, await StateStore.open(bus)).wait(task_id, timeout_s=10)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = "") -> None:
+    """Poll ``check`` until it holds; fail after the deadline."""
+    try:
+        with anyio.fail_after(timeout_s):
+            while not await check():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what or check}") from None
+
+
+def of(events: EventLog, task_id: str, kind: str) -> list[ev.Event]:
+    """The events of one kind of one task, in arrival order."""
+    return [e for e in events.of_task(task_id) if ev.kind(e) == kind]
+
+
+async def work_consumers(bus: Bus, settings: Settings) -> list:
+    return [await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(REGION, p)) for p in settings.priorities]
+
+
+async def test_high_priority_tasks_overtake_a_backlog_of_low_ones(settings, bus, events: EventLog, registry):
+    lows = [f"low-{i}" for i in range(30)]
+    highs = [f"high-{i}" for i in range(10)]
+    async with running(await routing(settings, bus)):
+        for ids, priority in ((lows, "low"), (highs, "high")):  # the lows are older
+            for task_id in ids:
+                await submit(bus, id=task_id, type="sleep", priority=priority, payload={"seconds": 0.01})
+
+        async def all_waiting_on_work() -> bool:
+            return sum(c.num_pending for c in await work_consumers(bus, settings)) == 40
+
+        await eventually(all_waiting_on_work, what="40 tasks on WORK")
+        assert not events.of_kind("started")
+
+        worker = Worker(settings, bus, registry, region=REGION, concurrency=1)
+        async with running([worker]):
+            await events.wait_count("succeeded", 40, timeout_s=12)
+
+    order = [e.task_id for e in events.of_kind("started")]
+    assert sorted(order) == sorted(lows + highs)
+    last_high = max(order.index(task_id) for task_id in highs)
+    lows_before_last_high = [task_id for task_id in order[:last_high] if task_id.startswith("low")]
+    # The puller gives lower levels a small share (one allocation in share_every=8), so a
+    # low or two may run early; in submission order all 30 lows would come first.
+    assert len(lows_before_last_high) <= 3, order
+    # Within a level, the oldest runs first.
+    assert [t for t in order if t.startswith("low")] == lows
+    assert [t for t in order if t.startswith("high")] == highs
+
+
+async def test_a_worker_never_holds_more_unacked_tasks_than_its_concurrency(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
+    peak_ack_pending = peak_backlog = peak_held = 0
+    async with running([*await routing(settings, bus), worker]):
+        for i in range(8):
+            await submit(bus, id=f"bp-{i}", type="sleep", priority=settings.priorities[i % 3], payload={"seconds": 0.3})
+        with anyio.fail_after(12):
+            while len(events.of_kind("succeeded")) < 8:
+                consumers = await work_consumers(bus, settings)
+                ack_pending = sum(c.num_ack_pending for c in consumers)
+                assert ack_pending <= 2, [(c.name, c.num_ack_pending) for c in consumers]
+                assert worker.puller.held <= 2
+                peak_ack_pending = max(peak_ack_pending, ack_pending)
+                peak_held = max(peak_held, worker.puller.held)
+                peak_backlog = max(peak_backlog, sum(c.num_pending for c in consumers))
+                await anyio.sleep(0.02)
+    assert peak_ack_pending == 2  # the worker was saturated, so the bound was tested
+    assert peak_held == 2
+    assert peak_backlog >= 4  # meanwhile the rest waited in the WORK stream, not in the worker
+
+
+async def test_a_task_that_fails_twice_is_retried_and_succeeds_on_its_third_attempt(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=4)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="flaky-1", type="test.flaky")
+        final = await events.wait_final("flaky-1")
+        state = await final_state(bus, "flaky-1")
+
+    assert events.kinds_of("flaky-1") == [
+        "submitted", "scheduled", "dispatched", "started", "retrying", "started", "retrying", "started", "succeeded",
+    ]
+    retrying = of(events, "flaky-1", "retrying")
+    assert [e.attempt for e in retrying] == [1, 2]
+    assert [e.error for e in retrying] == ["RuntimeError: flaky on attempt 1", "RuntimeError: flaky on attempt 2"]
+    assert all(e.delay_s > 0 for e in retrying)
+    assert [e.attempt for e in of(events, "flaky-1", "started")] == [1, 2, 3]
+    assert final.attempt == 3
+    assert msgspec.json.decode(final.result) == {"attempt": 3}
+    assert (state.status, state.attempts, state.error) == (Status.SUCCEEDED, 3, None)
+    assert msgspec.json.decode(state.result) == {"attempt": 3}
+
+
+async def test_a_task_that_keeps_failing_is_dead_lettered_after_max_attempts(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=4)
+    async with running([*await routing(settings, bus), worker]):
+        original = await submit(bus, id="doomed", type="fail", payload={"n": 1}, max_attempts=2)
+        final = await events.wait_final("doomed")
+        state = await final_state(bus, "doomed")
+
+        async def gone_from_work() -> bool:
+            return (await bus.js.stream_info(subjects.WORK_STREAM)).state.messages == 0
+
+        await eventually(gone_from_work, what="the dead task termed off WORK")
+
+    error = "RuntimeError: fail always fails (payload {'n': 1})"
+    assert events.kinds_of("doomed")[-4:] == ["started", "retrying", "started", "dead"]
+    assert (final.attempt, final.error) == (2, error)
+    dlq = await bus.js.get_last_msg(subjects.DLQ_STREAM, subjects.dlq("doomed"))
+    assert dlq.data == original
+    assert dlq.headers[subjects.H_ERROR] == error
+    assert dlq.headers[subjects.H_ATTEMPTS] == "2"
+    assert dlq.headers[subjects.H_TYPE] == "fail"
+    assert (await bus.js.stream_info(subjects.DLQ_STREAM)).state.messages == 1
+    assert (state.status, state.attempts, state.error) == (Status.DEAD, 2, error)
+
+
+async def test_a_permanent_failure_is_not_retried(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=4)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="refused", type="fail_permanent", payload="x", max_attempts=5)
+        final = await events.wait_final("refused")
+        state = await final_state(bus, "refused")
+
+    assert events.kinds_of("refused") == ["submitted", "scheduled", "dispatched", "started", "failed"]
+    assert final.attempt == 1
+    assert "fail_permanent refuses payload 'x'" in final.error
+    assert (state.status, state.attempts) == (Status.FAILED, 1)
+    assert "fail_permanent refuses" in state.error
+    assert (await bus.js.stream_info(subjects.DLQ_STREAM)).state.messages == 0  # failed is not dead
+
+
+async def test_a_task_running_three_times_longer_than_ack_wait_completes_exactly_once(settings, bus, events: EventLog, registry):
+    short = msgspec.structs.replace(settings, ack_wait_s=1.0)
+    await streams.apply(bus, short)
+    consumer = subjects.work_consumer(REGION, "medium")
+    assert (await bus.js.consumer_info(subjects.WORK_STREAM, consumer)).config.ack_wait == 1.0
+    # Concurrency 4 keeps pull requests open, so a redelivery would be taken and started again.
+    worker = Worker(short, bus, registry, region=REGION, concurrency=4)
+    most_redelivered = 0
+    async with running([*await routing(short, bus), worker]):
+        await submit(bus, id="long", type="sleep", payload={"seconds": 3.5})
+        with anyio.fail_after(10):
+            while "succeeded" not in events.kinds_of("long"):
+                info = await bus.js.consumer_info(subjects.WORK_STREAM, consumer)
+                most_redelivered = max(most_redelivered, info.num_redelivered)
+                await anyio.sleep(0.1)
+        info = await bus.js.consumer_info(subjects.WORK_STREAM, consumer)
+
+    kinds = events.kinds_of("long")
+    assert (kinds.count("started"), kinds.count("succeeded")) == (1, 1), kinds
+    assert most_redelivered == 0
+    assert (info.num_redelivered, info.delivered.consumer_seq, info.num_ack_pending) == (0, 1, 0)
+
+
+async def test_the_same_id_submitted_twice_runs_once(settings, bus, events: EventLog, registry):
+    # One slot, one priority: a second copy of the task would run before the sentinel.
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=1)
+    async with running([*await routing(settings, bus), worker]):
+        body = b'{"id":"twice","type":"echo","payload":1}'
+        await bus.nc.publish(subjects.SUBMIT, body)
+        await bus.nc.publish(subjects.SUBMIT, body)
+        await bus.nc.publish(subjects.SUBMIT, b'{"id":"sentinel","type":"echo","payload":2}')
+        await events.wait_final("twice")
+        await events.wait_final("sentinel")
+
+    tasks = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.SUBMIT)
+    assert tasks.state.subjects == {subjects.SUBMIT: 3}  # both copies reached the master
+    kinds = events.kinds_of("twice")
+    assert (kinds.count("started"), kinds.count("succeeded")) == (1, 1), kinds
+    stored = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter("twice"))
+    assert set(stored.state.subjects.values()) == {1}  # EVENTS holds each step once
+    assert len(stored.state.subjects) == 5
+
+
+@pytest.mark.parametrize("handler", ["sleep", "test.nap"], ids=["sync", "async"])
+async def test_an_attempt_that_runs_past_its_timeout_is_retried_then_dead(settings, bus, events: EventLog, registry, handler):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="slow", type=handler, payload={"seconds": 5}, timeout_s=0.2, max_attempts=2)
+        with anyio.fail_after(4):  # well before the 5 s the handler would take
+            final = await events.wait_final("slow")
+
+    assert events.kinds_of("slow")[-4:] == ["started", "retrying", "started", "dead"]
+    [retrying] = events.of_kind("retrying")
+    assert retrying.attempt == 1
+    assert "timed out after 0.2s" in retrying.error
+    assert final.attempt == 2
+    assert "timed out after 0.2s" in final.error
