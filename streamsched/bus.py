@@ -23,7 +23,7 @@ from typing import Any
 
 import nats
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
+import nats.js.errors
 
 log = logging.getLogger("streamsched.bus")
 
@@ -31,17 +31,33 @@ log = logging.getLogger("streamsched.bus")
 LONG_POLL_S = 5.0
 #: Expiry of a "take what is there now" pull request on a level that has a backlog.
 SHORT_POLL_S = 0.002
+#: Messages handled on one level before other levels (and the loop) get a turn.
+YIELD_EVERY = 16
+#: Expiry of the polls that go round the levels when there is less credit than levels.
+SCARCE_POLL_S = 0.1
 
 
 class Bus:
     """One NATS connection with its JetStream context, shared by the roles of a process."""
 
-    def __init__(self, nc: nats.NATS, *, api_timeout_s: float = 10.0, publish_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: nats.NATS,
+        *,
+        api_timeout_s: float = 10.0,
+        publish_timeout_s: float = 10.0,
+        max_in_flight: int = 20_000,
+    ) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=api_timeout_s, publish_async_max_pending=8000)
+        self.js = nc.jetstream(timeout=api_timeout_s)
         self.api_timeout_s = api_timeout_s
         self.publish_timeout_s = publish_timeout_s
-        self._inflight: collections.deque[tuple[float, asyncio.Future[PubAck]]] = collections.deque()
+        self.max_in_flight = max_in_flight
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._deadlines: collections.deque[tuple[float, str]] = collections.deque()
+        self._reply_prefix = ""
+        self._next_token = 0
+        self._room = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], None]] = []
 
@@ -80,26 +96,69 @@ class Bus:
         """Call ``callback`` after every reconnect (pull requests do not survive one)."""
         self._on_reconnect.append(callback)
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[PubAck]:
-        """Publish to JetStream without waiting; the future holds the PubAck or an error.
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[dict[str, Any]]:
+        """Publish to JetStream without waiting; the future holds the PubAck (a dict) or an error.
 
-        Bounded: waits when 8000 publishes are already in flight.
+        Our own path rather than ``js.publish_async``: per message that one draws random
+        bytes, scans an asyncio semaphore's waiters and builds a dataclass, which
+        together cost more than the publish. Bounded by ``max_in_flight``.
         """
-        future = await self.js.publish_async(subject, data, headers=headers)
-        self._inflight.append((time.monotonic() + self.publish_timeout_s, future))
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if not self._reply_prefix:
+            await self._start_acks()
+        while len(self._acks) >= self.max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        self._next_token += 1
+        token = str(self._next_token)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        self._deadlines.append((time.monotonic() + self.publish_timeout_s, token))
+        try:
+            await self.nc.publish(subject, data, reply=self._reply_prefix + token, headers=headers)
+        except Exception:
+            del self._acks[token]
+            raise
         return future
 
+    async def _start_acks(self) -> None:
+        self._reply_prefix = self.nc.new_inbox() + "."
+        await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_ack, pending_msgs_limit=-1)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._acks.pop(msg.subject[len(self._reply_prefix) :], None)
+        if len(self._acks) < self.max_in_flight:
+            self._room.set()
+        if future is None or future.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            response = json.loads(msg.data)
+        except ValueError as exc:
+            future.set_exception(exc)
+            return
+        if "error" in response:
+            try:
+                raise nats.js.errors.APIError.from_error(response["error"])
+            except nats.js.errors.APIError as exc:
+                future.set_exception(exc)
+            return
+        future.set_result(response)
+
     async def _sweep(self) -> None:
-        inflight = self._inflight
+        """Fail publishes whose PubAck never came (lost in a reconnect), so callers retry."""
+        deadlines = self._deadlines
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            while inflight and (inflight[0][1].done() or inflight[0][0] < now):
-                _, future = inflight.popleft()
-                if not future.done():
+            while deadlines and (deadlines[0][1] not in self._acks or deadlines[0][0] < now):
+                _, token = deadlines.popleft()
+                future = self._acks.pop(token, None)
+                if future is not None and not future.done():
                     future.set_exception(nats.errors.TimeoutError())
+            self._room.set()
 
     async def api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """A raw ``$JS.API`` request, for what nats-py has no helper for."""
@@ -180,7 +239,8 @@ class Puller:
     :meth:`release`. Free capacity goes to the highest level that has a backlog, except
     that every ``share_every``-th allocation starts at a lower level, so lower levels
     keep a small share and never starve. Levels without a backlog keep one long-poll
-    request of one message open, so a new task anywhere is seen at once.
+    request of one message open, so a new task anywhere is seen at once (with less
+    capacity than levels they are polled in turn instead, see :meth:`_allocate_scarce`).
     """
 
     def __init__(
@@ -201,6 +261,7 @@ class Puller:
         prefix = bus.nc.new_inbox()
         self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
         self.held = 0
+        self._handled = 0
         self._rounds = 0
         self._wake = asyncio.Event()
         self._stopped = False
@@ -213,6 +274,10 @@ class Puller:
     def release(self, count: int = 1) -> None:
         """The holder is done with ``count`` messages (acked, nak'ed or termed)."""
         self.held -= count
+        if self.capacity < len(self.levels):
+            # A slot is free: look at every level again, highest first (see _allocate_scarce).
+            for level in self.levels:
+                level.hot = True
         self._wake.set()
 
     def reset(self) -> None:
@@ -248,6 +313,17 @@ class Puller:
         finally:
             self._stopped = True
 
+    async def finish(self, timeout_s: float = 10.0) -> None:
+        """After :meth:`stop`: wait until held messages are settled, then unsubscribe.
+
+        Unsubscribing matters: the server only drops this process's open pull requests
+        once their reply inbox has no interest; until then it would still deliver to it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.held > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.unsubscribe()
+
     async def unsubscribe(self) -> None:
         """Stop receiving; call after :meth:`stop` once held messages are settled."""
         for level in self.levels:
@@ -271,6 +347,11 @@ class Puller:
                 result = self.on_message(index, msg)
                 if asyncio.iscoroutine(result):
                     await result
+                self._handled += 1
+                if self._handled % YIELD_EVERY == 0:
+                    # nats-py hands a subscription's queued messages over without yielding,
+                    # so a burst on one level would make the others wait for all of it.
+                    await asyncio.sleep(0)
                 return
             status = msg.headers.get("Status") if msg.headers else None
             if status in ("408", "409"):  # the request expired or was refused: credit comes back
@@ -303,6 +384,8 @@ class Puller:
         if self._rounds % self.share_every == 0:
             start = 1 + (self._rounds // self.share_every) % (len(order) - 1)
             order = order[start:] + order[:start]
+        if self.capacity < len(self.levels):
+            return self._allocate_scarce(order, free)
         for index in order:
             if free <= 0:
                 break
@@ -314,6 +397,26 @@ class Puller:
                 free = 0
             elif level.outstanding == 0:
                 requests.append(self._request(level, 1, LONG_POLL_S))
+                free -= 1
+        return requests
+
+    def _allocate_scarce(self, order: list[int], free: int) -> list[tuple[str, bytes, str]]:
+        """Less credit than levels: a long poll cannot wait on every level, so go round them.
+
+        A long poll on a higher idle level would hold the only credit for seconds while a
+        lower level's tasks wait. Instead a freed slot marks every level hot (see
+        :meth:`release`) and the levels are asked highest first with short polls; once
+        none has a backlog, brief polls take turns, so a new task on any level is seen
+        within ``len(levels) * SCARCE_POLL_S``.
+        """
+        for index in order:
+            if self.levels[index].hot:
+                return [self._request(self.levels[index], free, SHORT_POLL_S)]
+        requests: list[tuple[str, bytes, str]] = []
+        for offset in range(len(self.levels)):
+            level = self.levels[(self._rounds + offset) % len(self.levels)]
+            if free > 0 and level.outstanding == 0:
+                requests.append(self._request(level, 1, SCARCE_POLL_S))
                 free -= 1
         return requests
 
@@ -360,7 +463,7 @@ class Settler:
         self.bus = bus
         self.puller = puller
         self.retry_delay_s = retry_delay_s
-        self._ready: list[tuple[Msg, bytes]] = []
+        self._ready: list[tuple[Msg, bytes, int]] = []
         self._flushing = False
 
     async def forward(
@@ -385,9 +488,13 @@ class Settler:
             reply = nak_with_delay(self.retry_delay_s)
         self.settle(msg, reply)
 
-    def settle(self, msg: Msg, reply: bytes) -> None:
-        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release its credit."""
-        self._ready.append((msg, reply))
+    def settle(self, msg: Msg, reply: bytes, *, count: int = 1) -> None:
+        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release ``count`` credits.
+
+        ``count`` > 1 is for consumers with ack policy "all", where one ack covers the
+        messages delivered before it.
+        """
+        self._ready.append((msg, reply, count))
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().create_task(self._flush())
@@ -396,11 +503,11 @@ class Settler:
         try:
             while self._ready:
                 batch, self._ready = self._ready, []
-                for msg, reply in batch:
+                for msg, reply, _ in batch:
                     try:
                         await self.bus.nc.publish(msg.reply, reply)
                     except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
                         log.debug("could not settle %s: %r", msg.subject, exc)
-                self.puller.release(len(batch))
+                self.puller.release(sum(count for _, _, count in batch))
         finally:
             self._flushing = False

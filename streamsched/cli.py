@@ -15,8 +15,9 @@ import typer
 from . import streams
 from .bus import Bus
 from .client import Client
+from .cli_events import dlq_app, events_app, load_or_exit, replay_app, schema_app, task_app
 from .config import Settings
-from .errors import ConfigError, NotFound
+from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status
 from .service import configure_logging, serve
 
@@ -47,16 +48,13 @@ app = typer.Typer(
 )
 streams_app = typer.Typer(help="Create, update and inspect the JetStream streams.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
+app.add_typer(events_app, name="events")
+app.add_typer(task_app, name="task")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(replay_app, name="replay")
+app.add_typer(schema_app, name="schema")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return Settings.load(**overrides)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(Exit.USAGE) from None
 
 
 def _regions(value: str | None) -> tuple[str, ...] | None:
@@ -79,7 +77,7 @@ def up(
     from .up import UpOptions, run
 
     configure_logging(log_level)
-    settings = _settings(regions=_regions(regions))
+    settings = load_or_exit(regions=_regions(regions))
     options = UpOptions(
         port=port, data_dir=data_dir, workers=workers, concurrency=concurrency, handlers=handlers,
         nats_url=nats_url, monitor_port=monitor_port or None,
@@ -93,7 +91,7 @@ def master(log_level: LogLevel = "INFO") -> None:
     from .master import Master
 
     configure_logging(log_level)
-    settings = _settings()
+    settings = load_or_exit()
 
     async def build(bus: Bus) -> list[Master]:
         return [Master(settings, bus)]
@@ -110,7 +108,7 @@ def regional(
     from .regional import Regional
 
     configure_logging(log_level)
-    settings = _settings()
+    settings = load_or_exit()
     _check_region(settings, region)
 
     async def build(bus: Bus) -> list[Regional]:
@@ -131,7 +129,7 @@ def worker(
     from .worker import Worker
 
     configure_logging(log_level)
-    settings = _settings()
+    settings = load_or_exit()
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
 
@@ -148,7 +146,7 @@ def projector(log_level: LogLevel = "INFO") -> None:
     from .state import StateStore
 
     configure_logging(log_level)
-    settings = _settings()
+    settings = load_or_exit()
 
     async def build(bus: Bus) -> list[Projector]:
         return [Projector(settings, bus, await StateStore.open(bus))]
@@ -167,7 +165,7 @@ def submit(
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
 ) -> None:
     """Submit a task; prints its id (and with --wait, its outcome)."""
-    settings = _settings()
+    settings = load_or_exit()
     try:
         decoded = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
@@ -197,7 +195,7 @@ def status(
     json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
 ) -> None:
     """Show a task's current state."""
-    settings = _settings()
+    settings = load_or_exit()
 
     async def go() -> int:
         async with await Client.connect(settings.nats_url) as client:
@@ -219,12 +217,34 @@ def status(
     raise typer.Exit(anyio.run(go))
 
 
+@app.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help="throughput, latency, priority, backlog, ceiling or all.")],
+    quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts, for a smoke run.")] = False,
+    ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Task slots per worker.")] = 64,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
+) -> None:
+    """Run a benchmark on its own nats-server; prints a table and writes JSON results."""
+    from . import bench as bench_mod
+
+    if scenario not in bench_mod.SCENARIOS:
+        typer.echo(f"error: unknown scenario {scenario!r} (one of {', '.join(bench_mod.SCENARIOS)})", err=True)
+        raise typer.Exit(Exit.USAGE)
+    configure_logging("WARNING")
+    roles = bench_mod.Roles(workers=workers, concurrency=concurrency)
+    results = anyio.run(lambda: bench_mod.run(scenario, quick=quick, with_ceiling=ceiling, roles=roles))
+    typer.echo(bench_mod.report(results))
+    typer.echo(f"results: {bench_mod.save(results, out)}")
+
+
 @streams_app.command("apply")
 def streams_apply(
     regions: Annotated[str | None, typer.Option(help="Comma-separated regions (default: $STREAMSCHED_REGIONS or default).")] = None,
 ) -> None:
     """Create or update every stream, consumer and KV bucket; prints what changed."""
-    settings = _settings(regions=_regions(regions))
+    settings = load_or_exit(regions=_regions(regions))
 
     async def go() -> None:
         bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
@@ -240,7 +260,7 @@ def streams_apply(
 @streams_app.command("show")
 def streams_show() -> None:
     """Print every stream with its depth per subject, and its consumers."""
-    settings = _settings()
+    settings = load_or_exit()
 
     async def go() -> None:
         bus = await Bus.connect(settings.nats_url, name="streamsched-cli")

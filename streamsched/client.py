@@ -19,7 +19,7 @@ import msgspec
 from . import subjects
 from .bus import Bus
 from .errors import NotFound, Rejected
-from .model import DEFAULT_PRIORITY, Envelope, Status, TaskState, _base32, state_decoder
+from .model import DEFAULT_PRIORITY, Envelope, Status, TaskState, _base32, raw_value, state_decoder
 from .state import StateStore, is_final
 
 
@@ -43,7 +43,7 @@ class TaskHandle:
         state = await self.client.wait(self.id, timeout_s=timeout_s)
         if state.status is not Status.SUCCEEDED:
             raise RuntimeError(f"task {self.id} ended {state.status.value}: {state.error}")
-        return msgspec.json.decode(state.result)
+        return raw_value(state.result)
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"

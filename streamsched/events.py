@@ -1,8 +1,19 @@
 """Lifecycle events: one tagged union, published on ``events.<task_id>.<kind>``.
 
 EVENTS is the source of truth; the KV projection (:mod:`streamsched.state`) is a fold
-of these records. Every event carries a schema version ``v``, the task id, the attempt
-it belongs to and ``at``, the time the fact happened (Unix seconds).
+of these records, and the replay tools read them back. Every event carries:
+
+* ``v``: the schema version (absent on the wire means 1; later versions always write it);
+* ``task_id``, ``attempt`` (0 before the first run), ``region`` and, for events a worker
+  publishes, ``worker``;
+* ``at``: when the fact happened (Unix seconds). When it was *published* is the stream's
+  own timestamp of the message, so it is not repeated in the body;
+* ``trace``: the W3C ``traceparent`` of the task's trace, when tracing is on.
+
+Fields equal to their default are left out of the JSON to keep EVENTS small. Schema
+evolution: add fields with defaults; a change that old readers would misread bumps
+``SCHEMA_VERSION``; readers skip (and count) events of a version they do not know.
+``streamsched schema events`` prints the JSON Schema (see docs/EVENTS.md).
 """
 
 from __future__ import annotations
@@ -12,18 +23,21 @@ from typing import ClassVar
 import msgspec
 
 from . import subjects
-from .model import Status
+from .model import MaybeRaw, Status
 
 SCHEMA_VERSION = 1
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
     """Fields every event has. ``rank`` orders the events of one task (see :func:`rank`)."""
 
     task_id: str
     at: float
     attempt: int = 0
-    v: int = SCHEMA_VERSION
+    region: str = ""
+    worker: str = ""
+    trace: str = ""
+    v: int = 1
 
     #: The status this event puts the task in.
     status: ClassVar[Status]
@@ -32,25 +46,36 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 
 
 class Submitted(Event, frozen=True, tag="submitted"):
+    """The master accepted the submission and chose its region and priority."""
+
     type: str
     priority: str
-    region: str
     labels: dict[str, str] = {}
     status = Status.PENDING
     order = 1
 
 
 class Rejected(Event, frozen=True, tag="rejected"):
+    """The submission was invalid; ``original`` holds the bytes as they were sent."""
+
     reason: str
     original: bytes
     status = Status.REJECTED
     order = 9
 
 
+class Waiting(Event, frozen=True, tag="waiting"):
+    """Held back until ``until`` or until the tasks in ``on`` succeed (delays, dependencies)."""
+
+    on: list[str] = []
+    until: float | None = None
+    status = Status.PENDING
+    order = 1
+
+
 class Scheduled(Event, frozen=True, tag="scheduled"):
     """The master placed the task on its region's SCHED subject."""
 
-    region: str
     priority: str
     status = Status.PENDING
     order = 2
@@ -59,19 +84,30 @@ class Scheduled(Event, frozen=True, tag="scheduled"):
 class Dispatched(Event, frozen=True, tag="dispatched"):
     """The regional scheduler released the task onto WORK for workers to fetch."""
 
-    region: str
     priority: str
     status = Status.SCHEDULED
     order = 3
 
 
 class Started(Event, frozen=True, tag="started"):
-    worker: str
+    """A worker began an attempt."""
+
+    status = Status.RUNNING
+    order = 4
+
+
+class Progress(Event, frozen=True, tag="progress"):
+    """A running handler reported progress (``fraction`` in 0..1 and/or a message)."""
+
+    fraction: float | None = None
+    message: str = ""
     status = Status.RUNNING
     order = 4
 
 
 class Retrying(Event, frozen=True, tag="retrying"):
+    """An attempt failed and the task comes back after ``delay_s``."""
+
     error: str
     delay_s: float
     status = Status.RETRYING
@@ -79,7 +115,7 @@ class Retrying(Event, frozen=True, tag="retrying"):
 
 
 class Succeeded(Event, frozen=True, tag="succeeded"):
-    result: msgspec.Raw = msgspec.Raw(b"null")
+    result: MaybeRaw = msgspec.UNSET
     duration_s: float = 0.0
     status = Status.SUCCEEDED
     order = 9
@@ -101,7 +137,25 @@ class Dead(Event, frozen=True, tag="dead"):
     order = 9
 
 
-AnyEvent = Submitted | Rejected | Scheduled | Dispatched | Started | Retrying | Succeeded | Failed | Dead
+class Cancelled(Event, frozen=True, tag="cancelled"):
+    reason: str = ""
+    status = Status.CANCELLED
+    order = 9
+
+
+class Reprioritized(Event, frozen=True, tag="reprioritized"):
+    """The task's priority was changed while it waited."""
+
+    priority: str
+    previous: str = ""
+    status = Status.PENDING
+    order = 0
+
+
+AnyEvent = (
+    Submitted | Rejected | Waiting | Scheduled | Dispatched | Started | Progress | Retrying
+    | Succeeded | Failed | Dead | Cancelled | Reprioritized
+)
 
 KINDS: tuple[str, ...] = tuple(cls.__struct_config__.tag for cls in AnyEvent.__args__)  # type: ignore[attr-defined]
 
@@ -109,9 +163,12 @@ encode = msgspec.json.Encoder().encode
 decode = msgspec.json.Decoder(AnyEvent).decode
 
 
+_KIND_OF = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+
+
 def kind(event: Event) -> str:
     """The event's tag, e.g. ``"started"``."""
-    return event.__struct_config__.tag  # type: ignore[return-value]
+    return _KIND_OF[type(event)]
 
 
 def rank(event: Event) -> int:
@@ -122,8 +179,13 @@ def rank(event: Event) -> int:
 def publication(event: Event) -> tuple[str, bytes, dict[str, str]]:
     """``(subject, body, headers)`` to publish ``event``; the msg id dedupes a repeated hop."""
     name = kind(event)
+    hop = f"{name}@{event.at!r}" if name in REPEATABLE else name
     return (
         subjects.event(event.task_id, name),
         encode(event),
-        {subjects.H_MSG_ID: subjects.msg_id(event.task_id, name, event.attempt)},
+        {subjects.H_MSG_ID: subjects.msg_id(event.task_id, hop, event.attempt)},
     )
+
+
+#: Kinds that can happen more than once in one attempt, so their dedupe id includes the time.
+REPEATABLE = frozenset({"progress", "reprioritized"})

@@ -51,6 +51,7 @@ class Master:
     async def run(self) -> None:
         log.info("master routing to regions %s", ", ".join(self.settings.regions))
         await self.puller.run()
+        await self.puller.finish()
 
     async def shutdown(self) -> None:
         self.puller.stop()

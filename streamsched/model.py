@@ -18,6 +18,16 @@ from typing import Any
 
 import msgspec
 
+#: Raw JSON bytes, or absent. (msgspec cannot put ``Raw`` in a union with ``None``,
+#: nor render a ``Raw`` default in a JSON Schema; ``UNSET`` does both.)
+MaybeRaw = msgspec.Raw | msgspec.UnsetType
+
+
+def raw_value(raw: MaybeRaw) -> Any:
+    """The decoded JSON of a raw field; ``None`` when it is absent."""
+    return None if raw is msgspec.UNSET else msgspec.json.decode(raw)
+
+
 #: Priority levels, highest first. Each is its own subject and durable consumer.
 PRIORITIES: tuple[str, ...] = ("high", "medium", "low")
 DEFAULT_PRIORITY = "medium"
@@ -34,13 +44,14 @@ class Status(str, enum.Enum):
     RETRYING = "retrying"
     DEAD = "dead"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.DEAD, Status.REJECTED})
+FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.DEAD, Status.REJECTED, Status.CANCELLED})
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -50,8 +61,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Handler name, e.g. ``email.send``."""
     id: str | None = None
     """Subject-safe token, also the dedupe key; generated (time-sortable) when missing."""
-    payload: msgspec.Raw = msgspec.Raw(b"null")
-    """Handler input, any JSON; forwarded as raw bytes."""
+    payload: MaybeRaw = msgspec.UNSET
+    """Handler input, any JSON (absent means ``null``); forwarded as raw bytes."""
     priority: str = DEFAULT_PRIORITY
     """One of :data:`PRIORITIES`."""
     region: str | None = None
@@ -85,16 +96,20 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True):
     region: str | None = None
     attempts: int = 0
     """Attempts started so far."""
-    result: msgspec.Raw = msgspec.Raw(b"null")
-    """The handler's return value as raw JSON (``null`` until it succeeds)."""
+    result: MaybeRaw = msgspec.UNSET
+    """The handler's return value as raw JSON (absent until it succeeds)."""
     error: str | None = None
     worker: str | None = None
+    progress: float | None = None
+    """Last reported progress of the running attempt (0..1)."""
     labels: dict[str, str] = {}
     submitted_at: float | None = None
     scheduled_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float | None = None
+    priority_changed_at: float | None = None
+    """When the priority was last changed by a ``reprioritized`` event."""
     rank: int = 0
     """Order of the last event folded in; a lower-ranked event never overwrites it."""
 

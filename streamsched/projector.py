@@ -8,7 +8,7 @@ order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered 
 end in the same state. Events are acked only after their write landed.
 
 A corrupt or unknown event never stops the projector: it is logged with its stream
-sequence, counted, and terminated.
+sequence, counted, and acked with its batch.
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
 from nats.js.errors import APIError
 
 from . import events as ev
 from . import subjects
-from .bus import ACK, Bus, Puller, Settler, delivery_info, nak_with_delay, term_with_reason
+from .bus import ACK, Bus, Puller, Settler, delivery_info
 from .config import Settings
 from .model import TaskState
-from .state import EXPECTED_LAST_SUBJECT_SEQ, StateStore, encode_state, fold, put_subject
+from .eventlog import ReadStats, decode
+from .state import EXPECTED_LAST_SUBJECT_SEQ, StateStore, encode_state, fold
 
 log = logging.getLogger("streamsched.projector")
 
@@ -35,6 +36,8 @@ log = logging.getLogger("streamsched.projector")
 WINDOW = 4000
 #: Task states kept in memory so that the common case needs no KV read.
 CACHE_SIZE = 50_000
+#: How long a batch waits for more events before it is folded (projection lag, not task latency).
+COALESCE_S = 0.005
 #: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -42,16 +45,18 @@ WRONG_LAST_SEQUENCE = 10071
 class Projector:
     """Keeps KV ``tasks`` equal to the fold of EVENTS."""
 
-    def __init__(self, settings: Settings, bus: Bus, store: StateStore) -> None:
+    def __init__(self, settings: Settings, bus: Bus, store: StateStore, *, consumer: str = subjects.PROJECTOR_CONSUMER) -> None:
+        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses its own)."""
         self.settings = settings
         self.bus = bus
         self.store = store
-        self.puller = Puller(bus, subjects.EVENTS_STREAM, [subjects.PROJECTOR_CONSUMER], WINDOW, self._on_message)
+        self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
-        self._batch: dict[str, list[tuple[ev.Event, Msg]]] = {}
+        self._batch: dict[str, list[ev.Event]] = {}
+        self._msgs: list[Msg] = []
         self._wake = asyncio.Event()
-        self.skipped = 0
+        self.stats = ReadStats()
         self.applied = 0
 
     async def run(self) -> None:
@@ -59,6 +64,7 @@ class Projector:
         flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         try:
             await self.puller.run()
+            await self.puller.finish()  # the flush loop settles what was received
         finally:
             flusher.cancel()
 
@@ -66,55 +72,98 @@ class Projector:
         self.puller.stop()
 
     def _on_message(self, _level: int, msg: Msg) -> None:
-        try:
-            event = ev.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            self.skipped += 1
-            seq = delivery_info(msg.reply)[1]
-            log.warning("skipping undecodable event at EVENTS seq %d (%s): %s", seq, msg.subject, exc)
-            self.settler.settle(msg, term_with_reason("undecodable event"))
-            return
-        self._batch.setdefault(event.task_id, []).append((event, msg))
+        self._msgs.append(msg)
         self._wake.set()
+        event = decode(delivery_info(msg.reply)[1], msg.data, self.stats)
+        if event is not None:
+            self._batch.setdefault(event.task_id, []).append(event)
 
     async def _flush_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # Let a task's next events join this batch: fewer KV writes per task.
+            await asyncio.sleep(COALESCE_S)
             self._wake.clear()
             batch, self._batch = self._batch, {}
-            if batch:
-                await asyncio.gather(*(self._apply(task_id, items) for task_id, items in batch.items()))
-
-    async def _apply(self, task_id: str, items: list[tuple[ev.Event, Msg]]) -> None:
-        for _ in range(5):
-            cached = self.cache.get(task_id)
-            state, revision = (msgspec.structs.replace(cached[0]), cached[1]) if cached else (None, 0)
-            for event, _msg in items:
-                state = fold(state, event)
-            assert state is not None
-            try:
-                ack: PubAck = await (
-                    await self.bus.publish(
-                        put_subject(task_id), encode_state(state), {EXPECTED_LAST_SUBJECT_SEQ: str(revision)}
-                    )
-                )
-            except APIError as exc:
-                if exc.err_code != WRONG_LAST_SEQUENCE:
-                    break
-                # Another writer, or our cache was stale or empty: read and fold again.
-                current = await self.store.get(task_id)
-                self._remember(task_id, current if current else None)
+            msgs, self._msgs = self._msgs, []
+            if not msgs:
                 continue
-            except Exception as exc:  # noqa: BLE001 - not connected: retry the batch later
-                log.debug("state write failed for %s: %r", task_id, exc)
-                break
-            self._remember(task_id, (state, ack.seq))
-            self.applied += len(items)
-            for _event, msg in items:
+            delay = 0.1
+            while not await self._write_logged(batch):
+                # Retry in place: acking later batches meanwhile would reorder nothing, but
+                # a stuck batch must not be silently left to ack_wait while others pass.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            self.applied += len(msgs)
+            # One ack per event. (A cumulative "ack all" would be cheaper, but with a
+            # crashed predecessor or a second projector it would also ack events that
+            # another process received and never folded.)
+            for msg in msgs:
                 self.settler.settle(msg, ACK)
-            return
-        for _event, msg in items:
-            self.settler.settle(msg, nak_with_delay(1.0))
+
+    async def _write_logged(self, batch: dict[str, list[ev.Event]]) -> bool:
+        """:meth:`_write`, but a bug in it is logged and retried rather than ending the loop."""
+        try:
+            return await self._write(batch)
+        except Exception:
+            log.exception("projecting a batch of %d task(s) failed; retrying", len(batch))
+            return False
+
+    async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
+        """Fold and write every task of the batch; True when all writes landed."""
+        writes: dict[str, tuple[TaskState, asyncio.Future[dict[str, Any]]]] = {}
+        if not batch:  # only skipped events
+            return True
+        try:
+            for task_id, events in batch.items():
+                state, revision = self._folded(task_id, events)
+                writes[task_id] = (state, await self._put(task_id, state, revision))
+        except Exception as exc:  # noqa: BLE001 - not connected
+            log.debug("state writes not sent: %r", exc)
+            return False
+        await asyncio.wait([future for _, future in writes.values()])
+        ok = True
+        for task_id, (state, future) in writes.items():
+            error = future.exception()
+            if error is None:
+                self._remember(task_id, (state, future.result()["seq"]))
+            elif isinstance(error, APIError) and error.err_code == WRONG_LAST_SEQUENCE:
+                ok = await self._write_one_carefully(task_id, batch[task_id]) and ok
+            else:
+                log.debug("state write failed for %s: %r", task_id, error)
+                self._remember(task_id, None)
+                ok = False
+        return ok
+
+    async def _write_one_carefully(self, task_id: str, events: list[ev.Event]) -> bool:
+        """After a CAS conflict (another writer, or a stale or empty cache): read, fold, write."""
+        for _ in range(5):
+            current = await self.store.get(task_id)
+            self._remember(task_id, current)
+            state, revision = self._folded(task_id, events)
+            try:
+                written = await (await self._put(task_id, state, revision))
+            except APIError as exc:
+                if exc.err_code == WRONG_LAST_SEQUENCE:
+                    continue
+                return False
+            except Exception:  # noqa: BLE001 - not connected
+                return False
+            self._remember(task_id, (state, written["seq"]))
+            return True
+        return False
+
+    def _folded(self, task_id: str, events: list[ev.Event]) -> tuple[TaskState, int]:
+        cached = self.cache.get(task_id)
+        # Fold into a copy: the cache must keep the last *written* state if this write fails.
+        state, revision = (msgspec.structs.replace(cached[0]), cached[1]) if cached else (None, 0)
+        for event in events:
+            state = fold(state, event)
+        assert state is not None
+        return state, revision
+
+    async def _put(self, task_id: str, state: TaskState, revision: int) -> asyncio.Future[dict[str, Any]]:
+        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), {EXPECTED_LAST_SUBJECT_SEQ: str(revision)})
 
     def _remember(self, task_id: str, entry: tuple[TaskState, int] | None) -> None:
         if entry is None:

@@ -43,6 +43,7 @@ class Regional:
     async def run(self) -> None:
         log.info("regional scheduler for region %s", self.region)
         await self.puller.run()
+        await self.puller.finish()
 
     async def shutdown(self) -> None:
         self.puller.stop()

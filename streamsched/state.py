@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 from . import events as ev
 from . import subjects
 from .bus import Bus
-from .model import Status, TaskState, encode, state_decoder
+from .model import TaskState, encode, state_decoder
 
 #: Header for compare-and-set writes to the KV stream.
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -34,13 +34,15 @@ def fold(state: TaskState | None, event: ev.Event) -> TaskState:
 
     if isinstance(event, ev.Submitted):
         state.type = event.type
-        state.priority = state.priority or event.priority
+        if state.priority_changed_at is None:
+            state.priority = event.priority
         state.region = state.region or event.region
         state.labels = event.labels
         state.submitted_at = event.at
     elif isinstance(event, (ev.Scheduled, ev.Dispatched)):
         state.region = event.region
-        state.priority = event.priority
+        if state.priority_changed_at is None:
+            state.priority = event.priority
         if isinstance(event, ev.Dispatched):
             state.scheduled_at = event.at
     elif isinstance(event, ev.Started):
@@ -60,23 +62,53 @@ def fold(state: TaskState | None, event: ev.Event) -> TaskState:
     elif isinstance(event, ev.Rejected):
         state.error = event.reason
         state.finished_at = event.at
+    elif isinstance(event, ev.Cancelled):
+        state.error = event.reason or "cancelled"
+        state.finished_at = event.at
+    elif isinstance(event, ev.Progress):
+        if latest_attempt:
+            state.progress = event.fraction
+    elif isinstance(event, ev.Reprioritized):
+        # Not a step of the life: it changes the priority, never the status.
+        if state.priority_changed_at is None or event.at >= state.priority_changed_at:
+            state.priority = event.priority
+            state.priority_changed_at = event.at
     return state
 
 
 def is_final(state: TaskState) -> bool:
     """True once the task will not change again on its own."""
-    return state.status in (Status.SUCCEEDED, Status.FAILED, Status.DEAD, Status.REJECTED)
+    return state.status.is_final
 
 
 class StateStore:
     """Read access to KV ``tasks`` (the projector writes through :func:`put_subject`)."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, bucket: str = subjects.STATE_BUCKET) -> None:
         self.kv = kv
+        self.bucket = bucket
 
     @classmethod
-    async def open(cls, bus: Bus) -> StateStore:
-        return cls(await bus.js.key_value(subjects.STATE_BUCKET))
+    async def open(cls, bus: Bus, bucket: str = subjects.STATE_BUCKET) -> StateStore:
+        return cls(await bus.js.key_value(bucket), bucket)
+
+    def put_subject(self, task_id: str) -> str:
+        """The KV stream subject of a task's state, for raw compare-and-set publishes."""
+        return f"$KV.{self.bucket}.{subjects.state_key(task_id)}"
+
+    async def all(self) -> dict[str, TaskState]:
+        """Every task's state (for comparisons and audits; reads the whole bucket)."""
+        out: dict[str, TaskState] = {}
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    out[entry.key] = state_decoder.decode(entry.value)
+        finally:
+            await watcher.stop()
+        return out
 
     async def get(self, task_id: str) -> tuple[TaskState, int] | None:
         """The task's state and its KV revision, or ``None`` if unknown."""
@@ -87,11 +119,6 @@ class StateStore:
         if entry.value is None:
             return None
         return state_decoder.decode(entry.value), entry.revision or 0
-
-
-def put_subject(task_id: str) -> str:
-    """The KV stream subject of a task's state, for raw CAS publishes."""
-    return f"$KV.{subjects.STATE_BUCKET}.{subjects.state_key(task_id)}"
 
 
 def encode_state(state: TaskState) -> bytes:

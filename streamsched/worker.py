@@ -48,7 +48,7 @@ from . import subjects
 from .bus import ACK, Bus, Puller, Settler, delivery_info, nak_with_delay, term_with_reason
 from .config import Settings
 from .errors import Fail, Retry, TaskTimeout
-from .model import envelope_decoder
+from .model import envelope_decoder, raw_value
 from .registry import Registry, TaskContext, TaskDef, _current
 
 log = logging.getLogger("streamsched.worker")
@@ -167,7 +167,7 @@ class Worker:
             await self._dead(msg, task_id, task_type, attempt, error, [])
             return
 
-        started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, worker=self.id)
+        started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
         started_future = await self._publish_quietly(ev.publication(started))
         context = TaskContext(
             id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
@@ -203,7 +203,7 @@ class Worker:
                 error = Fail(f"result is not JSON-serialisable: {exc}")
             else:
                 done = ev.Succeeded(
-                    task_id=task_id, at=time.time(), attempt=attempt,
+                    task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id,
                     result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
                 )
                 self.counts["succeeded"] += 1
@@ -218,7 +218,7 @@ class Worker:
         text = _describe(error)
         if isinstance(error, Fail):
             log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
-            failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, error=text)
+            failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
             self.counts["failed"] += 1
             await self.settler.forward(msg, [ev.publication(failed)], reply=term_with_reason(text), also=extra)
             return
@@ -227,7 +227,9 @@ class Worker:
             return
         delay = error.delay_s if isinstance(error, Retry) and error.delay_s is not None else self.backoff(attempt)
         log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
-        retrying = ev.Retrying(task_id=task_id, at=time.time(), attempt=attempt, error=text, delay_s=delay)
+        retrying = ev.Retrying(
+            task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text, delay_s=delay,
+        )
         self.counts["retrying"] += 1
         await self.settler.forward(msg, [ev.publication(retrying)], reply=nak_with_delay(delay), also=extra)
 
@@ -241,7 +243,7 @@ class Worker:
             subjects.H_ATTEMPTS: str(attempt),
             subjects.H_ERROR: " ".join(error.split())[:1024],
         }
-        dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, error=error)
+        dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=error)
         self.counts["dead"] += 1
         await self.settler.forward(
             msg, [(subjects.dlq(task_id), msg.data, dlq_headers), ev.publication(dead)],
@@ -255,7 +257,7 @@ class Worker:
 
     async def _call(self, definition: TaskDef, body: bytes, context: TaskContext, timeout: float | None) -> Any:
         try:
-            payload = msgspec.json.decode(envelope_decoder.decode(body).payload)
+            payload = raw_value(envelope_decoder.decode(body).payload)
         except msgspec.DecodeError as exc:
             raise Fail(f"task body is not a valid envelope: {exc}") from None
         token = _current.set(context)

@@ -1,0 +1,137 @@
+"""The raw engine, measured in the same run as streamsched, so results can be given as ratios.
+
+Three measurements with plain nats-py and no streamsched code (the method of the
+project's peer benchmarks):
+
+* publish: N JetStream async publishes, at most 4000 in flight;
+* consume: one process drains them with a continuous pull and acks each;
+* pipeline: submitter → stream A → stage process (pull, republish to B, wait for the
+  PubAcks, ack A) → stage process (pull B, ack), each stage with continuous pull.
+
+Stage processes run ``python -m streamsched.bench.ceiling STREAM CONSUMER [OUT_SUBJECT]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+from .harness import CpuMeter, wait_until
+from ..server import NatsServer, free_port
+
+BATCH = 500
+
+
+async def _stage(url: str, stream: str, consumer: str, out_subject: str | None) -> None:
+    """Pull continuously from ``consumer``; forward to ``out_subject`` (then ack) or just ack."""
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    js = nc.jetstream(publish_async_max_pending=BATCH * 4)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, pending_msgs_limit=-1)
+    request = json.dumps({"batch": BATCH}).encode()
+    credit = 0
+    api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        while credit < BATCH:
+            await nc.publish(api, request, reply=inbox)
+            credit += BATCH
+        try:
+            first = await sub.next_msg(timeout=1.0)
+        except nats.errors.TimeoutError:
+            continue
+        msgs = [first]
+        while len(msgs) < BATCH and sub._pending_queue.qsize():
+            msgs.append(sub._pending_queue.get_nowait())
+        msgs = [m for m in msgs if m.reply]
+        credit -= len(msgs)
+        if out_subject:
+            futures = [await js.publish_async(out_subject, m.data) for m in msgs]
+            await asyncio.gather(*futures)
+        for m in msgs:
+            await m.ack()
+
+
+async def _publish(js: Any, subject: str, n: int) -> float:
+    began = time.monotonic()
+    futures = [await js.publish_async(subject, b"%.6f" % time.time()) for _ in range(n)]
+    await asyncio.gather(*futures)
+    return time.monotonic() - began
+
+
+async def _stream(js: Any, name: str, subject: str) -> None:
+    await js.add_stream(StreamConfig(name=name, subjects=[subject], storage=StorageType.FILE))
+    await js.add_consumer(name, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000, ack_wait=60))
+
+
+def _spawn(url: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "streamsched.bench.ceiling", url, *args])
+
+
+async def _drained(js: Any, stream: str) -> bool:
+    info = await js.consumer_info(stream, "c")
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
+    """Raw publish, pull+ack and two-hop pipeline rates on a fresh server."""
+    import tempfile
+    from pathlib import Path
+
+    server = NatsServer(port=free_port(), store_dir=Path(tempfile.mkdtemp(prefix="streamsched-ceiling-"))).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream(publish_async_max_pending=4000)
+        await _stream(js, "RAWPUB", "raw.pub")
+        publish_s = await _publish(js, "raw.pub", n)
+
+        consumer = _spawn(server.url, "RAWPUB", "c")
+        procs.append(consumer)
+        began = time.monotonic()
+        await wait_until(lambda: _drained(js, "RAWPUB"), timeout_s=300, poll_s=0.02)
+        consume_s = time.monotonic() - began
+
+        await _stream(js, "RAWA", "raw.a")
+        await _stream(js, "RAWB", "raw.b")
+        stage_a = _spawn(server.url, "RAWA", "c", "raw.b")
+        stage_b = _spawn(server.url, "RAWB", "c")
+        procs += [stage_a, stage_b]
+        await _publish(js, "raw.a", 500)  # warm-up
+        await wait_until(lambda: _b_done(js, 500), timeout_s=60, poll_s=0.02)
+        meter = CpuMeter({"nats-server": server.process.pid, "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()  # type: ignore[union-attr]
+        began = time.monotonic()
+        await _publish(js, "raw.a", pipeline_n)
+        await wait_until(lambda: _b_done(js, 500 + pipeline_n), timeout_s=300, poll_s=0.02)
+        pipeline_s = time.monotonic() - began
+        cpu = meter.stop()
+        await nc.close()
+        return {
+            "scenario": "ceiling",
+            "publish_per_s": n / publish_s,
+            "consume_per_s": n / consume_s,
+            "pipeline_per_s": pipeline_n / pipeline_s,
+            "pipeline_cpu_us_per_task": {k: 1e6 * v / pipeline_n for k, v in cpu.items()},
+        }
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+async def _b_done(js: Any, count: int) -> bool:
+    info = await js.consumer_info("RAWB", "c")
+    return info.ack_floor.stream_seq >= count
+
+
+if __name__ == "__main__":
+    url, stream, consumer, *out = sys.argv[1:]
+    asyncio.run(_stage(url, stream, consumer, out[0] if out else None))

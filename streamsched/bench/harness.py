@@ -1,0 +1,228 @@
+"""What every benchmark scenario shares: its own nats-server, role processes, a bounded
+submitter, completion counting, CPU and RSS measurement, and reading events back.
+
+Measurement stays off the hot path: completions are counted from a never-consumed
+durable on ``events.*.succeeded`` (its ``num_pending`` is the count), and latencies are
+computed afterwards from the ``at`` of the recorded events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from .. import events as ev
+from .. import streams, subjects
+from ..bus import Bus
+from ..config import Settings
+from ..server import NatsServer, free_port
+
+#: Hard cap on how long any wait in a scenario may take.
+MAX_WAIT_S = 900.0
+
+
+@dataclass
+class Roles:
+    """Which role processes a scenario runs (one region, ``default``)."""
+
+    workers: int = 1
+    concurrency: int = 64
+    handlers: str = "workers.examples"
+    masters: int = 1
+    regionals: int = 1
+    projectors: int = 1
+
+
+@dataclass
+class System:
+    """A nats-server and role processes, started and stopped by PID."""
+
+    settings: Settings
+    server: NatsServer
+    bus: Bus
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def role_pids(self) -> dict[str, int]:
+        pids = {name: p.pid for name, p in self.processes.items()}
+        pids["nats-server"] = self.server.process.pid  # type: ignore[union-attr]
+        return pids
+
+    def start_roles(self, roles: Roles, only: Iterable[str] | None = None) -> None:
+        """Start the role processes (``only``: a subset of master, regional, projector, worker)."""
+        env = dict(os.environ, NATS_URL=self.settings.nats_url)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+        me = [sys.executable, "-m", "streamsched"]
+        quiet = ["--log-level", "WARNING"]
+        wanted = set(only or ("master", "regional", "projector", "worker"))
+        plan: list[tuple[str, list[str]]] = []
+        if "master" in wanted:
+            plan += [(f"master{i}", [*me, "master", *quiet]) for i in range(roles.masters)]
+        if "regional" in wanted:
+            plan += [(f"regional{i}", [*me, "regional", *quiet]) for i in range(roles.regionals)]
+        if "projector" in wanted:
+            plan += [(f"projector{i}", [*me, "projector", *quiet]) for i in range(roles.projectors)]
+        if "worker" in wanted:
+            plan += [
+                (f"worker{i}", [*me, "worker", roles.handlers, "--concurrency", str(roles.concurrency), *quiet])
+                for i in range(roles.workers)
+            ]
+        for name, command in plan:
+            self.processes[name] = subprocess.Popen(command, env=env)
+
+    def stop_roles(self, names: Iterable[str] | None = None) -> None:
+        chosen = [n for n in self.processes if names is None or any(n.startswith(x) for x in names)]
+        for name in chosen:
+            if self.processes[name].poll() is None:
+                self.processes[name].terminate()
+        for name in chosen:
+            try:
+                self.processes[name].wait(15)
+            except subprocess.TimeoutExpired:
+                self.processes[name].kill()
+                self.processes[name].wait()
+            del self.processes[name]
+
+
+@contextlib.asynccontextmanager
+async def system(settings_overrides: dict[str, Any] | None = None) -> AsyncIterator[System]:
+    """A fresh nats-server (file storage, temporary store) with streams applied."""
+    store = Path(tempfile.mkdtemp(prefix="streamsched-bench-"))
+    server = NatsServer(port=free_port(), store_dir=store).start()
+    settings = Settings.load({}, nats_url=server.url, **(settings_overrides or {}))
+    bus = await Bus.connect(server.url, name="bench-driver")
+    sys_ = System(settings, server, bus)
+    try:
+        await streams.apply(bus, settings)
+        await bus.js.add_consumer(
+            subjects.EVENTS_STREAM,
+            ConsumerConfig(durable_name="bench-succeeded", filter_subject="events.*.succeeded", ack_policy=AckPolicy.EXPLICIT),
+        )
+        yield sys_
+    finally:
+        sys_.stop_roles()
+        await bus.close()
+        server.stop()
+        subprocess.run(["rm", "-rf", str(store)], check=False)
+
+
+async def succeeded_count(bus: Bus) -> int:
+    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, "bench-succeeded")
+    return info.num_pending
+
+
+async def projector_caught_up(bus: Bus) -> bool:
+    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 0.05) -> float:
+    """Poll an async predicate until true; returns the time it became true."""
+    deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)
+    while time.monotonic() < deadline:
+        if await predicate():
+            return time.monotonic()
+        await asyncio.sleep(poll_s)
+    raise TimeoutError(f"benchmark wait timed out after {timeout_s}s")
+
+
+def envelope(task_id: str, task_type: str = "noop", priority: str = "medium", payload: Any = None) -> bytes:
+    return msgspec.json.encode({"id": task_id, "type": task_type, "priority": priority, "payload": payload})
+
+
+async def submit(bus: Bus, bodies: Iterable[bytes], *, window: int = 4000) -> float:
+    """JetStream-publish every body to ``tasks.submit`` with at most ``window`` in flight; returns seconds."""
+    began = time.monotonic()
+    in_flight: set[asyncio.Future[Any]] = set()
+    errors: list[BaseException] = []
+    for body in bodies:
+        if len(in_flight) >= window:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            errors += [f.exception() for f in done if f.exception() is not None]  # type: ignore[misc]
+        in_flight.add(await bus.publish(subjects.SUBMIT, body))
+    if in_flight:
+        done, _ = await asyncio.wait(in_flight)
+        errors += [f.exception() for f in done if f.exception() is not None]  # type: ignore[misc]
+    if errors:
+        raise RuntimeError(f"{len(errors)} submissions failed, first: {errors[0]!r}")
+    return time.monotonic() - began
+
+
+class CpuMeter:
+    """CPU seconds used by each process between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.procs["driver"] = psutil.Process(os.getpid())
+        self._start: dict[str, float] = {}
+
+    def start(self) -> CpuMeter:
+        self._start = {name: _cpu(p) for name, p in self.procs.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        return {name: max(0.0, _cpu(p) - self._start[name]) for name, p in self.procs.items()}
+
+
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+        return times.user + times.system
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def rss_mb(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            out[name] = 0.0
+    return out
+
+
+async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 120.0) -> list[ev.Event]:
+    """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer."""
+    psub = await bus.js.pull_subscribe(
+        f"events.*.{kind}",
+        durable=None,
+        stream=subjects.EVENTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True),
+    )
+    out: list[ev.Event] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            try:
+                msgs = await psub.fetch(2000, timeout=1.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                continue
+            out += [ev.decode(m.data) for m in msgs]
+    finally:
+        await psub.unsubscribe()
+    return out
+
+
+def percentiles(values: list[float], points: Iterable[float] = (50, 95, 99, 100)) -> dict[str, float]:
+    """Nearest-rank percentiles (``p100`` is the max), in the unit given."""
+    if not values:
+        return {f"p{int(p)}": float("nan") for p in points}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+        out["max" if p == 100 else f"p{int(p)}"] = ordered[index]
+    return out

@@ -1,0 +1,191 @@
+"""The benchmark scenarios. Each starts its own nats-server and returns a result dict."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from .harness import (
+    CpuMeter,
+    Roles,
+    envelope,
+    percentiles,
+    projector_caught_up,
+    read_events,
+    rss_mb,
+    submit,
+    succeeded_count,
+    system,
+    wait_until,
+)
+
+WARMUP = 500
+
+
+async def _warm_up(bus: Any, prefix: str = "warm") -> int:
+    await submit(bus, (envelope(f"{prefix}{i}") for i in range(WARMUP)))
+    await wait_until(lambda: _at_least(bus, WARMUP), timeout_s=120)
+    return await succeeded_count(bus)
+
+
+async def _at_least(bus: Any, count: int) -> bool:
+    return await succeeded_count(bus) >= count
+
+
+async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, Any]:
+    """N no-op tasks submitted while the system consumes them; end-to-end tasks/s and CPU."""
+    roles = roles or Roles()
+    async with system() as sys_:
+        sys_.start_roles(roles)
+        base = await _warm_up(sys_.bus)
+        meter = CpuMeter(sys_.role_pids()).start()
+        began = time.monotonic()
+        submit_s = await submit(sys_.bus, (envelope(f"t{i}") for i in range(n)))
+        done = await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=600)
+        projected = await wait_until(lambda: projector_caught_up(sys_.bus), timeout_s=600)
+        cpu = meter.stop()
+        elapsed = done - began
+        total = n + WARMUP
+        messages = {name: (await sys_.bus.js.stream_info(name)).state.last_seq / total for name in ("TASKS", "SCHED", "WORK", "EVENTS", "KV_tasks")}
+        return {
+            "scenario": "throughput",
+            "stream_messages_per_task": messages,
+            "n": n,
+            "roles": vars(roles),
+            "tasks_per_s": n / elapsed,
+            "submit_per_s": n / submit_s,
+            "projected_per_s": n / (projected - began),
+            "cpu_percent": {k: 100 * v / elapsed for k, v in cpu.items()},
+            "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
+            "cpu_us_per_task_total": 1e6 * sum(cpu.values()) / n,
+        }
+
+
+async def latency(rate: float = 250.0, n: int = 2000, roles: Roles | None = None) -> dict[str, Any]:
+    """Tasks at a fixed rate; submit→started and submit→succeeded percentiles in ms."""
+    roles = roles or Roles()
+    async with system() as sys_:
+        sys_.start_roles(roles)
+        base = await _warm_up(sys_.bus)
+        sent_at: dict[str, float] = {}
+        began = time.monotonic()
+        for i in range(n):
+            # Open loop: each task goes at its slot, whatever the previous ones did.
+            delay = began + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task_id = f"l{i}"
+            sent_at[task_id] = time.time()
+            await sys_.bus.publish("tasks.submit", envelope(task_id))
+        await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=300)
+        started = {e.task_id: e.at for e in await read_events(sys_.bus, "started", expected=base + n)}
+        finished = {e.task_id: e.at for e in await read_events(sys_.bus, "succeeded", expected=base + n)}
+        to_start = [1000 * (started[t] - s) for t, s in sent_at.items() if t in started]
+        to_finish = [1000 * (finished[t] - s) for t, s in sent_at.items() if t in finished]
+        return {
+            "scenario": "latency",
+            "rate_per_s": rate,
+            "n": n,
+            "submit_to_started_ms": percentiles(to_start),
+            "submit_to_succeeded_ms": percentiles(to_finish),
+        }
+
+
+async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01, roles: Roles | None = None) -> dict[str, Any]:
+    """A queued backlog of low tasks (``low_s`` each), then high tasks one at a time."""
+    roles = roles or Roles(concurrency=16)
+    async with system() as sys_:
+        sys_.start_roles(roles)
+        await _warm_up(sys_.bus)
+        await submit(sys_.bus, (envelope(f"low{i}", "sleep", "low", {"seconds": low_s}) for i in range(backlog)))
+        # Measure scheduling, not ingress (which has its own target): the whole backlog is routed first.
+        await wait_until(lambda: _routed(sys_.bus), timeout_s=600, poll_s=0.2)
+        waits: list[float] = []
+        hops: dict[str, list[float]] = {"to_submitted": [], "to_dispatched": [], "to_started": []}
+        for i in range(trials):
+            task_id = f"high{i}"
+            sent = time.time()
+            await (await sys_.bus.publish("tasks.submit", envelope(task_id, "echo", "high")))
+            await wait_until(lambda tid=task_id: _has_event(sys_.bus, tid, "started"), timeout_s=60, poll_s=0.002)
+            at = {kind: (await _event(sys_.bus, task_id, kind)).at for kind in ("submitted", "dispatched", "started")}
+            waits.append(1000 * (at["started"] - sent))
+            # Where the wait was spent: ingress (master), SCHED -> WORK (regional), WORK -> worker.
+            hops["to_submitted"].append(1000 * (at["submitted"] - sent))
+            hops["to_dispatched"].append(1000 * (at["dispatched"] - at["submitted"]))
+            hops["to_started"].append(1000 * (at["started"] - at["dispatched"]))
+        return {
+            "scenario": "priority",
+            "backlog": backlog,
+            "low_task_ms": 1000 * low_s,
+            "high_wait_to_start_ms": percentiles(waits),
+            "hops_ms": {hop: percentiles(values) for hop, values in hops.items()},
+            "target_ms": 1000 * low_s + 10,
+        }
+
+
+async def backlog(n: int = 1_000_000, roles: Roles | None = None, sample_s: float = 5.0) -> dict[str, Any]:
+    """N tasks queued with no workers, then drained; RSS of every role over time, disk per task."""
+    roles = roles or Roles()
+    async with system() as sys_:
+        sys_.start_roles(roles, only=("master", "regional", "projector"))
+        samples: list[dict[str, Any]] = []
+        began = time.monotonic()
+
+        async def sample() -> None:
+            while True:
+                samples.append({"t": round(time.monotonic() - began, 1), "rss_mb": rss_mb(sys_.role_pids())})
+                await asyncio.sleep(sample_s)
+
+        sampler = asyncio.get_running_loop().create_task(sample())
+        try:
+            chunk = 50_000
+            for start in range(0, n, chunk):
+                await submit(sys_.bus, (envelope(f"b{i}") for i in range(start, min(n, start + chunk))))
+            queued = time.monotonic()
+            await wait_until(lambda: _work_backlog_at_least(sys_.bus, n), timeout_s=1800, poll_s=1.0)
+            routed = time.monotonic()
+            disk = {name: (await sys_.bus.js.stream_info(name)).state.bytes for name in ("TASKS", "SCHED", "WORK", "EVENTS", "KV_tasks")}
+            sys_.start_roles(roles, only=("worker",))
+            drain_began = time.monotonic()
+            await wait_until(lambda: _at_least(sys_.bus, n), timeout_s=1800, poll_s=1.0)
+            drained = time.monotonic()
+        finally:
+            sampler.cancel()
+        peak = {name: max(s["rss_mb"].get(name, 0.0) for s in samples) for name in samples[-1]["rss_mb"]}
+        return {
+            "scenario": "backlog",
+            "n": n,
+            "submit_s": queued - began,
+            "routed_s": routed - began,
+            "drain_per_s": n / (drained - drain_began),
+            "disk_bytes_per_task": {k: v / n for k, v in disk.items()},
+            "peak_rss_mb": peak,
+            "rss_samples": samples,
+        }
+
+
+async def _work_backlog_at_least(bus: Any, count: int) -> bool:
+    info = await bus.js.stream_info("WORK")
+    return info.state.messages >= count
+
+
+async def _routed(bus: Any) -> bool:
+    master = await bus.js.consumer_info("TASKS", "master")
+    sched = await bus.js.stream_info("SCHED")
+    return master.num_pending == 0 and master.num_ack_pending == 0 and sched.state.messages == 0
+
+
+async def _has_event(bus: Any, task_id: str, kind: str) -> bool:
+    try:
+        await bus.js.get_last_msg("EVENTS", f"events.{task_id}.{kind}", direct=True)
+        return True
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+
+
+async def _event(bus: Any, task_id: str, kind: str) -> Any:
+    from .. import events as ev
+
+    msg = await bus.js.get_last_msg("EVENTS", f"events.{task_id}.{kind}", direct=True)
+    return ev.decode(msg.data)

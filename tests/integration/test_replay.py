@@ -1,0 +1,232 @@
+"""The event log as a tool: rebuild state, tail, history, DLQ re-drive, replay elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from streamsched import Retry, current_task, streams, task
+from streamsched import events as ev
+from streamsched import dlq as dlq_mod
+from streamsched.bus import Bus
+from streamsched.config import Settings
+from streamsched.eventlog import ReadStats, Since, history, tail
+from streamsched.master import Master
+from streamsched.model import Status
+from streamsched.projector import Projector
+from streamsched.regional import Regional
+from streamsched.registry import Registry
+from streamsched.replay import compare_states, rebuild_state, replay_submissions
+from streamsched.state import StateStore
+from streamsched.testing import EventLog, nats_server, running
+from streamsched.worker import Worker
+
+pytestmark = pytest.mark.anyio
+
+
+@task("flaky")
+def flaky(payload):
+    """Fails its first attempt, except when it is a re-driven copy."""
+    if current_task().attempt == 1 and "-r" not in current_task().id:
+        raise Retry("first attempt fails", delay_s=0.01)
+    return payload
+
+
+@task("doomed", max_attempts=1)
+def doomed(payload):
+    """Dies unless re-driven."""
+    if "-r" not in current_task().id:
+        raise RuntimeError("doomed")
+    return "saved"
+
+
+@pytest.fixture
+def registry(examples: Registry) -> Registry:
+    registry = Registry([*(examples.get(n) for n in examples.names())])
+    registry.add(flaky.__streamsched_task__)
+    registry.add(doomed.__streamsched_task__)
+    return registry
+
+
+async def roles(settings: Settings, bus: Bus, registry: Registry) -> list:
+    return [
+        Master(settings, bus),
+        Regional(settings, bus, "default"),
+        Projector(settings, bus, await StateStore.open(bus)),
+        Worker(settings, bus, registry, region="default", concurrency=32),
+    ]
+
+
+async def projector_idle(bus: Bus, events: EventLog, outcomes: int) -> None:
+    """Wait for ``outcomes`` distinct tasks to finish, then for the projector to fold everything."""
+
+    def finished(log: EventLog) -> int:
+        return len({e.task_id for k in ("succeeded", "dead", "failed") for e in log.of_kind(k)})
+
+    await events.wait(lambda log: finished(log) >= outcomes, timeout_s=60, what=f"{outcomes} finished tasks")
+    with anyio.fail_after(30):
+        while True:
+            info = await bus.js.consumer_info("EVENTS", "projector")
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await anyio.sleep(0.05)
+
+
+async def test_rebuilt_state_equals_the_live_projection_after_retries_and_deaths(settings, bus, events, registry):
+    n_ok, n_flaky, n_dead = 1500, 300, 200
+    async with running(await roles(settings, bus, registry)):
+        for i in range(n_ok):
+            await bus.nc.publish("tasks.submit", b'{"id":"ok%d","type":"echo","payload":%d}' % (i, i))
+        for i in range(n_flaky):
+            await bus.nc.publish("tasks.submit", b'{"id":"fl%d","type":"flaky"}' % i)
+        for i in range(n_dead):
+            await bus.nc.publish("tasks.submit", b'{"id":"de%d","type":"fail","max_attempts":2}' % i)
+        await projector_idle(bus, events, n_ok + n_flaky + n_dead)
+        assert len(events.of_kind("retrying")) >= n_flaky + n_dead
+
+        report = await rebuild_state(bus, settings, bucket="tasks_rebuilt")
+        assert report.tasks == n_ok + n_flaky + n_dead
+        assert await compare_states(bus, "tasks", "tasks_rebuilt") == []
+
+        # Rebuilding the live bucket in place (projector paused meanwhile) gives the same again.
+        await rebuild_state(bus, settings)
+        assert await compare_states(bus, "tasks", "tasks_rebuilt") == []
+        states = await (await StateStore.open(bus)).all()
+        assert states["de0"].status is Status.DEAD and "fail always fails" in states["de0"].error
+        assert states["fl0"].status is Status.SUCCEEDED and states["fl0"].attempts == 2
+
+
+async def test_folding_the_same_events_again_changes_nothing(settings, bus, events, registry):
+    async with running(await roles(settings, bus, registry)):
+        for i in range(50):
+            await bus.nc.publish("tasks.submit", b'{"id":"t%d","type":"flaky"}' % i)
+        await projector_idle(bus, events, 50)
+    before = await (await StateStore.open(bus)).all()
+    # Publish every event again (as a redelivery would): the projection must not move.
+    async for record in tail(bus):
+        await bus.js.publish(f"events.{record.event.task_id}.{record.kind}", ev.encode(record.event))
+    async with running([Projector(settings, bus, await StateStore.open(bus))]):
+        await projector_idle(bus, events, 0)
+    after = await (await StateStore.open(bus)).all()
+    assert {k: msgspec.json.encode(v) for k, v in after.items()} == {k: msgspec.json.encode(v) for k, v in before.items()}
+
+
+async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):
+    projector = Projector(settings, bus, await StateStore.open(bus))
+    async with running([Master(settings, bus), Regional(settings, bus, "default"), projector, Worker(settings, bus, registry, region="default", concurrency=4)]):
+        await bus.js.publish("events.bad1.started", b"{not json")
+        await bus.js.publish("events.bad2.started", b'{"kind":"started","task_id":"bad2","at":1.0,"v":99}')
+        await bus.nc.publish("tasks.submit", b'{"id":"after","type":"echo"}')
+        await projector_idle(bus, events, 1)
+        state = await (await StateStore.open(bus)).get("after")
+        assert state is not None and state[0].status is Status.SUCCEEDED
+    assert projector.stats.skipped == 2
+    stats = ReadStats()
+    kinds = [r.kind async for r in tail(bus, stats=stats)]
+    assert stats.skipped == 2 and "succeeded" in kinds
+
+
+async def test_tail_filters_by_task_kind_type_and_start(settings, bus, events, registry):
+    async with running(await roles(settings, bus, registry)):
+        for i in range(5):
+            await bus.nc.publish("tasks.submit", b'{"id":"e%d","type":"echo"}' % i)
+            await bus.nc.publish("tasks.submit", b'{"id":"n%d","type":"noop"}' % i)
+        await projector_idle(bus, events, 10)
+
+    only_task = [r async for r in tail(bus, task_id="e3")]
+    assert {r.event.task_id for r in only_task} == {"e3"}
+    assert [r.kind for r in only_task] == ["submitted", "scheduled", "dispatched", "started", "succeeded"]
+
+    succeeded = [r async for r in tail(bus, kind="succeeded")]
+    assert len(succeeded) == 10 and {r.kind for r in succeeded} == {"succeeded"}
+
+    noop = [r async for r in tail(bus, task_type="noop", kind="started")]
+    assert sorted(r.event.task_id for r in noop) == [f"n{i}" for i in range(5)]
+
+    all_records = [r async for r in tail(bus)]
+    middle = all_records[len(all_records) // 2].seq
+    later = [r async for r in tail(bus, since=Since(seq=middle))]
+    assert later and later[0].seq == middle and len(later) == len(all_records) - len(all_records) // 2
+    assert [r async for r in tail(bus, since=Since.parse("1d"))][0].seq == all_records[0].seq
+
+    timeline = await history(bus, "n1")
+    assert [r.kind for r in timeline][-1] == "succeeded"
+    assert all(a.event.at <= b.event.at for a, b in zip(timeline, timeline[1:]))
+
+
+async def test_an_interrupted_redrive_run_again_redrives_each_dead_task_once(settings, bus, events, registry):
+    async with running(await roles(settings, bus, registry)):
+        for i in range(6):
+            await bus.nc.publish("tasks.submit", b'{"id":"d%d","type":"doomed"}' % i)
+        await events.wait_count("dead", 6)
+        dead = [e async for e in dlq_mod.entries(bus, task_type="doomed")]
+        assert sorted(e.task_id for e in dead) == [f"d{i}" for i in range(6)]
+        assert all(e.error and e.attempts == 1 for e in dead)
+
+        class Interrupted(Exception):
+            pass
+
+        done = 0
+
+        def stop_after_three(_n: int) -> None:
+            nonlocal done
+            done += 1
+            if done == 3:
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            await dlq_mod.redrive(bus, dead, progress=stop_after_three)
+        # Run it again over the same list (as a rerun of the command with the same filters would).
+        remaining = [e async for e in dlq_mod.entries(bus, task_type="doomed")]
+        await dlq_mod.redrive(bus, dead)
+        assert len(remaining) == 3
+
+        await events.wait(lambda log: len([e for e in log.of_kind("succeeded") if "-r" in e.task_id]) >= 6, timeout_s=20)
+        # A sentinel task after everything: once it is done, no late duplicate can still be on its way.
+        await bus.nc.publish("tasks.submit", b'{"id":"sentinel","type":"echo"}')
+        await events.wait_final("sentinel")
+
+    redriven = [e for e in events.of_kind("submitted") if e.labels.get("redrive_of")]
+    assert sorted(e.labels["redrive_of"] for e in redriven) == [f"d{i}" for i in range(6)]
+    started = [e.task_id for e in events.of_kind("started") if "-r" in e.task_id]
+    assert len(started) == len(set(started)) == 6
+    assert [e async for e in dlq_mod.entries(bus, task_type="doomed")] == []
+
+
+async def test_replaying_a_window_reproduces_its_submissions_in_another_deployment(settings, bus, tmp_path: Path):
+    for i in range(20):
+        await bus.js.publish("tasks.submit", b'{"id":"r%d","type":"echo","payload":%d}' % (i, i))
+    await bus.js.publish("tasks.submit", b'{"type":"noop"}')  # no id: replayed under the id the source gave it
+    await bus.js.publish("tasks.submit", b"garbage")  # rejected in the source: not replayed
+
+    with nats_server(tmp_path / "target") as target_server:
+        target_settings = Settings.load({}, nats_url=target_server.url)
+        target = await Bus.connect(target_server.url, name="target")
+        try:
+            await streams.apply(target, target_settings)
+            first = await replay_submissions(bus, target, since=Since(seq=1))
+            again = await replay_submissions(bus, target, since=Since(seq=1))
+            stored = [m async for m in _submissions(target)]
+        finally:
+            await target.close()
+
+    assert (first.sent, first.skipped_invalid) == (21, 1)
+    assert again.sent == 0 and again.already_there == 21
+    ids = {msgspec.json.decode(body)["id"] for body in stored}
+    assert {f"r{i}" for i in range(20)} <= ids and len(ids) == len(stored) == 21
+
+
+async def test_a_dry_run_replay_sends_nothing(settings, bus):
+    await bus.js.publish("tasks.submit", b'{"id":"x","type":"echo"}')
+    report = await replay_submissions(bus, None, since=Since(seq=1))
+    assert report.selected == 1 and report.sent == 0 and report.ids == ["x"]
+
+
+async def _submissions(bus: Bus):
+    from streamsched.eventlog import read
+
+    async for _seq, _ns, data, _h in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
+        yield data
