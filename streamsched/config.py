@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .model import PRIORITIES
 
 ENV_PREFIX = "STREAMSCHED_"
+GIB = 1024**3
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,10 +52,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """On SIGTERM, how long running tasks may take to finish before they are nak'ed."""
     tasks_max_age_s: float = 7 * 24 * 3600.0
     """How long TASKS keeps submissions (for replay)."""
+    tasks_max_bytes: int = 2 * GIB
+    """Disk limit of TASKS; when full, new submissions are refused (discard new)."""
+    queue_max_bytes: int = 2 * GIB
+    """Disk limit of SCHED and of WORK each; when full, publishers are refused and retry."""
     events_max_age_s: float = 7 * 24 * 3600.0
-    """How long EVENTS keeps lifecycle events."""
-    stream_max_bytes: int = 2 * 1024**3
-    """Disk limit per stream; publishers get an error when it is full (discard new)."""
+    """How long EVENTS (and the task states folded from it) are kept."""
+    events_max_bytes: int = 4 * GIB
+    """Disk limit of EVENTS; when full, the oldest events go first."""
+    dlq_max_age_s: float = 30 * 24 * 3600.0
+    """How long dead tasks stay in DLQ."""
+    dlq_max_bytes: int = 1 * GIB
+    """Disk limit of DLQ; when full, the oldest entries go first."""
+    state_max_bytes: int = 1 * GIB
+    """Disk limit of KV ``tasks``."""
     replicas: int = 1
     """Stream replicas: 1 on a laptop, 3 on a cluster."""
 

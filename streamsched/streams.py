@@ -29,7 +29,6 @@ from . import subjects
 from .bus import Bus
 from .config import Settings
 
-DAY_S = 24 * 3600.0
 #: Streams whose subjects are few (per region and priority), so a count per subject is useful.
 DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM)
 
@@ -39,7 +38,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     common = {
         "storage": StorageType.FILE,
         "num_replicas": settings.replicas,
-        "max_bytes": settings.stream_max_bytes,
         "allow_direct": True,
         "duplicate_window": settings.duplicate_window_s,
     }
@@ -50,6 +48,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW,
             max_age=settings.tasks_max_age_s,
+            max_bytes=settings.tasks_max_bytes,
             max_msg_size=settings.max_payload_bytes * 4,
             **common,
         ),
@@ -58,6 +57,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=["sched.*.*"],
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
+            max_bytes=settings.queue_max_bytes,
             **common,
         ),
         StreamConfig(
@@ -65,6 +65,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=["work.*.*"],
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
+            max_bytes=settings.queue_max_bytes,
             **common,
         ),
         StreamConfig(
@@ -73,6 +74,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             max_age=settings.events_max_age_s,
+            max_bytes=settings.events_max_bytes,
             **common,
         ),
         StreamConfig(
@@ -80,7 +82,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             subjects=["dlq.*"],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
-            max_age=max(settings.events_max_age_s, 30 * DAY_S),
+            max_age=settings.dlq_max_age_s,
+            max_bytes=settings.dlq_max_bytes,
             **common,
         ),
     ]
@@ -94,7 +97,7 @@ def kv_config(settings: Settings) -> KeyValueConfig:
         ttl=settings.events_max_age_s,
         storage=StorageType.FILE,
         replicas=settings.replicas,
-        max_bytes=settings.stream_max_bytes,
+        max_bytes=settings.state_max_bytes,
         direct=True,
     )
 

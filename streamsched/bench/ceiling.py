@@ -8,13 +8,12 @@ project's peer benchmarks):
 * pipeline: submitter → stream A → stage process (pull, republish to B, wait for the
   PubAcks, ack A) → stage process (pull B, ack), each stage with continuous pull.
 
-Stage processes run ``python -m streamsched.bench.ceiling STREAM CONSUMER [OUT_SUBJECT]``.
+Stage processes run ``python -m streamsched.bench.stage URL STREAM CONSUMER [OUT_SUBJECT]``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import time
@@ -25,39 +24,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from .harness import CpuMeter, wait_until
 from ..server import NatsServer, free_port
-
-BATCH = 500
-
-
-async def _stage(url: str, stream: str, consumer: str, out_subject: str | None) -> None:
-    """Pull continuously from ``consumer``; forward to ``out_subject`` (then ack) or just ack."""
-    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
-    js = nc.jetstream(publish_async_max_pending=BATCH * 4)
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, pending_msgs_limit=-1)
-    request = json.dumps({"batch": BATCH}).encode()
-    credit = 0
-    api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        while credit < BATCH:
-            await nc.publish(api, request, reply=inbox)
-            credit += BATCH
-        try:
-            first = await sub.next_msg(timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        msgs = [first]
-        while len(msgs) < BATCH and sub._pending_queue.qsize():
-            msgs.append(sub._pending_queue.get_nowait())
-        msgs = [m for m in msgs if m.reply]
-        credit -= len(msgs)
-        if out_subject:
-            futures = [await js.publish_async(out_subject, m.data) for m in msgs]
-            await asyncio.gather(*futures)
-        for m in msgs:
-            await m.ack()
-
 
 async def _publish(js: Any, subject: str, n: int) -> float:
     began = time.monotonic()
@@ -72,7 +38,7 @@ async def _stream(js: Any, name: str, subject: str) -> None:
 
 
 def _spawn(url: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "streamsched.bench.ceiling", url, *args])
+    return subprocess.Popen([sys.executable, "-m", "streamsched.bench.stage", url, *args])
 
 
 async def _drained(js: Any, stream: str) -> bool:
@@ -130,8 +96,3 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
 async def _b_done(js: Any, count: int) -> bool:
     info = await js.consumer_info("RAWB", "c")
     return info.ack_floor.stream_seq >= count
-
-
-if __name__ == "__main__":
-    url, stream, consumer, *out = sys.argv[1:]
-    asyncio.run(_stage(url, stream, consumer, out[0] if out else None))
