@@ -14,8 +14,15 @@ import typer
 
 from . import streams
 from .bus import Bus
+from .cli_events import (
+    dlq_app,
+    events_app,
+    load_or_exit,
+    replay_app,
+    schema_app,
+    task_app,
+)
 from .client import Client
-from .cli_events import dlq_app, events_app, load_or_exit, replay_app, schema_app, task_app
 from .config import Settings
 from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status

@@ -19,7 +19,15 @@ import msgspec
 from . import subjects
 from .bus import Bus
 from .errors import NotFound, Rejected
-from .model import DEFAULT_PRIORITY, Envelope, Status, TaskState, _base32, raw_value, state_decoder
+from .model import (
+    DEFAULT_PRIORITY,
+    Envelope,
+    Status,
+    TaskState,
+    _base32,
+    raw_value,
+    state_decoder,
+)
 from .state import StateStore, is_final
 
 

@@ -26,10 +26,11 @@ from nats.aio.msg import Msg
 
 from . import events as ev
 from . import subjects
-from .bus import Bus, Puller, Settler, delivery_info, stored_at_ns
+from .bus import Bus, delivery_info, stored_at_ns
 from .config import Settings
 from .errors import Rejected
 from .model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
+from .pull import Puller, Settler
 
 log = logging.getLogger("streamsched.master")
 

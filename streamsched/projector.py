@@ -24,10 +24,11 @@ from nats.js.errors import APIError
 
 from . import events as ev
 from . import subjects
-from .bus import ACK, Bus, Puller, Settler, delivery_info
+from .bus import ACK, Bus, delivery_info
 from .config import Settings
-from .model import TaskState
 from .eventlog import ReadStats, decode
+from .model import TaskState
+from .pull import Puller, Settler
 from .state import EXPECTED_LAST_SUBJECT_SEQ, StateStore, encode_state, fold
 
 log = logging.getLogger("streamsched.projector")

@@ -20,8 +20,9 @@ from nats.aio.msg import Msg
 
 from . import events as ev
 from . import subjects
-from .bus import Bus, Puller, Settler, term_with_reason
+from .bus import Bus, term_with_reason
 from .config import Settings
+from .pull import Puller, Settler
 
 log = logging.getLogger("streamsched.regional")
 

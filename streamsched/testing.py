@@ -4,7 +4,8 @@
   with a temporary store, and stops it by PID.
 * :class:`EventLog` records every lifecycle event as it is published and lets a test
   wait for one with a deadline, instead of sleeping.
-* :func:`running` runs roles in the current event loop until the block ends.
+* :func:`all_roles` builds every role on one connection; :func:`running` runs roles in
+  the current event loop until the block ends.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import msgspec
 
 from . import events as ev
 from .bus import Bus
+from .config import Settings
+from .registry import Registry
 from .server import NatsServer, free_port
 from .service import Role
 
@@ -96,6 +99,27 @@ class EventLog:
 
         await self.wait(done, timeout_s=timeout_s, what=f"an outcome of task {task_id}")
         return next(e for e in self.of_task(task_id) if ev.kind(e) in final)
+
+
+async def all_roles(
+    settings: Settings,
+    bus: Bus,
+    registry: Registry | None,
+    *,
+    region: str = "default",
+    concurrency: int = 8,
+) -> list[Role]:
+    """Master, regional scheduler, projector and (given a registry) a worker, on one bus."""
+    from .master import Master
+    from .projector import Projector
+    from .regional import Regional
+    from .state import StateStore
+    from .worker import Worker
+
+    roles: list[Role] = [Master(settings, bus), Regional(settings, bus, region), Projector(settings, bus, await StateStore.open(bus))]
+    if registry is not None:
+        roles.append(Worker(settings, bus, registry, region=region, concurrency=concurrency))
+    return roles
 
 
 @contextlib.asynccontextmanager

@@ -45,10 +45,17 @@ from nats.aio.msg import Msg
 
 from . import events as ev
 from . import subjects
-from .bus import ACK, Bus, Puller, Settler, delivery_info, nak_with_delay, term_with_reason
+from .bus import (
+    ACK,
+    Bus,
+    delivery_info,
+    nak_with_delay,
+    term_with_reason,
+)
 from .config import Settings
 from .errors import Fail, Retry, TaskTimeout
 from .model import envelope_decoder, raw_value
+from .pull import Puller, Settler
 from .registry import Registry, TaskContext, TaskDef, _current
 
 log = logging.getLogger("streamsched.worker")

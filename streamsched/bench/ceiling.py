@@ -22,8 +22,9 @@ from typing import Any
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from .harness import CpuMeter, wait_until
 from ..server import NatsServer, free_port
+from .harness import CpuMeter, wait_until
+
 
 async def _publish(js: Any, subject: str, n: int) -> float:
     began = time.monotonic()

@@ -10,12 +10,7 @@ import pytest
 
 from streamsched import streams
 from streamsched.config import Settings
-from streamsched.master import Master
-from streamsched.projector import Projector
-from streamsched.regional import Regional
-from streamsched.state import StateStore
-from streamsched.testing import running
-from streamsched.worker import Worker
+from streamsched.testing import all_roles, running
 
 from ..conftest import subprocess_env
 
@@ -49,13 +44,7 @@ async def test_streams_show_prints_depth_per_subject_and_consumers(settings, bus
 
 
 async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(settings, bus, examples):
-    roles = [
-        Master(settings, bus),
-        Regional(settings, bus, "default"),
-        Projector(settings, bus, await StateStore.open(bus)),
-        Worker(settings, bus, examples, region="default", concurrency=2),
-    ]
-    async with running(roles):
+    async with running(await all_roles(settings, bus, examples, concurrency=2)):
         done = await cli(settings, "submit", "echo", "--payload", '{"n": 7}', "--priority", "high", "--id", "cli-1", "--wait", "--timeout", "20")
         lines = done.stdout.decode().splitlines()
         assert lines[0] == "cli-1"

@@ -6,12 +6,7 @@ import json
 
 import pytest
 
-from streamsched.master import Master
-from streamsched.projector import Projector
-from streamsched.regional import Regional
-from streamsched.state import StateStore
-from streamsched.testing import running
-from streamsched.worker import Worker
+from streamsched.testing import all_roles, running
 
 from .test_cli import cli
 
@@ -19,13 +14,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_the_event_log_commands_read_filter_redrive_and_rebuild(settings, bus, events, examples):
-    roles = [
-        Master(settings, bus),
-        Regional(settings, bus, "default"),
-        Projector(settings, bus, await StateStore.open(bus)),
-        Worker(settings, bus, examples, region="default", concurrency=4),
-    ]
-    async with running(roles):
+    async with running(await all_roles(settings, bus, examples, concurrency=4)):
         await bus.nc.publish("tasks.submit", b'{"id":"ok1","type":"echo","payload":"hi"}')
         await bus.nc.publish("tasks.submit", b'{"id":"bad1","type":"fail","max_attempts":1}')
         await events.wait_final("ok1")

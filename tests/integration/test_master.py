@@ -16,12 +16,8 @@ from streamsched.client import Client
 from streamsched.config import Settings
 from streamsched.master import Master
 from streamsched.model import Status, derive_task_id
-from streamsched.projector import Projector
-from streamsched.regional import Regional
-from streamsched.registry import Registry
 from streamsched.state import StateStore
-from streamsched.testing import EventLog, running
-from streamsched.worker import Worker
+from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
 
@@ -57,15 +53,6 @@ async def limited(settings: Settings, bus: Bus) -> Settings:
     small = msgspec.structs.replace(settings, max_payload_bytes=1024)
     await streams.apply(bus, small)
     return small
-
-
-async def all_roles(settings: Settings, bus: Bus, registry: Registry) -> list:
-    return [
-        Master(settings, bus),
-        Regional(settings, bus, "default"),
-        Projector(settings, bus, await StateStore.open(bus)),
-        Worker(settings, bus, registry, region="default", concurrency=4),
-    ]
 
 
 async def rejected_messages(bus: Bus) -> list:

@@ -5,28 +5,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from streamsched.bus import Bus
 from streamsched.client import Client
-from streamsched.config import Settings
-from streamsched.master import Master
 from streamsched.model import Status
-from streamsched.projector import Projector
-from streamsched.regional import Regional
-from streamsched.registry import Registry
 from streamsched.state import StateStore
-from streamsched.testing import EventLog, running
-from streamsched.worker import Worker
+from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
-
-
-async def all_roles(settings: Settings, bus: Bus, registry: Registry, concurrency: int = 8) -> list:
-    return [
-        Master(settings, bus),
-        Regional(settings, bus, "default"),
-        Projector(settings, bus, await StateStore.open(bus)),
-        Worker(settings, bus, registry, region="default", concurrency=concurrency),
-    ]
 
 
 async def test_a_raw_json_submission_runs_and_its_result_is_recorded(settings, bus, events: EventLog, examples):

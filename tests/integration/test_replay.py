@@ -9,20 +9,17 @@ import msgspec
 import pytest
 
 from streamsched import Retry, current_task, streams, task
-from streamsched import events as ev
 from streamsched import dlq as dlq_mod
+from streamsched import events as ev
 from streamsched.bus import Bus
 from streamsched.config import Settings
 from streamsched.eventlog import ReadStats, Since, history, tail
-from streamsched.master import Master
 from streamsched.model import Status
 from streamsched.projector import Projector
-from streamsched.regional import Regional
 from streamsched.registry import Registry
 from streamsched.replay import compare_states, rebuild_state, replay_submissions
 from streamsched.state import StateStore
-from streamsched.testing import EventLog, nats_server, running
-from streamsched.worker import Worker
+from streamsched.testing import EventLog, all_roles, nats_server, running
 
 pytestmark = pytest.mark.anyio
 
@@ -51,15 +48,6 @@ def registry(examples: Registry) -> Registry:
     return registry
 
 
-async def roles(settings: Settings, bus: Bus, registry: Registry) -> list:
-    return [
-        Master(settings, bus),
-        Regional(settings, bus, "default"),
-        Projector(settings, bus, await StateStore.open(bus)),
-        Worker(settings, bus, registry, region="default", concurrency=32),
-    ]
-
-
 async def projector_idle(bus: Bus, events: EventLog, outcomes: int) -> None:
     """Wait for ``outcomes`` distinct tasks to finish, then for the projector to fold everything."""
 
@@ -77,7 +65,7 @@ async def projector_idle(bus: Bus, events: EventLog, outcomes: int) -> None:
 
 async def test_rebuilt_state_equals_the_live_projection_after_retries_and_deaths(settings, bus, events, registry):
     n_ok, n_flaky, n_dead = 1500, 300, 200
-    async with running(await roles(settings, bus, registry)):
+    async with running(await all_roles(settings, bus, registry, concurrency=32)):
         for i in range(n_ok):
             await bus.nc.publish("tasks.submit", b'{"id":"ok%d","type":"echo","payload":%d}' % (i, i))
         for i in range(n_flaky):
@@ -100,7 +88,7 @@ async def test_rebuilt_state_equals_the_live_projection_after_retries_and_deaths
 
 
 async def test_folding_the_same_events_again_changes_nothing(settings, bus, events, registry):
-    async with running(await roles(settings, bus, registry)):
+    async with running(await all_roles(settings, bus, registry, concurrency=32)):
         for i in range(50):
             await bus.nc.publish("tasks.submit", b'{"id":"t%d","type":"flaky"}' % i)
         await projector_idle(bus, events, 50)
@@ -115,8 +103,9 @@ async def test_folding_the_same_events_again_changes_nothing(settings, bus, even
 
 
 async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):
-    projector = Projector(settings, bus, await StateStore.open(bus))
-    async with running([Master(settings, bus), Regional(settings, bus, "default"), projector, Worker(settings, bus, registry, region="default", concurrency=4)]):
+    roles = await all_roles(settings, bus, registry)
+    projector = roles[2]
+    async with running(roles):
         await bus.js.publish("events.bad1.started", b"{not json")
         await bus.js.publish("events.bad2.started", b'{"kind":"started","task_id":"bad2","at":1.0,"v":99}')
         await bus.nc.publish("tasks.submit", b'{"id":"after","type":"echo"}')
@@ -130,7 +119,7 @@ async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settin
 
 
 async def test_tail_filters_by_task_kind_type_and_start(settings, bus, events, registry):
-    async with running(await roles(settings, bus, registry)):
+    async with running(await all_roles(settings, bus, registry, concurrency=32)):
         for i in range(5):
             await bus.nc.publish("tasks.submit", b'{"id":"e%d","type":"echo"}' % i)
             await bus.nc.publish("tasks.submit", b'{"id":"n%d","type":"noop"}' % i)
@@ -158,7 +147,7 @@ async def test_tail_filters_by_task_kind_type_and_start(settings, bus, events, r
 
 
 async def test_an_interrupted_redrive_run_again_redrives_each_dead_task_once(settings, bus, events, registry):
-    async with running(await roles(settings, bus, registry)):
+    async with running(await all_roles(settings, bus, registry, concurrency=32)):
         for i in range(6):
             await bus.nc.publish("tasks.submit", b'{"id":"d%d","type":"doomed"}' % i)
         await events.wait_count("dead", 6)

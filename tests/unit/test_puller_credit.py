@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from streamsched.bus import Puller
+from streamsched.pull import Puller
 
 
 class _NoNetwork:

@@ -1,0 +1,312 @@
+"""The consuming side: continuous pull with credit across priority levels, and settling.
+
+* :class:`Puller` keeps pull requests outstanding on several durable consumers, one per
+  priority level, with *credit*: it never asks the server for more messages than its
+  holder has free capacity, so a process never holds more than ``capacity`` un-acked
+  messages (backpressure stays JetStream's), and it asks higher levels first.
+* :class:`Settler` acks (or naks) a message only after what it published downstream
+  has landed, batching the acks of one loop tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from .bus import ACK, Bus, delivery_info, nak_with_delay, when_all
+
+log = logging.getLogger("streamsched.pull")
+
+#: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
+LONG_POLL_S = 5.0
+#: Expiry of a "take what is there now" pull request on a level that has a backlog.
+SHORT_POLL_S = 0.002
+#: Messages handled on one level before other levels (and the loop) get a turn.
+YIELD_EVERY = 16
+#: Expiry of the polls that go round the levels when there is less credit than levels.
+SCARCE_POLL_S = 0.1
+
+
+class _Level:
+    __slots__ = ("consumer", "inbox", "outstanding", "hot", "last_seen", "sub")
+
+    def __init__(self, consumer: str, inbox: str) -> None:
+        self.consumer = consumer
+        self.inbox = inbox
+        self.outstanding = 0  # messages asked for and not yet delivered or expired
+        self.hot = True  # the level may have a backlog: ask it for a batch
+        self.last_seen = time.monotonic()
+        self.sub: Any = None
+
+
+class Puller:
+    """Continuous pull from one or more durable consumers of one stream, with credit.
+
+    ``consumers`` are in priority order, highest first. Each delivered message is passed
+    to ``on_message(level, msg)`` and counts against ``capacity`` until the holder calls
+    :meth:`release`. Free capacity goes to the highest level that has a backlog, except
+    that every ``share_every``-th allocation starts at a lower level, so lower levels
+    keep a small share and never starve. Levels without a backlog keep one long-poll
+    request of one message open, so a new task anywhere is seen at once (with less
+    capacity than levels they are polled in turn instead, see :meth:`_allocate_scarce`).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        consumers: Sequence[str],
+        capacity: int,
+        on_message: Callable[[int, Msg], Any],
+        *,
+        share_every: int = 8,
+    ) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.capacity = capacity
+        self.on_message = on_message
+        self.share_every = share_every
+        prefix = bus.nc.new_inbox()
+        self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
+        self.held = 0
+        self._handled = 0
+        self._rounds = 0
+        self._wake = asyncio.Event()
+        self._stopped = False
+        bus.on_reconnect(self.reset)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.held - sum(level.outstanding for level in self.levels)
+
+    def release(self, count: int = 1) -> None:
+        """The holder is done with ``count`` messages (acked, nak'ed or termed)."""
+        self.held -= count
+        if self.capacity < len(self.levels):
+            # A slot is free: look at every level again, highest first (see _allocate_scarce).
+            for level in self.levels:
+                level.hot = True
+        self._wake.set()
+
+    def reset(self) -> None:
+        """Forget outstanding requests (after a reconnect the server no longer has them)."""
+        for level in self.levels:
+            level.outstanding = 0
+            level.hot = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask for nothing more. Messages already requested may still arrive."""
+        self._stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Subscribe and keep requests outstanding until :meth:`stop`."""
+        for index, level in enumerate(self.levels):
+            level.sub = await self.bus.nc.subscribe(level.inbox, cb=self._handler(index), pending_msgs_limit=-1)
+        try:
+            while not self._stopped:
+                for subject, body, inbox in self._allocate():
+                    try:
+                        await self.bus.nc.publish(subject, body, reply=inbox)
+                    except Exception as exc:  # noqa: BLE001 - disconnected: the reconnect resets credit
+                        log.debug("pull request not sent: %r", exc)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    self._expire_lost_requests()
+                self._wake.clear()
+                # Let releases of the same loop tick accumulate into one bigger request.
+                await asyncio.sleep(0)
+        finally:
+            self._stopped = True
+
+    async def finish(self, timeout_s: float = 10.0) -> None:
+        """After :meth:`stop`: wait until held messages are settled, then unsubscribe.
+
+        Unsubscribing matters: the server only drops this process's open pull requests
+        once their reply inbox has no interest; until then it would still deliver to it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.held > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.unsubscribe()
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; call after :meth:`stop` once held messages are settled."""
+        for level in self.levels:
+            if level.sub is not None and not self.bus.nc.is_closed:
+                try:
+                    await level.sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - connection already gone
+                    pass
+                level.sub = None
+
+    def _handler(self, index: int) -> Callable[[Msg], Any]:
+        level = self.levels[index]
+
+        async def handle(msg: Msg) -> None:
+            level.last_seen = time.monotonic()
+            if msg.reply:  # a message of the stream
+                if level.outstanding > 0:
+                    level.outstanding -= 1
+                self.held += 1
+                level.hot = delivery_info(msg.reply)[2] > 0
+                result = self.on_message(index, msg)
+                if asyncio.iscoroutine(result):
+                    await result
+                self._handled += 1
+                if self._handled % YIELD_EVERY == 0:
+                    # nats-py hands a subscription's queued messages over without yielding,
+                    # so a burst on one level would make the others wait for all of it.
+                    await asyncio.sleep(0)
+                return
+            status = msg.headers.get("Status") if msg.headers else None
+            if status in ("408", "409"):  # the request expired or was refused: credit comes back
+                pending = int(msg.headers.get("Nats-Pending-Messages", level.outstanding))
+                level.outstanding = max(0, level.outstanding - pending)
+                level.hot = False
+                self._wake.set()
+            elif status == "404":
+                level.outstanding = 0
+                level.hot = False
+                self._wake.set()
+            # 100 (heartbeat) needs nothing: last_seen was updated.
+
+        return handle
+
+    def _allocate(self) -> list[tuple[str, bytes, str]]:
+        """Turn free capacity into pull requests: ``(subject, body, reply inbox)`` each."""
+        requests: list[tuple[str, bytes, str]] = []
+        free = self.free
+        if self._stopped or free <= 0:
+            return requests
+        if len(self.levels) == 1:
+            level = self.levels[0]
+            # Continuous pull: top up once a quarter of the window is free, so requests stay big.
+            if level.outstanding == 0 or free >= max(1, self.capacity // 4):
+                requests.append(self._request(level, free, LONG_POLL_S))
+            return requests
+        self._rounds += 1
+        order = list(range(len(self.levels)))
+        if self._rounds % self.share_every == 0:
+            start = 1 + (self._rounds // self.share_every) % (len(order) - 1)
+            order = order[start:] + order[:start]
+        if self.capacity < len(self.levels):
+            return self._allocate_scarce(order, free)
+        for index in order:
+            if free <= 0:
+                break
+            level = self.levels[index]
+            if level.hot:
+                if level.outstanding == 0 or free >= max(1, self.capacity // 4):
+                    requests.append(self._request(level, free, SHORT_POLL_S))
+                # Either way the credit is kept for the highest level with a backlog.
+                free = 0
+            elif level.outstanding == 0:
+                requests.append(self._request(level, 1, LONG_POLL_S))
+                free -= 1
+        return requests
+
+    def _allocate_scarce(self, order: list[int], free: int) -> list[tuple[str, bytes, str]]:
+        """Less credit than levels: a long poll cannot wait on every level, so go round them.
+
+        A long poll on a higher idle level would hold the only credit for seconds while a
+        lower level's tasks wait. Instead a freed slot marks every level hot (see
+        :meth:`release`) and the levels are asked highest first with short polls; once
+        none has a backlog, brief polls take turns, so a new task on any level is seen
+        within ``len(levels) * SCARCE_POLL_S``.
+        """
+        for index in order:
+            if self.levels[index].hot:
+                return [self._request(self.levels[index], free, SHORT_POLL_S)]
+        requests: list[tuple[str, bytes, str]] = []
+        for offset in range(len(self.levels)):
+            level = self.levels[(self._rounds + offset) % len(self.levels)]
+            if free > 0 and level.outstanding == 0:
+                requests.append(self._request(level, 1, SCARCE_POLL_S))
+                free -= 1
+        return requests
+
+    def _request(self, level: _Level, batch: int, expires_s: float) -> tuple[str, bytes, str]:
+        level.outstanding += batch
+        level.last_seen = time.monotonic()
+        body = b'{"batch":%d,"expires":%d}' % (batch, int(expires_s * 1e9))
+        return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{level.consumer}", body, level.inbox
+
+    def _expire_lost_requests(self) -> None:
+        """A request the server never answered (restart, lost connection) frees its credit."""
+        now = time.monotonic()
+        for level in self.levels:
+            if level.outstanding and now - level.last_seen > LONG_POLL_S + 2.0:
+                log.info("pull requests on %s went unanswered; asking again", level.consumer)
+                level.outstanding = 0
+                level.hot = True
+
+
+class Settler:
+    """Settles upstream messages after their downstream publishes land.
+
+    ``forward(msg, publishes)`` publishes without waiting; when every PubAck is in, the
+    message is acked (or, if any publish failed, nak'ed with a short delay so it comes
+    back and is published again under the same ``Nats-Msg-Id``). Acks of one loop tick
+    go out together, then their credit is released to the puller.
+    """
+
+    def __init__(self, bus: Bus, puller: Puller, *, retry_delay_s: float = 1.0) -> None:
+        self.bus = bus
+        self.puller = puller
+        self.retry_delay_s = retry_delay_s
+        self._ready: list[tuple[Msg, bytes, int]] = []
+        self._flushing = False
+
+    async def forward(
+        self,
+        msg: Msg,
+        publishes: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        *,
+        reply: bytes = ACK,
+        also: Sequence[asyncio.Future[Any]] = (),
+    ) -> None:
+        """Publish, then send ``reply`` for ``msg`` once these and ``also`` landed (nak if not)."""
+        try:
+            futures = [await self.bus.publish(subject, data, headers) for subject, data, headers in publishes]
+        except Exception as exc:  # noqa: BLE001 - not connected: nak, it comes back
+            self._landed(msg, reply, exc)
+            return
+        when_all([*futures, *also], lambda error: self._landed(msg, reply, error))
+
+    def _landed(self, msg: Msg, reply: bytes, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
+            reply = nak_with_delay(self.retry_delay_s)
+        self.settle(msg, reply)
+
+    def settle(self, msg: Msg, reply: bytes, *, count: int = 1) -> None:
+        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release ``count`` credits.
+
+        ``count`` > 1 is for consumers with ack policy "all", where one ack covers the
+        messages delivered before it.
+        """
+        self._ready.append((msg, reply, count))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                for msg, reply, _ in batch:
+                    try:
+                        await self.bus.nc.publish(msg.reply, reply)
+                    except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
+                        log.debug("could not settle %s: %r", msg.subject, exc)
+                self.puller.release(sum(count for _, _, count in batch))
+        finally:
+            self._flushing = False
