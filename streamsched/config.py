@@ -41,7 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ack_wait_s: float = 30.0
     """A worker that stops heartbeating for this long loses its task to another worker."""
     max_deliver: int = 100
-    """Safety net against poison messages that crash workers before they can count."""
+    """Deliveries of one WORK message at most: a safety net against tasks that crash their
+    worker before it can count the attempt. ``max_attempts`` may not exceed it."""
     default_max_attempts: int = 3
     """Attempts for tasks whose envelope and handler do not say."""
     retry_base_s: float = 1.0

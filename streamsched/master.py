@@ -73,8 +73,8 @@ class Master:
             raise Rejected(f"id {envelope.id!r} is not subject-safe (1-128 characters of A-Z a-z 0-9 _ -)")
         if envelope.region is not None and envelope.region not in self.settings.regions:
             raise Rejected(f"unknown region {envelope.region!r} (expected one of {', '.join(self.settings.regions)})")
-        if envelope.max_attempts is not None and envelope.max_attempts < 1:
-            raise Rejected("`max_attempts` must be at least 1")
+        if envelope.max_attempts is not None and not 1 <= envelope.max_attempts <= self.settings.max_deliver:
+            raise Rejected(f"`max_attempts` must be between 1 and {self.settings.max_deliver}")
         if envelope.timeout_s is not None and envelope.timeout_s <= 0:
             raise Rejected("`timeout_s` must be positive")
         for field in UNSUPPORTED_FIELDS:

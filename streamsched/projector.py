@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.js.errors import APIError
+from nats.js.errors import APIError, BadRequestError
 
 from . import events as ev
 from . import subjects
@@ -130,6 +130,11 @@ class Projector:
                 self._remember(task_id, (state, future.result()["seq"]))
             elif isinstance(error, APIError) and error.err_code == WRONG_LAST_SEQUENCE:
                 ok = await self._write_one_carefully(task_id, batch[task_id]) and ok
+            elif isinstance(error, BadRequestError):
+                # Refused by the server for good (e.g. too large): retrying would block every
+                # task behind it. The events stay in EVENTS; rebuild-state can fold them again.
+                log.error("state of task %s not written (%s); its events are kept in EVENTS", task_id, error)
+                self._remember(task_id, None)
             else:
                 log.debug("state write failed for %s: %r", task_id, error)
                 self._remember(task_id, None)

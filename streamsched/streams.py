@@ -113,7 +113,8 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=settings.master_window,
-                max_deliver=settings.max_deliver,
+                # These roles never fail on bad input, only on outages: retry without limit.
+                max_deliver=-1,
                 max_waiting=512,
             ),
         ),
@@ -125,7 +126,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=8000,
-                max_deliver=settings.max_deliver,
+                max_deliver=-1,
             ),
         ),
     ]
@@ -140,7 +141,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                         ack_policy=AckPolicy.EXPLICIT,
                         ack_wait=30.0,
                         max_ack_pending=settings.regional_window,
-                        max_deliver=settings.max_deliver,
+                        max_deliver=-1,
                     ),
                 )
             )

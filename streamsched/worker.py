@@ -62,8 +62,10 @@ log = logging.getLogger("streamsched.worker")
 
 #: Longest error text kept in events and the DLQ.
 MAX_ERROR_CHARS = 2000
-#: Nak with no delay: hand the task to another worker at once (used when draining).
+#: Nak with no delay: hand a cancelled task to another worker at once (after unsubscribing).
 NAK_NOW = b"-NAK"
+#: Nak for a message that arrives while the worker stops.
+NAK_WHILE_DRAINING = nak_with_delay(0.5)
 
 
 class _Running:
@@ -111,9 +113,11 @@ class Worker:
             self._tg = tg
             tg.start_soon(self._heartbeat)
             await self.puller.run()  # returns once shutdown() stopped it
+            # Drop interest at once: the server then skips this worker's open pull requests,
+            # so nothing more arrives here to be nak'ed (each nak would count as an attempt).
+            await self.puller.unsubscribe()
             await self._drain()
             tg.cancel_scope.cancel()
-        await self.puller.unsubscribe()
         log.info("worker %s stopped: %s", self.id, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
 
     async def shutdown(self) -> None:
@@ -141,7 +145,8 @@ class Worker:
 
     def _on_message(self, level: int, msg: Msg) -> None:
         if self._draining or self._tg is None:
-            self.settler.settle(msg, NAK_NOW)
+            # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
+            self.settler.settle(msg, NAK_WHILE_DRAINING)
             return
         self._tg.start_soon(self._execute, level, msg)
 
@@ -209,6 +214,9 @@ class Worker:
             except (TypeError, msgspec.EncodeError) as exc:
                 error = Fail(f"result is not JSON-serialisable: {exc}")
             else:
+                if len(encoded) > self.settings.max_payload_bytes:
+                    error = Fail(f"result is {len(encoded)} bytes, over the limit of {self.settings.max_payload_bytes}")
+            if error is None:
                 done = ev.Succeeded(
                     task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id,
                     result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,

@@ -272,6 +272,7 @@ async def test_a_worker_sent_sigterm_finishes_its_running_task_exits_zero_and_le
     successor = processes.worker("worker-b", concurrency=1)
     final = await events.wait_final("queued-at-sigterm", timeout_s=20)
     assert ev.kind(final) == "succeeded"
+    assert final.attempt == 1  # the draining worker did not bounce it around (each bounce is an attempt)
     starts = [e.worker for e in events.of_task("queued-at-sigterm") if ev.kind(e) == "started"]
     assert starts == [worker_id(successor)]
     # Run once overall, as the EVENTS stream (not only the live log) records it.

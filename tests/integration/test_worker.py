@@ -259,3 +259,21 @@ async def test_an_attempt_that_runs_past_its_timeout_is_retried_then_dead(settin
     assert "timed out after 0.2s" in retrying.error
     assert final.attempt == 2
     assert "timed out after 0.2s" in final.error
+
+
+@task("test.huge")
+def huge(payload: int) -> str:
+    """Returns a result of ``payload`` bytes."""
+    return "x" * payload
+
+
+async def test_a_result_over_the_size_limit_fails_the_task_instead_of_blocking_the_projection(settings, bus, events: EventLog, registry):
+    small = msgspec.structs.replace(settings, max_payload_bytes=2048)
+    worker = Worker(small, bus, registry, region=REGION, concurrency=2)
+    async with running([*await routing(small, bus), worker]):
+        await submit(bus, id="big", type="test.huge", payload=10_000)
+        await submit(bus, id="fits", type="test.huge", payload=100)
+        big = await events.wait_final("big")
+        assert ev.kind(big) == "failed" and "over the limit of 2048" in big.error
+        assert ev.kind(await events.wait_final("fits")) == "succeeded"
+        assert (await final_state(bus, "big")).status is Status.FAILED
