@@ -15,6 +15,9 @@ class ConfigError(StreamschedError):
 class Rejected(StreamschedError):
     """A submission was invalid; ``str()`` is the reason given to the submitter."""
 
+    #: The id the rejection is recorded under, when the submission had a usable one.
+    task_id: str | None = None
+
 
 class NotFound(StreamschedError):
     """No task with that id."""

@@ -56,12 +56,16 @@ class Submitted(Event, frozen=True, tag="submitted"):
 
 
 class Rejected(Event, frozen=True, tag="rejected"):
-    """The submission was invalid; ``original`` holds the bytes as they were sent."""
+    """The submission was invalid; ``original`` holds the bytes as they were sent.
+
+    Ranked lowest: a bad resubmission under the id of an accepted task must not
+    overwrite that task's state; it only decides the state of an id nothing else has.
+    """
 
     reason: str
     original: bytes
     status = Status.REJECTED
-    order = 9
+    order = 0
 
 
 class Waiting(Event, frozen=True, tag="waiting"):

@@ -58,13 +58,28 @@ class Master:
         self.puller.stop()
 
     def validate(self, data: bytes, task_id_if_missing: str) -> Envelope:
-        """The decoded envelope, with its id filled in; raises :class:`Rejected` with a reason."""
+        """The decoded envelope, with its id filled in; raises :class:`Rejected` with a reason.
+
+        The rejection carries the submitter's id when it is usable (``Rejected.task_id``),
+        so they can look up why; otherwise the id derived from the message.
+        """
         if len(data) > self.settings.max_payload_bytes:
             raise Rejected(f"submission is {len(data)} bytes, over the limit of {self.settings.max_payload_bytes}")
         try:
             envelope = envelope_decoder.decode(data)
         except msgspec.DecodeError as exc:
             raise Rejected(f"not a valid task envelope: {exc}") from None
+        try:
+            self._check(envelope)
+        except Rejected as exc:
+            if envelope.id is not None and subjects.is_token(envelope.id):
+                exc.task_id = envelope.id
+            raise
+        if envelope.id is None:
+            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing)
+        return envelope
+
+    def _check(self, envelope: Envelope) -> None:
         if not TYPE_RE.fullmatch(envelope.type):
             raise Rejected(f"type {envelope.type!r} is not a valid handler name (1-200 characters of A-Z a-z 0-9 _ - . : /)")
         if envelope.priority not in self.settings.priorities:
@@ -80,9 +95,6 @@ class Master:
         for field in UNSUPPORTED_FIELDS:
             if getattr(envelope, field):
                 raise Rejected(f"`{field}` is not supported by this version yet")
-        if envelope.id is None:
-            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing)
-        return envelope
 
     def pick_region(self, task_id: str) -> str:
         """Deterministic, so a redelivered submission goes where its first copy went."""
@@ -96,7 +108,7 @@ class Master:
         try:
             envelope = self.validate(msg.data, fallback_id)
         except Rejected as exc:
-            await self._reject(msg, fallback_id, str(exc), now)
+            await self._reject(msg, exc.task_id or fallback_id, str(exc), now)
             return
         await self._route(msg, envelope, now)
 

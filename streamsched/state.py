@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 from . import events as ev
 from . import subjects
 from .bus import Bus
-from .model import TaskState, encode, state_decoder
+from .model import Status, TaskState, encode, state_decoder
 
 #: Header for compare-and-set writes to the KV stream.
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -60,8 +60,9 @@ def fold(state: TaskState | None, event: ev.Event) -> TaskState:
         if newer:
             state.error = event.error
     elif isinstance(event, ev.Rejected):
-        state.error = event.reason
-        state.finished_at = event.at
+        if state.status is Status.REJECTED:
+            state.error = event.reason
+            state.finished_at = event.at
     elif isinstance(event, ev.Cancelled):
         state.error = event.reason or "cancelled"
         state.finished_at = event.at

@@ -128,3 +128,11 @@ async def test_a_task_without_an_id_gets_a_generated_id_that_survives_redelivery
     stored_events = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter(first))
     assert set(stored_events.state.subjects.values()) == {1}
     assert len(events.of_kind("started")) == 2
+
+
+async def test_a_rejected_submission_with_a_usable_id_is_recorded_under_that_id(settings, bus, events: EventLog, examples):
+    async with running(await all_roles(settings, bus, examples)):
+        await bus.js.publish(subjects.SUBMIT, b'{"id": "mine-1", "type": "echo", "region": "mars"}')
+        state = await Client(bus, await StateStore.open(bus)).wait("mine-1", timeout_s=10)
+    assert state.status is Status.REJECTED and "unknown region 'mars'" in state.error
+    assert [e.task_id for e in events.of_kind("rejected")] == ["mine-1"]

@@ -219,3 +219,23 @@ async def _submissions(bus: Bus):
 
     async for _seq, _ns, data, _h in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
         yield data
+
+
+async def test_tail_with_follow_keeps_delivering_new_events(bus):
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for record in tail(bus, kind="started", follow=True):
+            seen.append(record.event.task_id)
+
+    await bus.js.publish("events.old.started", ev.encode(ev.Started(task_id="old", at=1.0, attempt=1)))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        with anyio.fail_after(10):
+            while seen != ["old"]:
+                await anyio.sleep(0.02)
+            await bus.js.publish("events.new.started", ev.encode(ev.Started(task_id="new", at=2.0, attempt=1)))
+            await bus.js.publish("events.new.succeeded", ev.encode(ev.Succeeded(task_id="new", at=3.0, attempt=1)))
+            while seen != ["old", "new"]:
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()

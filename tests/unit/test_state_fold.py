@@ -69,3 +69,13 @@ def test_events_round_trip_through_json_with_their_kind():
         decoded = ev.decode(ev.encode(event))
         assert decoded == event
         assert ev.kind(decoded) in ev.KINDS
+
+
+def test_a_rejected_resubmission_does_not_overwrite_an_accepted_task_with_the_same_id():
+    rejected = ev.Rejected(task_id="t", at=2.5, reason="unknown region", original=b"{}")
+    for order in ([*LIFE[:3], rejected, *LIFE[3:]], [rejected, *LIFE], [*LIFE, rejected]):
+        state = replay(order)
+        assert state.status is Status.SUCCEEDED and state.error is None
+    alone = replay([rejected])
+    assert (alone.status, alone.error) == (Status.REJECTED, "unknown region")
+    assert replay(LIFE[:2] + [rejected]).status is Status.PENDING
