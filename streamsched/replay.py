@@ -51,39 +51,65 @@ async def rebuild_state(bus: Bus, settings: Settings, *, bucket: str = subjects.
     began = time.monotonic()
     js = bus.js
     live = bucket == subjects.STATE_BUCKET
-    if live:
-        await js.pause_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER, _rfc3339(time.time() + timeout_s))
-    try:
-        config = streams.kv_config(settings)
-        config.bucket = bucket
-        try:
-            await js.delete_stream(f"KV_{bucket}")
-        except Exception:  # noqa: BLE001 - not there yet
-            pass
-        await js.create_key_value(config)
-        store = await StateStore.open(bus, bucket)
-        consumer = f"rebuild-{bucket}-{int(time.time())}"
-        await js.add_consumer(
-            subjects.EVENTS_STREAM,
-            ConsumerConfig(
-                durable_name=consumer,
-                filter_subject="events.>",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                inactive_threshold=300.0,
-                max_ack_pending=8000,
-            ),
-        )
-        projector = Projector(settings, bus, store, consumer=consumer)
-        try:
-            await _run_until_caught_up(bus, projector, consumer, timeout_s)
-        finally:
-            await js.delete_consumer(subjects.EVENTS_STREAM, consumer)
-        tasks = (await js.stream_info(f"KV_{bucket}")).state.messages
-        return RebuildReport(bucket, projector.applied, tasks, projector.stats.skipped, time.monotonic() - began)
-    finally:
+    async with anyio.create_task_group() as tg:
         if live:
-            await js.resume_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+            # Paused in short, renewed leases: if this command dies, the projector resumes by itself.
+            await _pause_projector(bus)
+            tg.start_soon(_keep_projector_paused, bus)
+        try:
+            return await _rebuild(bus, settings, bucket, timeout_s, began)
+        finally:
+            tg.cancel_scope.cancel()
+            if live:
+                with anyio.CancelScope(shield=True):
+                    await js.resume_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+
+
+#: How long one pause of the live projector lasts, and how often it is renewed.
+PAUSE_LEASE_S = 30.0
+PAUSE_RENEW_S = 10.0
+
+
+async def _pause_projector(bus: Bus) -> None:
+    await bus.js.pause_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER, _rfc3339(time.time() + PAUSE_LEASE_S))
+
+
+async def _keep_projector_paused(bus: Bus) -> None:
+    while True:
+        await anyio.sleep(PAUSE_RENEW_S)
+        await _pause_projector(bus)
+
+
+async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, began: float) -> RebuildReport:
+    """Recreate ``bucket`` and fold EVENTS into it through a temporary consumer."""
+    js = bus.js
+    config = streams.kv_config(settings)
+    config.bucket = bucket
+    try:
+        await js.delete_stream(f"KV_{bucket}")
+    except Exception:  # noqa: BLE001 - not there yet
+        pass
+    await js.create_key_value(config)
+    store = await StateStore.open(bus, bucket)
+    consumer = f"rebuild-{bucket}-{int(time.time())}"
+    await js.add_consumer(
+        subjects.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=consumer,
+            filter_subject="events.>",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            inactive_threshold=300.0,
+            max_ack_pending=8000,
+        ),
+    )
+    projector = Projector(settings, bus, store, consumer=consumer)
+    try:
+        await _run_until_caught_up(bus, projector, consumer, timeout_s)
+    finally:
+        await js.delete_consumer(subjects.EVENTS_STREAM, consumer)
+    tasks = (await js.stream_info(f"KV_{bucket}")).state.messages
+    return RebuildReport(bucket, projector.applied, tasks, projector.stats.skipped, time.monotonic() - began)
 
 
 async def _run_until_caught_up(bus: Bus, role: Role, consumer: str, timeout_s: float) -> None:
