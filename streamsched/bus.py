@@ -145,11 +145,6 @@ class Bus:
                     future.set_exception(nats.errors.TimeoutError())
             self._room.set()
 
-    async def api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A raw ``$JS.API`` request, for what nats-py has no helper for."""
-        reply = await self.nc.request(subject, json.dumps(request or {}).encode(), timeout=self.api_timeout_s)
-        return json.loads(reply.data)
-
     async def close(self) -> None:
         """Flush what is buffered and close; idempotent."""
         if self._sweeper is not None:
@@ -207,7 +202,6 @@ def stored_at_ns(reply: str) -> int:
 #: Ack-protocol bodies (what ``Msg.ack()`` and friends send), used directly so that acks
 #: can be batched and a term can carry its reason.
 ACK = b"+ACK"
-TERM = b"+TERM"
 
 
 def nak_with_delay(delay_s: float) -> bytes:
