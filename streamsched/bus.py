@@ -22,6 +22,10 @@ from nats.aio.msg import Msg
 
 log = logging.getLogger("streamsched.bus")
 
+class PublishLost(ConnectionError):
+    """The connection dropped while a publish waited for its PubAck."""
+
+
 class Bus:
     """One NATS connection with its JetStream context, shared by the roles of a process."""
 
@@ -59,6 +63,7 @@ class Bus:
         async def disconnected() -> None:
             if holder and not holder[0].nc.is_closed:
                 log.warning("disconnected from NATS; reconnecting")
+                holder[0]._fail_in_flight()
 
         async def error(exc: Exception) -> None:
             log.debug("nats client error: %r", exc)
@@ -131,6 +136,16 @@ class Bus:
                 future.set_exception(exc)
             return
         future.set_result(response)
+
+    def _fail_in_flight(self) -> None:
+        """PubAcks of publishes in flight are lost with the connection: fail them now, so
+        callers publish again after the reconnect instead of waiting ``publish_timeout_s``.
+        (A publish that did land is stored once anyway: the retry carries the same msg id.)"""
+        acks, self._acks = self._acks, {}
+        for future in acks.values():
+            if not future.done():
+                future.set_exception(PublishLost("connection lost before the PubAck arrived"))
+        self._room.set()
 
     async def _sweep(self) -> None:
         """Fail publishes whose PubAck never came (lost in a reconnect), so callers retry."""

@@ -22,6 +22,11 @@ from .bus import ACK, Bus, delivery_info, nak_with_delay, when_all
 
 log = logging.getLogger("streamsched.pull")
 
+#: ``(subject, body, headers)`` of one downstream publish.
+Publication = tuple[str, bytes, dict[str, str] | None]
+#: Pauses before publishing again what failed, before giving up and nak'ing upstream.
+REPUBLISH_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+
 #: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
 LONG_POLL_S = 5.0
 #: Expiry of a "take what is there now" pull request on a level that has a backlog.
@@ -268,24 +273,42 @@ class Settler:
     async def forward(
         self,
         msg: Msg,
-        publishes: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        publishes: Sequence[Publication],
         *,
         reply: bytes = ACK,
         also: Sequence[asyncio.Future[Any]] = (),
     ) -> None:
-        """Publish, then send ``reply`` for ``msg`` once these and ``also`` landed (nak if not)."""
+        """Publish, then send ``reply`` for ``msg`` once these and ``also`` landed.
+
+        A failed publish (a lost PubAck in a reconnect, an election) is sent again with
+        the same ``Nats-Msg-Id``, so it is never stored twice, after each of
+        :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
+        ``also`` (e.g. a ``started`` event already in flight) is waited for once.
+        """
+        await self._attempt(msg, publishes, reply, also, 0)
+
+    async def _attempt(
+        self, msg: Msg, publishes: Sequence[Publication], reply: bytes, also: Sequence[asyncio.Future[Any]], round_: int
+    ) -> None:
         try:
             futures = [await self.bus.publish(subject, data, headers) for subject, data, headers in publishes]
-        except Exception as exc:  # noqa: BLE001 - not connected: nak, it comes back
-            self._landed(msg, reply, exc)
+        except Exception as exc:  # noqa: BLE001 - not connected
+            self._landed(msg, publishes, reply, exc, round_)
             return
-        when_all([*futures, *also], lambda error: self._landed(msg, reply, error))
+        when_all([*futures, *also], lambda error: self._landed(msg, publishes, reply, error, round_))
 
-    def _landed(self, msg: Msg, reply: bytes, error: BaseException | None) -> None:
-        if error is not None:
+    def _landed(self, msg: Msg, publishes: Sequence[Publication], reply: bytes, error: BaseException | None, round_: int) -> None:
+        if error is None:
+            self.settle(msg, reply)
+        elif round_ < len(REPUBLISH_DELAYS_S):
+            asyncio.get_running_loop().create_task(self._republish(msg, publishes, reply, round_))
+        else:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
-            reply = nak_with_delay(self.retry_delay_s)
-        self.settle(msg, reply)
+            self.settle(msg, nak_with_delay(self.retry_delay_s))
+
+    async def _republish(self, msg: Msg, publishes: Sequence[Publication], reply: bytes, round_: int) -> None:
+        await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
+        await self._attempt(msg, publishes, reply, (), round_ + 1)
 
     def settle(self, msg: Msg, reply: bytes, *, count: int = 1) -> None:
         """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release ``count`` credits.
