@@ -62,8 +62,8 @@ def _entry(seq: int, stored_ns: int, data: bytes, headers: dict[str, str]) -> De
 
 async def entries(bus: Bus, *, task_type: str | None = None, since: Since | None = None) -> AsyncIterator[DeadTask]:
     """Dead tasks, oldest first, optionally of one type and from a time or sequence."""
-    async for seq, stored_ns, data, headers in read(bus, subjects.DLQ_STREAM, "dlq.*", since or Since(seq=1), stats=ReadStats()):
-        entry = _entry(seq, stored_ns, data, headers)
+    async for stored in read(bus, subjects.DLQ_STREAM, "dlq.*", since or Since(seq=1), stats=ReadStats()):
+        entry = _entry(stored.seq, stored.stored_ns, stored.data, stored.headers)
         if task_type is None or entry.type == task_type:
             yield entry
 

@@ -68,6 +68,17 @@ class Record:
         return ev.kind(self.event)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A message as read back from a stream."""
+
+    seq: int
+    stored_ns: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
 @dataclass
 class ReadStats:
     read: int = 0
@@ -83,8 +94,8 @@ async def read(
     follow: bool = False,
     stats: ReadStats | None = None,
     batch: int = 1000,
-) -> AsyncIterator[tuple[int, int, bytes, dict[str, str]]]:
-    """``(seq, stored_at_ns, data, headers)`` of every message on ``subject`` from ``since``."""
+) -> AsyncIterator[Stored]:
+    """Every message on ``subject`` from ``since`` (up to the last one at the start, unless ``follow``)."""
     stats = stats if stats is not None else ReadStats()
     info = await bus.js.stream_info(stream)
     end_seq = info.state.last_seq
@@ -115,7 +126,7 @@ async def read(
                 if not follow and seq > end_seq:
                     return
                 stats.read += 1
-                yield seq, stored_at_ns(msg.reply), msg.data, dict(msg.headers or {})
+                yield Stored(seq, stored_at_ns(msg.reply), msg.subject, msg.data or b"", dict(msg.headers or {}))
             if not follow and msgs and msgs[-1].metadata.sequence.stream >= end_seq:
                 return
     finally:
@@ -154,13 +165,13 @@ async def tail(
     stats = stats if stats is not None else ReadStats()
     subject = subjects.events_filter(task_id or "*", kind or "*")
     types = _TypeLookup(bus) if task_type else None
-    async for seq, stored_ns, data, _ in read(bus, subjects.EVENTS_STREAM, subject, since or Since(seq=1), follow=follow, stats=stats):
-        event = decode(seq, data, stats)
+    async for stored in read(bus, subjects.EVENTS_STREAM, subject, since or Since(seq=1), follow=follow, stats=stats):
+        event = decode(stored.seq, stored.data, stats)
         if event is None:
             continue
         if types is not None and await types.type_of(event) != task_type:
             continue
-        yield Record(seq, stored_ns / 1e9, event)
+        yield Record(stored.seq, stored.stored_ns / 1e9, event)
 
 
 class _TypeLookup:

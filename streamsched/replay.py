@@ -126,8 +126,8 @@ async def _run_until_caught_up(bus: Bus, role: Role, consumer: str, timeout_s: f
 
 async def compare_states(bus: Bus, left: str, right: str) -> list[str]:
     """Differences between two state buckets, one line per task that differs."""
-    a = await (await StateStore.open(bus, left)).all()
-    b = await (await StateStore.open(bus, right)).all()
+    a = await (await StateStore.open(bus, left)).all(bus)
+    b = await (await StateStore.open(bus, right)).all(bus)
     out = []
     for task_id in sorted(a.keys() | b.keys()):
         x, y = a.get(task_id), b.get(task_id)
@@ -164,7 +164,8 @@ async def replay_submissions(
     target_store = await StateStore.open(target) if target is not None else None
     began = time.monotonic()
     stats = ReadStats()
-    async for seq, stored_ns, data, _headers in read(source, subjects.TASKS_STREAM, subjects.SUBMIT, since, stats=stats):
+    async for stored in read(source, subjects.TASKS_STREAM, subjects.SUBMIT, since, stats=stats):
+        seq, stored_ns, data = stored.seq, stored.stored_ns, stored.data
         if until is not None and stored_ns / 1e9 > until.timestamp():
             break
         try:

@@ -97,18 +97,22 @@ class StateStore:
         """The KV stream subject of a task's state, for raw compare-and-set publishes."""
         return f"$KV.{self.bucket}.{subjects.state_key(task_id)}"
 
-    async def all(self) -> dict[str, TaskState]:
-        """Every task's state (for comparisons and audits; reads the whole bucket)."""
+    async def all(self, bus: Bus) -> dict[str, TaskState]:
+        """Every task's state (for comparisons and audits; reads the whole bucket).
+
+        Read from the bucket's stream up to its last sequence, rather than with a KV
+        watcher, whose "no more values" marker can come before the values.
+        """
+        from .eventlog import Since, read
+
+        prefix = f"$KV.{self.bucket}."
         out: dict[str, TaskState] = {}
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    out[entry.key] = state_decoder.decode(entry.value)
-        finally:
-            await watcher.stop()
+        async for stored in read(bus, f"KV_{self.bucket}", prefix + ">", Since(seq=1)):
+            key = stored.subject[len(prefix) :]
+            if stored.headers.get("KV-Operation") in ("DEL", "PURGE") or not stored.data:
+                out.pop(key, None)
+            else:
+                out[key] = state_decoder.decode(stored.data)
         return out
 
     async def get(self, task_id: str) -> tuple[TaskState, int] | None:

@@ -82,7 +82,7 @@ async def test_rebuilt_state_equals_the_live_projection_after_retries_and_deaths
         # Rebuilding the live bucket in place (projector paused meanwhile) gives the same again.
         await rebuild_state(bus, settings)
         assert await compare_states(bus, "tasks", "tasks_rebuilt") == []
-        states = await (await StateStore.open(bus)).all()
+        states = await (await StateStore.open(bus)).all(bus)
         assert states["de0"].status is Status.DEAD and "fail always fails" in states["de0"].error
         assert states["fl0"].status is Status.SUCCEEDED and states["fl0"].attempts == 2
 
@@ -92,13 +92,13 @@ async def test_folding_the_same_events_again_changes_nothing(settings, bus, even
         for i in range(50):
             await bus.nc.publish("tasks.submit", b'{"id":"t%d","type":"flaky"}' % i)
         await projector_idle(bus, events, 50)
-    before = await (await StateStore.open(bus)).all()
+    before = await (await StateStore.open(bus)).all(bus)
     # Publish every event again (as a redelivery would): the projection must not move.
     async for record in tail(bus):
         await bus.js.publish(f"events.{record.event.task_id}.{record.kind}", ev.encode(record.event))
     async with running([Projector(settings, bus, await StateStore.open(bus))]):
         await projector_idle(bus, events, 0)
-    after = await (await StateStore.open(bus)).all()
+    after = await (await StateStore.open(bus)).all(bus)
     assert {k: msgspec.json.encode(v) for k, v in after.items()} == {k: msgspec.json.encode(v) for k, v in before.items()}
 
 
@@ -217,8 +217,8 @@ async def test_a_dry_run_replay_sends_nothing(settings, bus):
 async def _submissions(bus: Bus):
     from streamsched.eventlog import read
 
-    async for _seq, _ns, data, _h in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
-        yield data
+    async for stored in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
+        yield stored.data
 
 
 async def test_tail_with_follow_keeps_delivering_new_events(bus):
