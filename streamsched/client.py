@@ -18,7 +18,7 @@ import msgspec
 
 from . import subjects
 from .bus import Bus
-from .errors import NotFound, Rejected
+from .errors import NotFound, StreamschedError
 from .model import (
     DEFAULT_PRIORITY,
     Envelope,
@@ -122,4 +122,4 @@ class Client:
             raise TimeoutError(f"task {task_id} still {state.status.value} after {timeout_s}s") from None
         finally:
             await watcher.stop()
-        raise Rejected(f"watch on task {task_id} ended")  # pragma: no cover - watcher stopped early
+        raise StreamschedError(f"the watch on task {task_id} ended early")  # pragma: no cover

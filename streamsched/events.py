@@ -161,13 +161,12 @@ AnyEvent = (
     | Succeeded | Failed | Dead | Cancelled | Reprioritized
 )
 
-KINDS: tuple[str, ...] = tuple(cls.__struct_config__.tag for cls in AnyEvent.__args__)  # type: ignore[attr-defined]
+_KIND_OF: dict[type, str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
 
 encode = msgspec.json.Encoder().encode
 decode = msgspec.json.Decoder(AnyEvent).decode
 
-
-_KIND_OF = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
 
 
 def kind(event: Event) -> str:
