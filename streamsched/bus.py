@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import nats
 import nats.js.errors
-from nats.aio.msg import Msg
+
+from . import wire
 
 log = logging.getLogger("streamsched.bus")
 
@@ -42,8 +43,8 @@ class Bus:
         self.api_timeout_s = api_timeout_s
         self.publish_timeout_s = publish_timeout_s
         self.max_in_flight = max_in_flight
-        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._deadlines: collections.deque[tuple[float, str]] = collections.deque()
+        self._acks: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
         self._reply_prefix = ""
         self._next_token = 0
         self._room = asyncio.Event()
@@ -78,6 +79,7 @@ class Bus:
             disconnected_cb=disconnected,
             error_cb=error,
         )
+        wire.install(nc)
         bus = cls(nc)
         holder.append(bus)
         return bus
@@ -85,6 +87,14 @@ class Bus:
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every reconnect (pull requests do not survive one)."""
         self._on_reconnect.append(callback)
+
+    def send(self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
+        """Core publish, buffered and not awaited (acks, pull requests): :func:`streamsched.wire.send`."""
+        wire.send(self.nc, subject, data, reply, headers)
+
+    async def subscribe(self, subject: str, handler: wire.Handler) -> Any:
+        """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.wire`)."""
+        return await wire.subscribe(self.nc, subject, handler)
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[dict[str, Any]]:
         """Publish to JetStream without waiting; the future holds the PubAck (a dict) or an error.
@@ -99,12 +109,12 @@ class Bus:
             self._room.clear()
             await self._room.wait()
         self._next_token += 1
-        token = str(self._next_token)
+        token = self._next_token
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._acks[token] = future
         self._deadlines.append((time.monotonic() + self.publish_timeout_s, token))
         try:
-            await self.nc.publish(subject, data, reply=self._reply_prefix + token, headers=headers)
+            wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
         except Exception:
             del self._acks[token]
             raise
@@ -112,21 +122,25 @@ class Bus:
 
     async def _start_acks(self) -> None:
         self._reply_prefix = self.nc.new_inbox() + "."
-        await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_ack, pending_msgs_limit=-1)
+        await wire.subscribe(self.nc, self._reply_prefix + "*", self._on_ack)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    async def _on_ack(self, msg: Msg) -> None:
-        future = self._acks.pop(msg.subject[len(self._reply_prefix) :], None)
+    def _on_ack(self, subject: str, _reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        try:
+            token = int(subject[len(self._reply_prefix) :])
+        except ValueError:
+            return
+        future = self._acks.pop(token, None)
         if len(self._acks) < self.max_in_flight:
             self._room.set()
         if future is None or future.done():
             return
-        if msg.headers and msg.headers.get("Status") == "503":
+        if raw_headers and wire.parse_headers(raw_headers).get("Status") == "503":
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
         try:
-            response = json.loads(msg.data)
-        except ValueError as exc:
+            response = msgspec.json.decode(data)
+        except msgspec.DecodeError as exc:
             future.set_exception(exc)
             return
         if "error" in response:
@@ -194,18 +208,6 @@ def when_all(futures: Sequence[asyncio.Future[Any]], callback: Callable[[BaseExc
         callback(None)
     for future in futures:
         future.add_done_callback(done)
-
-
-def delivery_info(reply: str) -> tuple[int, int, int]:
-    """``(num_delivered, stream_seq, num_pending)`` from a JetStream ack subject.
-
-    Parsed by hand because ``Msg.metadata`` builds datetimes we do not need per message.
-    """
-    tokens = reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[4]), int(tokens[5]), int(tokens[8])
-    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
-    return int(tokens[6]), int(tokens[7]), int(tokens[10])
 
 
 def stored_at_ns(reply: str) -> int:

@@ -22,15 +22,15 @@ import time
 import zlib
 
 import msgspec
-from nats.aio.msg import Msg
 
 from . import events as ev
 from . import subjects
-from .bus import Bus, delivery_info, stored_at_ns
+from .bus import Bus, stored_at_ns
 from .config import Settings
 from .errors import Rejected
 from .model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
 from .pull import Puller, Settler
+from .wire import Delivery
 
 log = logging.getLogger("streamsched.master")
 
@@ -101,9 +101,8 @@ class Master:
         regions = self.settings.regions
         return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
 
-    async def _on_message(self, _level: int, msg: Msg) -> None:
-        _, stream_seq, _ = delivery_info(msg.reply)
-        fallback_id = derive_task_id(stored_at_ns(msg.reply), stream_seq)
+    async def _on_message(self, _level: int, msg: Delivery) -> None:
+        fallback_id = derive_task_id(stored_at_ns(msg.reply), msg.stream_seq)
         now = time.time()
         try:
             envelope = self.validate(msg.data, fallback_id)
@@ -112,7 +111,7 @@ class Master:
             return
         await self._route(msg, envelope, now)
 
-    async def _route(self, msg: Msg, envelope: Envelope, now: float) -> None:
+    async def _route(self, msg: Delivery, envelope: Envelope, now: float) -> None:
         task_id = envelope.id
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
@@ -139,7 +138,7 @@ class Master:
         )
         self.accepted += 1
 
-    async def _reject(self, msg: Msg, task_id: str, reason: str, now: float) -> None:
+    async def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:
         log.warning("rejected submission %s: %s", task_id, reason)
         headers = {
             subjects.H_MSG_ID: subjects.msg_id(task_id, "rejected"),

@@ -1,7 +1,9 @@
 """The state projector: folds EVENTS into KV ``tasks`` (one value per task).
 
-Events arrive in batches through a continuous pull. Each batch is grouped by task, so a
-task with several events in flight costs one KV write, not one per event. Every write
+Events arrive through a continuous pull and are grouped by task. A task's events are
+held (un-acked) until its state is final, or for at most :data:`HOLD_S`, and then
+written together: a task that runs within that time costs one KV write for its five or
+so events. Final states are written after :data:`COALESCE_S`. Every write
 is a compare-and-set on the key's last revision: with several projectors, or a stale
 cache, the loser re-reads the key and folds again. The fold itself is idempotent and
 order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered events
@@ -16,29 +18,46 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 from nats.js.errors import APIError, BadRequestError
 
 from . import events as ev
 from . import subjects
-from .bus import ACK, Bus, delivery_info
+from .bus import ACK, Bus
 from .config import Settings
 from .eventlog import ReadStats, decode
 from .model import TaskState
 from .pull import Puller, Settler
 from .state import EXPECTED_LAST_SUBJECT_SEQ, StateStore, encode_state, fold
+from .wire import Delivery
 
 log = logging.getLogger("streamsched.projector")
 
-#: Events held un-acked at once; also the largest batch folded together.
-WINDOW = 4000
+#: Events held un-acked at once (the consumer's ``max_ack_pending``).
+WINDOW = 8000
+#: Past this many held events, the oldest tasks are written without waiting for ``HOLD_S``.
+PRESSURE = WINDOW // 2
+#: Longest a task's state waits for more of its events before it is written anyway.
+HOLD_S = 0.5
 #: Task states kept in memory so that the common case needs no KV read.
 CACHE_SIZE = 50_000
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
+
+
+class _Held:
+    """The events of one task received and not yet written."""
+
+    __slots__ = ("events", "final", "msgs", "since")
+
+    def __init__(self, since: float) -> None:
+        self.events: list[ev.Event] = []
+        self.msgs: list[Delivery] = []
+        self.since = since
+        self.final = False
 #: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -54,8 +73,10 @@ class Projector:
         self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
-        self._batch: dict[str, list[ev.Event]] = {}
-        self._msgs: list[Msg] = []
+        self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
+        self._held_events = 0
+        self._final: list[str] = []  # held tasks whose state is final: written next
+        self._skipped: list[Delivery] = []  # undecodable: acked with the next write
         self._wake = asyncio.Event()
         self.stats = ReadStats()
         self.applied = 0
@@ -72,21 +93,62 @@ class Projector:
     async def shutdown(self) -> None:
         self.puller.stop()
 
-    def _on_message(self, _level: int, msg: Msg) -> None:
-        self._msgs.append(msg)
-        self._wake.set()
-        event = decode(delivery_info(msg.reply)[1], msg.data, self.stats)
-        if event is not None:
-            self._batch.setdefault(event.task_id, []).append(event)
+    def _on_message(self, _level: int, msg: Delivery) -> None:
+        event = decode(msg.stream_seq, msg.data, self.stats)
+        if event is None:
+            self._skipped.append(msg)
+            self._wake.set()
+            return
+        held = self._held.get(event.task_id)
+        if held is None:
+            held = self._held[event.task_id] = _Held(time.monotonic())
+        held.events.append(event)
+        held.msgs.append(msg)
+        self._held_events += 1
+        if event.status.is_final and not held.final:
+            held.final = True
+            self._final.append(event.task_id)
+            self._wake.set()
+        elif self._held_events > PRESSURE:
+            self._wake.set()
+
+    def _due(self) -> tuple[dict[str, list[ev.Event]], list[Delivery]]:
+        """Take the tasks to write now: final ones, then, oldest first, those held
+        ``HOLD_S`` and as many more as it takes to get back under ``PRESSURE``."""
+        batch: dict[str, list[ev.Event]] = {}
+        msgs, self._skipped = self._skipped, []
+
+        def take(task_id: str) -> None:
+            held = self._held.pop(task_id)
+            self._held_events -= len(held.msgs)
+            batch[task_id] = held.events
+            msgs.extend(held.msgs)
+
+        for task_id in self._final:
+            take(task_id)
+        self._final.clear()
+        cutoff = time.monotonic() - HOLD_S
+        excess = self._held_events - PRESSURE
+        old: list[str] = []
+        for task_id, held in self._held.items():  # dicts keep insertion order: oldest first
+            if held.since > cutoff and excess <= 0:
+                break
+            old.append(task_id)
+            excess -= len(held.msgs)
+        for task_id in old:
+            take(task_id)
+        return batch, msgs
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=HOLD_S / 4)
+            except TimeoutError:
+                pass
             # Let a task's next events join this batch: fewer KV writes per task.
             await asyncio.sleep(COALESCE_S)
             self._wake.clear()
-            batch, self._batch = self._batch, {}
-            msgs, self._msgs = self._msgs, []
+            batch, msgs = self._due()
             if not msgs:
                 continue
             delay = 0.1

@@ -11,14 +11,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from nats.aio.msg import Msg
-
-from .bus import ACK, Bus, delivery_info, nak_with_delay, when_all
+from . import wire
+from .bus import ACK, Bus, nak_with_delay, when_all
+from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
 
@@ -38,7 +39,7 @@ SCARCE_POLL_S = 0.1
 
 
 class _Level:
-    __slots__ = ("consumer", "inbox", "outstanding", "hot", "last_seen", "sub")
+    __slots__ = ("consumer", "inbox", "outstanding", "hot", "last_seen", "sub", "received")
 
     def __init__(self, consumer: str, inbox: str) -> None:
         self.consumer = consumer
@@ -47,6 +48,7 @@ class _Level:
         self.hot = True  # the level may have a backlog: ask it for a batch
         self.last_seen = time.monotonic()
         self.sub: Any = None
+        self.received: collections.deque[Delivery] = collections.deque()  # not yet handed over
 
 
 class Puller:
@@ -59,6 +61,8 @@ class Puller:
     keep a small share and never starve. Levels without a backlog keep one long-poll
     request of one message open, so a new task anywhere is seen at once (with less
     capacity than levels they are polled in turn instead, see :meth:`_allocate_scarce`).
+    Received messages are handed over by one task, highest level first (see
+    :meth:`_next_received`), yielding every :data:`YIELD_EVERY` messages.
     """
 
     def __init__(
@@ -67,7 +71,7 @@ class Puller:
         stream: str,
         consumers: Sequence[str],
         capacity: int,
-        on_message: Callable[[int, Msg], Any],
+        on_message: Callable[[int, Delivery], Any],
         *,
         share_every: int = 8,
     ) -> None:
@@ -82,7 +86,9 @@ class Puller:
         self._handled = 0
         self._rounds = 0
         self._wake = asyncio.Event()
+        self._received = asyncio.Event()
         self._stopped = False
+        self._subscribed = False
         bus.on_reconnect(self.reset)
 
     @property
@@ -113,12 +119,14 @@ class Puller:
     async def run(self) -> None:
         """Subscribe and keep requests outstanding until :meth:`stop`."""
         for index, level in enumerate(self.levels):
-            level.sub = await self.bus.nc.subscribe(level.inbox, cb=self._handler(index), pending_msgs_limit=-1)
+            level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
+        self._subscribed = True
+        asyncio.get_running_loop().create_task(self._hand_over())
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
                     try:
-                        await self.bus.nc.publish(subject, body, reply=inbox)
+                        self.bus.send(subject, body, inbox)
                     except Exception as exc:  # noqa: BLE001 - disconnected: the reconnect resets credit
                         log.debug("pull request not sent: %r", exc)
                 try:
@@ -143,37 +151,35 @@ class Puller:
         await self.unsubscribe()
 
     async def unsubscribe(self) -> None:
-        """Stop receiving; call after :meth:`stop` once held messages are settled."""
+        """Stop receiving; call after :meth:`stop`. Messages already received are still handed over."""
+        self._subscribed = False
+        self._received.set()  # the hand-over task ends once it has handed over the rest
         for level in self.levels:
             if level.sub is not None and not self.bus.nc.is_closed:
                 try:
-                    await level.sub.unsubscribe()
+                    await wire.unsubscribe(self.bus.nc, level.sub)
                 except Exception:  # noqa: BLE001 - connection already gone
                     pass
                 level.sub = None
 
-    def _handler(self, index: int) -> Callable[[Msg], Any]:
+    def _handler(self, index: int) -> wire.Handler:
         level = self.levels[index]
 
-        async def handle(msg: Msg) -> None:
+        def handle(subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
             level.last_seen = time.monotonic()
-            if msg.reply:  # a message of the stream
+            if reply:  # a message of the stream
                 if level.outstanding > 0:
                     level.outstanding -= 1
                 self.held += 1
-                level.hot = delivery_info(msg.reply)[2] > 0
-                result = self.on_message(index, msg)
-                if asyncio.iscoroutine(result):
-                    await result
-                self._handled += 1
-                if self._handled % YIELD_EVERY == 0:
-                    # nats-py hands a subscription's queued messages over without yielding,
-                    # so a burst on one level would make the others wait for all of it.
-                    await asyncio.sleep(0)
+                delivery = Delivery(subject, reply, data, raw_headers)
+                level.hot = delivery.num_pending > 0
+                level.received.append(delivery)
+                self._received.set()
                 return
-            status = msg.headers.get("Status") if msg.headers else None
+            headers = wire.parse_headers(raw_headers) if raw_headers else {}
+            status = headers.get("Status")
             if status in ("408", "409"):  # the request expired or was refused: credit comes back
-                pending = int(msg.headers.get("Nats-Pending-Messages", level.outstanding))
+                pending = int(headers.get("Nats-Pending-Messages", level.outstanding))
                 level.outstanding = max(0, level.outstanding - pending)
                 level.hot = False
                 self._wake.set()
@@ -184,6 +190,37 @@ class Puller:
             # 100 (heartbeat) needs nothing: last_seen was updated.
 
         return handle
+
+    async def _hand_over(self) -> None:
+        """Pass received messages to ``on_message`` until unsubscribed and all handed over."""
+        while self._subscribed or any(level.received for level in self.levels):
+            await self._received.wait()
+            self._received.clear()
+            while (index := self._next_received()) is not None:
+                msg = self.levels[index].received.popleft()
+                try:
+                    result = self.on_message(index, msg)
+                    if result is not None:  # a coroutine
+                        await result
+                except Exception:
+                    log.exception("handling a message of %s failed; it comes back after ack_wait", self.levels[index].consumer)
+                self._handled += 1
+                if self._handled % YIELD_EVERY == 0:
+                    # Let acks, PubAcks and pull requests through during a long burst.
+                    await asyncio.sleep(0)
+
+    def _next_received(self) -> int | None:
+        """The highest level with a received message. Every ``share_every``-th pick starts
+        from the lowest level instead: a steady flow of high tasks must not hold back lows
+        that were already delivered (their ack_wait is running)."""
+        levels = self.levels
+        order = range(len(levels))
+        if self._handled % self.share_every == self.share_every - 1:
+            order = reversed(order)
+        for index in order:
+            if levels[index].received:
+                return index
+        return None
 
     def _allocate(self) -> list[tuple[str, bytes, str]]:
         """Turn free capacity into pull requests: ``(subject, body, reply inbox)`` each."""
@@ -259,20 +296,18 @@ class Settler:
 
     ``forward(msg, publishes)`` publishes without waiting; when every PubAck is in, the
     message is acked (or, if any publish failed, nak'ed with a short delay so it comes
-    back and is published again under the same ``Nats-Msg-Id``). Acks of one loop tick
-    go out together, then their credit is released to the puller.
+    back and is published again under the same ``Nats-Msg-Id``), and its credit is
+    released to the puller.
     """
 
     def __init__(self, bus: Bus, puller: Puller, *, retry_delay_s: float = 1.0) -> None:
         self.bus = bus
         self.puller = puller
         self.retry_delay_s = retry_delay_s
-        self._ready: list[tuple[Msg, bytes, int]] = []
-        self._flushing = False
 
     async def forward(
         self,
-        msg: Msg,
+        msg: Delivery,
         publishes: Sequence[Publication],
         *,
         reply: bytes = ACK,
@@ -288,7 +323,7 @@ class Settler:
         await self._attempt(msg, publishes, reply, also, 0)
 
     async def _attempt(
-        self, msg: Msg, publishes: Sequence[Publication], reply: bytes, also: Sequence[asyncio.Future[Any]], round_: int
+        self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, also: Sequence[asyncio.Future[Any]], round_: int
     ) -> None:
         try:
             futures = [await self.bus.publish(subject, data, headers) for subject, data, headers in publishes]
@@ -297,7 +332,7 @@ class Settler:
             return
         when_all([*futures, *also], lambda error: self._landed(msg, publishes, reply, error, round_))
 
-    def _landed(self, msg: Msg, publishes: Sequence[Publication], reply: bytes, error: BaseException | None, round_: int) -> None:
+    def _landed(self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, error: BaseException | None, round_: int) -> None:
         if error is None:
             self.settle(msg, reply)
         elif round_ < len(REPUBLISH_DELAYS_S):
@@ -306,30 +341,20 @@ class Settler:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
             self.settle(msg, nak_with_delay(self.retry_delay_s))
 
-    async def _republish(self, msg: Msg, publishes: Sequence[Publication], reply: bytes, round_: int) -> None:
+    async def _republish(self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
         await self._attempt(msg, publishes, reply, (), round_ + 1)
 
-    def settle(self, msg: Msg, reply: bytes, *, count: int = 1) -> None:
-        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` soon, then release ``count`` credits.
+    def settle(self, msg: Delivery, reply: bytes, *, count: int = 1) -> None:
+        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release ``count`` credits.
 
+        The reply is buffered, not awaited: it goes out with the other writes of this
+        loop tick, and the puller turns the freed credit into one request after the tick.
         ``count`` > 1 is for consumers with ack policy "all", where one ack covers the
         messages delivered before it.
         """
-        self._ready.append((msg, reply, count))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
         try:
-            while self._ready:
-                batch, self._ready = self._ready, []
-                for msg, reply, _ in batch:
-                    try:
-                        await self.bus.nc.publish(msg.reply, reply)
-                    except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
-                        log.debug("could not settle %s: %r", msg.subject, exc)
-                self.puller.release(sum(count for _, _, count in batch))
-        finally:
-            self._flushing = False
+            self.bus.send(msg.reply, reply)
+        except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
+            log.debug("could not settle %s: %r", msg.subject, exc)
+        self.puller.release(count)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import time
 
-from nats.aio.msg import Msg
-
 from . import events as ev
 from . import subjects
 from .bus import Bus, term_with_reason
 from .config import Settings
 from .pull import Puller, Settler
+from .wire import Delivery
 
 log = logging.getLogger("streamsched.regional")
 
@@ -49,7 +48,7 @@ class Regional:
     async def shutdown(self) -> None:
         self.puller.stop()
 
-    async def _on_message(self, level: int, msg: Msg) -> None:
+    async def _on_message(self, level: int, msg: Delivery) -> None:
         headers = dict(msg.headers or {})
         task_id = headers.get(subjects.H_TASK_ID)
         if task_id is None:  # not published by a master: nothing to route it by

@@ -28,6 +28,7 @@ running tasks ``grace_s`` to finish, then cancels and naks the rest.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -41,14 +42,12 @@ from typing import Any
 
 import anyio
 import msgspec
-from nats.aio.msg import Msg
 
 from . import events as ev
 from . import subjects
 from .bus import (
     ACK,
     Bus,
-    delivery_info,
     nak_with_delay,
     term_with_reason,
 )
@@ -57,6 +56,7 @@ from .errors import Fail, Retry, TaskTimeout
 from .model import envelope_decoder, raw_value
 from .pull import Puller, Settler
 from .registry import Registry, TaskContext, TaskDef, _current
+from .wire import Delivery
 
 log = logging.getLogger("streamsched.worker")
 
@@ -69,11 +69,12 @@ NAK_WHILE_DRAINING = nak_with_delay(0.5)
 
 
 class _Running:
-    __slots__ = ("msg", "scope")
+    __slots__ = ("cancelled", "msg", "task")
 
-    def __init__(self, msg: Msg) -> None:
+    def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None) -> None:
         self.msg = msg
-        self.scope: anyio.CancelScope | None = None
+        self.task = task
+        self.cancelled = False  # by the drain, past the grace period
 
 
 class Worker:
@@ -99,6 +100,7 @@ class Worker:
         self.settler = Settler(bus, self.puller)
         self.threads = anyio.CapacityLimiter(concurrency)
         self.running: dict[int, _Running] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0}
         self._draining = False
         self._idle = anyio.Event()
@@ -133,8 +135,9 @@ class Worker:
             with anyio.move_on_after(self.settings.grace_s):
                 await self._idle.wait()
             for running in list(self.running.values()):
-                if running.scope is not None:
-                    running.scope.cancel()
+                if running.task is not None:
+                    running.cancelled = True
+                    running.task.cancel()
             with anyio.move_on_after(5):
                 while self.running:
                     await anyio.sleep(0.01)
@@ -143,12 +146,19 @@ class Worker:
             while self.puller.held > 0:
                 await anyio.sleep(0.01)
 
-    def _on_message(self, level: int, msg: Msg) -> None:
+    def _on_message(self, level: int, msg: Delivery) -> None:
         if self._draining or self._tg is None:
             # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
             self.settler.settle(msg, NAK_WHILE_DRAINING)
             return
-        self._tg.start_soon(self._execute, level, msg)
+        task = asyncio.get_running_loop().create_task(self._execute(level, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("running a task failed; ack_wait brings it back", exc_info=task.exception())
 
     async def _heartbeat(self) -> None:
         """One loop keeps every running task alive: ``+WPI`` resets its ack_wait timer."""
@@ -157,11 +167,11 @@ class Worker:
             await anyio.sleep(interval)
             for running in list(self.running.values()):
                 try:
-                    await self.bus.nc.publish(running.msg.reply, b"+WPI")
+                    self.bus.send(running.msg.reply, b"+WPI")
                 except Exception as exc:  # noqa: BLE001 - disconnected: try again next beat
                     log.debug("heartbeat not sent: %r", exc)
 
-    async def _execute(self, level: int, msg: Msg) -> None:
+    async def _execute(self, level: int, msg: Delivery) -> None:
         headers = msg.headers or {}
         task_id = headers.get(subjects.H_TASK_ID)
         task_type = headers.get(subjects.H_TYPE, "")
@@ -169,7 +179,7 @@ class Worker:
             log.error("WORK message without %s on %s; terminating it", subjects.H_TASK_ID, msg.subject)
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return
-        attempt = delivery_info(msg.reply)[0]
+        attempt = msg.num_delivered
         definition = self.registry.get(task_type)
         max_attempts = _int(headers.get(subjects.H_MAX_ATTEMPTS)) or (
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
@@ -185,21 +195,22 @@ class Worker:
             id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
             priority=self.settings.priorities[level], region=self.region, worker=self.id,
         )
-        running = _Running(msg)
+        running = _Running(msg, asyncio.current_task())
         self.running[id(msg)] = running
         begin = time.monotonic()
         error: BaseException | None = None
         result: Any = None
         try:
-            with anyio.CancelScope() as scope:
-                running.scope = scope
-                if definition is None:
-                    raise LookupError(f"no handler for task type {task_type!r} on worker {self.id}")
-                timeout = _float(headers.get(subjects.H_TIMEOUT)) or definition.timeout_s
-                result = await self._call(definition, msg.data, context, timeout)
-            if scope.cancelled_caught:  # drained past the grace period: another worker takes it
-                self.settler.settle(msg, NAK_NOW)
-                return
+            if definition is None:
+                raise LookupError(f"no handler for task type {task_type!r} on worker {self.id}")
+            timeout = _float(headers.get(subjects.H_TIMEOUT)) or definition.timeout_s
+            result = await self._call(definition, msg.data, context, timeout)
+        except asyncio.CancelledError:
+            if not running.cancelled:
+                raise
+            # Drained past the grace period: another worker takes it.
+            self.settler.settle(msg, NAK_NOW)
+            return
         except Exception as exc:  # noqa: BLE001 - every handler error is an outcome
             error = exc
         finally:
@@ -227,7 +238,7 @@ class Worker:
         await self._failed(msg, task_id, task_type, attempt, max_attempts, error, extra)
 
     async def _failed(
-        self, msg: Msg, task_id: str, task_type: str, attempt: int, max_attempts: int,
+        self, msg: Delivery, task_id: str, task_type: str, attempt: int, max_attempts: int,
         error: BaseException, extra: list[Any],
     ) -> None:
         text = _describe(error)
@@ -248,7 +259,7 @@ class Worker:
         self.counts["retrying"] += 1
         await self.settler.forward(msg, [ev.publication(retrying)], reply=nak_with_delay(delay), also=extra)
 
-    async def _dead(self, msg: Msg, task_id: str, task_type: str, attempt: int, error: str, extra: list[Any]) -> None:
+    async def _dead(self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str, extra: list[Any]) -> None:
         """Keep the task and its last error on DLQ, record ``dead``, then term it off WORK."""
         log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error)
         dlq_headers = {
@@ -278,7 +289,7 @@ class Worker:
         token = _current.set(context)
         try:
             if definition.is_async:
-                with anyio.fail_after(timeout):
+                async with asyncio.timeout(timeout):
                     return await definition.fn(payload)
             return await _run_in_thread(definition.fn, payload, timeout, self.threads)
         except TimeoutError:

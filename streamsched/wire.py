@@ -1,0 +1,252 @@
+"""The per-message path of the NATS protocol, underneath nats-py.
+
+nats-py keeps the connection: connecting, reconnecting (and re-subscribing), pings, the
+JetStream API and every subscription that is not on the per-task path. Two things are
+taken over, because per message they cost more than the work around them (measured
+with ``python -m streamsched.bench.publish_cost``, which runs the same publishes both ways):
+
+* **Publishing.** ``Client.publish`` checks the subject with a regex and encodes the
+  headers key by key through another regex and an f-string (about 8 µs). :func:`send`
+  builds the ``PUB``/``HPUB`` line with one bytes format and appends it to the client's
+  write buffer, then wakes its flusher as nats-py would (about 2 µs).
+* **Receiving.** nats-py's parser matches regexes on a bytearray that it shrinks after
+  each message, parses every header, builds a ``Msg`` dataclass and queues it for a
+  task of its own. :class:`FastParser` walks the buffer with an offset and hands the
+  messages of subscriptions registered with :func:`subscribe` straight to a plain
+  callback; it passes everything else to nats-py unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import nats
+from nats import errors
+from nats.aio.subscription import Subscription
+from nats.protocol.parser import (
+    AWAITING_CONTROL_LINE,
+    ERR_RE,
+    INFO_RE,
+    MAX_CONTROL_LINE_SIZE,
+    OK_RE,
+    PING_RE,
+    PONG_RE,
+    Parser,
+)
+
+log = logging.getLogger("streamsched.wire")
+
+#: ``handler(subject, reply, payload, raw_headers)``; raw headers are the bytes of the
+#: ``NATS/1.0`` block, or None. Called from the read loop: it must not block.
+Handler = Callable[[str, str, bytes, "bytes | None"], None]
+
+
+class FastParser(Parser):
+    """nats-py's protocol parser, with a fast lane for ``MSG``/``HMSG`` of chosen subscriptions."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        super().__init__(nc)
+        self.handlers: dict[int, Handler] = {}
+
+    async def parse(self, data: bytes = b"") -> None:
+        if self.state != AWAITING_CONTROL_LINE:  # nats-py is in the middle of a message
+            await super().parse(data)
+            return
+        buf = self.buf
+        buf.extend(data)
+        size = len(buf)
+        pos = 0
+        try:
+            while pos < size:
+                if buf.startswith(b"HMSG ", pos):
+                    skip, has_headers = 5, True
+                elif buf.startswith(b"MSG ", pos):
+                    skip, has_headers = 4, False
+                else:  # PING, PONG, INFO, +OK, -ERR, or the start of a line yet to arrive
+                    del buf[:pos]
+                    size -= pos
+                    pos = 0
+                    used = await self._control_line()
+                    if self.buf is not buf:  # a reconnect reset the parser meanwhile
+                        return
+                    if not used:
+                        break
+                    del buf[:used]
+                    size -= used
+                    continue
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
+                    break
+                # MSG <subject> <sid> [reply] <size> / HMSG <subject> <sid> [reply] <header size> <size>
+                args = buf[pos + skip : line_end].split()
+                header_len = int(args.pop(-2)) if has_headers else 0
+                subject, sid, total = args[0], args[1], int(args[-1])
+                reply = args[2] if len(args) == 4 else b""
+                start = line_end + 2
+                end = start + total
+                if end + 2 > size:
+                    break  # the rest of this message has not arrived yet
+                headers = bytes(buf[start : start + header_len]) if header_len else None
+                payload = bytes(buf[start + header_len : end])
+                pos = end + 2
+                handler = self.handlers.get(int(sid))
+                if handler is None:
+                    await self.nc._process_msg(int(sid), bytes(subject), bytes(reply), payload, headers)
+                    if self.buf is not buf:
+                        return
+                    continue
+                try:
+                    handler(subject.decode(), reply.decode(), payload, headers)
+                except Exception:
+                    log.exception("handler for %s failed", subject.decode(errors="replace"))
+        finally:
+            if pos and self.buf is buf:
+                del buf[:pos]
+
+    async def _control_line(self) -> int:
+        """Handle the one control line at the start of the buffer as nats-py does; its length, or 0 if incomplete."""
+        buf, nc = self.buf, self.nc
+        if match := OK_RE.match(buf):
+            pass
+        elif match := ERR_RE.match(buf):
+            await nc._process_err(match.group(1).decode().lower())
+        elif match := PING_RE.match(buf):
+            await nc._process_ping()
+        elif match := PONG_RE.match(buf):
+            await nc._process_pong()
+        elif match := INFO_RE.match(buf):
+            await nc._process_info(json.loads(match.group(1).decode()))
+        elif len(buf) < MAX_CONTROL_LINE_SIZE and b"\r\n" in buf:
+            raise errors.ProtocolError("nats: unknown protocol")
+        else:
+            return 0
+        return match.end()
+
+
+def install(nc: nats.NATS) -> FastParser:
+    """Give a connected client the fast parser (once; it survives reconnects)."""
+    if isinstance(nc._ps, FastParser):
+        return nc._ps
+    fast = FastParser(nc)
+    # Carry over anything the old parser had buffered (normally nothing right after connect).
+    fast.buf, fast.state, fast.needed, fast.header_needed, fast.msg_arg = (
+        nc._ps.buf, nc._ps.state, nc._ps.needed, nc._ps.header_needed, nc._ps.msg_arg,
+    )
+    nc._ps = fast
+    return fast
+
+
+async def subscribe(nc: nats.NATS, subject: str, handler: Handler) -> Subscription:
+    """Subscribe through nats-py (so reconnects re-subscribe) and route its messages to ``handler``."""
+    parser = install(nc)
+
+    async def unused(_msg: Any) -> None:  # the parser never hands these subscriptions to nats-py
+        pass
+
+    sub = await nc.subscribe(subject, cb=unused, pending_msgs_limit=-1)
+    parser.handlers[sub._id] = handler
+    return sub
+
+
+async def unsubscribe(nc: nats.NATS, sub: Subscription) -> None:
+    parser = nc._ps
+    if isinstance(parser, FastParser):
+        parser.handlers.pop(sub._id, None)
+    await sub.unsubscribe()
+
+
+def encode_headers(headers: dict[str, str]) -> bytes:
+    """The ``NATS/1.0`` header block; line breaks inside a value become spaces."""
+    lines = []
+    for key, value in headers.items():
+        if "\n" in value or "\r" in value:
+            value = " ".join(value.split())
+        lines.append(f"{key}: {value}\r\n")
+    return ("NATS/1.0\r\n" + "".join(lines) + "\r\n").encode()
+
+
+def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
+    """Publish without waiting, with nats-py's rules for a closed or reconnecting client."""
+    if nc.is_closed:
+        raise errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise errors.ConnectionDrainingError
+    if " " in subject or "\r" in subject or "\n" in subject or not subject:
+        raise errors.BadSubjectError
+    if len(payload) > nc._max_payload:
+        raise errors.MaxPayloadError
+    if headers:
+        block = encode_headers(headers)
+        command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(), reply.encode(), len(block), len(block) + len(payload), block, payload,
+        )
+    else:
+        command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+    connected = nc.is_connected
+    if not connected and nc._pending_data_size + len(command) > nc._max_pending_size:
+        raise errors.OutboundBufferLimitError  # reconnecting, and the buffer is full
+    nc._pending.append(command)
+    nc._pending_data_size += len(command)
+    queue = nc._flush_queue
+    if connected and queue is not None and queue.empty():
+        queue.put_nowait(asyncio.get_running_loop().create_future())  # wake the flusher
+
+
+def parse_headers(raw: bytes) -> dict[str, str]:
+    """Header block to dict, as nats-py does it (an inline status becomes ``Status``/``Description``)."""
+    lines = raw.decode(errors="replace").split("\r\n")
+    headers: dict[str, str] = {}
+    first = lines[0]
+    if len(first) > 8:  # "NATS/1.0 408 Request Timeout"
+        status, _, description = first[9:].strip().partition(" ")
+        headers["Status"] = status
+        if description:
+            headers["Description"] = description
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            headers[key.strip()] = value.strip()
+    return headers
+
+
+_UNPARSED: Any = object()
+
+
+def delivery_info(reply: str) -> tuple[int, int, int]:
+    """``(num_delivered, stream_seq, num_pending)`` from a JetStream ack subject.
+
+    Parsed by hand because ``Msg.metadata`` builds datetimes we do not need per message.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    return int(tokens[6]), int(tokens[7]), int(tokens[10])
+
+
+class Delivery:
+    """A message of a stream delivered to a pull request: what the roles use of nats-py's ``Msg``.
+
+    ``num_delivered``, ``stream_seq`` and ``num_pending`` come from the ack subject,
+    parsed once. Headers are parsed on first use: the projector never looks at them.
+    """
+
+    __slots__ = ("_headers", "data", "num_delivered", "num_pending", "raw_headers", "reply", "stream_seq", "subject")
+
+    def __init__(self, subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.data = data
+        self.raw_headers = raw_headers
+        self._headers: dict[str, str] | None = _UNPARSED
+        self.num_delivered, self.stream_seq, self.num_pending = delivery_info(reply)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self._headers is _UNPARSED:
+            self._headers = parse_headers(self.raw_headers) if self.raw_headers else None
+        return self._headers
