@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import wire
-from .bus import ACK, Bus, nak_with_delay, when_all
+from .bus import ACK, Bus, nak_with_delay
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
@@ -326,11 +326,9 @@ class Settler:
         self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, also: Sequence[asyncio.Future[Any]], round_: int
     ) -> None:
         try:
-            futures = [await self.bus.publish(subject, data, headers) for subject, data, headers in publishes]
+            await self.bus.publish_all(publishes, lambda error: self._landed(msg, publishes, reply, error, round_), also)
         except Exception as exc:  # noqa: BLE001 - not connected
             self._landed(msg, publishes, reply, exc, round_)
-            return
-        when_all([*futures, *also], lambda error: self._landed(msg, publishes, reply, error, round_))
 
     def _landed(self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, error: BaseException | None, round_: int) -> None:
         if error is None:

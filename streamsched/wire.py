@@ -161,12 +161,11 @@ async def unsubscribe(nc: nats.NATS, sub: Subscription) -> None:
 
 def encode_headers(headers: dict[str, str]) -> bytes:
     """The ``NATS/1.0`` header block; line breaks inside a value become spaces."""
-    lines = []
-    for key, value in headers.items():
-        if "\n" in value or "\r" in value:
-            value = " ".join(value.split())
-        lines.append(f"{key}: {value}\r\n")
-    return ("NATS/1.0\r\n" + "".join(lines) + "\r\n").encode()
+    text = "NATS/1.0\r\n" + "".join([f"{key}: {value}\r\n" for key, value in headers.items()]) + "\r\n"
+    lines = len(headers) + 2
+    if text.count("\n") != lines or text.count("\r") != lines:  # a value would break the block
+        return encode_headers({key: " ".join(value.split()) for key, value in headers.items()})
+    return text.encode()
 
 
 def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:

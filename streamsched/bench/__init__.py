@@ -1,6 +1,6 @@
 """``streamsched bench``: benchmark scenarios, each on its own nats-server (file storage).
 
-Scenarios: ``throughput``, ``latency``, ``priority``, ``backlog``, ``ceiling``, and
+Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``, and
 ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 Every loop is bounded in count and time.
@@ -20,7 +20,7 @@ from . import ceiling as ceiling_mod
 from . import scenarios
 from .harness import Roles
 
-SCENARIOS = ("throughput", "latency", "priority", "backlog", "ceiling", "all")
+SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "all")
 
 
 def machine() -> dict[str, Any]:
@@ -36,7 +36,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     """Run one scenario (or ``all``) and return its results."""
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    wanted = ("ceiling", "throughput", "latency", "priority", "backlog") if scenario == "all" else (scenario,)
+    wanted = ("ceiling", "throughput", "latency", "priority", "ingress", "backlog") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -54,6 +54,8 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
                 results["latency"].append(await scenarios.latency(rate, int(rate * 10) // scale, roles))
         elif name == "priority":
             results["priority"] = await scenarios.priority(100_000 // scale, 20, 0.01, roles)
+        elif name == "ingress":
+            results["ingress"] = await scenarios.ingress(200_000 // scale, roles)
         elif name == "backlog":
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
     return results
@@ -102,6 +104,13 @@ def report(results: dict[str, Any]) -> str:
             f"priority ({p['backlog']} low tasks of {p['low_task_ms']:.0f} ms queued, 20 high one at a time), ms to start:",
             f"  p50 {w['p50']:.2f}  p95 {w['p95']:.2f}  p99 {w['p99']:.2f}  max {w['max']:.2f}   (target <= {p['target_ms']:.0f})",
             "  by hop (p50/p99): " + ", ".join(f"{hop} {v['p50']:.1f}/{v['p99']:.1f}" for hop, v in p["hops_ms"].items()),
+        ]
+    g = results.get("ingress")
+    if g:
+        lines += [
+            f"ingress ({g['n']} raw submissions queued, then master, regional and projector started):",
+            f"  master drained  {g['master_drain_per_s']:>10.0f} tasks/s   (target >= 8000)",
+            f"  CPU µs/task     {_cpu(g['cpu_us_per_task'])}",
         ]
     b = results.get("backlog")
     if b:

@@ -165,6 +165,32 @@ async def backlog(n: int = 1_000_000, roles: Roles | None = None, sample_s: floa
         }
 
 
+async def ingress(n: int = 200_000, roles: Roles | None = None) -> dict[str, Any]:
+    """N raw submissions queued on TASKS first; then master, regional and projector start,
+    and the master's drain rate is measured from its first ack to its last."""
+    roles = roles or Roles()
+    async with system() as sys_:
+        await submit(sys_.bus, (envelope(f"i{i}") for i in range(n)))
+        sys_.start_roles(roles, only=("master", "regional", "projector"))
+        meter = CpuMeter(sys_.role_pids()).start()
+        await wait_until(lambda: _master_acked_at_least(sys_.bus, 1), timeout_s=60, poll_s=0.01)
+        first = time.monotonic()
+        already = (await sys_.bus.js.consumer_info("TASKS", "master")).ack_floor.stream_seq
+        await wait_until(lambda: _master_acked_at_least(sys_.bus, n), timeout_s=600, poll_s=0.05)
+        drained = time.monotonic()
+        cpu = meter.stop()
+        return {
+            "scenario": "ingress",
+            "n": n,
+            "master_drain_per_s": (n - already) / (drained - first),
+            "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
+        }
+
+
+async def _master_acked_at_least(bus: Any, count: int) -> bool:
+    return (await bus.js.consumer_info("TASKS", "master")).ack_floor.stream_seq >= count
+
+
 async def _work_backlog_at_least(bus: Any, count: int) -> bool:
     info = await bus.js.stream_info("WORK")
     return info.state.messages >= count
