@@ -129,7 +129,7 @@ class Bus:
         """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.wire`)."""
         return await wire.subscribe(self.nc, subject, handler)
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[dict[str, Any]]:
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | bytes | None = None) -> asyncio.Future[dict[str, Any]]:
         """Publish to JetStream without waiting; the future holds the PubAck (a dict) or an error.
 
         Our own path rather than ``js.publish_async``: per message that one draws random

@@ -70,7 +70,7 @@ class Projector:
         self.settings = settings
         self.bus = bus
         self.store = store
-        self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message)
+        self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message, direct=True)
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
@@ -231,7 +231,8 @@ class Projector:
         return state, revision
 
     async def _put(self, task_id: str, state: TaskState, revision: int) -> asyncio.Future[dict[str, Any]]:
-        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), {EXPECTED_LAST_SUBJECT_SEQ: str(revision)})
+        compare_and_set = b"NATS/1.0\r\n%s: %d\r\n\r\n" % (EXPECTED_LAST_SUBJECT_SEQ.encode(), revision)
+        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), compare_and_set)
 
     def _remember(self, task_id: str, entry: tuple[TaskState, int] | None) -> None:
         if entry is None:

@@ -74,12 +74,16 @@ class Puller:
         on_message: Callable[[int, Delivery], Any],
         *,
         share_every: int = 8,
+        direct: bool = False,
     ) -> None:
+        """``direct``: ``on_message`` is synchronous and quick (it only records or spawns),
+        so it is called from the read loop as each message arrives, with no hand-over."""
         self.bus = bus
         self.stream = stream
         self.capacity = capacity
         self.on_message = on_message
         self.share_every = share_every
+        self.direct = direct
         prefix = bus.nc.new_inbox()
         self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
         self.held = 0
@@ -121,7 +125,8 @@ class Puller:
         for index, level in enumerate(self.levels):
             level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
         self._subscribed = True
-        asyncio.get_running_loop().create_task(self._hand_over())
+        if not self.direct:
+            asyncio.get_running_loop().create_task(self._hand_over())
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
@@ -173,6 +178,9 @@ class Puller:
                 self.held += 1
                 delivery = Delivery(subject, reply, data, raw_headers)
                 level.hot = delivery.num_pending > 0
+                if self.direct:
+                    self.on_message(index, delivery)
+                    return
                 level.received.append(delivery)
                 self._received.set()
                 return

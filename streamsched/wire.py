@@ -168,8 +168,12 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return text.encode()
 
 
-def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
-    """Publish without waiting, with nats-py's rules for a closed or reconnecting client."""
+def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | bytes | None = None) -> None:
+    """Publish without waiting, with nats-py's rules for a closed or reconnecting client.
+
+    ``headers`` may be a block already encoded (:func:`encode_headers`), for a header
+    that is the same shape on every message.
+    """
     if nc.is_closed:
         raise errors.ConnectionClosedError
     if nc.is_draining_pubs:
@@ -179,7 +183,7 @@ def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: 
     if len(payload) > nc._max_payload:
         raise errors.MaxPayloadError
     if headers:
-        block = encode_headers(headers)
+        block = headers if type(headers) is bytes else encode_headers(headers)  # type: ignore[arg-type]
         command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
             subject.encode(), reply.encode(), len(block), len(block) + len(payload), block, payload,
         )

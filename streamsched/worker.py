@@ -96,7 +96,7 @@ class Worker:
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
-        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message)
+        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message, direct=True)
         self.settler = Settler(bus, self.puller)
         self.threads = anyio.CapacityLimiter(concurrency)
         self.running: dict[int, _Running] = {}
