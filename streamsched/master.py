@@ -20,6 +20,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Callable
 
 import msgspec
 
@@ -57,7 +58,7 @@ class Master:
     async def shutdown(self) -> None:
         self.puller.stop()
 
-    def validate(self, data: bytes, task_id_if_missing: str) -> Envelope:
+    def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Envelope:
         """The decoded envelope, with its id filled in; raises :class:`Rejected` with a reason.
 
         The rejection carries the submitter's id when it is usable (``Rejected.task_id``),
@@ -76,7 +77,7 @@ class Master:
                 exc.task_id = envelope.id
             raise
         if envelope.id is None:
-            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing)
+            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing())
         return envelope
 
     def _check(self, envelope: Envelope) -> None:
@@ -102,12 +103,14 @@ class Master:
         return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
 
     async def _on_message(self, _level: int, msg: Delivery) -> None:
-        fallback_id = derive_task_id(stored_at_ns(msg.reply), msg.stream_seq)
+        def fallback_id() -> str:  # only for submissions without a usable id: not per message
+            return derive_task_id(stored_at_ns(msg.reply), msg.stream_seq)
+
         now = time.time()
         try:
             envelope = self.validate(msg.data, fallback_id)
         except Rejected as exc:
-            await self._reject(msg, exc.task_id or fallback_id, str(exc), now)
+            await self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
             return
         await self._route(msg, envelope, now)
 

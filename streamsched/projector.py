@@ -46,6 +46,8 @@ HOLD_S = 0.5
 CACHE_SIZE = 50_000
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
+#: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
+WRONG_LAST_SEQUENCE = 10071
 
 
 class _Held:
@@ -58,8 +60,6 @@ class _Held:
         self.msgs: list[Delivery] = []
         self.since = since
         self.final = False
-#: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
-WRONG_LAST_SEQUENCE = 10071
 
 
 class Projector:

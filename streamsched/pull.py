@@ -62,7 +62,8 @@ class Puller:
     request of one message open, so a new task anywhere is seen at once (with less
     capacity than levels they are polled in turn instead, see :meth:`_allocate_scarce`).
     Received messages are handed over by one task, highest level first (see
-    :meth:`_next_received`), yielding every :data:`YIELD_EVERY` messages.
+    :meth:`_next_received`), yielding every :data:`YIELD_EVERY` messages; or, with
+    ``direct``, passed on from the read loop as they arrive.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class Puller:
         self._received = asyncio.Event()
         self._stopped = False
         self._subscribed = False
+        self._hand_over_task: asyncio.Task[None] | None = None  # referenced: the loop keeps tasks weakly
         bus.on_reconnect(self.reset)
 
     @property
@@ -126,7 +128,7 @@ class Puller:
             level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
         self._subscribed = True
         if not self.direct:
-            asyncio.get_running_loop().create_task(self._hand_over())
+            self._hand_over_task = asyncio.get_running_loop().create_task(self._hand_over())
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
@@ -312,6 +314,7 @@ class Settler:
         self.bus = bus
         self.puller = puller
         self.retry_delay_s = retry_delay_s
+        self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     async def forward(
         self,
@@ -342,7 +345,9 @@ class Settler:
         if error is None:
             self.settle(msg, reply)
         elif round_ < len(REPUBLISH_DELAYS_S):
-            asyncio.get_running_loop().create_task(self._republish(msg, publishes, reply, round_))
+            task = asyncio.get_running_loop().create_task(self._republish(msg, publishes, reply, round_))
+            self._republishing.add(task)
+            task.add_done_callback(self._republishing.discard)
         else:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
             self.settle(msg, nak_with_delay(self.retry_delay_s))
