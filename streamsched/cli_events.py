@@ -69,8 +69,8 @@ def _record_json(record: eventlog.Record) -> str:
 
 @schema_app.command("events")
 def schema_events() -> None:
-    """The JSON Schema of every event kind (a tagged union on `kind`)."""
-    typer.echo(msgspec.json.encode(msgspec.json.schema(ev.AnyEvent)).decode())
+    """The JSON Schema of an EVENTS message: one event (a tagged union on `kind`) or an array of them."""
+    typer.echo(msgspec.json.encode(msgspec.json.schema(ev.EventMessage)).decode())
 
 
 @schema_app.command("envelope")

@@ -136,19 +136,20 @@ async def read(
             pass
 
 
-def decode(seq: int, data: bytes, stats: ReadStats) -> ev.Event | None:
-    """The event, or ``None`` (counted, logged with its sequence) if it cannot be trusted."""
+def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.Event]:
+    """The events of one message; none (counted, logged with its sequence) if it cannot be trusted."""
     try:
-        event = ev.decode(data)
+        events = ev.decode_all(data)
     except msgspec.DecodeError as exc:
         stats.skipped += 1
         log.warning("skipping undecodable event at EVENTS seq %d: %s", seq, exc)
-        return None
-    if event.v > ev.SCHEMA_VERSION:
-        stats.skipped += 1
-        log.warning("skipping event of unknown schema version %d at EVENTS seq %d", event.v, seq)
-        return None
-    return event
+        return []
+    for event in events:
+        if event.v > ev.SCHEMA_VERSION:
+            stats.skipped += 1
+            log.warning("skipping event of unknown schema version %d at EVENTS seq %d", event.v, seq)
+            return []
+    return events
 
 
 async def tail(
@@ -163,15 +164,16 @@ async def tail(
 ) -> AsyncIterator[Record]:
     """Events matching the filters, oldest first."""
     stats = stats if stats is not None else ReadStats()
-    subject = subjects.events_filter(task_id or "*", kind or "*")
+    # Not filtered by kind on the server: a message's subject names only its last event.
+    subject = subjects.events_filter(task_id or "*")
     types = _TypeLookup(bus) if task_type else None
     async for stored in read(bus, subjects.EVENTS_STREAM, subject, since or Since(seq=1), follow=follow, stats=stats):
-        event = decode(stored.seq, stored.data, stats)
-        if event is None:
-            continue
-        if types is not None and await types.type_of(event) != task_type:
-            continue
-        yield Record(stored.seq, stored.stored_ns / 1e9, event)
+        for event in decode(stored.seq, stored.data, stats):
+            if kind is not None and ev.kind(event) != kind:
+                continue
+            if types is not None and await types.type_of(event) != task_type:
+                continue
+            yield Record(stored.seq, stored.stored_ns / 1e9, event)
 
 
 class _TypeLookup:

@@ -1,5 +1,11 @@
 """Lifecycle events: one tagged union, published on ``events.<task_id>.<kind>``.
 
+A message holds one event, or a JSON array of consecutive events of one task that one
+process recorded together (the master's ``submitted`` and ``scheduled``; a worker's
+``started`` and the outcome of a task that ended quickly). Its subject names the last
+event. Fewer messages per task is most of what a task costs (see docs/BENCHMARKS.md);
+Temporal records an activity's start with its completion for the same reason.
+
 EVENTS is the source of truth; the KV projection (:mod:`streamsched.state`) is a fold
 of these records, and the replay tools read them back. Every event carries:
 
@@ -162,10 +168,22 @@ AnyEvent = (
 )
 
 _KIND_OF: dict[type, str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+#: Event classes after which a task never changes again (a set lookup: the projector asks per message).
+FINAL_TYPES: frozenset[type] = frozenset(cls for cls in _KIND_OF if cls.status.is_final)
 KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
 
 encode = msgspec.json.Encoder().encode
+#: One event (use :func:`decode_all` for a message, which may hold several).
 decode = msgspec.json.Decoder(AnyEvent).decode
+#: The body of one EVENTS message.
+EventMessage = list[AnyEvent] | AnyEvent  # type: ignore[valid-type]
+_decode_message = msgspec.json.Decoder(EventMessage).decode
+
+
+def decode_all(data: bytes) -> list[Event]:
+    """The events of one EVENTS message, in the order they happened."""
+    decoded = _decode_message(data)
+    return decoded if isinstance(decoded, list) else [decoded]
 
 
 
@@ -179,14 +197,18 @@ def rank(event: Event) -> int:
     return event.attempt * 10 + event.order
 
 
-def publication(event: Event) -> tuple[str, bytes, dict[str, str]]:
-    """``(subject, body, headers)`` to publish ``event``; the msg id dedupes a repeated hop."""
-    name = kind(event)
-    hop = f"{name}@{event.at!r}" if name in REPEATABLE else name
+def publication(*events: Event) -> tuple[str, bytes, dict[str, str]]:
+    """``(subject, body, headers)`` to publish consecutive events of one task as one message.
+
+    The subject names the last event; the msg id names them all, so a repeated hop dedupes.
+    """
+    last = events[-1]
+    assert all(event.task_id == last.task_id for event in events), "one message holds events of one task"
+    hops = "+".join(f"{kind(e)}@{e.at!r}" if kind(e) in REPEATABLE else kind(e) for e in events)
     return (
-        subjects.event(event.task_id, name),
-        encode(event),
-        {subjects.H_MSG_ID: subjects.msg_id(event.task_id, hop, event.attempt)},
+        subjects.event(last.task_id, kind(last)),
+        encode(events[0]) if len(events) == 1 else encode(events),
+        {subjects.H_MSG_ID: subjects.msg_id(last.task_id, hops, last.attempt)},
     )
 
 

@@ -136,7 +136,7 @@ class Master:
             msg,
             [
                 (subjects.sched(region, priority), msg.data, headers),
-                *(ev.publication(event) for event in (submitted, scheduled)),
+                ev.publication(submitted, scheduled),
             ],
         )
         self.accepted += 1

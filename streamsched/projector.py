@@ -21,7 +21,6 @@ import logging
 import time
 from typing import Any
 
-import msgspec
 from nats.js.errors import APIError, BadRequestError
 
 from . import events as ev
@@ -36,9 +35,9 @@ from .wire import Delivery
 
 log = logging.getLogger("streamsched.projector")
 
-#: Events held un-acked at once (the consumer's ``max_ack_pending``).
+#: Event messages held un-acked at once (the consumer's ``max_ack_pending``).
 WINDOW = 8000
-#: Past this many held events, the oldest tasks are written without waiting for ``HOLD_S``.
+#: Past this many held messages, the oldest tasks are written without waiting for ``HOLD_S``.
 PRESSURE = WINDOW // 2
 #: Longest a task's state waits for more of its events before it is written anyway.
 HOLD_S = 0.5
@@ -51,7 +50,7 @@ WRONG_LAST_SEQUENCE = 10071
 
 
 class _Held:
-    """The events of one task received and not yet written."""
+    """The events of one task received and not yet written (and the messages that held them)."""
 
     __slots__ = ("events", "final", "msgs", "since")
 
@@ -74,7 +73,7 @@ class Projector:
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
-        self._held_events = 0
+        self._held_events = 0  # messages, which is what max_ack_pending counts
         self._final: list[str] = []  # held tasks whose state is final: written next
         self._skipped: list[Delivery] = []  # undecodable: acked with the next write
         self._wake = asyncio.Event()
@@ -94,20 +93,21 @@ class Projector:
         self.puller.stop()
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
-        event = decode(msg.stream_seq, msg.data, self.stats)
-        if event is None:
+        events = decode(msg.stream_seq, msg.data, self.stats)
+        if not events:
             self._skipped.append(msg)
             self._wake.set()
             return
-        held = self._held.get(event.task_id)
+        task_id = events[0].task_id  # a message holds events of one task
+        held = self._held.get(task_id)
         if held is None:
-            held = self._held[event.task_id] = _Held(time.monotonic())
-        held.events.append(event)
+            held = self._held[task_id] = _Held(time.monotonic())
+        held.events += events
         held.msgs.append(msg)
         self._held_events += 1
-        if event.status.is_final and not held.final:
+        if not held.final and type(events[-1]) in ev.FINAL_TYPES:  # an outcome is its message's last event
             held.final = True
-            self._final.append(event.task_id)
+            self._final.append(task_id)
             self._wake.set()
         elif self._held_events > PRESSURE:
             self._wake.set()
@@ -223,8 +223,9 @@ class Projector:
 
     def _folded(self, task_id: str, events: list[ev.Event]) -> tuple[TaskState, int]:
         cached = self.cache.get(task_id)
-        # Fold into a copy: the cache must keep the last *written* state if this write fails.
-        state, revision = (msgspec.structs.replace(cached[0]), cached[1]) if cached else (None, 0)
+        # Folded in place: a failed write drops the entry or folds the same events again,
+        # which changes nothing (fold is idempotent); the revision moves only on success.
+        state, revision = cached if cached else (None, 0)
         for event in events:
             state = fold(state, event)
         assert state is not None

@@ -51,7 +51,7 @@ class EventLog:
     async def start(self) -> EventLog:
         async def record(msg: Any) -> None:
             try:
-                self.events.append(ev.decode(msg.data))
+                self.events += ev.decode_all(msg.data)
             except msgspec.DecodeError:
                 self.undecodable.append(msg.data)
             self._changed.set()

@@ -4,9 +4,11 @@ Life of one delivery:
 
 1. The :class:`~streamsched.bus.Puller` hands over a message, never more than
    ``concurrency`` at a time, highest priority first.
-2. ``started`` is published; the handler runs (sync ones in a thread) under its
-   per-attempt timeout, while one heartbeat loop sends ``in_progress`` for every
-   running task so a long task is not redelivered while its worker is alive.
+2. The handler runs (sync ones in a thread) under its per-attempt timeout, while one
+   heartbeat loop sends ``in_progress`` for every running task so a long task is not
+   redelivered while its worker is alive. ``started`` is published once the task has
+   run for :data:`STARTED_HOLD_S`; a task that ends sooner carries it in the message of
+   its outcome (one message instead of two, as Temporal records an activity's start).
 3. The outcome is published first, then the message is settled:
 
    ============================  ==========================  ========================
@@ -37,7 +39,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -66,15 +68,29 @@ MAX_ERROR_CHARS = 2000
 NAK_NOW = b"-NAK"
 #: Nak for a message that arrives while the worker stops.
 NAK_WHILE_DRAINING = nak_with_delay(0.5)
+#: A task running longer than this gets its ``started`` event on its own; quicker ones
+#: publish it with their outcome. Its ``at`` is the start either way.
+STARTED_HOLD_S = 0.1
 
 
 class _Running:
-    __slots__ = ("cancelled", "msg", "task")
+    __slots__ = ("began", "cancelled", "msg", "started", "started_future", "task")
 
-    def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None) -> None:
+    def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None, started: ev.Started) -> None:
         self.msg = msg
         self.task = task
+        self.began = time.monotonic()
+        self.started: ev.Started | None = started  # None once published
+        self.started_future: Any = None  # its PubAck, once published on its own
         self.cancelled = False  # by the drain, past the grace period
+
+    def unpublished(self) -> list[ev.Event]:
+        """``[started]`` if it has not gone out on its own: it goes with the outcome."""
+        return [self.started] if self.started is not None else []
+
+    def landing(self) -> list[Any]:
+        """What the settle must also wait for: the PubAck of ``started`` sent on its own."""
+        return [self.started_future] if self.started_future is not None else []
 
 
 class Worker:
@@ -114,6 +130,7 @@ class Worker:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._heartbeat)
+            tg.start_soon(self._announce_started)
             await self.puller.run()  # returns once shutdown() stopped it
             # Drop interest at once: the server then skips this worker's open pull requests,
             # so nothing more arrives here to be nak'ed (each nak would count as an attempt).
@@ -171,6 +188,16 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - disconnected: try again next beat
                     log.debug("heartbeat not sent: %r", exc)
 
+    async def _announce_started(self) -> None:
+        """Publish ``started`` of every task that has run for :data:`STARTED_HOLD_S`."""
+        while True:
+            await anyio.sleep(STARTED_HOLD_S / 2)
+            cutoff = time.monotonic() - STARTED_HOLD_S
+            for running in list(self.running.values()):
+                if running.started is not None and running.began <= cutoff:
+                    started, running.started = running.started, None
+                    running.started_future = await self._publish_quietly(ev.publication(started))
+
     async def _execute(self, level: int, msg: Delivery) -> None:
         headers = msg.headers or {}
         task_id = headers.get(subjects.H_TASK_ID)
@@ -186,18 +213,17 @@ class Worker:
         )
         if attempt > max_attempts:
             error = f"attempt {attempt} of {max_attempts}: earlier attempts ended without an outcome (worker lost?)"
-            await self._dead(msg, task_id, task_type, attempt, error, [])
+            await self._dead(msg, task_id, task_type, attempt, error)
             return
 
         started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
-        started_future = await self._publish_quietly(ev.publication(started))
         context = TaskContext(
             id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
             priority=self.settings.priorities[level], region=self.region, worker=self.id,
         )
-        running = _Running(msg, asyncio.current_task())
+        running = _Running(msg, asyncio.current_task(), started)
         self.running[id(msg)] = running
-        begin = time.monotonic()
+        begin = running.began
         error: BaseException | None = None
         result: Any = None
         try:
@@ -218,7 +244,6 @@ class Worker:
             if not self.running:
                 self._idle.set()
 
-        extra = [started_future] if started_future is not None else []
         if error is None:
             try:
                 encoded = msgspec.json.encode(result)
@@ -233,23 +258,23 @@ class Worker:
                     result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
                 )
                 self.counts["succeeded"] += 1
-                await self.settler.forward(msg, [ev.publication(done)], reply=ACK, also=extra)
+                await self.settler.forward(msg, [ev.publication(*running.unpublished(), done)], reply=ACK, also=running.landing())
                 return
-        await self._failed(msg, task_id, task_type, attempt, max_attempts, error, extra)
+        await self._failed(running, task_id, task_type, attempt, max_attempts, error)
 
     async def _failed(
-        self, msg: Delivery, task_id: str, task_type: str, attempt: int, max_attempts: int,
-        error: BaseException, extra: list[Any],
+        self, running: _Running, task_id: str, task_type: str, attempt: int, max_attempts: int, error: BaseException,
     ) -> None:
+        msg, before, extra = running.msg, running.unpublished(), running.landing()
         text = _describe(error)
         if isinstance(error, Fail):
             log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
             failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
             self.counts["failed"] += 1
-            await self.settler.forward(msg, [ev.publication(failed)], reply=term_with_reason(text), also=extra)
+            await self.settler.forward(msg, [ev.publication(*before, failed)], reply=term_with_reason(text), also=extra)
             return
         if attempt >= max_attempts:
-            await self._dead(msg, task_id, task_type, attempt, text, extra)
+            await self._dead(msg, task_id, task_type, attempt, text, before, extra)
             return
         delay = error.delay_s if isinstance(error, Retry) and error.delay_s is not None else self.backoff(attempt)
         log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
@@ -257,9 +282,12 @@ class Worker:
             task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text, delay_s=delay,
         )
         self.counts["retrying"] += 1
-        await self.settler.forward(msg, [ev.publication(retrying)], reply=nak_with_delay(delay), also=extra)
+        await self.settler.forward(msg, [ev.publication(*before, retrying)], reply=nak_with_delay(delay), also=extra)
 
-    async def _dead(self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str, extra: list[Any]) -> None:
+    async def _dead(
+        self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str,
+        before: Sequence[ev.Event] = (), extra: Sequence[Any] = (),
+    ) -> None:
         """Keep the task and its last error on DLQ, record ``dead``, then term it off WORK."""
         log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error)
         dlq_headers = {
@@ -272,7 +300,7 @@ class Worker:
         dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=error)
         self.counts["dead"] += 1
         await self.settler.forward(
-            msg, [(subjects.dlq(task_id), msg.data, dlq_headers), ev.publication(dead)],
+            msg, [(subjects.dlq(task_id), msg.data, dlq_headers), ev.publication(*before, dead)],
             reply=term_with_reason("dead: attempts exhausted"), also=extra,
         )
 

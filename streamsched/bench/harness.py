@@ -195,9 +195,12 @@ def rss_mb(pids: dict[str, int]) -> dict[str, float]:
 
 
 async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 120.0) -> list[ev.Event]:
-    """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer."""
+    """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer.
+
+    Every message is read: one may hold several events, and its subject names the last.
+    """
     psub = await bus.js.pull_subscribe(
-        f"events.*.{kind}",
+        subjects.events_filter(),
         durable=None,
         stream=subjects.EVENTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True),
@@ -210,7 +213,7 @@ async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 
                 msgs = await psub.fetch(2000, timeout=1.0)
             except (asyncio.TimeoutError, TimeoutError):
                 continue
-            out += [ev.decode(m.data) for m in msgs]
+            out += [event for m in msgs for event in ev.decode_all(m.data) if ev.kind(event) == kind]
     finally:
         await psub.unsubscribe()
     return out

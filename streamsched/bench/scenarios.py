@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from .. import subjects
 from .harness import (
     CpuMeter,
     Roles,
@@ -107,8 +108,14 @@ async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01
             task_id = f"high{i}"
             sent = time.time()
             await (await sys_.bus.publish("tasks.submit", envelope(task_id, "echo", "high")))
-            await wait_until(lambda tid=task_id: _has_event(sys_.bus, tid, "started"), timeout_s=60, poll_s=0.002)
-            at = {kind: (await _event(sys_.bus, task_id, kind)).at for kind in ("submitted", "dispatched", "started")}
+            seen: dict[str, Any] = {}
+
+            async def has_started(tid: str = task_id) -> bool:
+                seen.update(await _events_of(sys_.bus, tid))
+                return "started" in seen and "dispatched" in seen
+
+            await wait_until(has_started, timeout_s=60, poll_s=0.002)
+            at = {kind: seen[kind].at for kind in ("submitted", "dispatched", "started")}
             waits.append(1000 * (at["started"] - sent))
             # Where the wait was spent: ingress (master), SCHED -> WORK (regional), WORK -> worker.
             hops["to_submitted"].append(1000 * (at["submitted"] - sent))
@@ -202,16 +209,15 @@ async def _routed(bus: Any) -> bool:
     return master.num_pending == 0 and master.num_ack_pending == 0 and sched.state.messages == 0
 
 
-async def _has_event(bus: Any, task_id: str, kind: str) -> bool:
-    try:
-        await bus.js.get_last_msg("EVENTS", f"events.{task_id}.{kind}", direct=True)
-        return True
-    except Exception:  # noqa: BLE001 - not there yet
-        return False
-
-
-async def _event(bus: Any, task_id: str, kind: str) -> Any:
+async def _events_of(bus: Any, task_id: str) -> dict[str, Any]:
+    """The latest event of each kind of one task, from the last message of each subject."""
     from .. import events as ev
 
-    msg = await bus.js.get_last_msg("EVENTS", f"events.{task_id}.{kind}", direct=True)
-    return ev.decode(msg.data)
+    out: dict[str, Any] = {}
+    for last_kind in ("scheduled", "dispatched", "started", "succeeded"):
+        try:
+            msg = await bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.event(task_id, last_kind), direct=True)
+        except Exception:  # noqa: BLE001 - not there (yet)
+            continue
+        out |= {ev.kind(event): event for event in ev.decode_all(msg.data)}
+    return out

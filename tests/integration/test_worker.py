@@ -15,7 +15,7 @@ import anyio
 import msgspec
 import pytest
 
-from streamsched import current_task, streams, subjects, task
+from streamsched import current_task, eventlog, streams, subjects, task
 from streamsched import events as ev
 from streamsched.bus import Bus
 from streamsched.client import Client
@@ -225,6 +225,21 @@ async def test_a_task_running_three_times_longer_than_ack_wait_completes_exactly
     assert (info.num_redelivered, info.delivered.consumer_seq, info.num_ack_pending) == (0, 1, 0)
 
 
+async def test_a_long_task_is_recorded_as_started_while_it_runs(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=1)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="slow", type="test.nap", payload={"seconds": 1.5})
+        # Quick tasks send `started` with their outcome; a long one must not wait for it.
+        await events.wait(lambda log: "started" in log.kinds_of("slow"), timeout_s=5, what="started of the running task")
+        assert "succeeded" not in events.kinds_of("slow")
+        started_at = events.of_task("slow")[-1].at
+        final = await events.wait_final("slow", timeout_s=10)
+    assert ev.kind(final) == "succeeded" and final.duration_s >= 1.4
+    assert final.at - started_at >= 1.4  # `at` is the start, not when it was announced
+    info = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter("slow"))
+    assert set(info.state.subjects) == {f"events.slow.{kind}" for kind in ("scheduled", "dispatched", "started", "succeeded")}
+
+
 async def test_the_same_id_submitted_twice_runs_once(settings, bus, events: EventLog, registry):
     # One slot, one priority: a second copy of the task would run before the sentinel.
     worker = Worker(settings, bus, registry, region=REGION, concurrency=1)
@@ -240,9 +255,11 @@ async def test_the_same_id_submitted_twice_runs_once(settings, bus, events: Even
     assert tasks.state.subjects == {subjects.SUBMIT: 3}  # both copies reached the master
     kinds = events.kinds_of("twice")
     assert (kinds.count("started"), kinds.count("succeeded")) == (1, 1), kinds
-    stored = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter("twice"))
-    assert set(stored.state.subjects.values()) == {1}  # EVENTS holds each step once
-    assert len(stored.state.subjects) == 5
+    stored = [ev.kind(record.event) for record in await eventlog.history(bus, "twice")]
+    assert stored == ["submitted", "scheduled", "dispatched", "started", "succeeded"]  # EVENTS holds each step once
+    # ...in three messages: the master's two steps together, and a quick task's start with its outcome.
+    info = await bus.js.stream_info(subjects.EVENTS_STREAM, subjects_filter=subjects.events_filter("twice"))
+    assert info.state.subjects == {f"events.twice.{kind}": 1 for kind in ("scheduled", "dispatched", "succeeded")}
 
 
 @pytest.mark.parametrize("handler", ["sleep", "test.nap"], ids=["sync", "async"])

@@ -71,6 +71,17 @@ def test_events_round_trip_through_json_with_their_kind():
         assert ev.kind(decoded) in ev.KINDS
 
 
+def test_consecutive_events_of_a_task_share_one_message_named_after_the_last():
+    started, succeeded = LIFE[-2], LIFE[-1]
+    subject, body, headers = ev.publication(started, succeeded)
+    assert subject == "events.t.succeeded"
+    assert headers["Nats-Msg-Id"] == f"t:started+succeeded:{succeeded.attempt}"
+    assert ev.decode_all(body) == [started, succeeded]
+    # A message of one event is the event itself, as it always was.
+    subject, body, _ = ev.publication(started)
+    assert (subject, ev.decode(body), ev.decode_all(body)) == ("events.t.started", started, [started])
+
+
 def test_a_rejected_resubmission_does_not_overwrite_an_accepted_task_with_the_same_id():
     rejected = ev.Rejected(task_id="t", at=2.5, reason="unknown region", original=b"{}")
     for order in ([*LIFE[:3], rejected, *LIFE[3:]], [rejected, *LIFE], [*LIFE, rejected]):
