@@ -2,8 +2,8 @@
 
 Events arrive through a continuous pull and are grouped by task. A task's events are
 held (un-acked) until its state is final, or for at most :data:`HOLD_S`, and then
-written together: a task that runs within that time costs one KV write for its five or
-so events. Final states are written after :data:`COALESCE_S`. Every write
+written together: a task that runs within that time costs one KV write for its three
+event messages. Final states are written after :data:`COALESCE_S`. Every write
 is a compare-and-set on the key's last revision: with several projectors, or a stale
 cache, the loser re-reads the key and folds again. The fold itself is idempotent and
 order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered events

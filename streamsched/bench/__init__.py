@@ -79,6 +79,7 @@ def report(results: dict[str, Any]) -> str:
             f"  pull + ack         {ceiling['consume_per_s']:>10.0f} msgs/s",
             f"  two-hop pipeline   {ceiling['pipeline_per_s']:>10.0f} tasks/s   "
             f"CPU µs/task {_cpu(ceiling['pipeline_cpu_us_per_task'])}",
+            "  nats-server msgs/task   in {:.1f}, out {:.1f}".format(*ceiling["pipeline_server_in_out_per_task"]),
         ]
     t = results.get("throughput")
     if t:
@@ -89,6 +90,8 @@ def report(results: dict[str, Any]) -> str:
             f"  projected to KV    {t['projected_per_s']:>10.0f} tasks/s",
             f"  submit             {t['submit_per_s']:>10.0f} tasks/s",
             f"  CPU µs/task        {t['cpu_us_per_task_total']:>10.0f} total: {_cpu(t['cpu_us_per_task'])}",
+            "  nats-server msgs/task   in {:.1f}, out {:.1f}; stored: ".format(*t["server_in_out_per_task"])
+            + ", ".join(f"{name} {count:.2f}" for name, count in t["stream_messages_per_task"].items()),
         ]
     for lat in results.get("latency", []):
         s, f = lat["submit_to_started_ms"], lat["submit_to_succeeded_ms"]

@@ -23,7 +23,7 @@ import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from ..server import NatsServer, free_port
-from .harness import CpuMeter, wait_until
+from .harness import CpuMeter, server_messages, wait_until
 
 
 async def _publish(js: Any, subject: str, n: int) -> float:
@@ -52,7 +52,7 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    server = NatsServer(port=free_port(), store_dir=Path(tempfile.mkdtemp(prefix="streamsched-ceiling-"))).start()
+    server = NatsServer(port=free_port(), store_dir=Path(tempfile.mkdtemp(prefix="streamsched-ceiling-")), monitor_port=free_port()).start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         nc = await nats.connect(server.url)
@@ -74,11 +74,13 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
         await _publish(js, "raw.a", 500)  # warm-up
         await wait_until(lambda: _b_done(js, 500), timeout_s=60, poll_s=0.02)
         meter = CpuMeter({"nats-server": server.process.pid, "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()  # type: ignore[union-attr]
+        messages_before = await server_messages(server)
         began = time.monotonic()
         await _publish(js, "raw.a", pipeline_n)
         await wait_until(lambda: _b_done(js, 500 + pipeline_n), timeout_s=300, poll_s=0.02)
         pipeline_s = time.monotonic() - began
         cpu = meter.stop()
+        messages_after = await server_messages(server)
         await nc.close()
         return {
             "scenario": "ceiling",
@@ -86,6 +88,7 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
             "consume_per_s": n / consume_s,
             "pipeline_per_s": pipeline_n / pipeline_s,
             "pipeline_cpu_us_per_task": {k: 1e6 * v / pipeline_n for k, v in cpu.items()},
+            "pipeline_server_in_out_per_task": [(a - b) / pipeline_n for b, a in zip(messages_before, messages_after)],
         }
     finally:
         for proc in procs:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +102,7 @@ class System:
 async def system(settings_overrides: dict[str, Any] | None = None) -> AsyncIterator[System]:
     """A fresh nats-server (file storage, temporary store) with streams applied."""
     store = Path(tempfile.mkdtemp(prefix="streamsched-bench-"))
-    server = NatsServer(port=free_port(), store_dir=store).start()
+    server = NatsServer(port=free_port(), store_dir=store, monitor_port=free_port()).start()
     settings = Settings.load({}, nats_url=server.url, **(settings_overrides or {}))
     bus = await Bus.connect(server.url, name="bench-driver")
     sys_ = System(settings, server, bus)
@@ -116,6 +118,18 @@ async def system(settings_overrides: dict[str, Any] | None = None) -> AsyncItera
         await bus.close()
         server.stop()
         subprocess.run(["rm", "-rf", str(store)], check=False)
+
+
+async def server_messages(server: NatsServer) -> tuple[int, int]:
+    """Messages into and out of nats-server so far (its ``/varz``), to count them per task."""
+    url = f"http://{server.host}:{server.monitor_port}/varz"
+
+    def get() -> tuple[int, int]:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            varz = json.load(response)
+        return varz["in_msgs"], varz["out_msgs"]
+
+    return await asyncio.to_thread(get)
 
 
 async def succeeded_count(bus: Bus) -> int:

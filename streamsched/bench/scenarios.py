@@ -15,6 +15,7 @@ from .harness import (
     projector_caught_up,
     read_events,
     rss_mb,
+    server_messages,
     submit,
     succeeded_count,
     system,
@@ -41,17 +42,22 @@ async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, A
         sys_.start_roles(roles)
         base = await _warm_up(sys_.bus)
         meter = CpuMeter(sys_.role_pids()).start()
+        messages_before = await server_messages(sys_.server)
         began = time.monotonic()
         submit_s = await submit(sys_.bus, (envelope(f"t{i}") for i in range(n)))
         done = await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=600)
         projected = await wait_until(lambda: projector_caught_up(sys_.bus), timeout_s=600)
         cpu = meter.stop()
+        messages_after = await server_messages(sys_.server)
         elapsed = done - began
         total = n + WARMUP
         messages = {name: (await sys_.bus.js.stream_info(name)).state.last_seq / total for name in ("TASKS", "SCHED", "WORK", "EVENTS", "KV_tasks")}
         return {
             "scenario": "throughput",
             "stream_messages_per_task": messages,
+            # Every message a client sent or received (publishes, acks, pull requests, deliveries,
+            # PubAcks, the bench's own polls): the server's and the clients' per-message work.
+            "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after)],
             "n": n,
             "roles": vars(roles),
             "tasks_per_s": n / elapsed,
