@@ -195,6 +195,8 @@ class Worker:
             cutoff = time.monotonic() - STARTED_HOLD_S
             for running in list(self.running.values()):
                 if running.started is not None and running.began <= cutoff:
+                    # Taken before the await: if the task ends while this publish waits for
+                    # room, its outcome goes without `started`, which the fold does not need.
                     started, running.started = running.started, None
                     running.started_future = await self._publish_quietly(ev.publication(started))
 
