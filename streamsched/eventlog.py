@@ -164,9 +164,7 @@ async def tail(
 ) -> AsyncIterator[Record]:
     """Events matching the filters, oldest first."""
     stats = stats if stats is not None else ReadStats()
-    # A message's subject names only its last event: kinds that can come first are
-    # filtered after decoding, the others by the server.
-    subject = subjects.events_filter(task_id or "*", kind if kind and kind not in ev.LEADING else "*")
+    subject = ev.subject_filter(task_id or "*", kind)
     types = _TypeLookup(bus) if task_type else None
     async for stored in read(bus, subjects.EVENTS_STREAM, subject, since or Since(seq=1), follow=follow, stats=stats):
         for event in decode(stored.seq, stored.data, stats):

@@ -186,7 +186,6 @@ def decode_all(data: bytes) -> list[Event]:
     return decoded if isinstance(decoded, list) else [decoded]
 
 
-
 def kind(event: Event) -> str:
     """The event's tag, e.g. ``"started"``."""
     return _KIND_OF[type(event)]
@@ -222,3 +221,11 @@ REPEATABLE = frozenset({"progress", "reprioritized"})
 #: Kinds that may share a message with a later event (see the module doc), so a subject
 #: filter on them misses some; every other kind is always the last of its message.
 LEADING = frozenset({"submitted", "started"})
+
+
+def subject_filter(task_id: str = "*", kind: str | None = None) -> str:
+    """The EVENTS filter that finds every event of ``kind`` (all kinds: ``None``) of a task.
+
+    A kind in :data:`LEADING` gets no kind filter: its reader picks it after decoding.
+    """
+    return subjects.events_filter(task_id, kind if kind and kind not in LEADING else "*")

@@ -45,6 +45,8 @@ HOLD_S = 0.5
 CACHE_SIZE = 50_000
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
+#: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
+_COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d\r\n\r\n"
 #: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -73,7 +75,7 @@ class Projector:
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
-        self._held_events = 0  # messages, which is what max_ack_pending counts
+        self._held_msgs = 0  # held messages in all: what max_ack_pending counts
         self._final: list[str] = []  # held tasks whose state is final: written next
         self._skipped: list[Delivery] = []  # undecodable: acked with the next write
         self._wake = asyncio.Event()
@@ -104,12 +106,12 @@ class Projector:
             held = self._held[task_id] = _Held(time.monotonic())
         held.events += events
         held.msgs.append(msg)
-        self._held_events += 1
+        self._held_msgs += 1
         if not held.final and type(events[-1]) in ev.FINAL_TYPES:  # an outcome is its message's last event
             held.final = True
             self._final.append(task_id)
             self._wake.set()
-        elif self._held_events > PRESSURE:
+        elif self._held_msgs > PRESSURE:
             self._wake.set()
 
     def _due(self) -> tuple[dict[str, list[ev.Event]], list[Delivery]]:
@@ -120,7 +122,7 @@ class Projector:
 
         def take(task_id: str) -> None:
             held = self._held.pop(task_id)
-            self._held_events -= len(held.msgs)
+            self._held_msgs -= len(held.msgs)
             batch[task_id] = held.events
             msgs.extend(held.msgs)
 
@@ -128,7 +130,7 @@ class Projector:
             take(task_id)
         self._final.clear()
         cutoff = time.monotonic() - HOLD_S
-        excess = self._held_events - PRESSURE
+        excess = self._held_msgs - PRESSURE
         old: list[str] = []
         for task_id, held in self._held.items():  # dicts keep insertion order: oldest first
             if held.since > cutoff and excess <= 0:
@@ -232,8 +234,7 @@ class Projector:
         return state, revision
 
     async def _put(self, task_id: str, state: TaskState, revision: int) -> asyncio.Future[dict[str, Any]]:
-        compare_and_set = b"NATS/1.0\r\n%s: %d\r\n\r\n" % (EXPECTED_LAST_SUBJECT_SEQ.encode(), revision)
-        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), compare_and_set)
+        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision)
 
     def _remember(self, task_id: str, entry: tuple[TaskState, int] | None) -> None:
         if entry is None:

@@ -211,10 +211,10 @@ def rss_mb(pids: dict[str, int]) -> dict[str, float]:
 async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 120.0) -> list[ev.Event]:
     """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer.
 
-    Every message is read: one may hold several events, and its subject names the last.
+    A message may hold several events, and its subject names the last (see ``events.subject_filter``).
     """
     psub = await bus.js.pull_subscribe(
-        subjects.events_filter(),
+        ev.subject_filter(kind=kind),
         durable=None,
         stream=subjects.EVENTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True),
