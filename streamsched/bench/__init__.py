@@ -1,8 +1,11 @@
 """``streamsched bench``: benchmark scenarios, each on its own nats-server (file storage).
 
-Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``, and
-``all`` (ceiling first, then the others, so ratios compare figures of one run).
+Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``,
+``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
+``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
+Dramatiq and taskiq on the same no-op workload, and ``throughput`` too so that they compare
+within one run; ``all`` ends with it when it can run, and prints why it was skipped when not.
 Every loop is bounded in count and time.
 """
 
@@ -17,10 +20,11 @@ from typing import Any
 import psutil
 
 from . import ceiling as ceiling_mod
+from . import peers as peers_mod
 from . import scenarios
 from .harness import Roles
 
-SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "all")
+SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "peers", "all")
 
 
 def machine() -> dict[str, Any]:
@@ -36,7 +40,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     """Run one scenario (or ``all``) and return its results."""
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    wanted = ("ceiling", "throughput", "latency", "priority", "ingress", "backlog") if scenario == "all" else (scenario,)
+    wanted = ("ceiling", "throughput", "latency", "priority", "ingress", "backlog", "peers") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -58,6 +62,11 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
             results["ingress"] = await scenarios.ingress(200_000 // scale, roles)
         elif name == "backlog":
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
+        elif name == "peers":
+            # The target is a ratio to the best peer of the same run, so ours runs here too.
+            if "throughput" not in results and peers_mod.unavailable() is None:
+                results["throughput"] = await scenarios.throughput(50_000 // scale, roles)
+            results["peers"] = await peers_mod.run(scale)
     return results
 
 
@@ -123,7 +132,32 @@ def report(results: dict[str, Any]) -> str:
             "  peak RSS MB        " + ", ".join(f"{k} {v:.0f}" for k, v in b["peak_rss_mb"].items()),
             "  disk bytes/task    " + ", ".join(f"{k} {v:.0f}" for k, v in b["disk_bytes_per_task"].items()),
         ]
+    lines += _peers_lines(results)
     return "\n".join(lines)
+
+
+def _peers_lines(results: dict[str, Any]) -> list[str]:
+    peers = results.get("peers")
+    if not peers:
+        return []
+    if "skipped" in peers:
+        return [f"peers: skipped: {peers['skipped']}"]
+    lines = ["peers (same no-op workload, same run), tasks/s:"]
+    for row in peers["peers"]:
+        label = f"  {row['name']} ({row['config']})"
+        if "error" in row:
+            lines.append(f"{label:<42} failed: {row['error']}")
+        else:
+            lines.append(
+                f"{label:<42} {row['tasks_per_s']:>6.0f}   {row['n']} tasks, "
+                f"CPU µs/task {row['cpu_us_per_task_total']:.0f}: {_cpu(row['cpu_us_per_task'])}"
+            )
+    best = max((row["tasks_per_s"] for row in peers["peers"] if "error" not in row), default=None)
+    ours = results.get("throughput", {}).get("tasks_per_s")
+    if ours:
+        ratio = f"   = {ours / best:.1f}x best peer (target >= 2)" if best else "   (no peer finished)"
+        lines.append(f"{'  streamsched':<42} {ours:>6.0f}{ratio}")
+    return lines
 
 
 def _cpu(values: dict[str, float]) -> str:
