@@ -230,7 +230,9 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts, for a smoke run.")] = False,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    concurrency: Annotated[int, typer.Option(help="Task slots per worker.")] = 64,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Task slots per worker [default: 64; 16 in priority, whose low tasks sleep 10 ms].")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:
     """Run a benchmark on its own nats-server; prints a table and writes JSON results."""

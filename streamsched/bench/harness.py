@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,6 +33,8 @@ from ..bus import Bus
 from ..config import Settings
 from ..server import NatsServer, free_port
 
+#: Task slots per worker unless a scenario or ``--concurrency`` says otherwise.
+CONCURRENCY = 64
 #: Hard cap on how long any wait in a scenario may take.
 MAX_WAIT_S = 900.0
 
@@ -41,11 +44,17 @@ class Roles:
     """Which role processes a scenario runs (one region, ``default``)."""
 
     workers: int = 1
-    concurrency: int = 64
+    #: Task slots per worker; None: the scenario's own (:data:`CONCURRENCY`, or less, see ``priority``).
+    concurrency: int | None = None
     handlers: str = "workers.examples"
     masters: int = 1
     regionals: int = 1
     projectors: int = 1
+
+
+    def resolved(self, concurrency: int = 0) -> Roles:
+        """These roles, with ``concurrency`` (default :data:`CONCURRENCY`) where none was chosen."""
+        return dataclasses.replace(self, concurrency=self.concurrency or concurrency or CONCURRENCY)
 
 
 @dataclass
