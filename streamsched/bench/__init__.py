@@ -22,7 +22,7 @@ import psutil
 
 from . import ceiling as ceiling_mod
 from . import peers as peers_mod
-from . import scenarios
+from . import scenarios, targets
 from .harness import Roles
 
 SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "peers", "all")
@@ -136,6 +136,11 @@ def report(results: dict[str, Any]) -> str:
             "  disk bytes/task    " + ", ".join(f"{k} {v:.0f}" for k, v in b["disk_bytes_per_task"].items()),
         ]
     lines += _peers_lines(results)
+    judged = targets.judge(results)
+    if judged:
+        width = max(len(name) for name, _, _ in judged)
+        lines.append("targets (issue 3), figures of this run:")
+        lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]
     return "\n".join(lines)
 
 

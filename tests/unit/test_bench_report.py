@@ -21,3 +21,30 @@ def test_peers_block_gives_the_ratio_to_the_best_peer_that_finished() -> None:
 def test_a_skipped_peers_scenario_says_why_and_how_to_install() -> None:
     lines = bench._peers_lines({"peers": {"scenario": "peers", "skipped": "celery not found; install with: pip install -e '.[peers]'"}})
     assert lines == ["peers: skipped: celery not found; install with: pip install -e '.[peers]'"]
+
+
+def test_targets_are_judged_only_on_figures_of_the_run() -> None:
+    from streamsched.bench import targets
+
+    results = {
+        "ceiling": {"pipeline_per_s": 10_000.0},
+        "throughput": {"tasks_per_s": 9_000.0},
+        "latency": [{"rate_per_s": 250.0, "submit_to_started_ms": {"p50": 1.5, "p99": 9.0}}],
+        "ingress": {"master_drain_per_s": 8_500.0},
+    }
+    judged = {name.split(":")[0].split(" >=")[0]: met for name, _, met in targets.judge(results)}
+    # 0.9 x the ceiling is met; a p99 of 9 ms is not; no peers or priority ran, so neither is judged.
+    assert judged == {"throughput": True, "latency at 250/s": False, "ingress": True}
+
+
+def test_backlog_flatness_compares_the_second_half_of_the_growth() -> None:
+    from streamsched.bench import targets
+
+    def sample(t: float, projector_mb: float) -> dict:
+        return {"t": t, "rss_mb": {"projector0": projector_mb, "nats-server": 10.0 * t + 1}}
+
+    leaking = {"routed_s": 100.0, "rss_samples": [sample(t, 50.0 + t) for t in range(0, 101, 10)]}
+    role, growth = targets._growth(leaking)
+    assert role == "projector0" and growth > targets.BACKLOG_GROWTH  # 100 -> 150 MB: it grows with the backlog
+    flat = {"routed_s": 100.0, "rss_samples": [sample(t, min(100.0, 20.0 + 10 * t)) for t in range(0, 101, 10)]}
+    assert targets._growth(flat) == ("projector0", 0.0)  # filled early, then flat; nats-server is not a role
