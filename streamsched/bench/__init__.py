@@ -133,6 +133,7 @@ def report(results: dict[str, Any]) -> str:
             f"backlog ({b['n']} tasks queued with no workers, then drained):",
             f"  submitted in {b['submit_s']:.0f}s, all in WORK after {b['routed_s']:.0f}s, drained at {b['drain_per_s']:.0f} tasks/s",
             "  peak RSS MB        " + ", ".join(f"{k} {v:.0f}" for k, v in b["peak_rss_mb"].items()),
+            *_rss_over_time(b),
             "  disk bytes/task    " + ", ".join(f"{k} {v:.0f}" for k, v in b["disk_bytes_per_task"].items()),
         ]
     lines += _peers_lines(results)
@@ -142,6 +143,19 @@ def report(results: dict[str, Any]) -> str:
         lines.append("targets (issue 3), figures of this run:")
         lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]
     return "\n".join(lines)
+
+
+def _rss_over_time(backlog: dict[str, Any], points: int = 8) -> list[str]:
+    """RSS of each process at a few moments spread over the run, so growth shows in the table."""
+    samples = backlog["rss_samples"]
+    if len(samples) < 2:
+        return []
+    picked = [samples[round(i * (len(samples) - 1) / (points - 1))] for i in range(points)]
+    lines = ["  RSS MB at " + ", ".join(f"{s['t']:.0f}" for s in picked) + " s (worker from "
+             f"{backlog['routed_s']:.0f} s):"]
+    for name in samples[-1]["rss_mb"]:
+        lines.append(f"    {name:<14} " + " ".join(f"{s['rss_mb'].get(name, 0.0):>5.0f}" for s in picked))
+    return lines
 
 
 def _peers_lines(results: dict[str, Any]) -> list[str]:

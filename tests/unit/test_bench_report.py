@@ -48,3 +48,10 @@ def test_backlog_flatness_compares_the_second_half_of_the_growth() -> None:
     assert role == "projector0" and growth > targets.BACKLOG_GROWTH  # 100 -> 150 MB: it grows with the backlog
     flat = {"routed_s": 100.0, "rss_samples": [sample(t, min(100.0, 20.0 + 10 * t)) for t in range(0, 101, 10)]}
     assert targets._growth(flat) == ("projector0", 0.0)  # filled early, then flat; nats-server is not a role
+
+
+def test_backlog_report_shows_rss_over_time_from_first_to_last_sample() -> None:
+    samples = [{"t": float(t), "rss_mb": {"projector0": 10.0 + t}} for t in range(0, 100, 5)]
+    lines = bench._rss_over_time({"rss_samples": samples, "routed_s": 50.0}, points=3)
+    assert lines[0].startswith("  RSS MB at 0, 50, 95 s")
+    assert lines[1].split() == ["projector0", "10", "60", "105"]
