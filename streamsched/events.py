@@ -34,8 +34,12 @@ from .model import MaybeRaw, Status
 SCHEMA_VERSION = 1
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
-    """Fields every event has. ``rank`` orders the events of one task (see :func:`rank`)."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind", gc=False):
+    """Fields every event has. ``rank`` orders the events of one task (see :func:`rank`).
+
+    Untracked by the cyclic garbage collector (``gc=False``, as the structs of model.py): an
+    event holds only JSON values, so it cannot be part of a reference cycle.
+    """
 
     task_id: str
     at: float

@@ -54,7 +54,10 @@ class Status(str, enum.Enum):
 FINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.DEAD, Status.REJECTED, Status.CANCELLED})
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# gc=False on the structs of every message (here and in events.py): built from JSON, they
+# cannot hold a reference cycle, and the projector keeps tens of thousands of them cached, which
+# Python's cyclic collector would otherwise walk on every full collection.
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """A task as submitted to ``tasks.submit`` (JSON)."""
 
     type: str
@@ -86,7 +89,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 UNSUPPORTED_FIELDS = ("depends_on", "run_at", "delay_s", "cron", "split", "idempotency_key")
 
 
-class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True):
+class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """The latest state of one task: the value of KV ``tasks.<id>``."""
 
     id: str

@@ -1,14 +1,24 @@
-"""Envelope decoding, ids and settings."""
+"""Envelope decoding, ids, settings, and how the message structs sit with the garbage collector."""
 
 from __future__ import annotations
+
+import gc
 
 import msgspec
 import pytest
 
+from streamsched import events as ev
 from streamsched.client import new_task_id
 from streamsched.config import Settings
 from streamsched.errors import ConfigError
-from streamsched.model import UNSUPPORTED_FIELDS, derive_task_id, envelope_decoder
+from streamsched.model import (
+    UNSUPPORTED_FIELDS,
+    Envelope,
+    Status,
+    TaskState,
+    derive_task_id,
+    envelope_decoder,
+)
 from streamsched.subjects import is_token
 
 
@@ -63,3 +73,14 @@ def test_explicit_overrides_win_and_none_means_not_given():
     settings = Settings.load({"STREAMSCHED_REGIONS": "eu"}, regions=None, grace_s=3)
     assert settings.regions == ("eu",)
     assert settings.grace_s == 3.0
+
+
+def test_message_structs_are_not_tracked_by_the_cyclic_collector() -> None:
+    """The projector caches tens of thousands of states; tracked, every full collection walks them."""
+    samples = [
+        TaskState(id="t1", status=Status.PENDING, labels={"team": "a"}),
+        ev.Submitted(task_id="t1", at=1.0, type="echo", priority="high", labels={"team": "a"}),
+        ev.Succeeded(task_id="t1", at=2.0, result=None),
+        Envelope(type="echo", labels={"team": "a"}),
+    ]
+    assert [gc.is_tracked(sample) for sample in samples] == [False] * len(samples)
