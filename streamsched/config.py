@@ -69,6 +69,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Disk limit of KV ``tasks``."""
     replicas: int = 1
     """Stream replicas: 1 on a laptop, 3 on a cluster."""
+    projector_nice: int = 10
+    """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
+    Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first
+    and the state view catches up after a burst. 0 keeps it level with the other roles."""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -107,6 +111,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("at least one region and one priority are needed")
         if self.master_window < 1 or self.regional_window < 1:
             raise ConfigError("windows must be at least 1")
+        if not 0 <= self.projector_nice <= 19:
+            raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
 
 
 def _parse_env(value: str, default: Any) -> Any:

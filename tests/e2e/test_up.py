@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from streamsched.server import free_port
@@ -61,6 +63,12 @@ async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Pa
         await nc.close()
         assert sum(1 for k in outcomes.values() if k == "succeeded") == 100
         assert sum(1 for k in outcomes.values() if k == "rejected") == 5
+        # The projector yields the cores to the task pipeline (settings.projector_nice); the rest do not.
+        base = os.nice(0)
+        niceness = {
+            child.cmdline()[3]: child.nice() for child in psutil.Process(up.pid).children() if child.cmdline()[1:3] == ["-m", "streamsched"]
+        }
+        assert niceness == {"master": base, "regional": base, "projector": base + 10, "worker": base}, niceness
     finally:
         up.send_signal(signal.SIGINT)
         try:

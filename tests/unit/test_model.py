@@ -67,6 +67,8 @@ def test_settings_come_from_the_environment_and_refuse_unknown_keys():
         Settings.load({"STREAMSCHED_REGOINS": "eu"})
     with pytest.raises(ConfigError, match="not a valid region"):
         Settings.load({}, regions=("e.u",))
+    with pytest.raises(ConfigError, match="projector_nice must be 0 to 19"):
+        Settings.load({"STREAMSCHED_PROJECTOR_NICE": "20"})
 
 
 def test_explicit_overrides_win_and_none_means_not_given():
