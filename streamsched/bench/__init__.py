@@ -174,7 +174,7 @@ def _peers_lines(results: dict[str, Any]) -> list[str]:
                 f"{label:<42} {row['tasks_per_s']:>6.0f}   {row['n']} tasks, "
                 f"CPU µs/task {row['cpu_us_per_task_total']:.0f}: {_cpu(row['cpu_us_per_task'])}"
             )
-    best = max((row["tasks_per_s"] for row in peers["peers"] if "error" not in row), default=None)
+    best = targets.best_peer(peers)
     ours = results.get("throughput", {}).get("tasks_per_s")
     if ours:
         ratio = f"   = {ours / best:.1f}x best peer (target >= 2)" if best else "   (no peer finished)"

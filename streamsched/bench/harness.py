@@ -51,7 +51,6 @@ class Roles:
     regionals: int = 1
     projectors: int = 1
 
-
     def resolved(self, concurrency: int = 0) -> Roles:
         """These roles, with ``concurrency`` (default :data:`CONCURRENCY`) where none was chosen."""
         return dataclasses.replace(self, concurrency=self.concurrency or concurrency or CONCURRENCY)

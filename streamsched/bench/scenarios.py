@@ -104,9 +104,9 @@ async def latency(rate: float = 250.0, n: int = 2000, roles: Roles | None = None
 
 async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01, roles: Roles | None = None) -> dict[str, Any]:
     """A queued backlog of low tasks (``low_s`` each), then high tasks one at a time."""
-    # 16 slots run the lows at 1,600/s. With 64 the worker would run 6,400 lows/s, more than
-    # the whole pipeline carries on two cores (about 5,500 no-op tasks/s with their events),
-    # and the figure would measure CPU saturation, not how a high task passes a queue.
+    # 16 slots run the lows at 1,600/s. With 64 the worker would run 6,400 lows/s, about all
+    # the whole pipeline carries on two cores (no-op tasks with their events), and the figure
+    # would measure CPU saturation, not how a high task passes a queue.
     roles = (roles or Roles()).resolved(PRIORITY_CONCURRENCY)
     async with system() as sys_:
         sys_.start_roles(roles)

@@ -31,7 +31,7 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     if throughput and ceiling:
         ratio = throughput["tasks_per_s"] / ceiling["pipeline_per_s"]
         rows.append((f"throughput >= {CEILING_RATIO} x raw two-hop", f"{ratio:.2f} x", ratio >= CEILING_RATIO))
-    best = _best_peer(results.get("peers"))
+    best = best_peer(results.get("peers"))
     if throughput and best:
         ratio = throughput["tasks_per_s"] / best
         rows.append((f"throughput >= {PEER_RATIO:.0f} x best peer", f"{ratio:.2f} x", ratio >= PEER_RATIO))
@@ -66,7 +66,8 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def _best_peer(peers: dict[str, Any] | None) -> float | None:
+def best_peer(peers: dict[str, Any] | None) -> float | None:
+    """tasks/s of the fastest peer that finished, if any ran."""
     if not peers or "peers" not in peers:
         return None
     return max((row["tasks_per_s"] for row in peers["peers"] if "error" not in row), default=None)

@@ -1,6 +1,7 @@
 """The bench report: what it says about peers, from results of the shape the scenarios return."""
 
 from streamsched import bench
+from streamsched.bench import targets
 
 
 def _peer(name: str, per_s: float) -> dict:
@@ -24,8 +25,6 @@ def test_a_skipped_peers_scenario_says_why_and_how_to_install() -> None:
 
 
 def test_targets_are_judged_only_on_figures_of_the_run() -> None:
-    from streamsched.bench import targets
-
     results = {
         "ceiling": {"pipeline_per_s": 10_000.0},
         "throughput": {"tasks_per_s": 9_000.0},
@@ -38,8 +37,6 @@ def test_targets_are_judged_only_on_figures_of_the_run() -> None:
 
 
 def test_backlog_flatness_compares_the_second_half_of_the_growth() -> None:
-    from streamsched.bench import targets
-
     def sample(t: float, projector_mb: float) -> dict:
         return {"t": t, "rss_mb": {"projector0": projector_mb, "nats-server": 10.0 * t + 1}}
 
