@@ -23,10 +23,6 @@ BROKER = "redis"
 N = 5_000
 
 
-def _noop(submitted_at: float) -> None:
-    recorder.record(submitted_at)
-
-
 def build(url: str) -> tuple[Celery, Any]:
     app = Celery("streamsched-peers", broker=url)
     app.conf.update(
@@ -36,7 +32,7 @@ def build(url: str) -> tuple[Celery, Any]:
         task_serializer="json",
         accept_content=["json"],
     )
-    return app, app.task(name="noop", shared=False)(_noop)
+    return app, app.task(name="noop", shared=False)(recorder.record)
 
 
 #: What ``celery -A`` loads in the worker process (see ``recorder.BROKER_URL_ENV``).
