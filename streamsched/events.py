@@ -172,8 +172,8 @@ AnyEvent = (
 )
 
 _KIND_OF: dict[type, str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
-#: Event classes after which a task never changes again (a set lookup: the projector asks per message).
-FINAL_TYPES: frozenset[type] = frozenset(cls for cls in _KIND_OF if cls.status.is_final)
+#: Kinds after which a task never changes again (the projector looks up each message's subject).
+FINAL_KINDS: frozenset[str] = frozenset(tag for cls, tag in _KIND_OF.items() if cls.status.is_final)
 KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
 
 encode = msgspec.json.Encoder().encode

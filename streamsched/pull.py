@@ -364,8 +364,12 @@ class Settler:
         ``count`` > 1 is for consumers with ack policy "all", where one ack covers the
         messages delivered before it.
         """
+        self.settle_reply(msg.reply, reply, count=count)
+
+    def settle_reply(self, ack_subject: str, reply: bytes, *, count: int = 1) -> None:
+        """:meth:`settle` for a message of which only its reply (ack) subject was kept."""
         try:
-            self.bus.send(msg.reply, reply)
+            self.bus.send(ack_subject, reply)
         except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
-            log.debug("could not settle %s: %r", msg.subject, exc)
+            log.debug("could not settle %s: %r", ack_subject, exc)
         self.puller.release(count)

@@ -28,7 +28,7 @@ from .bus import Bus
 from .config import Settings
 from .eventlog import ReadStats, Since, read
 from .model import derive_task_id, envelope_decoder
-from .projector import Projector
+from .projector import WINDOW, Projector
 from .service import Role
 from .state import StateStore
 
@@ -100,7 +100,7 @@ async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, 
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             inactive_threshold=300.0,
-            max_ack_pending=8000,
+            max_ack_pending=WINDOW,
         ),
     )
     projector = Projector(settings, bus, store, consumer=consumer)

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from . import subjects
 from .bus import Bus
 from .config import Settings
+from .projector import WINDOW as PROJECTOR_WINDOW
 
 #: Streams whose subjects are few (per region and priority), so a count per subject is useful.
 DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM)
@@ -125,7 +126,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 filter_subject="events.>",
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
-                max_ack_pending=8000,
+                max_ack_pending=PROJECTOR_WINDOW,
                 max_deliver=-1,
             ),
         ),

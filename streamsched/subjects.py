@@ -62,6 +62,15 @@ def event(task_id: str, kind: str) -> str:
     return f"events.{task_id}.{kind}"
 
 
+def event_parts(subject: str) -> tuple[str, str]:
+    """``(task_id, kind)`` of an EVENTS subject: the inverse of :func:`event`.
+
+    Raises ``ValueError`` for a subject of another shape.
+    """
+    _, task_id, kind = subject.split(".")
+    return task_id, kind
+
+
 def events_filter(task_id: str = "*", kind: str = "*") -> str:
     """A filter over EVENTS, e.g. every event of one task."""
     return f"events.{task_id}.{kind}"

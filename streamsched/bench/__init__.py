@@ -72,6 +72,15 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     return results
 
 
+def _lean_line(ceiling: dict[str, Any]) -> list[str]:
+    if "lean_pipeline_per_s" not in ceiling:  # results saved before the lean pipeline existed
+        return []
+    return [
+        f"  two-hop, lean      {ceiling['lean_pipeline_per_s']:>10.0f} tasks/s   "
+        f"CPU µs/task {_cpu(ceiling['lean_pipeline_cpu_us_per_task'])}   (stages skip next_msg(); for comparison)"
+    ]
+
+
 def save(results: dict[str, Any], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -89,12 +98,13 @@ def report(results: dict[str, Any]) -> str:
             f"  publish            {ceiling['publish_per_s']:>10.0f} msgs/s",
             f"  pull + ack         {ceiling['consume_per_s']:>10.0f} msgs/s",
             f"  two-hop pipeline   {ceiling['pipeline_per_s']:>10.0f} tasks/s   "
-            f"CPU µs/task {_cpu(ceiling['pipeline_cpu_us_per_task'])}",
+            f"CPU µs/task {_cpu(ceiling['pipeline_cpu_us_per_task'])}   (stages as peerbench's; the targets' reference)",
+            *_lean_line(ceiling),
             "  nats-server msgs/task   in {:.1f}, out {:.1f}".format(*ceiling["pipeline_server_in_out_per_task"]),
         ]
     t = results.get("throughput")
     if t:
-        ratio = f"   = {t['tasks_per_s'] / ceiling['pipeline_per_s']:.2f} x raw two-hop" if ceiling else ""
+        ratio = "   = " + targets.ceiling_ratios(t, ceiling).replace(" x", " x raw two-hop", 1) if ceiling else ""
         lines += [
             f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}):",
             f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}",

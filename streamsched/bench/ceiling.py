@@ -1,14 +1,16 @@
 """The raw engine, measured in the same run as streamsched, so results can be given as ratios.
 
-Three measurements with plain nats-py and no streamsched code (the method of the
-project's peer benchmarks):
+Measurements with plain nats-py and no streamsched code (the method of the project's
+peer benchmarks):
 
 * publish: N JetStream async publishes, at most 4000 in flight;
 * consume: one process drains them with a continuous pull and acks each;
 * pipeline: submitter → stream A → stage process (pull, republish to B, wait for the
-  PubAcks, ack A) → stage process (pull B, ack), each stage with continuous pull.
+  PubAcks, ack A) → stage process (pull B, ack), each stage with continuous pull. Twice:
+  with stages written as peerbench writes them (``pipeline_*``, the targets' reference),
+  then with leaner stages (``lean_pipeline_*``); see :mod:`streamsched.bench.stage`.
 
-Stage processes run ``python -m streamsched.bench.stage URL STREAM CONSUMER [OUT_SUBJECT]``.
+Stage processes run ``python -m streamsched.bench.stage STYLE URL STREAM CONSUMER [OUT_SUBJECT]``.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ async def _stream(js: Any, name: str, subject: str) -> None:
     await js.add_consumer(name, ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000, ack_wait=60))
 
 
-def _spawn(url: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "streamsched.bench.stage", url, *args])
+def _spawn(style: str, url: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "streamsched.bench.stage", style, url, *args])
 
 
 async def _drained(js: Any, stream: str) -> bool:
@@ -60,35 +62,24 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
         await _stream(js, "RAWPUB", "raw.pub")
         publish_s = await _publish(js, "raw.pub", n)
 
-        consumer = _spawn(server.url, "RAWPUB", "c")
+        consumer = _spawn("lean", server.url, "RAWPUB", "c")
         procs.append(consumer)
         began = time.monotonic()
         await wait_until(lambda: _drained(js, "RAWPUB"), timeout_s=300, poll_s=0.02)
         consume_s = time.monotonic() - began
+        consumer.kill()
+        consumer.wait()
 
-        await _stream(js, "RAWA", "raw.a")
-        await _stream(js, "RAWB", "raw.b")
-        stage_a = _spawn(server.url, "RAWA", "c", "raw.b")
-        stage_b = _spawn(server.url, "RAWB", "c")
-        procs += [stage_a, stage_b]
-        await _publish(js, "raw.a", 500)  # warm-up
-        await wait_until(lambda: _b_done(js, 500), timeout_s=60, poll_s=0.02)
-        meter = CpuMeter({"nats-server": server.process.pid, "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()  # type: ignore[union-attr]
-        messages_before = await server_messages(server)
-        began = time.monotonic()
-        await _publish(js, "raw.a", pipeline_n)
-        await wait_until(lambda: _b_done(js, 500 + pipeline_n), timeout_s=300, poll_s=0.02)
-        pipeline_s = time.monotonic() - began
-        cpu = meter.stop()
-        messages_after = await server_messages(server)
+        reference = await _two_hop(server, js, procs, "peerbench", pipeline_n)
+        lean = await _two_hop(server, js, procs, "lean", pipeline_n)
         await nc.close()
         return {
             "scenario": "ceiling",
             "publish_per_s": n / publish_s,
             "consume_per_s": n / consume_s,
-            "pipeline_per_s": pipeline_n / pipeline_s,
-            "pipeline_cpu_us_per_task": {k: 1e6 * v / pipeline_n for k, v in cpu.items()},
-            "pipeline_server_in_out_per_task": [(a - b) / pipeline_n for b, a in zip(messages_before, messages_after)],
+            # The targets' reference: stages written as peerbench writes them.
+            **{f"pipeline_{key}": value for key, value in reference.items()},
+            **{f"lean_pipeline_{key}": value for key, value in lean.items()},
         }
     finally:
         for proc in procs:
@@ -97,6 +88,34 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
         server.stop()
 
 
-async def _b_done(js: Any, count: int) -> bool:
-    info = await js.consumer_info("RAWB", "c")
+async def _two_hop(server: NatsServer, js: Any, procs: list[subprocess.Popen[bytes]], style: str, n: int) -> dict[str, Any]:
+    """Submitter → stream A → stage → stream B → stage, with stages of ``style`` (see stage.py)."""
+    a, b = f"RAWA{style.upper()}", f"RAWB{style.upper()}"
+    await _stream(js, a, f"raw.{style}.a")
+    await _stream(js, b, f"raw.{style}.b")
+    stage_a = _spawn(style, server.url, a, "c", f"raw.{style}.b")
+    stage_b = _spawn(style, server.url, b, "c")
+    procs += [stage_a, stage_b]
+    await _publish(js, f"raw.{style}.a", 500)  # warm-up
+    await wait_until(lambda: _acked(js, b, 500), timeout_s=60, poll_s=0.02)
+    meter = CpuMeter({"nats-server": server.process.pid, "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()  # type: ignore[union-attr]
+    messages_before = await server_messages(server)
+    began = time.monotonic()
+    await _publish(js, f"raw.{style}.a", n)
+    await wait_until(lambda: _acked(js, b, 500 + n), timeout_s=300, poll_s=0.02)
+    seconds = time.monotonic() - began
+    cpu = meter.stop()
+    messages_after = await server_messages(server)
+    for stage in (stage_a, stage_b):  # the next pipeline gets the cores to itself
+        stage.kill()
+        stage.wait()
+    return {
+        "per_s": n / seconds,
+        "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
+        "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after)],
+    }
+
+
+async def _acked(js: Any, stream: str, count: int) -> bool:
+    info = await js.consumer_info(stream, "c")
     return info.ack_floor.stream_seq >= count

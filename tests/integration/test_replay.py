@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import anyio
@@ -100,6 +101,30 @@ async def test_folding_the_same_events_again_changes_nothing(settings, bus, even
         await projector_idle(bus, events, 0)
     after = await (await StateStore.open(bus)).all(bus)
     assert {k: msgspec.json.encode(v) for k, v in after.items()} == {k: msgspec.json.encode(v) for k, v in before.items()}
+
+
+async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(settings, bus, events):
+    """Each task's pending and final events arrive within the hold window: one KV write per
+    task, in batches of at most MAX_BATCH tasks, and every event is acked."""
+    from streamsched import projector as projector_mod
+
+    n = 2 * projector_mod.MAX_BATCH + 300
+    published = []
+    for i in range(n):
+        task_id = f"b{i}"
+        published.append(await bus.publish(*ev.publication(ev.Submitted(task_id=task_id, at=1.0, type="noop", priority="normal", region="default"))))
+        published.append(await bus.publish(*ev.publication(ev.Succeeded(task_id=task_id, at=2.0, attempt=1))))
+    await asyncio.gather(*published)
+    store = await StateStore.open(bus)
+    projector = Projector(settings, bus, store)
+    async with running([projector]):
+        with anyio.fail_after(60):
+            while (info := await bus.js.consumer_info("EVENTS", "projector")).num_pending or info.num_ack_pending:
+                await anyio.sleep(0.05)
+    states = await store.all(bus)
+    assert len(states) == n and {s.status for s in states.values()} == {Status.SUCCEEDED}
+    assert (await bus.js.stream_info("KV_tasks")).state.last_seq == n  # one write per task
+    assert projector.applied == 2 * n
 
 
 async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):

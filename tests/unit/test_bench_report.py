@@ -52,3 +52,10 @@ def test_backlog_report_shows_rss_over_time_from_first_to_last_sample() -> None:
     lines = bench._rss_over_time({"rss_samples": samples, "routed_s": 50.0}, points=3)
     assert lines[0].startswith("  RSS MB at 0, 50, 95 s")
     assert lines[1].split() == ["projector0", "10", "60", "105"]
+
+
+def test_throughput_is_judged_on_the_peerbench_two_hop_and_shown_against_the_lean_one_too() -> None:
+    results = {"ceiling": {"pipeline_per_s": 10_000.0, "lean_pipeline_per_s": 20_000.0}, "throughput": {"tasks_per_s": 8_500.0}}
+    [(name, figure, met)] = targets.judge(results)
+    assert name.startswith("throughput >= 0.8 x raw two-hop")
+    assert figure == "0.85 x (lean: 0.42 x)" and met
