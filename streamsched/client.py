@@ -15,10 +15,13 @@ from typing import Any
 
 import anyio
 import msgspec
+from nats.js.api import DeliverPolicy
 
+from . import events as ev
 from . import subjects
 from .bus import Bus
-from .errors import NotFound, StreamschedError
+from .errors import NotFound
+from .eventlog import ReadStats, decode
 from .model import (
     DEFAULT_PRIORITY,
     Envelope,
@@ -26,9 +29,8 @@ from .model import (
     TaskState,
     _base32,
     raw_value,
-    state_decoder,
 )
-from .state import StateStore, is_final
+from .state import StateStore, fold, is_final
 
 
 def new_task_id() -> str:
@@ -105,21 +107,29 @@ class Client:
         return found[0] if found else None
 
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
-        """Wait until the task reaches a final status (succeeded, failed, dead, rejected)."""
-        watcher = await self.store.kv.watch(subjects.state_key(task_id))
+        """Wait until the task reaches a final status (succeeded, failed, dead, rejected).
+
+        Folds the task's own events as EVENTS stores them (an ordered consumer on
+        ``events.<id>.*``, from its first event), so the answer does not wait for the state
+        projection in KV, which runs at a lower CPU priority and may lag behind a burst.
+        The state is the one the projector folds from the same events.
+        """
+        sub = await self.bus.js.subscribe(
+            ev.subject_filter(task_id), stream=subjects.EVENTS_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        state: TaskState | None = None
+        stats = ReadStats()
         try:
             with anyio.fail_after(timeout_s):
-                async for entry in watcher:
-                    if entry is None or entry.value is None:
-                        continue
-                    state = state_decoder.decode(entry.value)
-                    if is_final(state):
+                while True:
+                    msg = await sub.next_msg(timeout=None)
+                    for event in decode(msg.metadata.sequence.stream, msg.data, stats):
+                        state = fold(state, event)
+                    if state is not None and is_final(state):
                         return state
         except TimeoutError:
-            state = await self.get(task_id)
             if state is None:
                 raise NotFound(f"no task {task_id} after {timeout_s}s") from None
             raise TimeoutError(f"task {task_id} still {state.status.value} after {timeout_s}s") from None
         finally:
-            await watcher.stop()
-        raise StreamschedError(f"the watch on task {task_id} ended early")  # pragma: no cover
+            await sub.unsubscribe()

@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from streamsched.client import Client
+from streamsched.errors import NotFound
 from streamsched.model import Status
 from streamsched.state import StateStore
 from streamsched.testing import EventLog, all_roles, running
@@ -25,3 +26,25 @@ async def test_a_raw_json_submission_runs_and_its_result_is_recorded(settings, b
         assert msgspec.json.decode(state.result) == {"hello": "world"}
         assert (state.type, state.priority, state.region, state.attempts) == ("echo", "medium", "default", 1)
         assert state.submitted_at <= state.started_at <= state.finished_at
+
+
+async def test_wait_folds_the_tasks_own_events_and_needs_no_projector(settings, bus, examples):
+    master, regional, _projector, worker = await all_roles(settings, bus, examples)
+    async with running([master, regional, worker]):
+        await bus.nc.publish("tasks.submit", b'{"id":"np","type":"echo","payload":7}')
+        client = Client(bus, await StateStore.open(bus))
+        state = await client.wait("np", timeout_s=10)
+        assert state.status is Status.SUCCEEDED and msgspec.json.decode(state.result) == 7
+        assert (state.type, state.attempts) == ("echo", 1)
+        assert await client.get("np") is None  # the KV view was never written: nothing projected it
+
+
+async def test_wait_says_whether_the_task_is_unknown_or_not_done_yet(settings, bus, examples):
+    master, regional, _projector, _worker = await all_roles(settings, bus, examples)
+    client = Client(bus, await StateStore.open(bus))
+    with pytest.raises(NotFound, match="no task ghost"):
+        await client.wait("ghost", timeout_s=0.3)
+    async with running([master, regional]):  # no worker: the task waits on WORK
+        await bus.nc.publish("tasks.submit", b'{"id":"queued","type":"echo"}')
+        with pytest.raises(TimeoutError, match="task queued still (pending|scheduled) after"):
+            await client.wait("queued", timeout_s=1.0)
