@@ -3,12 +3,13 @@
 Events arrive through a continuous pull and are grouped by task, by their subject
 (``events.<task_id>.<kind>``). A task's event messages are held (un-acked, as their
 bytes: they are decoded when written) until its state is final, or for at most
-:data:`HOLD_S`, and then written together: a task that runs within that time costs one KV
-write for its three event messages. Final states are written after :data:`COALESCE_S`. Every write
-is a compare-and-set on the key's last revision: with several projectors, or a stale
-cache, the loser re-reads the key and folds again. The fold itself is idempotent and
-order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered events
-end in the same state. Events are acked only after their write landed.
+:data:`HOLD_S`, and then written together: a task that runs within that time costs one
+KV write for its three event messages. Final states are written after
+:data:`COALESCE_S`. Every write is a compare-and-set on the key's last revision: with
+several projectors, or a stale cache, the loser re-reads the key and folds again. The
+fold itself is idempotent and order-insensitive (:func:`streamsched.state.fold`), so
+redelivered or reordered events end in the same state. Events are acked only after their
+write landed.
 
 A corrupt or unknown event never stops the projector: it is logged with its stream
 sequence, counted, and acked with its batch.
