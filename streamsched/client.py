@@ -123,6 +123,8 @@ class Client:
             with anyio.fail_after(timeout_s):
                 while True:
                     msg = await sub.next_msg(timeout=None)
+                    if not msg.reply:  # a status, not a stored event
+                        continue
                     for event in decode(msg.metadata.sequence.stream, msg.data, stats):
                         state = fold(state, event)
                     if state is not None and is_final(state):

@@ -104,7 +104,7 @@ def report(results: dict[str, Any]) -> str:
         ]
     t = results.get("throughput")
     if t:
-        ratio = "   = " + targets.ceiling_ratios(t, ceiling).replace(" x", " x raw two-hop", 1) if ceiling else ""
+        ratio = "   = " + targets.ceiling_ratios(t, ceiling, " raw two-hop") if ceiling else ""
         lines += [
             f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}):",
             f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}",

@@ -67,9 +67,10 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def ceiling_ratios(throughput: dict[str, Any], ceiling: dict[str, Any]) -> str:
-    """End to end / the reference two-hop, then / the lean one when it ran: "0.70 x (lean: 0.35 x)"."""
-    text = f"{throughput['tasks_per_s'] / ceiling['pipeline_per_s']:.2f} x"
+def ceiling_ratios(throughput: dict[str, Any], ceiling: dict[str, Any], name: str = "") -> str:
+    """End to end / the reference two-hop, then / the lean one when it ran:
+    "0.70 x{name} (lean: 0.35 x)"."""
+    text = f"{throughput['tasks_per_s'] / ceiling['pipeline_per_s']:.2f} x{name}"
     if "lean_pipeline_per_s" in ceiling:
         text += f" (lean: {throughput['tasks_per_s'] / ceiling['lean_pipeline_per_s']:.2f} x)"
     return text

@@ -16,7 +16,7 @@ from streamsched.bus import Bus
 from streamsched.config import Settings
 from streamsched.eventlog import ReadStats, Since, history, tail
 from streamsched.model import Status
-from streamsched.projector import Projector
+from streamsched.projector import MAX_BATCH, Projector
 from streamsched.registry import Registry
 from streamsched.replay import compare_states, rebuild_state, replay_submissions
 from streamsched.state import StateStore
@@ -103,12 +103,10 @@ async def test_folding_the_same_events_again_changes_nothing(settings, bus, even
     assert {k: msgspec.json.encode(v) for k, v in after.items()} == {k: msgspec.json.encode(v) for k, v in before.items()}
 
 
-async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(settings, bus, events):
+async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(settings, bus):
     """Each task's pending and final events arrive within the hold window: one KV write per
     task, in batches of at most MAX_BATCH tasks, and every event is acked."""
-    from streamsched import projector as projector_mod
-
-    n = 2 * projector_mod.MAX_BATCH + 300
+    n = 2 * MAX_BATCH + 300
     published = []
     for i in range(n):
         task_id = f"b{i}"
