@@ -89,7 +89,6 @@ class Projector:
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
         self._held_msgs = 0  # held messages in all: what max_ack_pending counts
         self._final: list[str] = []  # held tasks whose state is final: written next
-        self._skipped: list[str] = []  # replies of messages on a malformed subject: acked with the next write
         self._wake = asyncio.Event()
         self.stats = ReadStats()
         self.applied = 0
@@ -112,8 +111,7 @@ class Projector:
         except ValueError:
             self.stats.skipped += 1
             log.warning("skipping event on malformed subject %r at EVENTS seq %d", msg.subject, msg.stream_seq)
-            self._skipped.append(msg.reply)
-            self._wake.set()
+            self.settler.settle(msg, ACK)  # nothing to fold: nothing to wait for
             return
         held = self._held.get(task_id)
         if held is None:
@@ -133,7 +131,7 @@ class Projector:
         first, those held ``HOLD_S`` and as many more as it takes to get back under
         ``PRESSURE``. If more are due, the flush loop is woken again at once."""
         batch: Batch = {}
-        replies, self._skipped = self._skipped, []
+        replies: list[str] = []
 
         def take(task_id: str) -> None:
             held = self._held.pop(task_id)

@@ -356,20 +356,18 @@ class Settler:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
         await self._attempt(msg, publishes, reply, (), round_ + 1)
 
-    def settle(self, msg: Delivery, reply: bytes, *, count: int = 1) -> None:
-        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release ``count`` credits.
+    def settle(self, msg: Delivery, reply: bytes) -> None:
+        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release its credit.
 
         The reply is buffered, not awaited: it goes out with the other writes of this
         loop tick, and the puller turns the freed credit into one request after the tick.
-        ``count`` > 1 is for consumers with ack policy "all", where one ack covers the
-        messages delivered before it.
         """
-        self.settle_reply(msg.reply, reply, count=count)
+        self.settle_reply(msg.reply, reply)
 
-    def settle_reply(self, ack_subject: str, reply: bytes, *, count: int = 1) -> None:
+    def settle_reply(self, ack_subject: str, reply: bytes) -> None:
         """:meth:`settle` for a message of which only its reply (ack) subject was kept."""
         try:
             self.bus.send(ack_subject, reply)
         except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
             log.debug("could not settle %s: %r", ack_subject, exc)
-        self.puller.release(count)
+        self.puller.release()
