@@ -51,6 +51,9 @@ HOLD_S = 1.0
 MAX_BATCH = 2000
 #: Task states kept in memory so that the common case needs no KV read.
 CACHE_SIZE = 50_000
+#: State reads in flight at once for tasks whose cached state is missing (evicted past
+#: :data:`CACHE_SIZE`, or after a restart): read one at a time, a batch of them took seconds.
+READS_IN_FLIGHT = 256
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
 #: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
@@ -217,12 +220,13 @@ class Projector:
             return False
         await asyncio.wait([future for _, future in writes.values()])
         ok = True
+        conflicted: list[str] = []
         for task_id, (state, future) in writes.items():
             error = future.exception()
             if error is None:
                 self._remember(task_id, (state, future.result()["seq"]))
             elif isinstance(error, APIError) and error.err_code == WRONG_LAST_SEQUENCE:
-                ok = await self._write_one_carefully(task_id, batch[task_id]) and ok
+                conflicted.append(task_id)
             elif isinstance(error, BadRequestError):
                 # Refused by the server for good (e.g. too large): retrying would block every
                 # task behind it. The events stay in EVENTS; rebuild-state can fold them again.
@@ -232,6 +236,10 @@ class Projector:
                 log.debug("state write failed for %s: %r", task_id, error)
                 self._remember(task_id, None)
                 ok = False
+        for start in range(0, len(conflicted), READS_IN_FLIGHT):
+            chunk = conflicted[start : start + READS_IN_FLIGHT]
+            written = await asyncio.gather(*(self._write_one_carefully(task_id, batch[task_id]) for task_id in chunk))
+            ok = all(written) and ok
         return ok
 
     async def _write_one_carefully(self, task_id: str, events: list[ev.Event]) -> bool:

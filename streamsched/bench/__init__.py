@@ -126,7 +126,8 @@ def report(results: dict[str, Any]) -> str:
         w = p["high_wait_to_start_ms"]
         lines += [
             f"priority ({p['backlog']} low tasks of {p['low_task_ms']:.0f} ms queued, 20 high one at a time, "
-            f"{p['roles']['workers']} worker x {p['roles']['concurrency']}), ms to start:",
+            f"{p['roles']['workers']} worker x {p['roles']['concurrency']}; trials began once the backlog was routed "
+            f"and in the view, {p['settle_s']:.1f} s after it was queued), ms to start:",
             f"  p50 {w['p50']:.2f}  p95 {w['p95']:.2f}  p99 {w['p99']:.2f}  max {w['max']:.2f}   (target <= {p['target_ms']:.0f})",
             "  by hop (p50/p99): " + ", ".join(f"{hop} {v['p50']:.1f}/{v['p99']:.1f}" for hop, v in p["hops_ms"].items()),
         ]

@@ -150,6 +150,12 @@ async def projector_caught_up(bus: Bus) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def projected_through(bus: Bus, stream_seq: int) -> bool:
+    """The projector has settled every EVENTS message up to ``stream_seq`` (it may hold later ones)."""
+    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+    return info.ack_floor.stream_seq >= stream_seq
+
+
 async def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 0.05) -> float:
     """Poll an async predicate until true; returns the time it became true."""
     deadline = time.monotonic() + min(timeout_s, MAX_WAIT_S)

@@ -12,6 +12,7 @@ import pytest
 from streamsched import Retry, current_task, streams, task
 from streamsched import dlq as dlq_mod
 from streamsched import events as ev
+from streamsched import projector as projector_module
 from streamsched.bus import Bus
 from streamsched.config import Settings
 from streamsched.eventlog import ReadStats, Since, history, tail
@@ -123,6 +124,42 @@ async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(se
     assert len(states) == n and {s.status for s in states.values()} == {Status.SUCCEEDED}
     assert (await bus.js.stream_info("KV_tasks")).state.last_seq == n  # one write per task
     assert projector.applied == 2 * n
+
+
+async def test_states_evicted_from_the_cache_are_read_back_many_at_a_time(settings, bus, monkeypatch):
+    """Past CACHE_SIZE a task's next write fails its compare-and-set; the projector then reads
+    the stored state (concurrently: one read at a time took seconds per batch) and folds onto it."""
+    monkeypatch.setattr(projector_module, "CACHE_SIZE", 10)
+    n = 300
+    store = await StateStore.open(bus)
+    reading, most = 0, 0
+    read = store.get
+
+    async def counted_get(task_id: str):
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        try:
+            return await read(task_id)
+        finally:
+            reading -= 1
+
+    monkeypatch.setattr(store, "get", counted_get)
+    projector = Projector(settings, bus, store)
+
+    async def publish_all(make) -> None:
+        await asyncio.gather(*[await bus.publish(*ev.publication(make(f"c{i}"))) for i in range(n)])
+        with anyio.fail_after(60):
+            while (info := await bus.js.consumer_info("EVENTS", "projector")).num_pending or info.num_ack_pending:
+                await anyio.sleep(0.05)
+
+    async with running([projector]):
+        await publish_all(lambda task_id: ev.Submitted(task_id=task_id, at=1.0, type="noop", priority="low", region="default"))
+        await publish_all(lambda task_id: ev.Succeeded(task_id=task_id, at=2.0, attempt=1))
+    states = await store.all(bus)
+    assert len(states) == n
+    assert {(s.status, s.type, s.priority) for s in states.values()} == {(Status.SUCCEEDED, "noop", "low")}
+    assert most > 1
 
 
 async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):
