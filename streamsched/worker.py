@@ -31,15 +31,14 @@ running tasks ``grace_s`` to finish, then cancels and naks the rest.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import logging
 import os
 import random
 import socket
-import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -58,6 +57,7 @@ from .errors import Fail, Retry, TaskTimeout
 from .model import envelope_decoder, raw_value
 from .pull import Puller, Settler
 from .registry import Registry, TaskContext, TaskDef, _current
+from .threads import HandlerThreads
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.worker")
@@ -114,7 +114,7 @@ class Worker:
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
         self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message, direct=True)
         self.settler = Settler(bus, self.puller)
-        self.threads = anyio.CapacityLimiter(concurrency)
+        self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0}
@@ -321,7 +321,7 @@ class Worker:
             if definition.is_async:
                 async with asyncio.timeout(timeout):
                     return await definition.fn(payload)
-            return await _run_in_thread(definition.fn, payload, timeout, self.threads)
+            return await self.threads.run(functools.partial(definition.fn, payload), timeout, TaskTimeout)
         except TimeoutError:
             raise TaskTimeout(f"attempt timed out after {timeout}s") from None
         finally:
@@ -333,27 +333,6 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the outcome publish will retry the hop
             log.debug("event not published: %r", exc)
             return None
-
-
-async def _run_in_thread(fn: Callable[[Any], Any], payload: Any, timeout: float | None, limiter: anyio.CapacityLimiter) -> Any:
-    """Run a sync handler in a thread; on timeout, raise TaskTimeout inside that thread.
-
-    Python cannot kill a thread, so (like Dramatiq's time limits) the timeout is
-    delivered as an asynchronous exception that the handler sees at its next bytecode.
-    """
-    thread_id: list[int] = []
-
-    def call() -> Any:
-        thread_id.append(threading.get_ident())
-        return fn(payload)
-
-    try:
-        with anyio.fail_after(timeout):
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=limiter)
-    except TimeoutError:
-        if thread_id:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id[0]), ctypes.py_object(TaskTimeout))
-        raise
 
 
 def _describe(error: BaseException) -> str:
