@@ -33,7 +33,13 @@ from .config import Settings
 from .eventlog import ReadStats, decode
 from .model import TaskState
 from .pull import Puller, Settler
-from .state import EXPECTED_LAST_SUBJECT_SEQ, StateStore, encode_state, fold
+from .state import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    MAX_GET_MANY,
+    StateStore,
+    encode_state,
+    fold,
+)
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.projector")
@@ -51,9 +57,9 @@ HOLD_S = 1.0
 MAX_BATCH = 2000
 #: Task states kept in memory so that the common case needs no KV read.
 CACHE_SIZE = 50_000
-#: State reads in flight at once for tasks whose cached state is missing (evicted past
-#: :data:`CACHE_SIZE`, or after a restart): read one at a time, a batch of them took seconds.
-READS_IN_FLIGHT = 256
+#: Events that open a task's record. A task whose batch has none and whose state is not
+#: cached has a stored state: it is read before it is written.
+OPENING = (ev.Submitted, ev.Rejected, ev.Waiting)
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
 #: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
@@ -211,16 +217,21 @@ class Projector:
         writes: dict[str, tuple[TaskState, asyncio.Future[dict[str, Any]]]] = {}
         if not batch:  # only skipped events
             return True
+        # Not cached and not new: a write expecting no state would fail, so read them first.
+        unknown = [t for t, events in batch.items() if t not in self.cache and not any(type(e) in OPENING for e in events)]
+        stored: dict[str, tuple[TaskState, int]] = {}
         try:
+            for start in range(0, len(unknown), MAX_GET_MANY):
+                stored.update(await self.store.get_many(self.bus, unknown[start : start + MAX_GET_MANY]))
             for task_id, events in batch.items():
-                state, revision = self._folded(task_id, events)
+                state, revision = self._folded(task_id, events, stored.get(task_id))
                 writes[task_id] = (state, await self._put(task_id, state, revision))
         except Exception as exc:  # noqa: BLE001 - not connected
             log.debug("state writes not sent: %r", exc)
             return False
         await asyncio.wait([future for _, future in writes.values()])
         ok = True
-        conflicted: list[str] = []
+        conflicted: list[str] = []  # another writer, or a state read before it was stored
         for task_id, (state, future) in writes.items():
             error = future.exception()
             if error is None:
@@ -236,8 +247,8 @@ class Projector:
                 log.debug("state write failed for %s: %r", task_id, error)
                 self._remember(task_id, None)
                 ok = False
-        for start in range(0, len(conflicted), READS_IN_FLIGHT):
-            chunk = conflicted[start : start + READS_IN_FLIGHT]
+        for start in range(0, len(conflicted), MAX_GET_MANY):
+            chunk = conflicted[start : start + MAX_GET_MANY]
             written = await asyncio.gather(*(self._write_one_carefully(task_id, batch[task_id]) for task_id in chunk))
             ok = all(written) and ok
         return ok
@@ -260,8 +271,10 @@ class Projector:
             return True
         return False
 
-    def _folded(self, task_id: str, events: list[ev.Event]) -> tuple[TaskState, int]:
-        cached = self.cache.get(task_id)
+    def _folded(self, task_id: str, events: list[ev.Event], stored: tuple[TaskState, int] | None = None) -> tuple[TaskState, int]:
+        """The task's state with ``events`` folded in, and the revision to write it over: of
+        the cached state, else of ``stored`` (just read), else 0 (a new task)."""
+        cached = self.cache.get(task_id) or stored
         # Folded in place: a failed write drops the entry or folds the same events again,
         # which changes nothing (fold is idempotent); the revision moves only on success.
         state, revision = cached if cached else (None, 0)

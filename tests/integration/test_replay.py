@@ -127,25 +127,30 @@ async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(se
 
 
 async def test_states_evicted_from_the_cache_are_read_back_many_at_a_time(settings, bus, monkeypatch):
-    """Past CACHE_SIZE a task's next write fails its compare-and-set; the projector then reads
-    the stored state (concurrently: one read at a time took seconds per batch) and folds onto it."""
+    """Past CACHE_SIZE a task's next write would fail its compare-and-set: the projector reads
+    the stored states first, many in one request (one at a time took seconds per batch), and
+    folds onto them."""
     monkeypatch.setattr(projector_module, "CACHE_SIZE", 10)
     n = 300
     store = await StateStore.open(bus)
-    reading, most = 0, 0
-    read = store.get
+    asked: list[int] = []
+    get_many = store.get_many
 
-    async def counted_get(task_id: str):
-        nonlocal reading, most
-        reading += 1
-        most = max(most, reading)
-        try:
-            return await read(task_id)
-        finally:
-            reading -= 1
+    async def counted_get_many(bus, task_ids):
+        asked.append(len(task_ids))
+        return await get_many(bus, task_ids)
 
-    monkeypatch.setattr(store, "get", counted_get)
+    monkeypatch.setattr(store, "get_many", counted_get_many)
     projector = Projector(settings, bus, store)
+    put = projector._put
+    puts = 0
+
+    async def counted_put(*args):
+        nonlocal puts
+        puts += 1
+        return await put(*args)
+
+    monkeypatch.setattr(projector, "_put", counted_put)
 
     async def publish_all(make) -> None:
         await asyncio.gather(*[await bus.publish(*ev.publication(make(f"c{i}"))) for i in range(n)])
@@ -155,11 +160,27 @@ async def test_states_evicted_from_the_cache_are_read_back_many_at_a_time(settin
 
     async with running([projector]):
         await publish_all(lambda task_id: ev.Submitted(task_id=task_id, at=1.0, type="noop", priority="low", region="default"))
+        assert asked == []  # new tasks: nothing to read
         await publish_all(lambda task_id: ev.Succeeded(task_id=task_id, at=2.0, attempt=1))
     states = await store.all(bus)
     assert len(states) == n
     assert {(s.status, s.type, s.priority) for s in states.values()} == {(Status.SUCCEEDED, "noop", "low")}
-    assert most > 1
+    assert sum(asked) >= n - 10 and max(asked) > 1  # the evicted ones, several per request
+    assert puts == 2 * n  # read before the write, not after a failed one
+
+
+async def test_get_many_reads_the_last_state_of_each_known_task(bus):
+    store = await StateStore.open(bus)
+    for task_id, status in (("g1", "pending"), ("g2", "running"), ("g1", "succeeded")):
+        await store.kv.put(task_id, msgspec.json.encode({"id": task_id, "status": status}))
+    await store.kv.put("g3", b'{"id":"g3","status":"pending"}')
+    await store.kv.delete("g3")
+    found = await store.get_many(bus, ["g1", "g2", "g3", "nope"])
+    assert {task_id: (state.status, revision) for task_id, (state, revision) in found.items()} == {
+        "g1": (Status.SUCCEEDED, 3),
+        "g2": (Status.RUNNING, 2),
+    }
+    assert await store.get_many(bus, ["nope"]) == {}
 
 
 async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):
