@@ -130,15 +130,15 @@ class StateStore:
         if not task_ids:
             return found
         task_of = {self.put_subject(task_id): task_id for task_id in task_ids}
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         def on_reply(_subject: str, _reply: str, data: bytes, raw_headers: bytes | None) -> None:
             headers = wire.parse_headers(raw_headers) if raw_headers else {}
             status = headers.get("Status")
             if status is not None:  # the end of the batch (204), none found (404), or an error
                 if not done.done():
-                    if status in ("204", "404"):
-                        done.set_result(None)
+                    if status in ("204", "404", "503"):
+                        done.set_result(status)
                     else:
                         done.set_exception(APIError(code=int(status), description=headers.get("Description", "")))
                 return
@@ -151,9 +151,12 @@ class StateStore:
         try:
             request = msgspec.json.encode({"multi_last": list(task_of), "batch": len(task_of)})
             bus.send(f"$JS.API.DIRECT.GET.KV_{self.bucket}", request, inbox)
-            await asyncio.wait_for(done, timeout_s)
+            status = await asyncio.wait_for(done, timeout_s)
         finally:
             await wire.unsubscribe(bus.nc, subscription)
+        if status == "503":  # no responders: a bucket made elsewhere, without direct gets
+            entries = await asyncio.gather(*(self.get(task_id) for task_id in task_ids))
+            found = {task_id: entry for task_id, entry in zip(task_ids, entries, strict=True) if entry is not None}
         return found
 
     async def get(self, task_id: str) -> tuple[TaskState, int] | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from nats.js.api import KeyValueConfig
 
 from streamsched import Retry, current_task, streams, task
 from streamsched import dlq as dlq_mod
@@ -181,6 +182,23 @@ async def test_get_many_reads_the_last_state_of_each_known_task(bus):
         "g2": (Status.RUNNING, 2),
     }
     assert await store.get_many(bus, ["nope"]) == {}
+
+
+async def test_get_many_reads_one_key_at_a_time_from_a_bucket_without_direct_gets(bus, monkeypatch):
+    await bus.js.create_key_value(KeyValueConfig(bucket="plain", history=1, direct=False))
+    store = await StateStore.open(bus, "plain")
+    await store.kv.put("p1", b'{"id":"p1","status":"running"}')
+    one_by_one: list[str] = []
+    get = store.get
+
+    async def counted_get(task_id: str):
+        one_by_one.append(task_id)
+        return await get(task_id)
+
+    monkeypatch.setattr(store, "get", counted_get)
+    found = await store.get_many(bus, ["p1", "p2"])
+    assert {task_id: (state.status, revision) for task_id, (state, revision) in found.items()} == {"p1": (Status.RUNNING, 1)}
+    assert sorted(one_by_one) == ["p1", "p2"]
 
 
 async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settings, bus, events, registry):
