@@ -59,7 +59,7 @@ MAX_BATCH = 2000
 CACHE_SIZE = 50_000
 #: Events that open a task's record. A task whose batch has none and whose state is not
 #: cached has a stored state: it is read before it is written.
-OPENING = (ev.Submitted, ev.Rejected, ev.Waiting)
+OPENING: frozenset[type] = frozenset({ev.Submitted, ev.Rejected, ev.Waiting})
 #: How long a batch waits for more events before it is folded (projection lag, not task latency).
 COALESCE_S = 0.005
 #: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
@@ -218,7 +218,7 @@ class Projector:
         if not batch:  # only skipped events
             return True
         # Not cached and not new: a write expecting no state would fail, so read them first.
-        unknown = [t for t, events in batch.items() if t not in self.cache and not any(type(e) in OPENING for e in events)]
+        unknown = [t for t, events in batch.items() if t not in self.cache and OPENING.isdisjoint(map(type, events))]
         stored: dict[str, tuple[TaskState, int]] = {}
         try:
             for start in range(0, len(unknown), MAX_GET_MANY):
