@@ -5,11 +5,12 @@ Events arrive through a continuous pull and are grouped by task, by their subjec
 bytes: they are decoded when written) until its state is final, or for at most
 :data:`HOLD_S`, and then written together: a task that runs within that time costs one
 KV write for its three event messages. Final states are written after
-:data:`COALESCE_S`. Every write is a compare-and-set on the key's last revision: with
-several projectors, or a stale cache, the loser re-reads the key and folds again. The
-fold itself is idempotent and order-insensitive (:func:`streamsched.state.fold`), so
-redelivered or reordered events end in the same state. Events are acked only after their
-write landed.
+:data:`COALESCE_S`. Every write is a compare-and-set on the key's last revision, known
+from the cache of recent states, or read first (many keys per request) for a task that
+is neither cached nor new; with several projectors the loser re-reads the key and folds
+again. The fold itself is idempotent and order-insensitive
+(:func:`streamsched.state.fold`), so redelivered or reordered events end in the same
+state. Events are acked only after their write landed.
 
 A corrupt or unknown event never stops the projector: it is logged with its stream
 sequence, counted, and acked with its batch.
@@ -247,7 +248,7 @@ class Projector:
                 log.debug("state write failed for %s: %r", task_id, error)
                 self._remember(task_id, None)
                 ok = False
-        for start in range(0, len(conflicted), MAX_GET_MANY):
+        for start in range(0, len(conflicted), MAX_GET_MANY):  # rare: as many at a time as one read
             chunk = conflicted[start : start + MAX_GET_MANY]
             written = await asyncio.gather(*(self._write_one_carefully(task_id, batch[task_id]) for task_id in chunk))
             ok = all(written) and ok

@@ -144,7 +144,11 @@ class StateStore:
                 return
             task_id = task_of.get(headers.get("Nats-Subject", ""))
             if task_id is not None and data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
-                found[task_id] = (state_decoder.decode(data), int(headers["Nats-Sequence"]))
+                try:  # this runs in the connection's read loop: nothing may escape it
+                    found[task_id] = (state_decoder.decode(data), int(headers["Nats-Sequence"]))
+                except (msgspec.DecodeError, KeyError, ValueError) as exc:
+                    if not done.done():
+                        done.set_exception(exc)
 
         inbox = bus.nc.new_inbox()
         subscription = await wire.subscribe(bus.nc, inbox, on_reply)
