@@ -39,7 +39,7 @@ class HandlerThreads:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._threads = 0
         self._busy = 0  # calls queued or running (touched on the event loop only)
         self._abandoned = 0  # of those, calls nobody waits for any more
@@ -66,6 +66,12 @@ class HandlerThreads:
                 call.abandoned = True
                 self._abandoned += 1
 
+    def close(self) -> None:
+        """Let the idle threads end (a running call finishes first); no call may follow."""
+        for _ in range(self._threads):
+            self._calls.put(None)
+        self._threads = 0
+
     def _settle(self, call: _Call) -> None:
         if call.settled:
             return
@@ -85,6 +91,8 @@ class HandlerThreads:
             try:
                 if call is None:
                     call = self._calls.get()
+                    if call is None:  # closed
+                        return
                 self._execute(call)
                 call = None
             except BaseException:  # noqa: BLE001 - a timeout meant for a call that had just ended

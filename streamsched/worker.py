@@ -136,6 +136,7 @@ class Worker:
             # so nothing more arrives here to be nak'ed (each nak would count as an attempt).
             await self.puller.unsubscribe()
             await self._drain()
+            self.threads.close()
             tg.cancel_scope.cancel()
         log.info("worker %s stopped: %s", self.id, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
 

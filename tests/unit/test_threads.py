@@ -79,3 +79,14 @@ async def test_a_stuck_call_does_not_take_its_slot_for_good():
         assert await threads.run(lambda: "ran beside it", 2.0, Stop) == "ran beside it"
     finally:
         release.set()
+
+
+async def test_close_ends_the_idle_threads():
+    before = set(threading.enumerate())
+    threads = HandlerThreads(4)
+    await asyncio.gather(*(threads.run(lambda: time.sleep(0.01), 5.0, Stop) for _ in range(4)))
+    ours = [t for t in threading.enumerate() if t not in before]
+    threads.close()
+    for thread in ours:
+        thread.join(timeout=2.0)
+    assert ours and not any(thread.is_alive() for thread in ours)
