@@ -41,6 +41,16 @@ def test_idle_levels_keep_a_one_message_long_poll_so_new_work_is_seen_at_once():
     assert p.free == 7
 
 
+def test_with_room_idle_levels_poll_for_a_few_messages_a_quarter_of_the_capacity_at_most():
+    p = puller(64)
+    for level in p.levels:
+        level.hot = False
+    assert requests(p) == [("c0", 5), ("c1", 5), ("c2", 5)]  # 64 // (4 * 3)
+    p = puller(2000)
+    p.levels[0].hot = p.levels[1].hot = False
+    assert requests(p) == [("c0", 166), ("c1", 166), ("c2", 1668)]  # the backlog gets the rest
+
+
 def test_a_lower_backlog_gets_the_rest_when_higher_levels_are_idle():
     p = puller(10)
     p.levels[0].hot = p.levels[1].hot = False
