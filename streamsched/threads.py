@@ -1,7 +1,7 @@
 """Threads for sync handlers: a small pool of daemon threads fed by one queue.
 
-``anyio.to_thread.run_sync`` with a limiter cost about 140 µs of CPU per call here, this
-pool about 80 (``python -m streamsched.threads``). ``ThreadPoolExecutor`` is as quick,
+``anyio.to_thread.run_sync`` with a limiter cost 125–170 µs of CPU per call here, this
+pool 56–67 (``python -m streamsched.bench.thread_cost``). ``ThreadPoolExecutor`` is as quick,
 but it joins its threads when the interpreter exits, so a handler stuck past its timeout
 (Python cannot kill a thread) would keep a stopped worker alive. Daemon threads do not.
 """
@@ -120,42 +120,3 @@ class HandlerThreads:
                 return
             except BaseException:  # noqa: BLE001 - see above: deliver again
                 continue
-
-
-def _measure(calls: int = 20_000, concurrency: int = 16) -> None:
-    """CPU per call of this pool and of anyio.to_thread.run_sync with a limiter."""
-    import time
-
-    import anyio
-    import anyio.to_thread
-
-    def nothing() -> None:
-        return None
-
-    async def main() -> None:
-        pool = HandlerThreads(concurrency)
-        limiter = anyio.CapacityLimiter(concurrency)
-
-        async def via_pool() -> None:
-            await pool.run(nothing, 10.0, TimeoutError)
-
-        async def via_anyio() -> None:
-            with anyio.fail_after(10.0):
-                await anyio.to_thread.run_sync(nothing, abandon_on_cancel=True, limiter=limiter)
-
-        for name, one in (("HandlerThreads", via_pool), ("anyio.to_thread", via_anyio)) * 2:
-            slots = asyncio.Semaphore(concurrency)
-
-            async def bounded(one: Callable[[], Any] = one) -> None:
-                async with slots:
-                    await one()
-
-            began = time.process_time()
-            await asyncio.gather(*(bounded() for _ in range(calls)))
-            print(f"{name:16} {1e6 * (time.process_time() - began) / calls:6.1f} µs of CPU per call")
-
-    asyncio.run(main())
-
-
-if __name__ == "__main__":
-    _measure()
