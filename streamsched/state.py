@@ -151,7 +151,7 @@ class StateStore:
                         done.set_exception(exc)
 
         inbox = bus.nc.new_inbox()
-        subscription = await wire.subscribe(bus.nc, inbox, on_reply)
+        subscription = await bus.subscribe(inbox, on_reply)
         try:
             request = msgspec.json.encode({"multi_last": list(task_of), "batch": len(task_of)})
             bus.send(f"$JS.API.DIRECT.GET.KV_{self.bucket}", request, inbox)
