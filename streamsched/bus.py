@@ -23,6 +23,10 @@ from . import wire
 
 log = logging.getLogger("streamsched.bus")
 
+#: Pauses before publishing again what failed, before giving up (and nak'ing upstream).
+REPUBLISH_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
 class PublishLost(ConnectionError):
     """The connection dropped while a publish waited for its PubAck."""
 

@@ -15,13 +15,10 @@ from typing import Any
 
 import anyio
 import msgspec
-from nats.js.api import DeliverPolicy
 
-from . import events as ev
 from . import subjects
 from .bus import Bus
 from .errors import NotFound
-from .eventlog import ReadStats, decode
 from .model import (
     DEFAULT_PRIORITY,
     Envelope,
@@ -30,7 +27,7 @@ from .model import (
     _base32,
     raw_value,
 )
-from .state import StateStore, fold, is_final
+from .state import StateStore, is_final, state_decoder
 
 
 def new_task_id() -> str:
@@ -109,29 +106,25 @@ class Client:
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
         """Wait until the task reaches a final status (succeeded, failed, dead, rejected).
 
-        Folds the task's own events as EVENTS stores them (an ordered consumer on
-        ``events.<id>.*``, from its first event), so the answer does not wait for the state
-        projection in KV, which runs at a lower CPU priority and may lag behind a burst.
-        The state is the one the projector folds from the same events.
+        Watches the task's key in KV ``tasks``: the projector writes a final state within
+        a few milliseconds of its event (``projector.COALESCE_S``), or later while it
+        catches up with a burst. (EVENTS has no subject per task to follow: a message
+        holds the events of many tasks.)
         """
-        sub = await self.bus.js.subscribe(
-            ev.subject_filter(task_id), stream=subjects.EVENTS_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
+        watcher = await self.store.kv.watch(subjects.state_key(task_id))
         state: TaskState | None = None
-        stats = ReadStats()
         try:
             with anyio.fail_after(timeout_s):
                 while True:
-                    msg = await sub.next_msg(timeout=None)
-                    if not msg.reply:  # a status, not a stored event
+                    entry = await watcher.updates(timeout=None)
+                    if entry is None or not getattr(entry, "value", None):  # end of the initial values; a delete
                         continue
-                    for event in decode(msg.metadata.sequence.stream, msg.data, stats):
-                        state = fold(state, event)
-                    if state is not None and is_final(state):
+                    state = state_decoder.decode(entry.value)
+                    if is_final(state):
                         return state
         except TimeoutError:
             if state is None:
                 raise NotFound(f"no task {task_id} after {timeout_s}s") from None
             raise TimeoutError(f"task {task_id} still {state.status.value} after {timeout_s}s") from None
         finally:
-            await sub.unsubscribe()
+            await watcher.stop()

@@ -1,9 +1,10 @@
 """Reading the event log: ``events tail`` and ``task history``.
 
 EVENTS is read with an ephemeral, unacknowledged pull consumer that starts at a time or a
-stream sequence and is filtered by subject (``events.<task>.<kind>``). Without ``follow``
-a read stops at the last event that existed when it began. A corrupt event, or one of a
-schema version this code does not know, is skipped, counted and logged with its sequence.
+stream sequence. A message holds the events of many tasks (see :mod:`streamsched.recorder`),
+so task, kind and type are filtered here, after decoding. Without ``follow`` a read stops
+at the last event that existed when it began. A corrupt event, or one of a schema version
+this code does not know, is skipped, counted and logged with its sequence.
 """
 
 from __future__ import annotations
@@ -164,10 +165,11 @@ async def tail(
 ) -> AsyncIterator[Record]:
     """Events matching the filters, oldest first."""
     stats = stats if stats is not None else ReadStats()
-    subject = ev.subject_filter(task_id or "*", kind)
     types = _TypeLookup(bus) if task_type else None
-    async for stored in read(bus, subjects.EVENTS_STREAM, subject, since or Since(seq=1), follow=follow, stats=stats):
+    async for stored in read(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, since or Since(seq=1), follow=follow, stats=stats):
         for event in decode(stored.seq, stored.data, stats):
+            if task_id is not None and event.task_id != task_id:
+                continue
             if kind is not None and ev.kind(event) != kind:
                 continue
             if types is not None and await types.type_of(event) != task_type:
@@ -193,9 +195,33 @@ class _TypeLookup:
         return self.known[event.task_id]
 
 
+#: How far before a task's submission its history is searched for (clocks of the
+#: processes that recorded its events may differ a little from the server's).
+HISTORY_MARGIN_S = 60.0
+
+
 async def history(bus: Bus, task_id: str) -> list[Record]:
-    """Every event of one task, in stream order."""
-    return [record async for record in tail(bus, task_id=task_id)]
+    """Every step of one task, in stream order, each once.
+
+    The read starts a little before the task was submitted, when its state says so (else
+    at the start of EVENTS). A step recorded twice (by a hop redelivered after a crash,
+    or a submission repeated with the same id) is shown once, at its first record.
+    """
+    store = await StateStore.open(bus)
+    found = await store.get(task_id)
+    since = Since(seq=1)
+    if found is not None and found[0].submitted_at:
+        since = Since(time=datetime.fromtimestamp(found[0].submitted_at - HISTORY_MARGIN_S, timezone.utc))
+    seen: set[tuple[str, int]] = set()
+    records: list[Record] = []
+    async for record in tail(bus, task_id=task_id, since=since):
+        step = (record.kind, record.event.attempt)
+        if record.kind not in ev.REPEATABLE:
+            if step in seen:
+                continue
+            seen.add(step)
+        records.append(record)
+    return records
 
 
 def format_record(record: Record, previous: Record | None = None) -> str:

@@ -1,10 +1,11 @@
-"""Lifecycle events: one tagged union, published on ``events.<task_id>.<kind>``.
+"""Lifecycle events: one tagged union, recorded in EVENTS.
 
-A message holds one event, or a JSON array of consecutive events of one task that one
-process recorded together (the master's ``submitted`` and ``scheduled``; a worker's
-``started`` and the outcome of a task that ended quickly). Its subject names the last
-event. Fewer messages per task is most of what a task costs (see docs/BENCHMARKS.md);
-Temporal records an activity's start with its completion for the same reason.
+An EVENTS message holds one event or a JSON array of events, of any tasks: a role records
+the events of what it handled in one loop tick together, on ``events.<source>`` (see
+:mod:`streamsched.recorder`). Each task's events are in the order they happened. Fewer
+messages per task is most of what a task costs (see docs/BENCHMARKS.md); for the same
+reason a worker records a quick task's ``started`` with its outcome (as Temporal does for
+an activity's start and completion).
 
 EVENTS is the source of truth; the KV projection (:mod:`streamsched.state`) is a fold
 of these records, and the replay tools read them back. Every event carries:
@@ -172,8 +173,8 @@ AnyEvent = (
 )
 
 _KIND_OF: dict[type, str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
-#: Kinds after which a task never changes again (the projector looks up each message's subject).
-FINAL_KINDS: frozenset[str] = frozenset(tag for cls, tag in _KIND_OF.items() if cls.status.is_final)
+#: Events after which a task never changes again.
+FINAL_TYPES: frozenset[type] = frozenset(cls for cls in _KIND_OF if cls.status.is_final)
 KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
 
 encode = msgspec.json.Encoder().encode
@@ -185,7 +186,7 @@ _decode_message = msgspec.json.Decoder(EventMessage).decode
 
 
 def decode_all(data: bytes) -> list[Event]:
-    """The events of one EVENTS message, in the order they happened."""
+    """The events of one EVENTS message, in the order they were recorded."""
     decoded = _decode_message(data)
     return decoded if isinstance(decoded, list) else [decoded]
 
@@ -200,36 +201,12 @@ def rank(event: Event) -> int:
     return event.attempt * 10 + event.order
 
 
-def publication(*events: Event) -> tuple[str, bytes, dict[str, str]]:
-    """``(subject, body, headers)`` to publish consecutive events of one task (never of
-    several tasks) as one message.
-
-    The subject names the last event; the msg id names them all, so a repeated hop dedupes.
-    """
-    last = events[-1]
-    return (
-        subjects.event(last.task_id, kind(last)),
-        encode(last) if len(events) == 1 else encode(events),
-        {subjects.H_MSG_ID: subjects.msg_id(last.task_id, "+".join(map(_hop, events)), last.attempt)},
-    )
-
-
-def _hop(event: Event) -> str:
-    """The event's part of a msg id: its kind, and its time for kinds that repeat."""
-    name = kind(event)
-    return f"{name}@{event.at!r}" if name in REPEATABLE else name
-
-
-#: Kinds that can happen more than once in one attempt, so their dedupe id includes the time.
+#: Kinds that can happen more than once in one attempt; every other kind happens at most
+#: once per attempt, so a second one is a copy recorded again by a redelivered hop.
 REPEATABLE = frozenset({"progress", "reprioritized"})
-#: Kinds that may share a message with a later event (see the module doc), so a subject
-#: filter on them misses some; every other kind is always the last of its message.
-LEADING = frozenset({"submitted", "started"})
 
 
-def subject_filter(task_id: str = "*", kind: str | None = None) -> str:
-    """The EVENTS filter that finds every event of ``kind`` (all kinds: ``None``) of a task.
-
-    A kind in :data:`LEADING` gets no kind filter: its reader picks it after decoding.
-    """
-    return subjects.events_filter(task_id, kind if kind and kind not in LEADING else "*")
+def message(events: list[Event], source: str) -> tuple[str, bytes]:
+    """``(subject, body)`` of one EVENTS message holding ``events`` (what the recorder
+    publishes; for tools and tests that write events themselves)."""
+    return subjects.events(source), encode(events)

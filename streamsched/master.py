@@ -5,12 +5,14 @@ For each submission it either
 * accepts it: picks an id (the submitter's, or one derived from the message's place in
   TASKS so a redelivery gets the same one), a region and a priority, publishes the
   original bytes to ``sched.<region>.<priority>`` with routing data in headers, and
-  records ``submitted`` and ``scheduled`` events; or
+  records ``submitted`` and ``scheduled`` events (on ``events.master``, with those of the
+  other submissions it handled in the same loop tick); or
 * rejects it: publishes the original bytes to ``tasks.rejected`` with the reason, and a
   ``rejected`` event.
 
 Only when those publishes are acknowledged is the submission acked, so a crash at any
-point redelivers it, and ``Nats-Msg-Id`` dedupe drops what had already gone through.
+point redelivers it, and ``Nats-Msg-Id`` dedupe drops the task if it had already gone
+through (its events are recorded again: see :mod:`streamsched.recorder`).
 Any number of masters can share the durable consumer.
 """
 
@@ -46,7 +48,7 @@ class Master:
         self.settings = settings
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
-        self.settler = Settler(bus, self.puller)
+        self.settler = Settler(bus, self.puller, source="master")
         self.accepted = 0
         self.rejected = 0
 
@@ -132,13 +134,7 @@ class Master:
             headers[subjects.H_TIMEOUT] = repr(envelope.timeout_s)
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
-        await self.settler.forward(
-            msg,
-            [
-                (subjects.sched(region, priority), msg.data, headers),
-                ev.publication(submitted, scheduled),
-            ],
-        )
+        await self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, headers)], events=(submitted, scheduled))
         self.accepted += 1
 
     async def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:
@@ -149,5 +145,5 @@ class Master:
             subjects.H_REASON: " ".join(reason.split())[:1024],  # one line: it is a header
         }
         rejected = ev.Rejected(task_id=task_id, at=now, reason=reason, original=msg.data)
-        await self.settler.forward(msg, [(subjects.REJECTED, msg.data, headers), ev.publication(rejected)])
+        await self.settler.forward(msg, [(subjects.REJECTED, msg.data, headers)], events=(rejected,))
         self.rejected += 1

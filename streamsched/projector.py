@@ -1,19 +1,19 @@
 """The state projector: folds EVENTS into KV ``tasks`` (one value per task).
 
-Events arrive through a continuous pull and are grouped by task, by their subject
-(``events.<task_id>.<kind>``). A task's event messages are held (un-acked, as their
-bytes: they are decoded when written) until its state is final, or for at most
-:data:`HOLD_S`, and then written together: a task that runs within that time costs one
-KV write for its three event messages. Final states are written after
-:data:`COALESCE_S`. Every write is a compare-and-set on the key's last revision, known
+Event messages arrive through a continuous pull; a message holds the events of many
+tasks (see :mod:`streamsched.recorder`). Its events are decoded on arrival and held by
+task until the task's state is final, or for at most :data:`HOLD_S`, and then written
+together: a task that runs within that time costs one KV write for all its events.
+Final states are written after :data:`COALESCE_S`. A message is acked once the states of
+all the tasks it names are written. Every write is a compare-and-set on the key's last revision, known
 from the cache of recent states, or read first (many keys per request) for a task that
 is neither cached nor new; with several projectors the loser re-reads the key and folds
 again. The fold itself is idempotent and order-insensitive
 (:func:`streamsched.state.fold`), so redelivered or reordered events end in the same
 state. Events are acked only after their write landed.
 
-A corrupt or unknown event never stops the projector: it is logged with its stream
-sequence, counted, and acked with its batch.
+A corrupt or unknown event message never stops the projector: it is logged with its
+stream sequence, counted, and acked.
 """
 
 from __future__ import annotations
@@ -45,12 +45,16 @@ from .wire import Delivery
 
 log = logging.getLogger("streamsched.projector")
 
-#: Event messages held un-acked at once (the consumer's ``max_ack_pending``). A held message
-#: costs its bytes and reply subject, about 0.4 KB: the window is as large as memory allows,
-#: since a task whose events all arrive within it costs one KV write instead of two or three.
-WINDOW = 24_000
-#: Past this many held messages, the oldest tasks are written without waiting for ``HOLD_S``.
-PRESSURE = WINDOW // 2
+#: Event messages held un-acked at once (the consumer's ``max_ack_pending``). A message
+#: holds the events of one loop tick of one role (at most ``recorder.MAX_EVENTS``, 16 to
+#: 32 under load), so the window is what bounds the projector's memory: with 1,000,000
+#: tasks queued (`bench backlog`) it peaked at 121 MB with 2,000 and 157 MB with 4,000.
+#: The larger window held more tasks until their outcome came (1.1 KV writes per task
+#: against 1.6 in `bench throughput`), at the same end-to-end rate.
+WINDOW = 2_000
+#: Past this many held events (decoded, about 0.2 KB each), or half the window in
+#: messages, the oldest tasks are written without waiting for ``HOLD_S``.
+PRESSURE = 12_000
 #: Longest a task's state waits for more of its events before it is written anyway.
 HOLD_S = 1.0
 #: Tasks written in one batch at most: bounds the memory a flush takes (decoded events,
@@ -69,20 +73,30 @@ _COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d
 WRONG_LAST_SEQUENCE = 10071
 
 
-class _Held:
-    """The event messages of one task received and not yet written: bodies, and replies to ack."""
+class _Message:
+    """An event message held until the states of all the tasks it names are written."""
 
-    __slots__ = ("bodies", "final", "replies", "since")
+    __slots__ = ("reply", "unwritten")
+
+    def __init__(self, reply: str, unwritten: int) -> None:
+        self.reply = reply
+        self.unwritten = unwritten
+
+
+class _Held:
+    """The events of one task received and not yet written, and the messages they came in."""
+
+    __slots__ = ("events", "final", "messages", "since")
 
     def __init__(self, since: float) -> None:
-        self.bodies: list[tuple[int, bytes]] = []  # (stream sequence, data)
-        self.replies: list[str] = []
+        self.events: list[ev.Event] = []
+        self.messages: list[_Message] = []
         self.since = since
         self.final = False
 
 
-#: A batch to write: the held messages of each task, by task id.
-Batch = dict[str, list[tuple[int, bytes]]]
+#: A batch to write: the held events of each task, by task id.
+Batch = dict[str, list[ev.Event]]
 
 
 class Projector:
@@ -97,7 +111,8 @@ class Projector:
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event
-        self._held_msgs = 0  # held messages in all: what max_ack_pending counts
+        self._held_events = 0
+        self._held_msgs = 0  # what max_ack_pending counts
         self._final: list[str] = []  # held tasks whose state is final: written next
         self._wake = asyncio.Event()
         self.stats = ReadStats()
@@ -116,38 +131,42 @@ class Projector:
         self.puller.stop()
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
-        try:
-            task_id, kind = subjects.event_parts(msg.subject)
-        except ValueError:
-            self.stats.skipped += 1
-            log.warning("skipping event on malformed subject %r at EVENTS seq %d", msg.subject, msg.stream_seq)
-            self.settler.settle(msg, ACK)  # nothing to fold: nothing to wait for
+        events = decode(msg.stream_seq, msg.data, self.stats)
+        if not events:  # nothing to fold: nothing to wait for
+            self.settler.settle(msg, ACK)
             return
-        held = self._held.get(task_id)
-        if held is None:
-            held = self._held[task_id] = _Held(time.monotonic())
-        held.bodies.append((msg.stream_seq, msg.data))
-        held.replies.append(msg.reply)
+        now = time.monotonic()
+        message = _Message(msg.reply, 0)
         self._held_msgs += 1
-        if not held.final and kind in ev.FINAL_KINDS:  # the subject names the message's last event
-            held.final = True
-            self._final.append(task_id)
-            self._wake.set()
-        elif self._held_msgs > PRESSURE:
+        self._held_events += len(events)
+        for event in events:
+            held = self._held.get(event.task_id)
+            if held is None:
+                held = self._held[event.task_id] = _Held(now)
+            if not held.messages or held.messages[-1] is not message:
+                held.messages.append(message)
+                message.unwritten += 1
+            held.events.append(event)
+            if not held.final and type(event) in ev.FINAL_TYPES:
+                held.final = True
+                self._final.append(event.task_id)
+                self._wake.set()
+        if self._held_events > PRESSURE or self._held_msgs > WINDOW // 2:
             self._wake.set()
 
-    def _due(self) -> tuple[Batch, list[str]]:
+    def _due(self) -> tuple[Batch, list[_Message]]:
         """Take the tasks to write now, at most :data:`MAX_BATCH`: final ones, then, oldest
         first, those held ``HOLD_S`` and as many more as it takes to get back under
-        ``PRESSURE``. If more are due, the flush loop is woken again at once."""
+        :data:`PRESSURE`. If more are due, the flush loop is woken again at once.
+        Returns the batch and the messages its tasks came in."""
         batch: Batch = {}
-        replies: list[str] = []
+        messages: list[_Message] = []
 
         def take(task_id: str) -> None:
             held = self._held.pop(task_id)
-            self._held_msgs -= len(held.replies)
-            batch[task_id] = held.bodies
-            replies.extend(held.replies)
+            self._held_events -= len(held.events)
+            batch[task_id] = held.events
+            messages.extend(held.messages)
 
         finals = self._final[:MAX_BATCH]
         del self._final[:MAX_BATCH]
@@ -155,29 +174,20 @@ class Projector:
             if task_id in self._held:  # not already taken as one of the oldest
                 take(task_id)
         cutoff = time.monotonic() - HOLD_S
-        excess = self._held_msgs - PRESSURE
+        excess_events = self._held_events - PRESSURE
+        excess_msgs = self._held_msgs - WINDOW // 2
         old: list[str] = []
         for task_id, held in self._held.items():  # dicts keep insertion order: oldest first
-            if (held.since > cutoff and excess <= 0) or len(batch) + len(old) >= MAX_BATCH:
+            if (held.since > cutoff and excess_events <= 0 and excess_msgs <= 0) or len(batch) + len(old) >= MAX_BATCH:
                 break
             old.append(task_id)
-            excess -= len(held.replies)
+            excess_events -= len(held.events)
+            excess_msgs -= sum(1 for message in held.messages if message.unwritten == 1)
         for task_id in old:
             take(task_id)
         if self._final or len(batch) >= MAX_BATCH:
             self._wake.set()
-        return batch, replies
-
-    def _decoded(self, batch: Batch) -> dict[str, list[ev.Event]]:
-        """The events of a batch, by the task id they name. A message that cannot be trusted
-        is left out (counted and logged by :func:`decode`); it is acked with the rest."""
-        events: dict[str, list[ev.Event]] = {}
-        for bodies in batch.values():
-            for seq, data in bodies:
-                for event in decode(seq, data, self.stats):
-                    # The subject's task id, except in a message someone made up.
-                    events.setdefault(event.task_id, []).append(event)
-        return events
+        return batch, messages
 
     async def _flush_loop(self) -> None:
         while True:
@@ -188,22 +198,24 @@ class Projector:
             # Let a task's next events join this batch: fewer KV writes per task.
             await asyncio.sleep(COALESCE_S)
             self._wake.clear()
-            held, replies = self._due()
-            if not replies:
+            batch, messages = self._due()
+            if not messages:
                 continue
-            batch = self._decoded(held)
             delay = 0.1
             while not await self._write_logged(batch):
                 # Retry in place: acking later batches meanwhile would reorder nothing, but
                 # a stuck batch must not be silently left to ack_wait while others pass.
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            self.applied += len(replies)
-            # One ack per event message. (A cumulative "ack all" would be cheaper, but with a
-            # crashed predecessor or a second projector it would also ack events that
-            # another process received and never folded.)
-            for reply in replies:
-                self.settler.settle_reply(reply, ACK)
+            # One ack per event message, once all its tasks are written. (A cumulative "ack
+            # all" would be cheaper, but with a crashed predecessor or a second projector it
+            # would also ack events that another process received and never folded.)
+            for message in messages:
+                message.unwritten -= 1
+                if message.unwritten == 0:
+                    self._held_msgs -= 1
+                    self.applied += 1
+                    self.settler.settle_reply(message.reply, ACK)
 
     async def _write_logged(self, batch: dict[str, list[ev.Event]]) -> bool:
         """:meth:`_write`, but a bug in it is logged and retried rather than ending the loop."""

@@ -5,7 +5,7 @@
   holder has free capacity, so a process never holds more than ``capacity`` un-acked
   messages (backpressure stays JetStream's), and it asks higher levels first.
 * :class:`Settler` acks (or naks) a message only after what it published downstream
-  has landed, batching the acks of one loop tick.
+  and the events it recorded have landed, batching the acks of one loop tick.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import events as ev
 from . import wire
-from .bus import ACK, Bus, nak_with_delay
+from .bus import ACK, REPUBLISH_DELAYS_S, Bus, nak_with_delay
+from .recorder import EventRecorder
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
 
 #: ``(subject, body, headers)`` of one downstream publish.
 Publication = tuple[str, bytes, dict[str, str] | None]
-#: Pauses before publishing again what failed, before giving up and nak'ing upstream.
-REPUBLISH_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 #: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
 LONG_POLL_S = 5.0
@@ -310,17 +310,21 @@ class Puller:
 
 
 class Settler:
-    """Settles upstream messages after their downstream publishes land.
+    """Settles upstream messages after their downstream publishes and events land.
 
-    ``forward(msg, publishes)`` publishes without waiting; when every PubAck is in, the
-    message is acked (or, if any publish failed, nak'ed with a short delay so it comes
-    back and is published again under the same ``Nats-Msg-Id``), and its credit is
-    released to the puller.
+    ``forward(msg, publishes, events=...)`` publishes without waiting and records the
+    events (with those of other messages of this loop tick, see
+    :class:`~streamsched.recorder.EventRecorder`); when every PubAck is in, the message is
+    acked (or, if any publish failed, nak'ed with a short delay so it comes back and is
+    published again under the same ``Nats-Msg-Id``), and its credit is released to the
+    puller.
     """
 
-    def __init__(self, bus: Bus, puller: Puller, *, retry_delay_s: float = 1.0) -> None:
+    def __init__(self, bus: Bus, puller: Puller, *, source: str = "", retry_delay_s: float = 1.0) -> None:
+        """``source`` names the role in the subject of the events it records (``events.<source>``)."""
         self.bus = bus
         self.puller = puller
+        self.recorder = EventRecorder(bus, source) if source else None
         self.retry_delay_s = retry_delay_s
         self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
@@ -329,40 +333,48 @@ class Settler:
         msg: Delivery,
         publishes: Sequence[Publication],
         *,
+        events: Sequence[ev.Event] = (),
         reply: bytes = ACK,
         also: Sequence[asyncio.Future[Any]] = (),
     ) -> None:
-        """Publish, then send ``reply`` for ``msg`` once these and ``also`` landed.
+        """Publish and record ``events``, then send ``reply`` for ``msg`` once these and
+        ``also`` landed.
 
         A failed publish (a lost PubAck in a reconnect, an election) is sent again with
         the same ``Nats-Msg-Id``, so it is never stored twice, after each of
         :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
-        ``also`` (e.g. a ``started`` event already in flight) is waited for once.
+        Events are recorded again only if their message failed for good. ``also`` (e.g. a
+        ``started`` event already in flight) is waited for once.
         """
-        await self._attempt(msg, publishes, reply, also, 0)
+        await self._attempt(msg, _Forward(publishes, events, reply), also, 0)
 
-    async def _attempt(
-        self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, also: Sequence[asyncio.Future[Any]], round_: int
-    ) -> None:
+    async def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[asyncio.Future[Any]], round_: int) -> None:
+        waits = list(also)
+        recorded = forward.recorded
+        if forward.events and (recorded is None or (recorded.done() and recorded.exception() is not None)):
+            assert self.recorder is not None, "a Settler that records events needs a source"
+            forward.recorded = self.recorder.record(forward.events)
+        if forward.recorded is not None and not forward.recorded.done():
+            waits.append(forward.recorded)
         try:
-            await self.bus.publish_all(publishes, lambda error: self._landed(msg, publishes, reply, error, round_), also)
+            await self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
         except Exception as exc:  # noqa: BLE001 - not connected
-            self._landed(msg, publishes, reply, exc, round_)
+            self._landed(msg, forward, exc, round_)
 
-    def _landed(self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, error: BaseException | None, round_: int) -> None:
+    def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:
         if error is None:
-            self.settle(msg, reply)
+            self.settle(msg, forward.reply)
         elif round_ < len(REPUBLISH_DELAYS_S):
-            task = asyncio.get_running_loop().create_task(self._republish(msg, publishes, reply, round_))
+            task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
             self._republishing.add(task)
             task.add_done_callback(self._republishing.discard)
         else:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
             self.settle(msg, nak_with_delay(self.retry_delay_s))
 
-    async def _republish(self, msg: Delivery, publishes: Sequence[Publication], reply: bytes, round_: int) -> None:
+    async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
-        await self._attempt(msg, publishes, reply, (), round_ + 1)
+        await self._attempt(msg, forward, (), round_ + 1)
 
     def settle(self, msg: Delivery, reply: bytes) -> None:
         """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release its credit.
@@ -379,3 +391,16 @@ class Settler:
         except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
             log.debug("could not settle %s: %r", ack_subject, exc)
         self.puller.release()
+
+
+class _Forward:
+    """What one upstream message led to: publishes, events (and their message, once
+    recorded), and the reply to send upstream when all of it landed."""
+
+    __slots__ = ("events", "publishes", "recorded", "reply")
+
+    def __init__(self, publishes: Sequence[Publication], events: Sequence[ev.Event], reply: bytes) -> None:
+        self.publishes = publishes
+        self.events = events
+        self.reply = reply
+        self.recorded: asyncio.Future[None] | None = None

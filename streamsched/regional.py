@@ -4,7 +4,7 @@ It reads ``sched.<region>.<priority>`` through one durable consumer per priority
 :class:`~streamsched.bus.Puller`, so a high task never waits behind a low backlog and
 lower levels keep a small share. Each task is republished byte for byte to
 ``work.<region>.<priority>`` (routing data stays in the headers) with a ``dispatched``
-event, and acked on SCHED only when both publishes landed.
+event (on ``events.regional``), and acked on SCHED only when both landed.
 
 Backpressure: the puller holds at most ``regional_window`` un-acked tasks; when WORK
 refuses publishes (stream limits) they are nak'ed and come back, so the backlog waits
@@ -37,7 +37,7 @@ class Regional:
         self.work_subjects = [subjects.work(region, p) for p in self.priorities]
         consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, settings.regional_window, self._on_message)
-        self.settler = Settler(bus, self.puller)
+        self.settler = Settler(bus, self.puller, source="regional")
         self.released = 0
 
     async def run(self) -> None:
@@ -58,5 +58,5 @@ class Regional:
         priority = self.priorities[level]
         headers[subjects.H_MSG_ID] = subjects.msg_id(task_id, "work")
         dispatched = ev.Dispatched(task_id=task_id, at=time.time(), region=self.region, priority=priority)
-        await self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers), ev.publication(dispatched)])
+        await self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers)], events=(dispatched,))
         self.released += 1

@@ -96,7 +96,7 @@ async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, 
         subjects.EVENTS_STREAM,
         ConsumerConfig(
             durable_name=consumer,
-            filter_subject="events.>",
+            filter_subject=subjects.EVENTS_ALL,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             inactive_threshold=300.0,

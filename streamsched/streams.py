@@ -5,7 +5,8 @@ Retention follows the role of each stream:
 * TASKS (limits): every submission and every rejection, kept for replay and inspection.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
   so a full stream refuses publishers with an error instead of dropping old work.
-* EVENTS (limits): the lifecycle log, the source of truth.
+* EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
+  message holding the events of many tasks).
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
 """
@@ -71,7 +72,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
-            subjects=["events.*.*"],
+            subjects=[subjects.EVENTS_ALL],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             max_age=settings.events_max_age_s,
@@ -123,7 +124,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
             subjects.EVENTS_STREAM,
             ConsumerConfig(
                 durable_name=subjects.PROJECTOR_CONSUMER,
-                filter_subject="events.>",
+                filter_subject=subjects.EVENTS_ALL,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=PROJECTOR_WINDOW,

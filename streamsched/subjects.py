@@ -57,23 +57,18 @@ def work(region: str, priority: str) -> str:
     return f"work.{region}.{priority}"
 
 
-def event(task_id: str, kind: str) -> str:
-    """The EVENTS subject of one lifecycle step of one task."""
-    return f"events.{task_id}.{kind}"
+def events(source: str) -> str:
+    """The EVENTS subject of the messages one kind of role records (``events.master``…).
 
-
-def event_parts(subject: str) -> tuple[str, str]:
-    """``(task_id, kind)`` of an EVENTS subject: the inverse of :func:`event`.
-
-    Raises ``ValueError`` for a subject of another shape.
+    A message holds events of any tasks (see :mod:`streamsched.recorder`), so the subject
+    names who recorded them, not a task. EVENTS takes ``events.>``: earlier versions
+    published each task's events on ``events.<task_id>.<kind>``, and readers still read those.
     """
-    _, task_id, kind = subject.split(".")
-    return task_id, kind
+    return f"events.{source}"
 
 
-def events_filter(task_id: str = "*", kind: str = "*") -> str:
-    """A filter over EVENTS, e.g. every event of one task."""
-    return f"events.{task_id}.{kind}"
+#: The filter over every EVENTS message.
+EVENTS_ALL = "events.>"
 
 
 def dlq(task_id: str) -> str:

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from . import events as ev
+from . import subjects
 from .bus import Bus
 from .config import Settings
 from .registry import Registry
@@ -39,7 +40,7 @@ def nats_server(store_dir: Path, *, port: int | None = None) -> Iterator[NatsSer
 
 
 class EventLog:
-    """Every event published on ``events.>`` since :meth:`start`, in arrival order."""
+    """Every event recorded in EVENTS since :meth:`start`, in arrival order."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
@@ -56,7 +57,7 @@ class EventLog:
                 self.undecodable.append(msg.data)
             self._changed.set()
 
-        self._sub = await self.bus.nc.subscribe("events.>", cb=record)
+        self._sub = await self.bus.nc.subscribe(subjects.EVENTS_ALL, cb=record)
         await self.bus.nc.flush()
         return self
 

@@ -6,10 +6,11 @@ Life of one delivery:
    ``concurrency`` at a time, highest priority first.
 2. The handler runs (sync ones in a thread) under its per-attempt timeout, while one
    heartbeat loop sends ``in_progress`` for every running task so a long task is not
-   redelivered while its worker is alive. ``started`` is published once the task has
-   run for :data:`STARTED_HOLD_S`; a task that ends sooner carries it in the message of
-   its outcome (one message instead of two, as Temporal records an activity's start).
-3. The outcome is published first, then the message is settled:
+   redelivered while its worker is alive. ``started`` is recorded once the task has
+   run for :data:`STARTED_HOLD_S`; a task that ends sooner records it with its outcome
+   (as Temporal records an activity's start). Events go to ``events.worker``, those of
+   the tasks that ended in one loop tick in one message.
+3. The outcome is recorded (and published) first, then the message is settled:
 
    ============================  ==========================  ========================
    outcome                       published                   then
@@ -113,7 +114,7 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
         self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message, direct=True)
-        self.settler = Settler(bus, self.puller)
+        self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
@@ -196,10 +197,8 @@ class Worker:
             cutoff = time.monotonic() - STARTED_HOLD_S
             for running in list(self.running.values()):
                 if running.started is not None and running.began <= cutoff:
-                    # Taken before the await: if the task ends while this publish waits for
-                    # room, its outcome goes without `started`, which the fold does not need.
                     started, running.started = running.started, None
-                    running.started_future = await self._publish_quietly(ev.publication(started))
+                    running.started_future = self.settler.recorder.record((started,))
 
     async def _execute(self, level: int, msg: Delivery) -> None:
         headers = msg.headers or {}
@@ -261,7 +260,7 @@ class Worker:
                     result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
                 )
                 self.counts["succeeded"] += 1
-                await self.settler.forward(msg, [ev.publication(*running.unpublished(), done)], reply=ACK, also=running.landing())
+                await self.settler.forward(msg, [], events=(*running.unpublished(), done), reply=ACK, also=running.landing())
                 return
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
 
@@ -274,7 +273,7 @@ class Worker:
             log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
             failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
             self.counts["failed"] += 1
-            await self.settler.forward(msg, [ev.publication(*before, failed)], reply=term_with_reason(text), also=extra)
+            await self.settler.forward(msg, [], events=(*before, failed), reply=term_with_reason(text), also=extra)
             return
         if attempt >= max_attempts:
             await self._dead(msg, task_id, task_type, attempt, text, before, extra)
@@ -285,7 +284,7 @@ class Worker:
             task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text, delay_s=delay,
         )
         self.counts["retrying"] += 1
-        await self.settler.forward(msg, [ev.publication(*before, retrying)], reply=nak_with_delay(delay), also=extra)
+        await self.settler.forward(msg, [], events=(*before, retrying), reply=nak_with_delay(delay), also=extra)
 
     async def _dead(
         self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str,
@@ -303,7 +302,7 @@ class Worker:
         dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=error)
         self.counts["dead"] += 1
         await self.settler.forward(
-            msg, [(subjects.dlq(task_id), msg.data, dlq_headers), ev.publication(*before, dead)],
+            msg, [(subjects.dlq(task_id), msg.data, dlq_headers)], events=(*before, dead),
             reply=term_with_reason("dead: attempts exhausted"), also=extra,
         )
 
@@ -327,13 +326,6 @@ class Worker:
             raise TaskTimeout(f"attempt timed out after {timeout}s") from None
         finally:
             _current.reset(token)
-
-    async def _publish_quietly(self, publication: tuple[str, bytes, dict[str, str]]) -> Any:
-        try:
-            return await self.bus.publish(*publication)
-        except Exception as exc:  # noqa: BLE001 - the outcome publish will retry the hop
-            log.debug("event not published: %r", exc)
-            return None
 
 
 def _describe(error: BaseException) -> str:

@@ -1,9 +1,9 @@
 """What every benchmark scenario shares: its own nats-server, role processes, a bounded
 submitter, completion counting, CPU and RSS measurement, and reading events back.
 
-Measurement stays off the hot path: completions are counted from a never-consumed
-durable on ``events.*.succeeded`` (its ``num_pending`` is the count), and latencies are
-computed afterwards from the ``at`` of the recorded events.
+Measurement stays off the hot path: completions are counted from WORK's stream state
+(a worker acks a task there only after its outcome is recorded in EVENTS, and the ack
+removes it), and latencies are computed afterwards from the ``at`` of the recorded events.
 """
 
 from __future__ import annotations
@@ -116,10 +116,6 @@ async def system(settings_overrides: dict[str, Any] | None = None) -> AsyncItera
     sys_ = System(settings, server, bus)
     try:
         await streams.apply(bus, settings)
-        await bus.js.add_consumer(
-            subjects.EVENTS_STREAM,
-            ConsumerConfig(durable_name="bench-succeeded", filter_subject="events.*.succeeded", ack_policy=AckPolicy.EXPLICIT),
-        )
         yield sys_
     finally:
         sys_.stop_roles()
@@ -140,9 +136,11 @@ async def server_messages(server: NatsServer) -> tuple[int, int]:
     return await asyncio.to_thread(get)
 
 
-async def succeeded_count(bus: Bus) -> int:
-    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, "bench-succeeded")
-    return info.num_pending
+async def finished_count(bus: Bus) -> int:
+    """Tasks whose outcome is recorded: WORK's messages published and no longer there (a
+    worker acks or terms a task only after its outcome event landed)."""
+    state = (await bus.js.stream_info(subjects.WORK_STREAM)).state
+    return state.last_seq - state.messages
 
 
 async def projector_caught_up(bus: Bus) -> bool:
@@ -223,12 +221,10 @@ def rss_mb(pids: dict[str, int]) -> dict[str, float]:
 
 
 async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 120.0) -> list[ev.Event]:
-    """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer.
-
-    A message may hold several events, and its subject names the last (see ``events.subject_filter``).
-    """
+    """Every recorded event of ``kind``, read back from EVENTS with an ephemeral consumer
+    (a message holds events of many tasks and kinds: they are picked after decoding)."""
     psub = await bus.js.pull_subscribe(
-        ev.subject_filter(kind=kind),
+        subjects.EVENTS_ALL,
         durable=None,
         stream=subjects.EVENTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True),

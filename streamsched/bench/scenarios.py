@@ -12,6 +12,7 @@ from .harness import (
     CpuMeter,
     Roles,
     envelope,
+    finished_count,
     percentiles,
     projected_through,
     projector_caught_up,
@@ -19,7 +20,6 @@ from .harness import (
     rss_mb,
     server_messages,
     submit,
-    succeeded_count,
     system,
     wait_until,
 )
@@ -32,11 +32,11 @@ PRIORITY_CONCURRENCY = 16
 async def _warm_up(bus: Any, prefix: str = "warm") -> int:
     await submit(bus, (envelope(f"{prefix}{i}") for i in range(WARMUP)))
     await wait_until(lambda: _at_least(bus, WARMUP), timeout_s=120)
-    return await succeeded_count(bus)
+    return await finished_count(bus)
 
 
 async def _at_least(bus: Any, count: int) -> bool:
-    return await succeeded_count(bus) >= count
+    return await finished_count(bus) >= count
 
 
 async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, Any]:
@@ -130,17 +130,17 @@ async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01
             seen: dict[str, Any] = {}
             arrived = asyncio.Event()
 
-            async def record(msg: Any) -> None:
-                seen.update((ev.kind(event), event) for event in ev.decode_all(msg.data))
+            async def record(msg: Any, task_id: str = task_id) -> None:
+                seen.update((ev.kind(event), event) for event in ev.decode_all(msg.data) if event.task_id == task_id)
                 arrived.set()
 
             # Pushed to the bench as they are stored (a core subscription), so measuring adds no polling load.
-            sub = await sys_.bus.nc.subscribe(subjects.events_filter(task_id), cb=record)
+            sub = await sys_.bus.nc.subscribe(subjects.EVENTS_ALL, cb=record)
             await sys_.bus.nc.flush()
             sent = time.time()
             await (await sys_.bus.publish("tasks.submit", envelope(task_id, "echo", "high")))
             async with asyncio.timeout(60):
-                while not ("started" in seen and "dispatched" in seen):
+                while not {"submitted", "dispatched", "started"} <= seen.keys():  # in messages of three roles
                     await arrived.wait()
                     arrived.clear()
             await sub.unsubscribe()

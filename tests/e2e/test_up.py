@@ -43,9 +43,10 @@ async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Pa
         outcomes: dict[str, str] = {}
 
         async def record(msg):
-            _, task_id, kind = msg.subject.split(".")
-            if kind in ("succeeded", "rejected", "dead", "failed"):
-                outcomes[task_id] = kind
+            # What any NATS client sees: a JSON array of events (of several tasks) per message.
+            for event in json.loads(msg.data):
+                if event["kind"] in ("succeeded", "rejected", "dead", "failed"):
+                    outcomes[event["task_id"]] = event["kind"]
 
         await nc.subscribe("events.>", cb=record)
         await nc.flush()

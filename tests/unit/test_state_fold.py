@@ -71,16 +71,13 @@ def test_events_round_trip_through_json_with_their_kind():
         assert ev.kind(decoded) in ev.KINDS
 
 
-def test_consecutive_events_of_a_task_share_one_message_named_after_the_last():
-    started, succeeded = LIFE[-2], LIFE[-1]
-    subject, body, headers = ev.publication(started, succeeded)
-    assert subject == "events.t.succeeded"
-    assert headers["Nats-Msg-Id"] == f"t:started+succeeded:{succeeded.attempt}"
-    assert ev.decode_all(body) == [started, succeeded]
-    assert ev.kind(started) in ev.LEADING and ev.kind(succeeded) not in ev.LEADING  # readers filter by this
-    # A message of one event is the event itself, as it always was.
-    subject, body, _ = ev.publication(started)
-    assert (subject, ev.decode(body), ev.decode_all(body)) == ("events.t.started", started, [started])
+def test_an_events_message_is_a_json_array_of_events_of_any_tasks():
+    other = ev.Scheduled(task_id="u", at=1.5, region="r", priority="high")
+    subject, body = ev.message([LIFE[-2], other, LIFE[-1]], "worker")
+    assert subject == "events.worker"
+    assert ev.decode_all(body) == [LIFE[-2], other, LIFE[-1]]
+    # A message of one event, as earlier versions wrote them, reads the same.
+    assert ev.decode_all(ev.encode(LIFE[0])) == [LIFE[0]]
 
 
 def test_a_rejected_resubmission_does_not_overwrite_an_accepted_task_with_the_same_id():

@@ -1,0 +1,76 @@
+"""Events of many tasks share EVENTS messages: what one loop tick records goes in one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streamsched import events as ev
+from streamsched import recorder as recorder_module
+from streamsched import subjects
+from streamsched.bus import Bus
+from streamsched.recorder import EventRecorder
+
+pytestmark = pytest.mark.anyio
+
+
+def scheduled(task_id: str) -> ev.Event:
+    return ev.Scheduled(task_id=task_id, at=1.0, region="default", priority="medium")
+
+
+async def stored_messages(bus: Bus) -> list[tuple[str, list[ev.Event], str]]:
+    """``(subject, events, msg id)`` of every EVENTS message, in order."""
+    last = (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    out = []
+    for seq in range(1, last + 1):
+        msg = await bus.js.get_msg(subjects.EVENTS_STREAM, seq)
+        out.append((msg.subject, ev.decode_all(msg.data), (msg.headers or {}).get(subjects.H_MSG_ID, "")))
+    return out
+
+
+async def test_events_recorded_in_one_loop_tick_share_one_message(bus):
+    recorder = EventRecorder(bus, "test")
+    submitted = ev.Submitted(task_id="t1", at=1.0, type="echo", priority="medium", region="default")
+    first = recorder.record([submitted, scheduled("t1")])
+    second = recorder.record([scheduled("t2")])
+    assert first is second  # the same message
+    await first
+    later = recorder.record([scheduled("t3")])
+    assert later is not first
+    await later
+
+    stored = await stored_messages(bus)
+    assert [(subject, events) for subject, events, _ in stored] == [
+        ("events.test", [submitted, scheduled("t1"), scheduled("t2")]),
+        ("events.test", [scheduled("t3")]),
+    ]
+    assert len({msg_id for _, _, msg_id in stored}) == 2 and all(stored[0][2])  # each with its own msg id
+
+
+async def test_a_full_message_is_sealed_and_the_rest_goes_in_the_next(bus, monkeypatch):
+    monkeypatch.setattr(recorder_module, "MAX_EVENTS", 3)
+    recorder = EventRecorder(bus, "test")
+    futures = [recorder.record([scheduled(f"t{i}")]) for i in range(7)]
+    await asyncio.gather(*set(futures))
+    stored = await stored_messages(bus)
+    assert [[e.task_id for e in events] for _, events, _ in stored] == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6"]]
+
+
+async def test_a_failed_publish_is_sent_again_under_the_same_msg_id(bus, monkeypatch):
+    publish = bus.publish
+    calls: list[dict[str, str]] = []
+
+    async def flaky_publish(subject, data, headers=None):
+        calls.append(headers)
+        if len(calls) == 1:  # as if the PubAck were lost in a reconnect
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(ConnectionError("PubAck lost"))
+            return failed
+        return await publish(subject, data, headers)
+
+    monkeypatch.setattr(bus, "publish", flaky_publish)
+    recorder = EventRecorder(bus, "test")
+    await asyncio.wait_for(recorder.record([scheduled("t1")]), timeout=5)
+    assert len(calls) == 2 and calls[0][subjects.H_MSG_ID] == calls[1][subjects.H_MSG_ID]
+    assert [events for _, events, _ in await stored_messages(bus)] == [[scheduled("t1")]]
