@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import pytest
 
 from streamsched.testing import all_roles, running
@@ -19,6 +20,10 @@ async def test_the_event_log_commands_read_filter_redrive_and_rebuild(settings, 
         await bus.nc.publish("tasks.submit", b'{"id":"bad1","type":"fail","max_attempts":1}')
         await events.wait_final("ok1")
         await events.wait_final("bad1")
+        # The DLQ entry and the `dead` event are published together: either may land first.
+        with anyio.fail_after(10):
+            while (await bus.js.stream_info("DLQ")).state.messages < 1:
+                await anyio.sleep(0.02)
 
         tail = await cli(settings, "events", "tail", "--kind", "succeeded", "--json")
         lines = [json.loads(line) for line in tail.stdout.decode().splitlines()]

@@ -272,6 +272,10 @@ async def test_an_interrupted_redrive_run_again_redrives_each_dead_task_once(set
         for i in range(6):
             await bus.nc.publish("tasks.submit", b'{"id":"d%d","type":"doomed"}' % i)
         await events.wait_count("dead", 6)
+        # The DLQ entry and the `dead` event are published together: either may land first.
+        with anyio.fail_after(10):
+            while (await bus.js.stream_info("DLQ")).state.messages < 6:
+                await anyio.sleep(0.02)
         dead = [e async for e in dlq_mod.entries(bus, task_type="doomed")]
         assert sorted(e.task_id for e in dead) == [f"d{i}" for i in range(6)]
         assert all(e.error and e.attempts == 1 for e in dead)

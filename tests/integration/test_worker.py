@@ -127,11 +127,16 @@ async def test_a_worker_never_holds_more_unacked_tasks_than_its_concurrency(sett
     async with running([*await routing(settings, bus), worker]):
         for i in range(8):
             await submit(bus, id=f"bp-{i}", type="sleep", priority=settings.priorities[i % 3], payload={"seconds": 0.3})
+        over: list[list[tuple[str, int]]] = []
         with anyio.fail_after(12):
             while len(events.of_kind("succeeded")) < 8:
                 consumers = await work_consumers(bus, settings)
                 ack_pending = sum(c.num_ack_pending for c in consumers)
-                assert ack_pending <= 2, [(c.name, c.num_ack_pending) for c in consumers]
+                # The consumers are read one after another, so a task that ends between two
+                # reads and its successor can both be counted once; a real excess lasts as long
+                # as a task runs (0.3 s), so it shows in two reads in a row.
+                over = over + [[(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 2 else []
+                assert len(over) < 2, over
                 assert worker.puller.held <= 2
                 peak_ack_pending = max(peak_ack_pending, ack_pending)
                 peak_held = max(peak_held, worker.puller.held)
