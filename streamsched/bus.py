@@ -159,7 +159,7 @@ class Bus:
 
     async def publish_all(
         self,
-        publications: Sequence[tuple[str, bytes, dict[str, str] | None]],
+        publications: Sequence[tuple[str, bytes, dict[str, str] | bytes | None]],
         callback: Callable[[BaseException | None], None],
         also: Sequence[asyncio.Future[Any]] = (),
     ) -> None:

@@ -39,6 +39,12 @@ log = logging.getLogger("streamsched.master")
 
 #: Handler names travel in a header, so they must not contain spaces or control characters.
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+#: The header block of a task on SCHED (without its final empty line: optional headers follow).
+_SCHED_HEADERS = "".join(
+    f"{line}\r\n" for line in ("NATS/1.0", *(f"{name}: %s" for name in (
+        subjects.H_MSG_ID, subjects.H_TASK_ID, subjects.H_TYPE, subjects.H_PRIORITY, subjects.H_REGION,
+    )))
+).encode()
 
 
 class Master:
@@ -121,17 +127,15 @@ class Master:
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
         priority = envelope.priority
-        headers = {
-            subjects.H_MSG_ID: subjects.msg_id(task_id, "sched"),
-            subjects.H_TASK_ID: task_id,
-            subjects.H_TYPE: envelope.type,
-            subjects.H_PRIORITY: priority,
-            subjects.H_REGION: region,
-        }
+        # Encoded in one step: every value is validated (id, type) or chosen from settings.
+        headers = _SCHED_HEADERS % (
+            subjects.msg_id(task_id, "sched").encode(), task_id.encode(), envelope.type.encode(), priority.encode(), region.encode(),
+        )
         if envelope.max_attempts is not None:
-            headers[subjects.H_MAX_ATTEMPTS] = str(envelope.max_attempts)
+            headers += b"%s: %d\r\n" % (subjects.H_MAX_ATTEMPTS.encode(), envelope.max_attempts)
         if envelope.timeout_s is not None:
-            headers[subjects.H_TIMEOUT] = repr(envelope.timeout_s)
+            headers += b"%s: %s\r\n" % (subjects.H_TIMEOUT.encode(), repr(envelope.timeout_s).encode())
+        headers += b"\r\n"
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
         await self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, headers)], events=(submitted, scheduled))

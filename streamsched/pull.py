@@ -26,7 +26,7 @@ from .wire import Delivery
 log = logging.getLogger("streamsched.pull")
 
 #: ``(subject, body, headers)`` of one downstream publish.
-Publication = tuple[str, bytes, dict[str, str] | None]
+Publication = tuple[str, bytes, dict[str, str] | bytes | None]
 
 #: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
 LONG_POLL_S = 5.0

@@ -169,6 +169,29 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return text.encode()
 
 
+def header_value(raw: bytes, name: str) -> str | None:
+    """One header's value from a raw ``NATS/1.0`` block, without parsing the rest (a hop
+    that forwards the block needs one value of it). ``None`` if it is not there as
+    written (``name`` is matched exactly, as the block's own writer spelled it)."""
+    key = b"\r\n" + name.encode() + b":"
+    start = raw.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    return raw[start : raw.index(b"\r\n", start)].decode().strip()
+
+
+def with_header(raw: bytes, name: str, value: str) -> bytes:
+    """The raw header block with ``name`` set to ``value`` (replaced, or added at the end).
+    ``value`` must be one line (the caller's own, e.g. a msg id)."""
+    key = b"\r\n" + name.encode() + b":"
+    line = b"%s %s" % (key, value.encode())
+    start = raw.find(key)
+    if start < 0:
+        return raw[:-2] + line[2:] + b"\r\n\r\n"  # the block ends with an empty line
+    return raw[:start] + line + raw[raw.index(b"\r\n", start + len(key)) :]
+
+
 def send(nc: nats.NATS, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | bytes | None = None) -> None:
     """Publish without waiting, with nats-py's rules for a closed or reconnecting client.
 

@@ -122,8 +122,12 @@ class Worker:
         self._draining = False
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        # Given explicitly where asyncio would look it up: on Python 3.11 each lookup of
+        # the running loop costs a getpid() system call (about three per task here).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         log.info(
             "worker %s: region %s, concurrency %d, handlers %s",
             self.id, self.region, self.concurrency, ", ".join(self.registry.names()) or "(none)",
@@ -170,7 +174,8 @@ class Worker:
             # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
             self.settler.settle(msg, NAK_WHILE_DRAINING)
             return
-        task = asyncio.get_running_loop().create_task(self._execute(level, msg))
+        assert self._loop is not None
+        task = self._loop.create_task(self._execute(level, msg))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -223,7 +228,7 @@ class Worker:
             id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
             priority=self.settings.priorities[level], region=self.region, worker=self.id,
         )
-        running = _Running(msg, asyncio.current_task(), started)
+        running = _Running(msg, asyncio.current_task(self._loop), started)
         self.running[id(msg)] = running
         begin = running.began
         error: BaseException | None = None
@@ -319,6 +324,8 @@ class Worker:
         token = _current.set(context)
         try:
             if definition.is_async:
+                if timeout is None:
+                    return await definition.fn(payload)
                 async with asyncio.timeout(timeout):
                     return await definition.fn(payload)
             return await self.threads.run(functools.partial(definition.fn, payload), timeout, TaskTimeout)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from streamsched.wire import FastParser, encode_headers, parse_headers
+from streamsched.wire import (
+    FastParser,
+    encode_headers,
+    header_value,
+    parse_headers,
+    with_header,
+)
 
 
 class FakeClient:
@@ -78,3 +84,15 @@ def test_every_message_and_control_line_is_delivered_once_in_order_whatever_the_
 def test_header_values_with_line_breaks_cannot_break_the_protocol():
     block = encode_headers({"Streamsched-Error": "line one\r\nline two\nthree"})
     assert parse_headers(block) == {"Streamsched-Error": "line one line two three"}
+
+
+def test_a_hop_reads_one_header_and_sets_another_without_parsing_the_block():
+    block = encode_headers({"Nats-Msg-Id": "t1:sched:0", "Streamsched-Task-Id": "t1", "Streamsched-Type": "echo"})
+    assert header_value(block, "Streamsched-Task-Id") == "t1"
+    assert header_value(block, "Nats-Msg-Id") == "t1:sched:0"  # the first line too
+    assert header_value(block, "Streamsched-Region") is None
+    replaced = with_header(block, "Nats-Msg-Id", "t1:work:0")
+    assert parse_headers(replaced) == {"Nats-Msg-Id": "t1:work:0", "Streamsched-Task-Id": "t1", "Streamsched-Type": "echo"}
+    added = with_header(encode_headers({"Streamsched-Task-Id": "t1"}), "Nats-Msg-Id", "t1:work:0")
+    assert parse_headers(added) == {"Streamsched-Task-Id": "t1", "Nats-Msg-Id": "t1:work:0"}
+    assert added.endswith(b"\r\n\r\n")
