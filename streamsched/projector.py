@@ -48,11 +48,12 @@ log = logging.getLogger("streamsched.projector")
 #: Event messages held un-acked at once (the consumer's ``max_ack_pending``). A message
 #: holds the events of one loop tick of one role (at most ``recorder.MAX_EVENTS``, 16 to
 #: 32 under load), so the window is what bounds the projector's memory: with 1,000,000
-#: tasks queued (`bench backlog`) it peaked at 121 MB with 2,000 and 157 MB with 4,000.
-#: The larger window held more tasks until their outcome came (1.1 KV writes per task
-#: against 1.6 in `bench throughput`), at the same end-to-end rate.
+#: tasks queued (`bench backlog`) it peaked at 121 MB with 2,000 and 157 MB with 4,000
+#: (113 MB when held events shared their repeated strings, which gained nothing else
+#: measurable and was not kept). KV writes per task in `bench throughput` (1.1 to 1.6)
+#: depend more on how long tasks wait in SCHED and WORK than on the window.
 WINDOW = 2_000
-#: Past this many held events (decoded, about 0.2 KB each), or half the window in
+#: Past this many held events (decoded, about 0.37 KB each), or half the window in
 #: messages, the oldest tasks are written without waiting for ``HOLD_S``.
 PRESSURE = 12_000
 #: Longest a task's state waits for more of its events before it is written anyway.
