@@ -74,3 +74,13 @@ async def test_a_failed_publish_is_sent_again_under_the_same_msg_id(bus, monkeyp
     await asyncio.wait_for(recorder.record([scheduled("t1")]), timeout=5)
     assert len(calls) == 2 and calls[0][subjects.H_MSG_ID] == calls[1][subjects.H_MSG_ID]
     assert [events for _, events, _ in await stored_messages(bus)] == [[scheduled("t1")]]
+
+
+async def test_an_event_that_would_overfill_a_message_starts_the_next(bus, monkeypatch):
+    big = ev.Failed(task_id="big", at=1.0, attempt=1, error="x" * 600)
+    monkeypatch.setattr(recorder_module, "MAX_BYTES", 1000)
+    recorder = EventRecorder(bus, "test")
+    futures = [recorder.record([scheduled("t1")]), recorder.record([big]), recorder.record([big]), recorder.record([scheduled("t2")])]
+    await asyncio.gather(*set(futures))
+    stored = await stored_messages(bus)
+    assert [[e.task_id for e in events] for _, events, _ in stored] == [["t1", "big"], ["big", "t2"]]
