@@ -27,7 +27,7 @@ from .client import Client
 from .config import Settings
 from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status
-from .service import configure_logging, serve
+from .service import configure_logging, run_service
 
 
 class Exit(enum.IntEnum):
@@ -104,7 +104,7 @@ def master(log_level: LogLevel = "INFO") -> None:
     async def build(bus: Bus) -> list[Master]:
         return [Master(settings, bus)]
 
-    anyio.run(serve, settings, "streamsched-master", build)
+    run_service(settings, "streamsched-master", build)
 
 
 @app.command()
@@ -122,7 +122,7 @@ def regional(
     async def build(bus: Bus) -> list[Regional]:
         return [Regional(settings, bus, region)]
 
-    anyio.run(serve, settings, f"streamsched-regional-{region}", build)
+    run_service(settings, f"streamsched-regional-{region}", build)
 
 
 @app.command()
@@ -144,7 +144,7 @@ def worker(
     async def build(bus: Bus) -> list[Worker]:
         return [Worker(settings, bus, registry, region=region, concurrency=concurrency)]
 
-    anyio.run(serve, settings, f"streamsched-worker-{region}", build)
+    run_service(settings, f"streamsched-worker-{region}", build)
 
 
 @app.command()
@@ -162,7 +162,7 @@ def projector(log_level: LogLevel = "INFO") -> None:
     async def build(bus: Bus) -> list[Projector]:
         return [Projector(settings, bus, await StateStore.open(bus))]
 
-    anyio.run(serve, settings, "streamsched-projector", build)
+    run_service(settings, "streamsched-projector", build)
 
 
 @app.command()

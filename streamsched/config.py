@@ -69,6 +69,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Disk limit of KV ``tasks``."""
     replicas: int = 1
     """Stream replicas: 1 on a laptop, 3 on a cluster."""
+    event_loop: str = "uvloop"
+    """The roles' event loop: ``uvloop`` (libuv's, in C; the default where it is installed,
+    which pip does everywhere but Windows) or ``asyncio`` (the standard library's). uvloop
+    gave 9 % more tasks/s in ``bench throughput`` (docs/BENCHMARKS.md)."""
     projector_nice: int = 10
     """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
     Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first
@@ -111,6 +115,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("at least one region and one priority are needed")
         if self.master_window < 1 or self.regional_window < 1:
             raise ConfigError("windows must be at least 1")
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
 

@@ -1,12 +1,14 @@
 """Running roles as a service: one task group, signals handled in one place.
 
-Every CLI role command ends in :func:`serve`. The first SIGINT/SIGTERM asks each role to
-shut down (they stop fetching and drain); a second one exits at once.
+Every CLI role command ends in :func:`run_service`, which runs :func:`serve` on the
+configured event loop. The first SIGINT/SIGTERM asks each role to shut down (they stop
+fetching and drain); a second one exits at once.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import signal
@@ -36,6 +38,14 @@ def configure_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def run_service(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
+    """:func:`serve` on the event loop ``settings.event_loop`` names (uvloop when installed)."""
+    use_uvloop = settings.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is not None
+    if settings.event_loop == "uvloop" and not use_uvloop:
+        log.info("uvloop is not installed; running on asyncio's own event loop")
+    anyio.run(serve, settings, name, build, backend_options={"use_uvloop": use_uvloop})
 
 
 async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
