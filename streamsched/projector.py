@@ -139,19 +139,28 @@ class Projector:
         now = time.monotonic()
         message = _Message(msg.reply, 0)
         self._held_msgs += 1
-        self._held_events += len(events)
         for event in events:
             held = self._held.get(event.task_id)
             if held is None:
+                if not subjects.is_token(event.task_id):  # a KV key: a bad one would fail every write
+                    self.stats.skipped += 1
+                    log.warning(
+                        "skipping an event of task %r (not a subject token) at EVENTS seq %d", event.task_id[:200], msg.stream_seq,
+                    )
+                    continue
                 held = self._held[event.task_id] = _Held(now)
             if not held.messages or held.messages[-1] is not message:
                 held.messages.append(message)
                 message.unwritten += 1
             held.events.append(event)
+            self._held_events += 1
             if not held.final and type(event) in ev.FINAL_TYPES:
                 held.final = True
                 self._final.append(event.task_id)
                 self._wake.set()
+        if message.unwritten == 0:  # every event skipped
+            self._held_msgs -= 1
+            self.settler.settle(msg, ACK)
         if self._held_events > PRESSURE or self._held_msgs > WINDOW // 2:
             self._wake.set()
 

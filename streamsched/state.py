@@ -28,11 +28,12 @@ def fold(state: TaskState | None, event: ev.Event) -> TaskState:
     """Apply ``event`` to ``state`` (which is updated in place when given) and return it."""
     if state is None:
         state = TaskState(id=event.task_id, status=event.status)
-    newer = ev.rank(event) > state.rank
+    rank = ev.rank(event)
+    newer = rank > state.rank
     latest_attempt = event.attempt >= state.attempts
     if newer:
         state.status = event.status
-        state.rank = ev.rank(event)
+        state.rank = rank
         state.updated_at = event.at
     state.attempts = max(state.attempts, event.attempt)
 

@@ -236,9 +236,10 @@ async def test_corrupt_and_unknown_version_events_are_skipped_and_counted(settin
         state = await (await StateStore.open(bus)).get("after")
         assert state is not None and state[0].status is Status.SUCCEEDED
     assert projector.stats.skipped == 3
+    assert (await bus.js.consumer_info("EVENTS", "projector")).num_ack_pending == 0  # all acked, none stuck
     stats = ReadStats()
     kinds = [r.kind async for r in tail(bus, stats=stats)]
-    assert stats.skipped == 3 and "succeeded" in kinds
+    assert stats.skipped == 2 and "succeeded" in kinds  # readers show the bad id; only the projector cannot use it
 
 
 async def test_tail_filters_by_task_kind_type_and_start(settings, bus, events, registry):
