@@ -235,7 +235,7 @@ def bench(
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     concurrency: Annotated[
-        int | None, typer.Option(help="Task slots per worker [default: 64; 16 in priority, whose low tasks sleep 10 ms].")
+        int | None, typer.Option(help="Task slots per worker [default: 256; 16 in priority, whose low tasks sleep 10 ms].")
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:
