@@ -4,13 +4,13 @@ Event messages arrive through a continuous pull; a message holds the events of m
 tasks (see :mod:`streamsched.recorder`). Its events are decoded on arrival and held by
 task until the task's state is final, or for at most :data:`HOLD_S`, and then written
 together: a task that runs within that time costs one KV write for all its events.
-Final states are written after :data:`COALESCE_S`. A message is acked once the states of
-all the tasks it names are written. Every write is a compare-and-set on the key's last revision, known
-from the cache of recent states, or read first (many keys per request) for a task that
-is neither cached nor new; with several projectors the loser re-reads the key and folds
-again. The fold itself is idempotent and order-insensitive
-(:func:`streamsched.state.fold`), so redelivered or reordered events end in the same
-state. Events are acked only after their write landed.
+Final states are written after :data:`COALESCE_S`. Every write is a compare-and-set on
+the key's last revision, known from the cache of recent states, or read first (many keys
+per request) for a task that is neither cached nor new; with several projectors the
+loser re-reads the key and folds again. The fold itself is idempotent and
+order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered events
+end in the same state. A message is acked only once the states of all the tasks it
+names are written.
 
 A corrupt or unknown event message never stops the projector: it is logged with its
 stream sequence, counted, and acked.
