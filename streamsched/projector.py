@@ -171,6 +171,17 @@ class Projector:
         Returns the batch and the messages its tasks came in."""
         batch: Batch = {}
         messages: list[_Message] = []
+        # Tasks taken per held message, to know which messages this batch will free: the
+        # window is relieved by those, before any task is written early for its sake.
+        taken: dict[_Message, int] = {}
+        freed = 0
+
+        def count(held: _Held) -> None:
+            nonlocal freed
+            for message in held.messages:
+                taken[message] = times = taken.get(message, 0) + 1
+                if times == message.unwritten:
+                    freed += 1
 
         def take(task_id: str) -> None:
             held = self._held.pop(task_id)
@@ -181,18 +192,20 @@ class Projector:
         finals = self._final[:MAX_BATCH]
         del self._final[:MAX_BATCH]
         for task_id in finals:
-            if task_id in self._held:  # not already taken as one of the oldest
+            held = self._held.get(task_id)
+            if held is not None:  # not already taken as one of the oldest
+                count(held)
                 take(task_id)
         cutoff = time.monotonic() - HOLD_S
         excess_events = self._held_events - PRESSURE
-        excess_msgs = self._held_msgs - WINDOW // 2
         old: list[str] = []
         for task_id, held in self._held.items():  # dicts keep insertion order: oldest first
+            excess_msgs = self._held_msgs - freed - WINDOW // 2
             if (held.since > cutoff and excess_events <= 0 and excess_msgs <= 0) or len(batch) + len(old) >= MAX_BATCH:
                 break
             old.append(task_id)
             excess_events -= len(held.events)
-            excess_msgs -= sum(1 for message in held.messages if message.unwritten == 1)
+            count(held)
         for task_id in old:
             take(task_id)
         if self._final or len(batch) >= MAX_BATCH:
