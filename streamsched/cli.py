@@ -172,7 +172,7 @@ def submit(
     priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
     id: Annotated[str | None, typer.Option(help="Task id (default: generated).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome and print it.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome (the state the projector writes to KV) and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
 ) -> None:
     """Submit a task; prints its id (and with --wait, its outcome)."""
