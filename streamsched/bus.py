@@ -119,6 +119,7 @@ class Bus:
         wire.install(nc)
         bus = cls(nc)
         holder.append(bus)
+        await bus.start()
         return bus
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
@@ -157,7 +158,7 @@ class Bus:
             raise
         return future
 
-    async def publish_all(
+    def publish_all(
         self,
         publications: Sequence[tuple[str, bytes, dict[str, str] | bytes | None]],
         callback: Callable[[BaseException | None], None],
@@ -167,13 +168,13 @@ class Bus:
         ``callback(first_error_or_None)`` once all of them (and the futures ``also``) landed.
 
         What :meth:`publish` does, for a hop's whole output at once and with one counter
-        instead of a future per publish: futures cost a scheduled callback each.
+        instead of a future per publish: futures cost a scheduled callback each. It does
+        not wait, so it can run in the read loop: the caller bounds what is in flight
+        (a hop publishes for the messages it holds, at most its puller's capacity), and
+        :meth:`start` must have run (:meth:`connect` runs it).
         """
         if not self._reply_prefix:
-            await self._start_acks()
-        while len(self._acks) >= self.max_in_flight:
-            self._room.clear()
-            await self._room.wait()
+            raise RuntimeError("Bus.start() has not run: no inbox for PubAcks yet")
         # One count more than there are waits: released last, so that a publish failing
         # right here cannot complete the landing before the others are sent.
         landing = Landing(callback, len(publications) + len(also) + 1)
@@ -191,6 +192,11 @@ class Bus:
         for future in also:
             future.add_done_callback(lambda f: landing.landed(f.exception() if not f.cancelled() else asyncio.CancelledError()))
         landing.landed(None)
+
+    async def start(self) -> None:
+        """Subscribe to this connection's PubAck inbox (idempotent; :meth:`connect` does it)."""
+        if not self._reply_prefix:
+            await self._start_acks()
 
     async def _start_acks(self) -> None:
         self._reply_prefix = self.nc.new_inbox() + "."

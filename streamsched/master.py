@@ -110,7 +110,7 @@ class Master:
         regions = self.settings.regions
         return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
 
-    async def _on_message(self, _level: int, msg: Delivery) -> None:
+    def _on_message(self, _level: int, msg: Delivery) -> None:
         def fallback_id() -> str:  # only for submissions without a usable id: not per message
             return derive_task_id(stored_at_ns(msg.reply), msg.stream_seq)
 
@@ -118,11 +118,11 @@ class Master:
         try:
             envelope = self.validate(msg.data, fallback_id)
         except Rejected as exc:
-            await self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
+            self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
             return
-        await self._route(msg, envelope, now)
+        self._route(msg, envelope, now)
 
-    async def _route(self, msg: Delivery, envelope: Envelope, now: float) -> None:
+    def _route(self, msg: Delivery, envelope: Envelope, now: float) -> None:
         task_id = envelope.id
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
@@ -138,10 +138,10 @@ class Master:
         headers += b"\r\n"
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
-        await self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, headers)], events=(submitted, scheduled))
+        self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, headers)], events=(submitted, scheduled))
         self.accepted += 1
 
-    async def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:
+    def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:
         log.warning("rejected submission %s: %s", task_id, reason)
         headers = {
             subjects.H_MSG_ID: subjects.msg_id(task_id, "rejected"),
@@ -149,5 +149,5 @@ class Master:
             subjects.H_REASON: " ".join(reason.split())[:1024],  # one line: it is a header
         }
         rejected = ev.Rejected(task_id=task_id, at=now, reason=reason, original=msg.data)
-        await self.settler.forward(msg, [(subjects.REJECTED, msg.data, headers)], events=(rejected,))
+        self.settler.forward(msg, [(subjects.REJECTED, msg.data, headers)], events=(rejected,))
         self.rejected += 1

@@ -108,7 +108,7 @@ class Projector:
         self.settings = settings
         self.bus = bus
         self.store = store
-        self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message, direct=True)
+        self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
         self._held: dict[str, _Held] = {}  # in arrival order of each task's first event

@@ -3,7 +3,8 @@
 * :class:`Puller` keeps pull requests outstanding on several durable consumers, one per
   priority level, with *credit*: it never asks the server for more messages than its
   holder has free capacity, so a process never holds more than ``capacity`` un-acked
-  messages (backpressure stays JetStream's), and it asks higher levels first.
+  messages (backpressure stays JetStream's), and it asks higher levels first. Each
+  message is handed to the holder from the connection's read loop as it is parsed.
 * :class:`Settler` acks (or naks) a message only after what it published downstream
   and the events it recorded have landed, batching the acks of one loop tick.
 """
@@ -32,8 +33,6 @@ Publication = tuple[str, bytes, dict[str, str] | bytes | None]
 LONG_POLL_S = 5.0
 #: Expiry of a "take what is there now" pull request on a level that has a backlog.
 SHORT_POLL_S = 0.002
-#: Messages handled on one level before other levels (and the loop) get a turn.
-YIELD_EVERY = 16
 #: Expiry of the polls that go round the levels when there is less credit than levels.
 SCARCE_POLL_S = 0.1
 #: Idle levels together hold at most ``1 / IDLE_SHARE`` of the capacity in long polls
@@ -51,7 +50,7 @@ class _Level:
         self.hot = True  # the level may have a backlog: ask it for a batch
         self.last_seen = time.monotonic()
         self.sub: Any = None
-        self.received: collections.deque[Delivery] = collections.deque()  # not yet handed over
+        self.received: collections.deque[Delivery] = collections.deque()  # parsed, not yet handed over
 
 
 class Puller:
@@ -65,9 +64,16 @@ class Puller:
     request open, so a new task anywhere is seen at once: of one message, or of a few
     when capacity allows (together at most a quarter of it, see :data:`IDLE_SHARE`). With
     less capacity than levels they are polled in turn instead (:meth:`_allocate_scarce`).
-    Received messages are handed over by one task, highest level first (see
-    :meth:`_next_received`), yielding every :data:`YIELD_EVERY` messages; or, with
-    ``direct``, passed on from the read loop as they arrive.
+
+    ``on_message`` is synchronous and must not block: it forwards
+    (:meth:`Settler.forward` does not wait), records or spawns. With one level it is
+    called from the read loop as each message is parsed. With several, the messages
+    parsed in one turn of the read loop are handed over right after it, highest level
+    first (every ``share_every``-th pick from the lowest, so lows already delivered, whose
+    ack_wait runs, are not held back for long): a high message that arrives behind a
+    burst of lows does not wait for them. (A task used to take them from the queues,
+    with a coroutine per message and a wake-up per batch: about a tenth of a hop's CPU,
+    docs/BENCHMARKS.md.)
     """
 
     def __init__(
@@ -76,29 +82,24 @@ class Puller:
         stream: str,
         consumers: Sequence[str],
         capacity: int,
-        on_message: Callable[[int, Delivery], Any],
+        on_message: Callable[[int, Delivery], None],
         *,
         share_every: int = 8,
-        direct: bool = False,
     ) -> None:
-        """``direct``: ``on_message`` is synchronous and quick (it only records or spawns),
-        so it is called from the read loop as each message arrives, with no hand-over."""
         self.bus = bus
         self.stream = stream
         self.capacity = capacity
         self.on_message = on_message
         self.share_every = share_every
-        self.direct = direct
         prefix = bus.nc.new_inbox()
         self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
         self.held = 0
-        self._handled = 0
         self._rounds = 0
+        self._handed = 0
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
-        self._received = asyncio.Event()
         self._stopped = False
-        self._subscribed = False
-        self._hand_over_task: asyncio.Task[None] | None = None  # referenced: the loop keeps tasks weakly
         bus.on_reconnect(self.reset)
 
     @property
@@ -128,11 +129,9 @@ class Puller:
 
     async def run(self) -> None:
         """Subscribe and keep requests outstanding until :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
         for index, level in enumerate(self.levels):
             level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
-        self._subscribed = True
-        if not self.direct:
-            self._hand_over_task = asyncio.get_running_loop().create_task(self._hand_over())
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
@@ -162,9 +161,7 @@ class Puller:
         await self.unsubscribe()
 
     async def unsubscribe(self) -> None:
-        """Stop receiving; call after :meth:`stop`. Messages already received are still handed over."""
-        self._subscribed = False
-        self._received.set()  # the hand-over task ends once it has handed over the rest
+        """Stop receiving; call after :meth:`stop`."""
         for level in self.levels:
             if level.sub is not None and not self.bus.nc.is_closed:
                 try:
@@ -175,6 +172,7 @@ class Puller:
 
     def _handler(self, index: int) -> wire.Handler:
         level = self.levels[index]
+        single = len(self.levels) == 1
 
         def handle(subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
             level.last_seen = time.monotonic()
@@ -184,11 +182,14 @@ class Puller:
                 self.held += 1
                 delivery = Delivery(subject, reply, data, raw_headers)
                 level.hot = delivery.num_pending > 0
-                if self.direct:
-                    self.on_message(index, delivery)
+                if single:
+                    self._deliver(index, delivery)
                     return
                 level.received.append(delivery)
-                self._received.set()
+                if not self._draining:
+                    # After this turn of the read loop: a high message parsed behind lows goes first.
+                    self._draining = True
+                    self._loop.call_soon(self._drain)  # type: ignore[union-attr]
                 return
             headers = wire.parse_headers(raw_headers) if raw_headers else {}
             status = headers.get("Status")
@@ -205,23 +206,12 @@ class Puller:
 
         return handle
 
-    async def _hand_over(self) -> None:
-        """Pass received messages to ``on_message`` until unsubscribed and all handed over."""
-        while self._subscribed or any(level.received for level in self.levels):
-            await self._received.wait()
-            self._received.clear()
-            while (index := self._next_received()) is not None:
-                msg = self.levels[index].received.popleft()
-                try:
-                    result = self.on_message(index, msg)
-                    if result is not None:  # a coroutine
-                        await result
-                except Exception:
-                    log.exception("handling a message of %s failed; it comes back after ack_wait", self.levels[index].consumer)
-                self._handled += 1
-                if self._handled % YIELD_EVERY == 0:
-                    # Let acks, PubAcks and pull requests through during a long burst.
-                    await asyncio.sleep(0)
+    def _drain(self) -> None:
+        """Hand over what the read loop parsed in its last turn, highest level first."""
+        self._draining = False
+        while (index := self._next_received()) is not None:
+            self._deliver(index, self.levels[index].received.popleft())
+            self._handed += 1
 
     def _next_received(self) -> int | None:
         """The highest level with a received message. Every ``share_every``-th pick starts
@@ -229,12 +219,21 @@ class Puller:
         that were already delivered (their ack_wait is running)."""
         levels = self.levels
         order = range(len(levels))
-        if self._handled % self.share_every == self.share_every - 1:
+        if self._handed % self.share_every == self.share_every - 1:
             order = reversed(order)
         for index in order:
             if levels[index].received:
                 return index
         return None
+
+    def _deliver(self, index: int, msg: Delivery) -> None:
+        try:
+            self.on_message(index, msg)
+        except Exception:
+            # Not settled: the server redelivers it after ack_wait. Its credit comes back
+            # now, or a handler bug would starve this process bit by bit.
+            log.exception("handling a message of %s failed; it comes back after ack_wait", self.levels[index].consumer)
+            self.release()
 
     def _allocate(self) -> list[tuple[str, bytes, str]]:
         """Turn free capacity into pull requests: ``(subject, body, reply inbox)`` each."""
@@ -328,7 +327,7 @@ class Settler:
         self.retry_delay_s = retry_delay_s
         self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
-    async def forward(
+    def forward(
         self,
         msg: Delivery,
         publishes: Sequence[Publication],
@@ -344,11 +343,12 @@ class Settler:
         the same ``Nats-Msg-Id``, so it is never stored twice, after each of
         :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
         Events are recorded again only if their message failed for good. ``also`` (e.g. a
-        ``started`` event already in flight) is waited for once.
+        ``started`` event already in flight) is waited for once. Nothing here waits, so a
+        handler can call it from the read loop (see :class:`Puller`).
         """
-        await self._attempt(msg, _Forward(publishes, events, reply), also, 0)
+        self._attempt(msg, _Forward(publishes, events, reply), also, 0)
 
-    async def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[asyncio.Future[Any]], round_: int) -> None:
+    def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[asyncio.Future[Any]], round_: int) -> None:
         waits = list(also)
         recorded = forward.recorded
         if forward.events and (recorded is None or (recorded.done() and recorded.exception() is not None)):
@@ -357,7 +357,7 @@ class Settler:
         if forward.recorded is not None and not forward.recorded.done():
             waits.append(forward.recorded)
         try:
-            await self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
+            self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
         except Exception as exc:  # noqa: BLE001 - not connected
             self._landed(msg, forward, exc, round_)
 
@@ -374,7 +374,7 @@ class Settler:
 
     async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
-        await self._attempt(msg, forward, (), round_ + 1)
+        self._attempt(msg, forward, (), round_ + 1)
 
     def settle(self, msg: Delivery, reply: bytes) -> None:
         """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release its credit.

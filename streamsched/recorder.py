@@ -29,8 +29,9 @@ from .bus import REPUBLISH_DELAYS_S, Bus
 log = logging.getLogger("streamsched.recorder")
 
 #: Events in one message at most. A message is sealed at the end of the loop tick that
-#: opened it, so under load it holds what one tick handled: up to 16 deliveries for a
-#: master or regional scheduler (``pull.YIELD_EVERY``), the tasks that ended for a worker.
+#: opened it, so under load it holds what one tick handled: the deliveries of one read
+#: of the connection for a master or regional scheduler (up to 32 KB, about 100 tasks,
+#: so this limit applies), the tasks that ended for a worker.
 MAX_EVENTS = 128
 #: Bytes of events in one message at most (an event larger than this goes alone).
 MAX_BYTES = 256 * 1024

@@ -48,7 +48,7 @@ class Regional:
     async def shutdown(self) -> None:
         self.puller.stop()
 
-    async def _on_message(self, level: int, msg: Delivery) -> None:
+    def _on_message(self, level: int, msg: Delivery) -> None:
         # The header block goes on as it came, with the msg id of this hop: a quarter of
         # this role's CPU went into parsing it into a dict and encoding it again.
         raw = msg.raw_headers
@@ -60,5 +60,5 @@ class Regional:
         assert raw is not None
         headers = wire.with_header(raw, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))
         dispatched = ev.Dispatched(task_id=task_id, at=time.time(), region=self.region, priority=self.priorities[level])
-        await self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers)], events=(dispatched,))
+        self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers)], events=(dispatched,))
         self.released += 1

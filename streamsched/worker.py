@@ -113,7 +113,7 @@ class Worker:
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
-        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message, direct=True)
+        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message)
         self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
@@ -265,7 +265,7 @@ class Worker:
                     result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
                 )
                 self.counts["succeeded"] += 1
-                await self.settler.forward(msg, [], events=(*running.unpublished(), done), reply=ACK, also=running.landing())
+                self.settler.forward(msg, [], events=(*running.unpublished(), done), reply=ACK, also=running.landing())
                 return
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
 
@@ -278,7 +278,7 @@ class Worker:
             log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
             failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
             self.counts["failed"] += 1
-            await self.settler.forward(msg, [], events=(*before, failed), reply=term_with_reason(text), also=extra)
+            self.settler.forward(msg, [], events=(*before, failed), reply=term_with_reason(text), also=extra)
             return
         if attempt >= max_attempts:
             await self._dead(msg, task_id, task_type, attempt, text, before, extra)
@@ -289,7 +289,7 @@ class Worker:
             task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text, delay_s=delay,
         )
         self.counts["retrying"] += 1
-        await self.settler.forward(msg, [], events=(*before, retrying), reply=nak_with_delay(delay), also=extra)
+        self.settler.forward(msg, [], events=(*before, retrying), reply=nak_with_delay(delay), also=extra)
 
     async def _dead(
         self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str,
@@ -306,7 +306,7 @@ class Worker:
         }
         dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=error)
         self.counts["dead"] += 1
-        await self.settler.forward(
+        self.settler.forward(
             msg, [(subjects.dlq(task_id), msg.data, dlq_headers)], events=(*before, dead),
             reply=term_with_reason("dead: attempts exhausted"), also=extra,
         )
