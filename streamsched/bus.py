@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -193,6 +193,59 @@ class Bus:
             future.add_done_callback(lambda f: landing.landed(f.exception() if not f.cancelled() else asyncio.CancelledError()))
         landing.landed(None)
 
+    async def publish_many(
+        self,
+        publications: Iterable[tuple[str, bytes, dict[str, str] | bytes | None]],
+        *,
+        window: int = 4000,
+        chunk: int = 100,
+    ) -> tuple[int, BaseException | None]:
+        """Publish ``(subject, body, headers)`` each, with at most ``window`` awaiting their
+        PubAck; returns ``(publishes that failed, first error)`` once all landed.
+
+        For a burst: the publishes of each ``chunk`` share one landing (:meth:`publish_all`),
+        so a publish costs no future, and the loop gets a turn after each chunk so that
+        writes go out as they are made. A failed publish fails its whole chunk: publishing
+        it again is safe where each message carries a ``Nats-Msg-Id``.
+        """
+        failed = 0
+        first: BaseException | None = None
+        in_flight = 0
+        room = asyncio.Event()
+
+        def landing(size: int) -> Callable[[BaseException | None], None]:
+            def landed(error: BaseException | None) -> None:
+                nonlocal in_flight, failed, first
+                in_flight -= size
+                if error is not None:
+                    failed += size
+                    first = first or error
+                room.set()
+
+            return landed
+
+        async def send(batch: list[tuple[str, bytes, dict[str, str] | bytes | None]]) -> None:
+            nonlocal in_flight
+            while in_flight and in_flight + len(batch) > window:
+                room.clear()
+                await room.wait()
+            in_flight += len(batch)
+            self.publish_all(batch, landing(len(batch)))
+            await asyncio.sleep(0)
+
+        batch: list[tuple[str, bytes, dict[str, str] | bytes | None]] = []
+        for publication in publications:
+            batch.append(publication)
+            if len(batch) >= chunk:
+                await send(batch)
+                batch = []
+        if batch:
+            await send(batch)
+        while in_flight:
+            room.clear()
+            await room.wait()
+        return failed, first
+
     async def start(self) -> None:
         """Subscribe to this connection's PubAck inbox (idempotent; :meth:`connect` does it)."""
         if not self._reply_prefix:
@@ -212,6 +265,9 @@ class Bus:
         if len(self._acks) < self.max_in_flight:
             self._room.set()
         if waiter is None:
+            return
+        if type(waiter) is Landing and not raw_headers and b'"error"' not in data:
+            waiter.landed(None)  # a landing needs no PubAck fields: not decoded
             return
         if raw_headers and wire.parse_headers(raw_headers).get("Status") == "503":
             _resolve(waiter, None, nats.js.errors.NoStreamResponseError())

@@ -132,6 +132,8 @@ class Puller:
         self._loop = asyncio.get_running_loop()
         for index, level in enumerate(self.levels):
             level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
+        # A timeout on each wait below would cost a task and a timer per loop turn.
+        watchdog = self._loop.create_task(self._watch_requests())
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
@@ -139,15 +141,13 @@ class Puller:
                         self.bus.send(subject, body, inbox)
                     except Exception as exc:  # noqa: BLE001 - disconnected: the reconnect resets credit
                         log.debug("pull request not sent: %r", exc)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                except TimeoutError:
-                    self._expire_lost_requests()
+                await self._wake.wait()
                 self._wake.clear()
                 # Let releases of the same loop tick accumulate into one bigger request.
                 await asyncio.sleep(0)
         finally:
             self._stopped = True
+            watchdog.cancel()
 
     async def finish(self, timeout_s: float = 10.0) -> None:
         """After :meth:`stop`: wait until held messages are settled, then unsubscribe.
@@ -298,14 +298,18 @@ class Puller:
         body = b'{"batch":%d,"expires":%d}' % (batch, int(expires_s * 1e9))
         return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{level.consumer}", body, level.inbox
 
-    def _expire_lost_requests(self) -> None:
-        """A request the server never answered (restart, lost connection) frees its credit."""
-        now = time.monotonic()
-        for level in self.levels:
-            if level.outstanding and now - level.last_seen > LONG_POLL_S + 2.0:
-                log.info("pull requests on %s went unanswered; asking again", level.consumer)
-                level.outstanding = 0
-                level.hot = True
+    async def _watch_requests(self) -> None:
+        """Once a second: a request the server never answered (restart, lost connection)
+        frees its credit."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for level in self.levels:
+                if level.outstanding and now - level.last_seen > LONG_POLL_S + 2.0:
+                    log.info("pull requests on %s went unanswered; asking again", level.consumer)
+                    level.outstanding = 0
+                    level.hot = True
+                    self._wake.set()
 
 
 class Settler:

@@ -8,6 +8,7 @@ order (Dramatiq's global broker is the cautionary tale).
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 import inspect
 import os
@@ -33,9 +34,9 @@ class TaskDef:
     max_attempts: int | None = None
     """Attempts before dead-lettering; ``None`` means the deployment default."""
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        return inspect.iscoroutinefunction(self.fn)  # asked for every task: looked up once
 
 
 def task(name: str | None = None, *, timeout_s: float | None = None, max_attempts: int | None = None) -> Callable[[F], F]:

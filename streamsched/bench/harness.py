@@ -175,18 +175,9 @@ def envelope(task_id: str, task_type: str = "noop", priority: str = "medium", pa
 async def submit(bus: Bus, bodies: Iterable[bytes], *, window: int = 4000) -> float:
     """JetStream-publish every body to ``tasks.submit`` with at most ``window`` in flight; returns seconds."""
     began = time.monotonic()
-    in_flight: set[asyncio.Future[Any]] = set()
-    errors: list[BaseException] = []
-    for body in bodies:
-        if len(in_flight) >= window:
-            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            errors += [f.exception() for f in done if f.exception() is not None]  # type: ignore[misc]
-        in_flight.add(await bus.publish(subjects.SUBMIT, body))
-    if in_flight:
-        done, _ = await asyncio.wait(in_flight)
-        errors += [f.exception() for f in done if f.exception() is not None]  # type: ignore[misc]
-    if errors:
-        raise RuntimeError(f"{len(errors)} submissions failed, first: {errors[0]!r}")
+    failed, first = await bus.publish_many(((subjects.SUBMIT, body, None) for body in bodies), window=window)
+    if failed:
+        raise RuntimeError(f"{failed} submissions failed, first: {first!r}")
     return time.monotonic() - began
 
 

@@ -52,3 +52,29 @@ async def test_wait_says_whether_the_task_is_unknown_or_not_done_yet(settings, b
         await bus.nc.publish("tasks.submit", b'{"id":"queued","type":"echo"}')
         with pytest.raises(TimeoutError, match="task queued still (pending|scheduled) after"):
             await client.wait("queued", timeout_s=3.0)  # a pending state is written after projector.HOLD_S
+
+
+async def test_submit_many_stores_every_task_once_and_returns_their_handles(settings, bus, events: EventLog, examples):
+    client = Client(bus, await StateStore.open(bus))
+    specs = [{"type": "echo", "payload": i, "priority": ("high", "low")[i % 2]} for i in range(250)]
+    specs.append({"type": "echo", "id": "named", "payload": "n"})
+    async with running(await all_roles(settings, bus, examples)):
+        # More tasks than a chunk and a window, so that submit_many waits for room.
+        handles = await client.submit_many(specs, window=120)
+        assert len({h.id for h in handles}) == 251 and handles[-1].id == "named"
+        for handle in handles:
+            await events.wait_final(handle.id)
+        assert msgspec.json.decode((await handles[7].status()).result) == 7  # type: ignore[union-attr]
+        assert await handles[-1].result(timeout_s=10) == "n"
+        assert (await client.get(handles[1].id)).priority == "low"  # type: ignore[union-attr]
+        # The same tasks again: each carries its id as Nats-Msg-Id, so none is stored twice.
+        await client.submit_many([{**spec, "id": h.id} for spec, h in zip(specs, handles, strict=True)])
+    info = await bus.js.stream_info("TASKS", subjects_filter="tasks.submit")
+    assert info.state.subjects == {"tasks.submit": 251}
+
+
+async def test_submit_many_says_when_submissions_were_not_stored(settings, bus):
+    client = Client(bus, await StateStore.open(bus))
+    await bus.js.delete_stream("TASKS")  # nothing takes tasks.submit any more: every publish fails
+    with pytest.raises(ConnectionError, match="3 of 3 submissions were not stored"):
+        await client.submit_many([{"type": "echo"}] * 3)
