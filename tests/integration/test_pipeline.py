@@ -75,6 +75,10 @@ async def test_submit_many_stores_every_task_once_and_returns_their_handles(sett
 
 async def test_submit_many_says_when_submissions_were_not_stored(settings, bus):
     client = Client(bus, await StateStore.open(bus))
+    with pytest.raises(TypeError, match="priorty"):
+        await client.submit_many([{"type": "echo"}] * 150 + [{"type": "echo", "priorty": "high"}])
+    # More than a chunk before the typo, and still nothing was sent.
+    assert (await bus.js.stream_info("TASKS")).state.messages == 0
     await bus.js.delete_stream("TASKS")  # nothing takes tasks.submit any more: every publish fails
     with pytest.raises(ConnectionError, match="3 of 3 submissions were not stored"):
         await client.submit_many([{"type": "echo"}] * 3)
