@@ -45,14 +45,15 @@ from .wire import Delivery
 
 log = logging.getLogger("streamsched.projector")
 
-#: Event messages held un-acked at once (the consumer's ``max_ack_pending``). A message
-#: holds the events of one loop tick of one role (at most ``recorder.MAX_EVENTS``, 16 to
-#: 32 under load), so the window is what bounds the projector's memory: with 1,000,000
-#: tasks queued (`bench backlog`) it peaked at 121 MB with 2,000 and 157 MB with 4,000
-#: (113 MB when held events shared their repeated strings, which gained nothing else
-#: measurable and was not kept). KV writes per task in `bench throughput` (1.1 to 1.6)
-#: depend more on how long tasks wait in SCHED and WORK than on the window.
-WINDOW = 2_000
+#: Event messages held un-acked at once (the consumer's ``max_ack_pending``). It is what
+#: bounds the projector's memory when it falls behind (a held event takes about 0.37 KB
+#: decoded): a message holds what one role handled in one loop tick, up to
+#: ``recorder.MAX_EVENTS`` (128), and under load it is full, so at most 64,000 events are
+#: held. With 1,000,000 tasks queued (`bench backlog`) the projector peaked at 123 MB;
+#: 2,000 messages gave 209 MB once messages were that full (121 MB when they held 16 to
+#: 32 events). KV writes per task in `bench throughput`: 1.14-1.16, against 1.00-1.02 with
+#: 2,000, at the same rate end to end (three pairs in turns).
+WINDOW = 500
 #: Past this many held events (decoded, about 0.37 KB each), or half the window in
 #: messages, the oldest tasks are written without waiting for ``HOLD_S``.
 PRESSURE = 12_000
