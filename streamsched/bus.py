@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import nats
@@ -48,6 +48,12 @@ class Landing:
         self.remaining -= 1
         if self.remaining == 0:
             self.callback(self.error)
+
+
+class Pending(Protocol):
+    """Something a hop waits for besides its publishes (an events message on its way)."""
+
+    def then(self, callback: Callable[[BaseException | None], None]) -> None: ...
 
 
 #: What waits for a PubAck: the caller's future, or its group's landing.
@@ -162,10 +168,10 @@ class Bus:
         self,
         publications: Sequence[tuple[str, bytes, dict[str, str] | bytes | None]],
         callback: Callable[[BaseException | None], None],
-        also: Sequence[asyncio.Future[Any]] = (),
+        also: Sequence[Pending] = (),
     ) -> None:
         """Publish ``(subject, body, headers)`` each without waiting, and call
-        ``callback(first_error_or_None)`` once all of them (and the futures ``also``) landed.
+        ``callback(first_error_or_None)`` once all of them (and what ``also`` names) landed.
 
         What :meth:`publish` does, for a hop's whole output at once and with one counter
         instead of a future per publish: futures cost a scheduled callback each. It does
@@ -189,8 +195,8 @@ class Bus:
                 continue
             self._acks[token] = landing
             self._deadlines.append((deadline, token))
-        for future in also:
-            future.add_done_callback(lambda f: landing.landed(f.exception() if not f.cancelled() else asyncio.CancelledError()))
+        for pending in also:
+            pending.then(landing.landed)
         landing.landed(None)
 
     async def publish_many(

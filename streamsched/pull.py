@@ -20,8 +20,8 @@ from typing import Any
 
 from . import events as ev
 from . import wire
-from .bus import ACK, REPUBLISH_DELAYS_S, Bus, nak_with_delay
-from .recorder import EventRecorder
+from .bus import ACK, REPUBLISH_DELAYS_S, Bus, Pending, nak_with_delay
+from .recorder import EventRecorder, Recording
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
@@ -338,7 +338,7 @@ class Settler:
         *,
         events: Sequence[ev.Event] = (),
         reply: bytes = ACK,
-        also: Sequence[asyncio.Future[Any]] = (),
+        also: Sequence[Pending] = (),
     ) -> None:
         """Publish and record ``events``, then send ``reply`` for ``msg`` once these and
         ``also`` landed.
@@ -352,13 +352,13 @@ class Settler:
         """
         self._attempt(msg, _Forward(publishes, events, reply), also, 0)
 
-    def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[asyncio.Future[Any]], round_: int) -> None:
+    def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
         waits = list(also)
         recorded = forward.recorded
-        if forward.events and (recorded is None or (recorded.done() and recorded.exception() is not None)):
+        if forward.events and (recorded is None or (recorded.done and recorded.error is not None)):
             assert self.recorder is not None, "a Settler that records events needs a source"
             forward.recorded = self.recorder.record(forward.events)
-        if forward.recorded is not None and not forward.recorded.done():
+        if forward.recorded is not None and not forward.recorded.done:
             waits.append(forward.recorded)
         try:
             self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
@@ -407,4 +407,4 @@ class _Forward:
         self.publishes = publishes
         self.events = events
         self.reply = reply
-        self.recorded: asyncio.Future[None] | None = None
+        self.recorded: Recording | None = None

@@ -6,9 +6,9 @@ array of them, up to :data:`MAX_EVENTS` or :data:`MAX_BYTES`. Per task that is t
 messages fewer to publish and acknowledge, store, deliver to the projector and ack again:
 about a third of what a task cost the cores (measured in docs/BENCHMARKS.md).
 
-:meth:`EventRecorder.record` returns the future of the message the events went into; a
-role acks its upstream message only when that future (and its downstream publish) has
-landed. A failed publish is sent again under the same ``Nats-Msg-Id``, so a lost PubAck
+:meth:`EventRecorder.record` returns the :class:`Recording` (the message) the events
+went into; a role acks its upstream message only when it (and its downstream publish)
+has landed. A failed publish is sent again under the same ``Nats-Msg-Id``, so a lost PubAck
 never stores a message twice. What is not deduplicated: a hop that crashes after
 recording and before acking is redelivered and records its events again, in another
 message. The fold is idempotent, and :func:`streamsched.eventlog.history` shows each
@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
 
 from . import events as ev
 from . import subjects
@@ -37,15 +38,40 @@ MAX_EVENTS = 128
 MAX_BYTES = 256 * 1024
 
 
-class _Open:
-    """A message being filled: its encoded events and the future its recorders wait on."""
+class Recording:
+    """An events message being filled and sent. The hops whose events it holds wait for it
+    with :meth:`then`: a callback each, called directly when it lands (a future would
+    schedule each on the loop, about a microsecond per hop per task). Awaitable too."""
 
-    __slots__ = ("future", "parts", "size")
+    __slots__ = ("done", "error", "parts", "size", "waiters")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self.future = future
+    def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 2
+        self.done = False
+        self.error: BaseException | None = None
+        self.waiters: list[Callable[[BaseException | None], None]] = []
+
+    def then(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error_or_None)`` once the message landed (or failed for good)."""
+        if self.done:
+            callback(self.error)
+        else:
+            self.waiters.append(callback)
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.done, self.error = True, error
+        waiters, self.waiters = self.waiters, []
+        for callback in waiters:
+            callback(error)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if not self.done:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.then(lambda error: future.done() or (future.set_exception(error) if error else future.set_result(None)))
+            yield from future.__await__()
+        if self.error is not None:
+            raise self.error
 
 
 class EventRecorder:
@@ -56,11 +82,11 @@ class EventRecorder:
         self.subject = subjects.events(source)
         self._id_prefix = f"{source}:{os.urandom(6).hex()}:"
         self._count = 0
-        self._open: _Open | None = None
+        self._open: Recording | None = None
         self._sending: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
-    def record(self, events: Iterable[ev.Event]) -> asyncio.Future[None]:
-        """Add ``events`` (in the order they happened) to the open message; its future."""
+    def record(self, events: Iterable[ev.Event]) -> Recording:
+        """Add ``events`` (in the order they happened) to the open message; returns it."""
         parts = [ev.encode(event) for event in events]
         size = sum(len(part) + 1 for part in parts)
         batch = self._open
@@ -68,14 +94,13 @@ class EventRecorder:
             self._seal()
             batch = None
         if batch is None:
-            loop = asyncio.get_running_loop()
-            batch = self._open = _Open(loop.create_future())
-            loop.call_soon(self._seal_tick, batch)
+            batch = self._open = Recording()
+            asyncio.get_running_loop().call_soon(self._seal_tick, batch)
         batch.parts += parts
         batch.size += size
-        return batch.future
+        return batch
 
-    def _seal_tick(self, batch: _Open) -> None:
+    def _seal_tick(self, batch: Recording) -> None:
         if self._open is batch:
             self._seal()
 
@@ -84,11 +109,11 @@ class EventRecorder:
         assert batch is not None
         self._count += 1
         body = b"[" + b",".join(batch.parts) + b"]"
-        task = asyncio.get_running_loop().create_task(self._send(body, self._id_prefix + str(self._count), batch.future))
+        task = asyncio.get_running_loop().create_task(self._send(body, self._id_prefix + str(self._count), batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, body: bytes, msg_id: str, future: asyncio.Future[None]) -> None:
+    async def _send(self, body: bytes, msg_id: str, batch: Recording) -> None:
         error: BaseException | None = None
         for delay in (0.0, *REPUBLISH_DELAYS_S):
             if delay:
@@ -98,7 +123,7 @@ class EventRecorder:
             except Exception as exc:  # noqa: BLE001 - lost PubAck, reconnect: send it again
                 error = exc
                 continue
-            future.set_result(None)
+            batch._finish(None)
             return
         log.warning("events not recorded after %d tries (%r); their hops are redelivered", len(REPUBLISH_DELAYS_S) + 1, error)
-        future.set_exception(error or ConnectionError("events not recorded"))
+        batch._finish(error or ConnectionError("events not recorded"))

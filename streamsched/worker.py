@@ -57,6 +57,7 @@ from .config import Settings
 from .errors import Fail, Retry, TaskTimeout
 from .model import envelope_decoder, raw_value
 from .pull import Puller, Settler
+from .recorder import Recording
 from .registry import Registry, TaskContext, TaskDef, _current
 from .threads import HandlerThreads
 from .wire import Delivery
@@ -75,23 +76,23 @@ STARTED_HOLD_S = 0.1
 
 
 class _Running:
-    __slots__ = ("began", "cancelled", "msg", "started", "started_future", "task")
+    __slots__ = ("began", "cancelled", "msg", "started", "started_recording", "task")
 
     def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None, started: ev.Started) -> None:
         self.msg = msg
         self.task = task
         self.began = time.monotonic()
         self.started: ev.Started | None = started  # None once published
-        self.started_future: Any = None  # its PubAck, once published on its own
+        self.started_recording: Recording | None = None  # its events message, once sent on its own
         self.cancelled = False  # by the drain, past the grace period
 
     def unpublished(self) -> list[ev.Event]:
         """``[started]`` if it has not gone out on its own: it goes with the outcome."""
         return [self.started] if self.started is not None else []
 
-    def landing(self) -> list[Any]:
-        """What the settle must also wait for: the PubAck of ``started`` sent on its own."""
-        return [self.started_future] if self.started_future is not None else []
+    def landing(self) -> list[Recording]:
+        """What the settle must also wait for: the events message of ``started`` sent on its own."""
+        return [self.started_recording] if self.started_recording is not None else []
 
 
 class Worker:
@@ -203,7 +204,7 @@ class Worker:
             for running in list(self.running.values()):
                 if running.started is not None and running.began <= cutoff:
                     started, running.started = running.started, None
-                    running.started_future = self.settler.recorder.record((started,))
+                    running.started_recording = self.settler.recorder.record((started,))
 
     async def _execute(self, level: int, msg: Delivery) -> None:
         headers = msg.headers or {}
