@@ -56,13 +56,37 @@ class Pending(Protocol):
     def then(self, callback: Callable[[BaseException | None], None]) -> None: ...
 
 
-#: What waits for a PubAck: the caller's future, or its group's landing.
-Waiter = asyncio.Future[dict[str, Any]] | Landing
+class Gathering:
+    """The PubAcks of a group of publishes, each kept by its index (a dict, or the error),
+    with one future for the group, set once all are in: a future per publish, and
+    ``asyncio.wait`` over them, cost a scheduled callback each."""
+
+    __slots__ = ("done", "remaining", "results")
+
+    def __init__(self, count: int) -> None:
+        self.results: list[dict[str, Any] | BaseException | None] = [None] * count
+        self.remaining = count
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not count:
+            self.done.set_result(None)
+
+    def answered(self, index: int, result: dict[str, Any] | BaseException) -> None:
+        self.results[index] = result
+        self.remaining -= 1
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+#: What waits for a PubAck: the caller's future, its group's landing, or its place in a gathering.
+Waiter = asyncio.Future[dict[str, Any]] | Landing | tuple[Gathering, int]
 
 
 def _resolve(waiter: Waiter, response: dict[str, Any] | None, error: BaseException | None) -> None:
     if type(waiter) is Landing:
         waiter.landed(error)
+    elif type(waiter) is tuple:
+        gathering, index = waiter
+        gathering.answered(index, response if error is None else error)  # type: ignore[arg-type]
     elif not waiter.done():  # type: ignore[union-attr]
         if error is None:
             waiter.set_result(response)  # type: ignore[union-attr]
@@ -163,6 +187,29 @@ class Bus:
             del self._acks[token]
             raise
         return future
+
+    async def publish_gathered(self, publications: Sequence[tuple[str, bytes, dict[str, str] | bytes | None]]) -> Gathering:
+        """Publish ``(subject, body, headers)`` each without waiting; the returned
+        :class:`Gathering` holds each PubAck (or error) by index once ``done``.
+        Bounded by ``max_in_flight`` like :meth:`publish`."""
+        if not self._reply_prefix:
+            await self._start_acks()
+        while len(self._acks) >= self.max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        gathering = Gathering(len(publications))
+        deadline = time.monotonic() + self.publish_timeout_s
+        for index, (subject, data, headers) in enumerate(publications):
+            self._next_token += 1
+            token = self._next_token
+            try:
+                wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
+            except Exception as exc:  # noqa: BLE001 - not connected: this one failed
+                gathering.answered(index, exc)
+                continue
+            self._acks[token] = (gathering, index)
+            self._deadlines.append((deadline, token))
+        return gathering
 
     def publish_all(
         self,

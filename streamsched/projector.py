@@ -251,7 +251,6 @@ class Projector:
 
     async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
         """Fold and write every task of the batch; True when all writes landed."""
-        writes: dict[str, tuple[TaskState, asyncio.Future[dict[str, Any]]]] = {}
         if not batch:  # only skipped events
             return True
         # Not cached and not new: a write expecting no state would fail, so read them first.
@@ -260,19 +259,23 @@ class Projector:
         try:
             for start in range(0, len(unknown), MAX_GET_MANY):
                 stored.update(await self.store.get_many(self.bus, unknown[start : start + MAX_GET_MANY]))
+            states: list[TaskState] = []
+            puts: list[tuple[str, bytes, bytes]] = []
             for task_id, events in batch.items():
                 state, revision = self._folded(task_id, events, stored.get(task_id))
-                writes[task_id] = (state, await self._put(task_id, state, revision))
+                states.append(state)
+                puts.append((self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision))
+            written = await self.bus.publish_gathered(puts)
         except Exception as exc:  # noqa: BLE001 - not connected
             log.debug("state writes not sent: %r", exc)
             return False
-        await asyncio.wait([future for _, future in writes.values()])
+        await written.done
         ok = True
         conflicted: list[str] = []  # another writer, or a state read before it was stored
-        for task_id, (state, future) in writes.items():
-            error = future.exception()
+        for task_id, state, result in zip(batch, states, written.results, strict=True):
+            error = result if isinstance(result, BaseException) else None
             if error is None:
-                self._remember(task_id, (state, future.result()["seq"]))
+                self._remember(task_id, (state, result["seq"]))  # type: ignore[index]
             elif isinstance(error, APIError) and error.err_code == WRONG_LAST_SEQUENCE:
                 conflicted.append(task_id)
             elif isinstance(error, BadRequestError):
@@ -286,8 +289,8 @@ class Projector:
                 ok = False
         for start in range(0, len(conflicted), MAX_GET_MANY):  # rare: as many at a time as one read
             chunk = conflicted[start : start + MAX_GET_MANY]
-            written = await asyncio.gather(*(self._write_one_carefully(task_id, batch[task_id]) for task_id in chunk))
-            ok = all(written) and ok
+            careful = await asyncio.gather(*(self._write_one_carefully(task_id, batch[task_id]) for task_id in chunk))
+            ok = all(careful) and ok
         return ok
 
     async def _write_one_carefully(self, task_id: str, events: list[ev.Event]) -> bool:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
+import msgspec
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "__streamsched_task__"
@@ -96,9 +98,11 @@ class Registry:
                 self.add(definition)
 
 
-@dataclass(frozen=True)
-class TaskContext:
-    """What a running handler may want to know about its task (see :func:`current_task`)."""
+class TaskContext(msgspec.Struct, frozen=True, gc=False):
+    """What a running handler may want to know about its task (see :func:`current_task`).
+
+    A struct rather than a frozen dataclass: one is built per task, and a frozen
+    dataclass sets each field through ``object.__setattr__``."""
 
     id: str
     type: str
