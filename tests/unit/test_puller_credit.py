@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+
+import pytest
 
 from streamsched.pull import Puller
 
@@ -110,3 +113,37 @@ def test_with_less_capacity_than_levels_idle_levels_take_turns_with_brief_polls(
         for level in p.levels:
             level.outstanding = 0  # the poll expired
     assert sorted(asked) == ["c0", "c1", "c2"]
+
+
+REPLY = "$JS.ACK.WORK.c{level}.1.{seq}.{seq}.1732412345123456789.{pending}"
+
+
+def deliver(p: Puller, level: int, seq: int, pending: int = 0) -> None:
+    """What the read loop does for a message of ``level`` parsed from the socket."""
+    p._handler(level)(f"work.r.{level}", REPLY.format(level=level, seq=seq, pending=pending), b"{}", None)
+
+
+@pytest.mark.anyio
+async def test_messages_parsed_in_one_read_are_handed_over_highest_level_first():
+    handed: list[tuple[int, int]] = []
+    p = Puller(_NoNetwork(), "WORK", ["c0", "c1", "c2"], 100, lambda level, msg: handed.append((level, msg.stream_seq)))
+    p._loop = asyncio.get_running_loop()
+    for seq in range(1, 4):
+        deliver(p, 2, seq, pending=5)
+    deliver(p, 0, 4)  # a high message parsed behind three lows
+    assert handed == []  # nothing yet: handed over once the read is done
+    await asyncio.sleep(0)
+    assert handed == [(0, 4), (2, 1), (2, 2), (2, 3)]
+    assert p.held == 4 and p.levels[2].hot and not p.levels[0].hot
+
+
+@pytest.mark.anyio
+async def test_a_handler_that_fails_gives_its_credit_back(caplog):
+    def broken(level: int, msg: object) -> None:
+        raise RuntimeError("handler bug")
+
+    p = Puller(_NoNetwork(), "WORK", ["c0"], 4, broken)
+    p._loop = asyncio.get_running_loop()
+    deliver(p, 0, 1)  # one level: handed over at once, from the read loop
+    assert p.held == 0 and p.free == 4  # not settled (it comes back after ack_wait), but not leaked
+    assert "handler bug" in caplog.text and "comes back after ack_wait" in caplog.text
