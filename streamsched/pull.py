@@ -3,8 +3,9 @@
 * :class:`Puller` keeps pull requests outstanding on several durable consumers, one per
   priority level, with *credit*: it never asks the server for more messages than its
   holder has free capacity, so a process never holds more than ``capacity`` un-acked
-  messages (backpressure stays JetStream's), and it asks higher levels first. Each
-  message is handed to the holder from the connection's read loop as it is parsed.
+  messages (backpressure stays JetStream's), and it asks higher levels first. Messages
+  are handed to the holder from the connection's read loop (with several levels, right
+  after each read, highest level first).
 * :class:`Settler` acks (or naks) a message only after what it published downstream
   and the events it recorded have landed, batching the acks of one loop tick.
 """
