@@ -176,16 +176,8 @@ class Bus:
         while len(self._acks) >= self.max_in_flight:
             self._room.clear()
             await self._room.wait()
-        self._next_token += 1
-        token = self._next_token
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._acks[token] = future
-        self._deadlines.append((time.monotonic() + self.publish_timeout_s, token))
-        try:
-            wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
-        except Exception:
-            del self._acks[token]
-            raise
+        self._track(subject, data, headers, future, time.monotonic() + self.publish_timeout_s)
         return future
 
     async def publish_gathered(self, publications: Sequence[tuple[str, bytes, dict[str, str] | bytes | None]]) -> Gathering:
@@ -200,15 +192,10 @@ class Bus:
         gathering = Gathering(len(publications))
         deadline = time.monotonic() + self.publish_timeout_s
         for index, (subject, data, headers) in enumerate(publications):
-            self._next_token += 1
-            token = self._next_token
             try:
-                wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
+                self._track(subject, data, headers, (gathering, index), deadline)
             except Exception as exc:  # noqa: BLE001 - not connected: this one failed
                 gathering.answered(index, exc)
-                continue
-            self._acks[token] = (gathering, index)
-            self._deadlines.append((deadline, token))
         return gathering
 
     def publish_all(
@@ -233,15 +220,10 @@ class Bus:
         landing = Landing(callback, len(publications) + len(also) + 1)
         deadline = time.monotonic() + self.publish_timeout_s
         for subject, data, headers in publications:
-            self._next_token += 1
-            token = self._next_token
             try:
-                wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
+                self._track(subject, data, headers, landing, deadline)
             except Exception as exc:  # noqa: BLE001 - not connected: the callback retries
                 landing.landed(exc)
-                continue
-            self._acks[token] = landing
-            self._deadlines.append((deadline, token))
         for pending in also:
             pending.then(landing.landed)
         landing.landed(None)
@@ -298,6 +280,15 @@ class Bus:
             room.clear()
             await room.wait()
         return failed, first
+
+    def _track(self, subject: str, data: bytes, headers: dict[str, str] | bytes | None, waiter: Waiter, deadline: float) -> None:
+        """Send one publish whose PubAck goes to ``waiter`` (failed by the sweeper after
+        ``deadline``); raises, tracking nothing, if it could not be sent."""
+        self._next_token += 1
+        token = self._next_token
+        wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
+        self._acks[token] = waiter
+        self._deadlines.append((deadline, token))
 
     async def start(self) -> None:
         """Subscribe to this connection's PubAck inbox (idempotent; :meth:`connect` does it)."""
