@@ -264,7 +264,7 @@ class Projector:
             for task_id, events in batch.items():
                 state, revision = self._folded(task_id, events, stored.get(task_id))
                 states.append(state)
-                puts.append((self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision))
+                puts.append(self._write_of(task_id, state, revision))
             written = await self.bus.publish_gathered(puts)
         except Exception as exc:  # noqa: BLE001 - not connected
             log.debug("state writes not sent: %r", exc)
@@ -324,7 +324,11 @@ class Projector:
         return state, revision
 
     async def _put(self, task_id: str, state: TaskState, revision: int) -> asyncio.Future[dict[str, Any]]:
-        return await self.bus.publish(self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision)
+        return await self.bus.publish(*self._write_of(task_id, state, revision))
+
+    def _write_of(self, task_id: str, state: TaskState, revision: int) -> tuple[str, bytes, bytes]:
+        """The publish that writes ``state`` if the key's last revision is ``revision``."""
+        return self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision
 
     def _remember(self, task_id: str, entry: tuple[TaskState, int] | None) -> None:
         if entry is None:

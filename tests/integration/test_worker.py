@@ -142,7 +142,9 @@ async def test_a_worker_never_holds_more_unacked_tasks_than_its_concurrency(sett
                 peak_held = max(peak_held, worker.puller.held)
                 peak_backlog = max(peak_backlog, sum(c.num_pending for c in consumers))
                 await anyio.sleep(0.02)
-    assert peak_ack_pending == 2  # the worker was saturated, so the bound was tested
+    # The worker was saturated, so the bound was tested. (A single read may count 3, as
+    # above: the limit is what two reads in a row and the worker's own count show.)
+    assert peak_ack_pending >= 2
     assert peak_held == 2
     assert peak_backlog >= 4  # meanwhile the rest waited in the WORK stream, not in the worker
 
