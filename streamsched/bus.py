@@ -171,11 +171,7 @@ class Bus:
         bytes, scans an asyncio semaphore's waiters and builds a dataclass, which
         together cost more than the publish. Bounded by ``max_in_flight``.
         """
-        if not self._reply_prefix:
-            await self._start_acks()
-        while len(self._acks) >= self.max_in_flight:
-            self._room.clear()
-            await self._room.wait()
+        await self._room_to_publish()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._track(subject, data, headers, future, time.monotonic() + self.publish_timeout_s)
         return future
@@ -184,11 +180,7 @@ class Bus:
         """Publish ``(subject, body, headers)`` each without waiting; the returned
         :class:`Gathering` holds each PubAck (or error) by index once ``done``.
         Bounded by ``max_in_flight`` like :meth:`publish`."""
-        if not self._reply_prefix:
-            await self._start_acks()
-        while len(self._acks) >= self.max_in_flight:
-            self._room.clear()
-            await self._room.wait()
+        await self._room_to_publish()
         gathering = Gathering(len(publications))
         deadline = time.monotonic() + self.publish_timeout_s
         for index, (subject, data, headers) in enumerate(publications):
@@ -294,6 +286,13 @@ class Bus:
         """Subscribe to this connection's PubAck inbox (idempotent; :meth:`connect` does it)."""
         if not self._reply_prefix:
             await self._start_acks()
+
+    async def _room_to_publish(self) -> None:
+        """Wait until fewer than ``max_in_flight`` publishes await their PubAck."""
+        await self.start()
+        while len(self._acks) >= self.max_in_flight:
+            self._room.clear()
+            await self._room.wait()
 
     async def _start_acks(self) -> None:
         self._reply_prefix = self.nc.new_inbox() + "."

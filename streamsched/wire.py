@@ -240,9 +240,6 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     return headers
 
 
-_UNPARSED: Any = object()
-
-
 def delivery_info(reply: str) -> tuple[int, int, int]:
     """``(num_delivered, stream_seq, num_pending)`` from a JetStream ack subject.
 
@@ -259,9 +256,9 @@ class Delivery(msgspec.Struct, gc=False):
     """A message of a stream delivered to a pull request: what the roles use of nats-py's ``Msg``.
 
     ``num_delivered``, ``stream_seq`` and ``num_pending`` come from the ack subject,
-    parsed once. Headers are parsed on first use: the projector never looks at them.
-    A struct untracked by the cyclic garbage collector (it holds strings, bytes and a
-    dict of strings), since a role holds thousands of deliveries at a time.
+    parsed once. The header block stays raw: each role looks up the few values it needs
+    with :func:`header_value`. A struct untracked by the cyclic garbage collector (it
+    holds strings and bytes), since a role holds thousands of deliveries at a time.
     """
 
     subject: str
@@ -271,13 +268,6 @@ class Delivery(msgspec.Struct, gc=False):
     num_delivered: int = 0
     stream_seq: int = 0
     num_pending: int = 0
-    _headers: Any = _UNPARSED
 
     def __post_init__(self) -> None:
         self.num_delivered, self.stream_seq, self.num_pending = delivery_info(self.reply)
-
-    @property
-    def headers(self) -> dict[str, str] | None:
-        if self._headers is _UNPARSED:
-            self._headers = parse_headers(self.raw_headers) if self.raw_headers else None
-        return self._headers
