@@ -5,9 +5,10 @@ Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, 
 ``peers`` right after ``throughput``).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
-Dramatiq and taskiq on the same no-op workload, and ``throughput`` too so that they compare
-within one run; in ``all`` it runs right after ``throughput``, or prints why it was skipped.
-Every loop is bounded in count and time.
+Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
+right before them in each, and reports the median of each (see :mod:`.rounds`); ``all``
+runs it in place of ``throughput``, or, without the extra, ``throughput`` once and says why
+the peers were skipped. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import psutil
 
 from . import ceiling as ceiling_mod
 from . import peers as peers_mod
-from . import scenarios, targets
+from . import rounds, scenarios, targets
 from .harness import Roles
 
 SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "peers", "all")
@@ -41,8 +42,8 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     """Run one scenario (or ``all``) and return its results."""
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick}
-    # Peers right after our throughput, so that both run on the machine in the same state.
-    wanted = ("ceiling", "throughput", "peers", "latency", "priority", "ingress", "backlog") if scenario == "all" else (scenario,)
+    # ``peers`` runs our throughput too, in turns with the peers (see .rounds).
+    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -65,11 +66,20 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
         elif name == "backlog":
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
         elif name == "peers":
-            # The target is a ratio to the best peer of the same run, so ours runs here too.
-            if "throughput" not in results and peers_mod.unavailable() is None:
-                results["throughput"] = await scenarios.throughput(50_000 // scale, roles)
-            results["peers"] = await peers_mod.run(scale)
+            results.update(await _throughput_and_peers(scale, roles, 1 if quick else rounds.ROUNDS))
     return results
+
+
+async def _throughput_and_peers(scale: int, roles: Roles | None, count: int) -> dict[str, Any]:
+    """Our throughput and the peers in turns, ``count`` rounds, each figure the median of
+    its rounds; without the peers extra, our throughput once and the reason."""
+    if peers_mod.unavailable() is not None:
+        return {"throughput": await scenarios.throughput(50_000 // scale, roles), "peers": await peers_mod.run(scale)}
+    ours, theirs = [], []
+    for _ in range(count):
+        ours.append(await scenarios.throughput(50_000 // scale, roles))
+        theirs.append(await peers_mod.run(scale))
+    return {"throughput": rounds.median_run(ours), "peers": rounds.combine_peers(theirs)}
 
 
 def _lean_line(ceiling: dict[str, Any]) -> list[str]:
@@ -107,7 +117,7 @@ def report(results: dict[str, Any]) -> str:
         ratio = "   = " + targets.ceiling_ratios(t, ceiling, " raw two-hop") if ceiling else ""
         lines += [
             f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}):",
-            f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}",
+            f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}{rounds.spread(t)}",
             f"  projected to KV    {t['projected_per_s']:>10.0f} tasks/s",
             f"  submit             {t['submit_per_s']:>10.0f} tasks/s",
             f"  CPU µs/task        {t['cpu_us_per_task_total']:>10.0f} total: {_cpu(t['cpu_us_per_task'])}",
@@ -178,7 +188,8 @@ def _peers_lines(results: dict[str, Any]) -> list[str]:
         return []
     if "skipped" in peers:
         return [f"peers: skipped: {peers['skipped']}"]
-    lines = ["peers (same no-op workload, same run), tasks/s:"]
+    count = peers.get("rounds", 1)
+    lines = [f"peers (same no-op workload, same run{f', median of {count} rounds in turns with ours' if count > 1 else ''}), tasks/s:"]
     for row in peers["peers"]:
         label = f"  {row['name']} ({row['config']})"
         if "error" in row:
@@ -186,7 +197,8 @@ def _peers_lines(results: dict[str, Any]) -> list[str]:
         else:
             lines.append(
                 f"{label:<42} {row['tasks_per_s']:>6.0f}   {row['n']} tasks, "
-                f"CPU µs/task {row['cpu_us_per_task_total']:.0f}: {_cpu(row['cpu_us_per_task'])}"
+                f"CPU µs/task {row['cpu_us_per_task_total']:.0f}: {_cpu(row['cpu_us_per_task'])}{rounds.spread(row)}"
+                + (f"; failed in {len(row['failed_rounds'])} round(s): {row['failed_rounds'][-1]}" if "failed_rounds" in row else "")
             )
     best = targets.best_peer(peers)
     ours = results.get("throughput", {}).get("tasks_per_s")

@@ -1,7 +1,7 @@
 """The bench report: what it says about peers, from results of the shape the scenarios return."""
 
 from streamsched import bench
-from streamsched.bench import targets
+from streamsched.bench import rounds, targets
 
 
 def _peer(name: str, per_s: float) -> dict:
@@ -59,3 +59,29 @@ def test_throughput_is_judged_on_the_peerbench_two_hop_and_shown_against_the_lea
     [(name, figure, met)] = targets.judge(results)
     assert name.startswith("throughput >= 0.8 x raw two-hop")
     assert figure == "0.85 x (lean: 0.42 x)" and met
+
+
+def test_rounds_keep_the_median_run_of_ours_and_of_each_peer_with_every_rounds_figure() -> None:
+    ours = rounds.median_run([{"tasks_per_s": 9.0, "cpu": "slow"}, {"tasks_per_s": 12.0, "cpu": "fast"}, {"tasks_per_s": 10.0, "cpu": "mid"}])
+    assert ours == {"tasks_per_s": 10.0, "cpu": "mid", "rounds": [9.0, 12.0, 10.0]}
+    failed = {"name": "b", "config": "c", "n": 100, "error": "TimeoutError: x"}
+    combined = rounds.combine_peers([
+        {"peers": [_peer("a", 1000.0), _peer("b", 3000.0)]},
+        {"peers": [_peer("a", 1400.0), failed]},
+        {"peers": [_peer("a", 1200.0), _peer("b", 2000.0)]},
+    ])
+    a, b = combined["peers"]
+    assert (a["tasks_per_s"], a["rounds"]) == (1200.0, [1000.0, 1400.0, 1200.0])
+    # Of b's two finished rounds the lower middle one; the failed round is kept, not hidden.
+    assert (b["tasks_per_s"], b["rounds"], b["failed_rounds"]) == (2000.0, [3000.0, 2000.0], ["TimeoutError: x"])
+    assert combined["rounds"] == 3 and targets.best_peer(combined) == 2000.0
+    lines = bench._peers_lines({"throughput": {"tasks_per_s": 6000.0}, "peers": combined})
+    assert "median of 3 rounds" in lines[0]
+    assert lines[1].endswith("(median of 3: 1,000–1,400)")
+    assert "failed in 1 round(s): TimeoutError: x" in lines[2]
+
+
+def test_a_peer_that_failed_every_round_is_reported_as_failed() -> None:
+    failed = {"name": "c", "config": "c", "n": 100, "error": "RuntimeError: worker exited"}
+    combined = rounds.combine_peers([{"peers": [failed]}, {"peers": [failed]}])
+    assert combined["peers"] == [failed] and targets.best_peer(combined) is None
