@@ -88,3 +88,16 @@ def test_a_rejected_resubmission_does_not_overwrite_an_accepted_task_with_the_sa
     alone = replay([rejected])
     assert (alone.status, alone.error) == (Status.REJECTED, "unknown region")
     assert replay(LIFE[:2] + [rejected]).status is Status.PENDING
+
+
+def test_the_fold_cost_bench_folds_each_no_op_task_to_succeeded() -> None:
+    from streamsched.bench import fold_cost
+
+    bodies = fold_cost.messages(tasks=3)
+    decoded = [event for body in bodies for event in ev.decode_all(body)]
+    assert len(decoded) == 15  # five events per task
+    by_task = {}
+    for event in decoded:
+        by_task[event.task_id] = fold(by_task.get(event.task_id), event)
+    assert [state.status for state in by_task.values()] == [Status.SUCCEEDED] * 3
+    assert set(fold_cost.measure(rounds=2, tasks=3)) == {"decode", "fold", "encode"}
