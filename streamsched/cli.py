@@ -230,7 +230,13 @@ def status(
 
 @app.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="throughput, latency, priority, ingress, backlog, ceiling, peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all.")],
+    scenario: Annotated[
+        str,
+        typer.Argument(
+            help="throughput, latency, priority, ingress, backlog, ceiling, peers (needs the peers extra; "
+            "three rounds in turns with throughput, medians compared) or all."
+        ),
+    ],
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
