@@ -1,8 +1,7 @@
 """``streamsched bench``: benchmark scenarios, each on its own nats-server (file storage).
 
 Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``,
-``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run;
-``peers`` right after ``throughput``).
+``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
 Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
