@@ -36,7 +36,8 @@ SCHEMA_VERSION = 1
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind", gc=False):
-    """Fields every event has. ``rank`` orders the events of one task (see :func:`rank`).
+    """Fields every event has. A task's events are ordered by their rank, ``attempt * 10 +
+    order`` (see :func:`streamsched.state.fold`).
 
     Untracked by the cyclic garbage collector (``gc=False``, as the structs of model.py): an
     event holds only JSON values, so it cannot be part of a reference cycle.
@@ -194,11 +195,6 @@ def decode_all(data: bytes) -> list[Event]:
 def kind(event: Event) -> str:
     """The event's tag, e.g. ``"started"``."""
     return _KIND_OF[type(event)]
-
-
-def rank(event: Event) -> int:
-    """A number that grows along one task's life, so a late event never rolls state back."""
-    return event.attempt * 10 + event.order
 
 
 #: Kinds that can happen more than once in one attempt; every other kind happens at most
