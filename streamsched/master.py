@@ -3,16 +3,18 @@
 For each submission it either
 
 * accepts it: picks an id (the submitter's, or one derived from the message's place in
-  TASKS so a redelivery gets the same one), a region and a priority, publishes the
-  original bytes to ``sched.<region>.<priority>`` with routing data in headers, and
-  records ``submitted`` and ``scheduled`` events (on ``events.master``, with those of the
-  other submissions it handled in the same loop tick); or
+  TASKS so a redelivery gets the same one), a region and a priority, hands the original
+  bytes to ``sched.<region>.<priority>`` with routing data in headers (in one message
+  with the other tasks of the loop tick for that subject, :mod:`streamsched.sched_batches`),
+  and records ``submitted`` and ``scheduled`` events (on ``events.master``, with those of
+  the other submissions it handled in the same loop tick); or
 * rejects it: publishes the original bytes to ``tasks.rejected`` with the reason, and a
   ``rejected`` event.
 
 Only when those publishes are acknowledged is the submission acked, so a crash at any
 point redelivers it, and ``Nats-Msg-Id`` dedupe drops the task if it had already gone
-through (its events are recorded again: see :mod:`streamsched.recorder`).
+through: at SCHED for a task handed over alone, at WORK for one that went in a batch
+(its events are recorded again: see :mod:`streamsched.recorder`).
 Any number of masters can share the durable consumer.
 """
 
@@ -33,6 +35,7 @@ from .config import Settings
 from .errors import Rejected
 from .model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
 from .pull import Puller, Settler
+from .sched_batches import TaskBatcher
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.master")
@@ -54,7 +57,7 @@ class Master:
         self.settings = settings
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
-        self.settler = Settler(bus, self.puller, source="master")
+        self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
         self.accepted = 0
         self.rejected = 0
 
@@ -138,7 +141,7 @@ class Master:
         headers += b"\r\n"
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
-        self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, headers)], events=(submitted, scheduled))
+        self.settler.forward(msg, (), events=(submitted, scheduled), handoff=(subjects.sched(region, priority), msg.data, headers))
         self.accepted += 1
 
     def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:

@@ -23,6 +23,7 @@ from . import events as ev
 from . import wire
 from .bus import ACK, REPUBLISH_DELAYS_S, Bus, Pending, nak_with_delay
 from .recorder import EventRecorder, Recording
+from .sched_batches import TaskBatcher
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
@@ -324,11 +325,15 @@ class Settler:
     puller.
     """
 
-    def __init__(self, bus: Bus, puller: Puller, *, source: str = "", retry_delay_s: float = 1.0) -> None:
-        """``source`` names the role in the subject of the events it records (``events.<source>``)."""
+    def __init__(
+        self, bus: Bus, puller: Puller, *, source: str = "", batcher: TaskBatcher | None = None, retry_delay_s: float = 1.0,
+    ) -> None:
+        """``source`` names the role in the subject of the events it records (``events.<source>``);
+        ``batcher`` takes the hand-offs of :meth:`forward` (a master's SCHED publishes)."""
         self.bus = bus
         self.puller = puller
         self.recorder = EventRecorder(bus, source) if source else None
+        self.batcher = batcher
         self.retry_delay_s = retry_delay_s
         self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
@@ -338,20 +343,21 @@ class Settler:
         publishes: Sequence[Publication],
         *,
         events: Sequence[ev.Event] = (),
+        handoff: tuple[str, bytes, bytes] | None = None,
         reply: bytes = ACK,
         also: Sequence[Pending] = (),
     ) -> None:
-        """Publish and record ``events``, then send ``reply`` for ``msg`` once these and
-        ``also`` landed.
+        """Publish, record ``events`` and give ``handoff`` (subject, body, header block) to
+        the batcher, then send ``reply`` for ``msg`` once these and ``also`` landed.
 
         A failed publish (a lost PubAck in a reconnect, an election) is sent again with
         the same ``Nats-Msg-Id``, so it is never stored twice, after each of
         :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
-        Events are recorded again only if their message failed for good. ``also`` (e.g. a
+        Events (and a hand-off) are added again only if their message failed for good. ``also`` (e.g. a
         ``started`` event already in flight) is waited for once. Nothing here waits, so a
         handler can call it from the read loop (see :class:`Puller`).
         """
-        self._attempt(msg, _Forward(publishes, events, reply), also, 0)
+        self._attempt(msg, _Forward(publishes, events, handoff, reply), also, 0)
 
     def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
         waits = list(also)
@@ -361,6 +367,12 @@ class Settler:
             forward.recorded = self.recorder.record(forward.events)
         if forward.recorded is not None and not forward.recorded.done:
             waits.append(forward.recorded)
+        handed = forward.handed
+        if forward.handoff is not None and (handed is None or (handed.done and handed.error is not None)):
+            assert self.batcher is not None, "a Settler that hands off needs a batcher"
+            forward.handed = handed = self.batcher.add(*forward.handoff)
+        if handed is not None and not handed.done:
+            waits.append(handed)
         try:
             self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
         except Exception as exc:  # noqa: BLE001 - not connected
@@ -399,13 +411,17 @@ class Settler:
 
 
 class _Forward:
-    """What one upstream message led to: publishes, events (and their message, once
-    recorded), and the reply to send upstream when all of it landed."""
+    """What one upstream message led to: publishes, events and a hand-off (and the
+    messages these went into), and the reply to send upstream when all of it landed."""
 
-    __slots__ = ("events", "publishes", "recorded", "reply")
+    __slots__ = ("events", "handed", "handoff", "publishes", "recorded", "reply")
 
-    def __init__(self, publishes: Sequence[Publication], events: Sequence[ev.Event], reply: bytes) -> None:
+    def __init__(
+        self, publishes: Sequence[Publication], events: Sequence[ev.Event], handoff: tuple[str, bytes, bytes] | None, reply: bytes,
+    ) -> None:
         self.publishes = publishes
         self.events = events
+        self.handoff = handoff
         self.reply = reply
         self.recorded: Recording | None = None
+        self.handed: Recording | None = None

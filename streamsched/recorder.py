@@ -39,14 +39,15 @@ MAX_BYTES = 256 * 1024
 
 
 class Recording:
-    """An events message being filled and sent. The hops whose events it holds wait for it
+    """A message being filled and sent (events here, tasks in
+    :mod:`streamsched.sched_batches`). The hops whose parts it holds wait for it
     with :meth:`then`: a callback each, called directly when it lands (a future would
     schedule each on the loop, about a microsecond per hop per task). Awaitable too."""
 
     __slots__ = ("done", "error", "parts", "size", "waiters")
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[Any] = []
         self.size = 2
         self.done = False
         self.error: BaseException | None = None
@@ -83,7 +84,6 @@ class EventRecorder:
         self._id_prefix = f"{source}:{os.urandom(6).hex()}:"
         self._count = 0
         self._open: Recording | None = None
-        self._sending: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     def record(self, events: Iterable[ev.Event]) -> Recording:
         """Add ``events`` (in the order they happened) to the open message; returns it."""
@@ -109,21 +109,25 @@ class EventRecorder:
         assert batch is not None
         self._count += 1
         body = b"[" + b",".join(batch.parts) + b"]"
-        task = asyncio.get_running_loop().create_task(self._send(body, self._id_prefix + str(self._count), batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        send(self.bus, self.subject, body, {subjects.H_MSG_ID: self._id_prefix + str(self._count)}, batch)
 
-    async def _send(self, body: bytes, msg_id: str, batch: Recording) -> None:
-        error: BaseException | None = None
-        for delay in (0.0, *REPUBLISH_DELAYS_S):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                await (await self.bus.publish(self.subject, body, {subjects.H_MSG_ID: msg_id}))
-            except Exception as exc:  # noqa: BLE001 - lost PubAck, reconnect: send it again
-                error = exc
-                continue
-            batch._finish(None)
-            return
-        log.warning("events not recorded after %d tries (%r); their hops are redelivered", len(REPUBLISH_DELAYS_S) + 1, error)
-        batch._finish(error or ConnectionError("events not recorded"))
+
+def send(bus: Bus, subject: str, body: bytes, headers: dict[str, str] | bytes, recording: Recording, attempt: int = 0) -> None:
+    """Publish the body of ``recording`` and finish it once it landed. A failed publish
+    (lost PubAck, reconnect) is sent again under the same ``Nats-Msg-Id`` after each of
+    :data:`REPUBLISH_DELAYS_S`, so it is never stored twice; then the recording fails and
+    the hops that wait for it are redelivered. Nothing here waits: no task or future per message."""
+
+    def landed(error: BaseException | None) -> None:
+        if error is None:
+            recording._finish(None)
+        elif attempt < len(REPUBLISH_DELAYS_S):
+            asyncio.get_running_loop().call_later(REPUBLISH_DELAYS_S[attempt], send, bus, subject, body, headers, recording, attempt + 1)
+        else:
+            log.warning("%s not published after %d tries (%r); its hops are redelivered", subject, attempt + 1, error)
+            recording._finish(error)
+
+    try:
+        bus.publish_all([(subject, body, headers)], landed)
+    except Exception as exc:  # noqa: BLE001 - not connected: try again later
+        landed(exc)

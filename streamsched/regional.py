@@ -2,11 +2,14 @@
 
 It reads ``sched.<region>.<priority>`` through one durable consumer per priority with a
 :class:`~streamsched.bus.Puller`, so a high task never waits behind a low backlog and
-lower levels keep a small share. Each task is republished byte for byte to
-``work.<region>.<priority>`` (routing data stays in the headers) with a ``dispatched``
-event (on ``events.regional``), and acked on SCHED only when both landed.
+lower levels keep a small share. A SCHED message holds one task or a batch of them
+(:mod:`streamsched.sched_batches`). Each task is republished byte for byte to
+``work.<region>.<priority>`` as its own message (routing data stays in the headers, with
+the msg id ``<task>:work:0`` that makes a second copy harmless) with a ``dispatched``
+event (on ``events.regional``), and the SCHED message is acked only when all of them landed.
 
-Backpressure: the puller holds at most ``regional_window`` un-acked tasks; when WORK
+Backpressure: the puller holds at most ``regional_window`` tasks (a 64th of that in
+messages, since a batch holds up to 64); when WORK
 refuses publishes (stream limits) they are nak'ed and come back, so the backlog waits
 durably in SCHED. Any number of regional schedulers can serve one region.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
+
 from . import events as ev
-from . import subjects, wire
+from . import sched_batches, subjects, wire
 from .bus import Bus, term_with_reason
 from .config import Settings
-from .pull import Puller, Settler
+from .pull import Publication, Puller, Settler
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.regional")
@@ -36,7 +41,8 @@ class Regional:
         self.priorities = settings.priorities
         self.work_subjects = [subjects.work(region, p) for p in self.priorities]
         consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
-        self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, settings.regional_window, self._on_message)
+        window = sched_batches.window_messages(settings.regional_window, len(self.priorities))
+        self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
         self.settler = Settler(bus, self.puller, source="regional")
         self.released = 0
 
@@ -49,16 +55,30 @@ class Regional:
         self.puller.stop()
 
     def _on_message(self, level: int, msg: Delivery) -> None:
-        # The header block goes on as it came, with the msg id of this hop: a quarter of
-        # this role's CPU went into parsing it into a dict and encoding it again.
         raw = msg.raw_headers
-        task_id = wire.header_value(raw, subjects.H_TASK_ID) if raw else None
-        if task_id is None:  # not published by a master: nothing to route it by
-            log.error("SCHED message without %s on %s; terminating it", subjects.H_TASK_ID, msg.subject)
+        if raw and wire.header_value(raw, subjects.H_BATCH) is not None:
+            try:
+                entries = sched_batches.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                log.error("unreadable SCHED batch on %s (%s); terminating it", msg.subject, exc)
+                self.settler.settle(msg, term_with_reason(f"unreadable batch: {exc}"))
+                return
+        else:
+            entries = [(raw or b"", msg.data)]
+        work_subject, priority, now = self.work_subjects[level], self.priorities[level], time.time()
+        publications: list[Publication] = []
+        dispatched: list[ev.Event] = []
+        for headers, data in entries:
+            task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
+            if task_id is None:  # not published by a master: nothing to route it by (TASKS keeps the submission)
+                log.error("SCHED task without %s on %s (seq %d); dropping it", subjects.H_TASK_ID, msg.subject, msg.stream_seq)
+                continue
+            # The header block goes on as it came, with the msg id of this hop: a quarter of
+            # this role's CPU went into parsing it into a dict and encoding it again.
+            publications.append((work_subject, data, wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))))
+            dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
+        if not publications:
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return
-        assert raw is not None
-        headers = wire.with_header(raw, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))
-        dispatched = ev.Dispatched(task_id=task_id, at=time.time(), region=self.region, priority=self.priorities[level])
-        self.settler.forward(msg, [(self.work_subjects[level], msg.data, headers)], events=(dispatched,))
-        self.released += 1
+        self.settler.forward(msg, publications, events=dispatched)
+        self.released += len(publications)

@@ -26,7 +26,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from . import subjects
+from . import sched_batches, subjects
 from .bus import Bus
 from .config import Settings
 from .projector import WINDOW as PROJECTOR_WINDOW
@@ -142,7 +142,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                         filter_subject=subjects.sched(region, priority),
                         ack_policy=AckPolicy.EXPLICIT,
                         ack_wait=30.0,
-                        max_ack_pending=settings.regional_window,
+                        max_ack_pending=sched_batches.window_messages(settings.regional_window, len(settings.priorities)),
                         max_deliver=-1,
                     ),
                 )

@@ -37,6 +37,8 @@ H_REASON = "Streamsched-Reason"
 H_ERROR = "Streamsched-Error"
 H_ATTEMPTS = "Streamsched-Attempts"
 H_MSG_ID = "Nats-Msg-Id"
+#: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.sched_batches`).
+H_BATCH = "Streamsched-Batch"
 
 #: A task id or region name must be one subject token: no dots, wildcards or spaces.
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")

@@ -123,6 +123,15 @@ async def all_roles(
     return roles
 
 
+async def wait_drained(bus: Bus, stream: str, *, timeout_s: float = 10.0) -> None:
+    """Wait until a work-queue stream holds no message: every task was acked off it."""
+    deadline = time.monotonic() + timeout_s
+    while (messages := (await bus.js.stream_info(stream)).state.messages) > 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{stream} still holds {messages} message(s) after {timeout_s}s")
+        await anyio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def running(roles: Sequence[Role]) -> AsyncIterator[None]:
     """Run ``roles`` in the background of the block; shut them down (and wait) at its end."""

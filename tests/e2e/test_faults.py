@@ -35,7 +35,7 @@ from streamsched.projector import Projector
 from streamsched.regional import Regional
 from streamsched.server import NatsServer
 from streamsched.state import StateStore, is_final
-from streamsched.testing import EventLog, running
+from streamsched.testing import EventLog, running, wait_drained
 
 from ..conftest import subprocess_env
 
@@ -221,15 +221,6 @@ async def event_counts(bus: Bus, kind: str) -> dict[str, int]:
     async for record in eventlog.tail(bus, kind=kind):
         counts[record.event.task_id] += 1
     return dict(counts)
-
-
-async def wait_drained(bus: Bus, stream: str, *, timeout_s: float) -> None:
-    """Wait until a work-queue stream holds no message: every task was acked off it."""
-    deadline = time.monotonic() + timeout_s
-    while (messages := (await bus.js.stream_info(stream)).state.messages) > 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{stream} still holds {messages} message(s) after {timeout_s}s")
-        await anyio.sleep(0.1)
 
 
 async def test_a_task_whose_worker_is_sigkilled_mid_run_is_redelivered_and_succeeds_on_another_worker(

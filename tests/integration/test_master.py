@@ -16,6 +16,7 @@ from streamsched.client import Client
 from streamsched.config import Settings
 from streamsched.master import Master
 from streamsched.model import Status, derive_task_id
+from streamsched.regional import Regional
 from streamsched.state import StateStore
 from streamsched.testing import EventLog, all_roles, running
 
@@ -119,12 +120,14 @@ async def test_a_task_without_an_id_gets_a_generated_id_that_survives_redelivery
     await bus.js.delete_consumer(subjects.TASKS_STREAM, subjects.MASTER_CONSUMER)
     await streams.apply(bus, settings)
     again = Master(settings, bus)
-    async with running([again]):
+    async with running([again, Regional(settings, bus, "default")]):
         await events.wait_count("submitted", 4)
+        await events.wait_count("dispatched", 4)
     assert [e.task_id for e in events.of_kind("submitted")] == [first, second, first, second]
     assert again.accepted == 2
-    # Same ids, same Nats-Msg-Id: the server dropped the second copies, nothing runs twice.
-    assert (await bus.js.stream_info(subjects.SCHED_STREAM)).state.messages == 0
+    # Same ids, same Nats-Msg-Id on WORK: the server dropped the second copies (handed to
+    # the region in one batch, so SCHED's own msg id differed), nothing runs twice.
+    assert (await bus.js.stream_info(subjects.WORK_STREAM)).state.messages == 0
     # Its steps were recorded again; the task's history shows each once.
     assert [r.kind for r in await eventlog.history(bus, first)] == ["submitted", "scheduled", "dispatched", "started", "succeeded"]
     assert len(events.of_kind("started")) == 2

@@ -58,22 +58,37 @@ async def test_a_full_message_is_sealed_and_the_rest_goes_in_the_next(bus, monke
 
 
 async def test_a_failed_publish_is_sent_again_under_the_same_msg_id(bus, monkeypatch):
-    publish = bus.publish
+    publish_all = bus.publish_all
     calls: list[dict[str, str]] = []
 
-    async def flaky_publish(subject, data, headers=None):
-        calls.append(headers)
+    def flaky_publish_all(publications, callback, also=()):
+        calls.append(publications[0][2])
         if len(calls) == 1:  # as if the PubAck were lost in a reconnect
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(ConnectionError("PubAck lost"))
-            return failed
-        return await publish(subject, data, headers)
+            callback(ConnectionError("PubAck lost"))
+            return
+        publish_all(publications, callback, also)
 
-    monkeypatch.setattr(bus, "publish", flaky_publish)
+    monkeypatch.setattr(recorder_module, "REPUBLISH_DELAYS_S", (0.05,))
+    monkeypatch.setattr(bus, "publish_all", flaky_publish_all)
     recorder = EventRecorder(bus, "test")
     await asyncio.wait_for(recorder.record([scheduled("t1")]), timeout=5)
     assert len(calls) == 2 and calls[0][subjects.H_MSG_ID] == calls[1][subjects.H_MSG_ID]
     assert [events for _, events, _ in await stored_messages(bus)] == [[scheduled("t1")]]
+
+
+async def test_a_message_that_fails_every_try_fails_its_waiters(bus, monkeypatch):
+    monkeypatch.setattr(recorder_module, "REPUBLISH_DELAYS_S", (0.01, 0.01))
+    tries: list[int] = []
+
+    def failing_publish_all(publications, callback, also=()):
+        tries.append(1)
+        callback(ConnectionError("no stream"))
+
+    monkeypatch.setattr(bus, "publish_all", failing_publish_all)
+    recording = EventRecorder(bus, "test").record([scheduled("t1")])
+    with pytest.raises(ConnectionError, match="no stream"):
+        await asyncio.wait_for(recording, timeout=5)
+    assert len(tries) == 3  # the first try and one per delay
 
 
 async def test_an_event_that_would_overfill_a_message_starts_the_next(bus, monkeypatch):
