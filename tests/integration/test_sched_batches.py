@@ -72,9 +72,9 @@ async def test_a_full_batch_is_sealed_and_the_rest_goes_in_the_next(bus, monkeyp
 
 async def test_a_burst_is_handed_over_in_batches_and_every_task_runs_once(settings, bus, events: EventLog, examples):
     task_ids = [f"burst-{n:03d}" for n in range(300)]
+    failed, _ = await bus.publish_many((subjects.SUBMIT, body(t), None) for t in task_ids)
+    assert failed == 0
     async with running([Master(settings, bus)]):  # the region is not reading yet: batches stay in SCHED
-        failed, _ = await bus.publish_many((subjects.SUBMIT, body(t), None) for t in task_ids)
-        assert failed == 0
         await events.wait_count("scheduled", len(task_ids))
     stored = await sched_messages(bus)
     batches = [m for m in stored if subjects.H_BATCH in (m.headers or {})]
