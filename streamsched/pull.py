@@ -360,19 +360,16 @@ class Settler:
         self._attempt(msg, _Forward(publishes, events, handoff, reply), also, 0)
 
     def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
-        waits = list(also)
-        recorded = forward.recorded
-        if forward.events and (recorded is None or (recorded.done and recorded.error is not None)):
+        if forward.events and _needs_another(forward.recorded):
             assert self.recorder is not None, "a Settler that records events needs a source"
             forward.recorded = self.recorder.record(forward.events)
-        if forward.recorded is not None and not forward.recorded.done:
-            waits.append(forward.recorded)
-        handed = forward.handed
-        if forward.handoff is not None and (handed is None or (handed.done and handed.error is not None)):
+        if forward.handoff is not None and _needs_another(forward.handed):
             assert self.batcher is not None, "a Settler that hands off needs a batcher"
-            forward.handed = handed = self.batcher.add(*forward.handoff)
-        if handed is not None and not handed.done:
-            waits.append(handed)
+            forward.handed = self.batcher.add(*forward.handoff)
+        waits = list(also)
+        for message in (forward.recorded, forward.handed):
+            if message is not None and not message.done:
+                waits.append(message)
         try:
             self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
         except Exception as exc:  # noqa: BLE001 - not connected
@@ -408,6 +405,11 @@ class Settler:
         except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
             log.debug("could not settle %s: %r", ack_subject, exc)
         self.puller.release()
+
+
+def _needs_another(message: Recording | None) -> bool:
+    """True when parts have no message yet, or theirs failed for good: they go into a new one."""
+    return message is None or (message.done and message.error is not None)
 
 
 class _Forward:
