@@ -13,8 +13,6 @@ import anyio
 import msgspec
 import typer
 
-from . import streams
-from .bus import Bus
 from .cli_events import (
     dlq_app,
     events_app,
@@ -27,7 +25,9 @@ from .client import Client
 from .config import Settings
 from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status
-from .service import configure_logging, run_service
+from .roles.service import configure_logging, run_service
+from .transport import streams
+from .transport.bus import Bus
 
 
 class Exit(enum.IntEnum):
@@ -96,7 +96,7 @@ def up(
 @app.command()
 def master(log_level: LogLevel = "INFO") -> None:
     """Run a master scheduler (validates tasks.submit, routes to regions)."""
-    from .master import Master
+    from .roles.master import Master
 
     configure_logging(log_level)
     settings = load_or_exit()
@@ -113,7 +113,7 @@ def regional(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
-    from .regional import Regional
+    from .roles.regional import Regional
 
     configure_logging(log_level)
     settings = load_or_exit()
@@ -134,7 +134,7 @@ def worker(
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry."""
     from .registry import Registry
-    from .worker import Worker
+    from .roles.worker import Worker
 
     configure_logging(log_level)
     settings = load_or_exit()
@@ -150,8 +150,8 @@ def worker(
 @app.command()
 def projector(log_level: LogLevel = "INFO") -> None:
     """Run the state projector (folds EVENTS into KV `tasks`)."""
-    from .projector import Projector
-    from .state import StateStore
+    from .eventlog.state import StateStore
+    from .roles.projector import Projector
 
     configure_logging(log_level)
     settings = load_or_exit()

@@ -14,13 +14,16 @@ import anyio
 import msgspec
 import typer
 
-from . import dlq as dlq_mod
-from . import eventlog, subjects
-from . import events as ev
-from .bus import Bus
+from . import subjects
 from .config import Settings
 from .errors import ConfigError
-from .replay import compare_states, rebuild_state, replay_submissions
+from .eventlog import dlq as dlq_mod
+from .eventlog import events as ev
+from .eventlog import reader as eventlog
+from .eventlog.replay import replay_submissions
+from .roles.rebuild import compare_states, rebuild_state
+from .transport.bus import Bus
+from .transport.reading import ReadStats, Since
 
 T = TypeVar("T")
 
@@ -54,9 +57,9 @@ def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]], name: str
     return anyio.run(go)
 
 
-def _since(text: str | None) -> eventlog.Since:
+def _since(text: str | None) -> Since:
     try:
-        return eventlog.Since.parse(text)
+        return Since.parse(text)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -98,7 +101,7 @@ def events_tail(
     start = _since(since)
 
     async def work(bus: Bus) -> int:
-        stats = eventlog.ReadStats()
+        stats = ReadStats()
         async for record in eventlog.tail(bus, task_id=task, kind=kind, task_type=task_type, since=start, follow=follow, stats=stats):
             typer.echo(_record_json(record) if json else eventlog.format_record(record))
         if stats.skipped:
@@ -224,7 +227,7 @@ def replay_submissions_cmd(
         raise typer.Exit(2)
     settings = load_or_exit()
     start = _since(since)
-    end = eventlog.Since.parse(until).time if until else None
+    end = Since.parse(until).time if until else None
 
     async def work(source: Bus) -> Any:
         target = None

@@ -17,8 +17,8 @@ import anyio
 import msgspec
 
 from . import subjects
-from .bus import Bus
 from .errors import NotFound
+from .eventlog.state import StateStore, is_final, state_decoder
 from .model import (
     DEFAULT_PRIORITY,
     Envelope,
@@ -27,7 +27,7 @@ from .model import (
     _base32,
     raw_value,
 )
-from .state import StateStore, is_final, state_decoder
+from .transport.bus import Bus
 
 
 def new_task_id() -> str:

@@ -36,7 +36,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Submissions a master holds un-acked at once (its consumer's ``max_ack_pending``)."""
     regional_window: int = 2000
     """Tasks a regional scheduler holds un-acked at once, across its priorities (its SCHED
-    consumers' ``max_ack_pending`` is this in messages of up to ``sched_batches.MAX_TASKS``)."""
+    consumers' ``max_ack_pending`` is this in messages of up to ``streams.SCHED_BATCH_MAX_TASKS``)."""
     work_max_ack_pending: int = 20_000
     """Cap on un-acked WORK messages per region and priority across all workers."""
     ack_wait_s: float = 30.0

@@ -37,7 +37,7 @@ H_REASON = "Streamsched-Reason"
 H_ERROR = "Streamsched-Error"
 H_ATTEMPTS = "Streamsched-Attempts"
 H_MSG_ID = "Nats-Msg-Id"
-#: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.sched_batches`).
+#: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
 
 #: A task id or region name must be one subject token: no dots, wildcards or spaces.
@@ -62,7 +62,7 @@ def work(region: str, priority: str) -> str:
 def events(source: str) -> str:
     """The EVENTS subject of the messages one kind of role records (``events.master``…).
 
-    A message holds events of any tasks (see :mod:`streamsched.recorder`), so the subject
+    A message holds events of any tasks (see :mod:`streamsched.eventlog.recorder`), so the subject
     names who recorded them, not a task. EVENTS takes ``events.>``: earlier versions
     published each task's events on ``events.<task_id>.<kind>``, and readers still read those.
     """

@@ -19,13 +19,13 @@ from typing import Any
 import anyio
 import msgspec
 
-from . import events as ev
 from . import subjects
-from .bus import Bus
 from .config import Settings
+from .eventlog import events as ev
 from .registry import Registry
-from .server import NatsServer, free_port
-from .service import Role
+from .roles.service import Role
+from .transport.bus import Bus
+from .transport.server import NatsServer, free_port
 
 
 @contextlib.contextmanager
@@ -111,11 +111,11 @@ async def all_roles(
     concurrency: int = 8,
 ) -> list[Role]:
     """Master, regional scheduler, projector and (given a registry) a worker, on one bus."""
-    from .master import Master
-    from .projector import Projector
-    from .regional import Regional
-    from .state import StateStore
-    from .worker import Worker
+    from .eventlog.state import StateStore
+    from .roles.master import Master
+    from .roles.projector import Projector
+    from .roles.regional import Regional
+    from .roles.worker import Worker
 
     roles: list[Role] = [Master(settings, bus), Regional(settings, bus, region), Projector(settings, bus, await StateStore.open(bus))]
     if registry is not None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import anyio
 
-from . import streams
-from .bus import Bus
 from .config import Settings
-from .server import NatsServer, default_config
+from .transport import streams
+from .transport.bus import Bus
+from .transport.server import NatsServer, default_config
 
 log = logging.getLogger("streamsched.up")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from streamsched import streams
-from streamsched.bus import Bus
 from streamsched.config import Settings
 from streamsched.registry import Registry
-from streamsched.server import NatsServer
 from streamsched.testing import EventLog, nats_server
+from streamsched.transport import streams
+from streamsched.transport.bus import Bus
+from streamsched.transport.server import NatsServer
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the `workers/` examples run as tests too

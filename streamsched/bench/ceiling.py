@@ -24,7 +24,7 @@ from typing import Any
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from ..server import NatsServer, free_port
+from ..transport.server import NatsServer, free_port
 from .harness import CpuMeter, server_messages, wait_until
 
 

@@ -13,8 +13,8 @@ import time
 
 import msgspec
 
-from .. import events as ev
-from ..state import encode_state, fold
+from ..eventlog import events as ev
+from ..eventlog.state import encode_state, fold
 
 TASKS = 64
 ROUNDS = 300

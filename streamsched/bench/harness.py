@@ -27,11 +27,12 @@ import msgspec
 import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from .. import events as ev
-from .. import streams, subjects
-from ..bus import Bus
+from .. import subjects
 from ..config import Settings
-from ..server import NatsServer, free_port
+from ..eventlog import events as ev
+from ..transport import streams
+from ..transport.bus import Bus
+from ..transport.server import NatsServer, free_port
 
 #: Task slots per worker unless a scenario or ``--concurrency`` says otherwise. A slot is
 #: held until the task's outcome is recorded and the task acked: with the cores saturated

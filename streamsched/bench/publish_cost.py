@@ -1,4 +1,4 @@
-"""CPU per publish through nats-py's ``Client.publish`` and through :func:`streamsched.wire.send`.
+"""CPU per publish through nats-py's ``Client.publish`` and through :func:`streamsched.transport.wire.send`.
 
 ``python -m streamsched.bench.publish_cost`` (starts its own nats-server).
 """
@@ -9,7 +9,7 @@ import asyncio
 
 import nats
 
-from ..wire import send
+from ..transport.wire import send
 
 
 async def compare(count: int = 100_000) -> None:
@@ -18,7 +18,7 @@ async def compare(count: int = 100_000) -> None:
     import time
     from pathlib import Path
 
-    from ..server import NatsServer, free_port
+    from ..transport.server import NatsServer, free_port
 
     server = NatsServer(port=free_port(), store_dir=Path(tempfile.mkdtemp(prefix="streamsched-wire-"))).start()
     try:

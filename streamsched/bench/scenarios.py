@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from .. import events as ev
 from .. import subjects
+from ..eventlog import events as ev
 from .harness import (
     CpuMeter,
     Roles,

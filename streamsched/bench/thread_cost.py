@@ -1,4 +1,4 @@
-"""CPU per call of a sync handler through :class:`streamsched.threads.HandlerThreads` and
+"""CPU per call of a sync handler through :class:`streamsched.roles.threads.HandlerThreads` and
 through ``anyio.to_thread.run_sync`` with a limiter (what the worker used before).
 
 ``python -m streamsched.bench.thread_cost``
@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..threads import HandlerThreads
+from ..roles.threads import HandlerThreads
 
 
 def compare(calls: int = 20_000, concurrency: int = 16) -> None:

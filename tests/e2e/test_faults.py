@@ -24,18 +24,19 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from streamsched import eventlog, subjects
-from streamsched import events as ev
-from streamsched.bus import Bus
+from streamsched import subjects
 from streamsched.client import Client
 from streamsched.config import Settings
-from streamsched.master import Master
+from streamsched.eventlog import events as ev
+from streamsched.eventlog import reader as eventlog
+from streamsched.eventlog.state import StateStore, is_final
 from streamsched.model import Status, TaskState
-from streamsched.projector import Projector
-from streamsched.regional import Regional
-from streamsched.server import NatsServer
-from streamsched.state import StateStore, is_final
+from streamsched.roles.master import Master
+from streamsched.roles.projector import Projector
+from streamsched.roles.regional import Regional
 from streamsched.testing import EventLog, running, wait_drained
+from streamsched.transport.bus import Bus
+from streamsched.transport.server import NatsServer
 
 from ..conftest import subprocess_env
 

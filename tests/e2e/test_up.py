@@ -14,7 +14,7 @@ import anyio
 import psutil
 import pytest
 
-from streamsched.server import free_port
+from streamsched.transport.server import free_port
 
 from ..conftest import REPO
 

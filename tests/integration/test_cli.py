@@ -8,9 +8,9 @@ import sys
 import anyio
 import pytest
 
-from streamsched import streams
 from streamsched.config import Settings
 from streamsched.testing import all_roles, running
+from streamsched.transport import streams
 
 from ..conftest import subprocess_env
 

@@ -10,15 +10,17 @@ import msgspec
 import pytest
 from nats.js.errors import NotFoundError
 
-from streamsched import eventlog, streams, subjects
-from streamsched.bus import Bus
+from streamsched import subjects
 from streamsched.client import Client
 from streamsched.config import Settings
-from streamsched.master import Master
+from streamsched.eventlog import reader as eventlog
+from streamsched.eventlog.state import StateStore
 from streamsched.model import Status, derive_task_id
-from streamsched.regional import Regional
-from streamsched.state import StateStore
+from streamsched.roles.master import Master
+from streamsched.roles.regional import Regional
 from streamsched.testing import EventLog, all_roles, running
+from streamsched.transport import streams
+from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
 

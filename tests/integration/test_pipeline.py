@@ -7,8 +7,8 @@ import pytest
 
 from streamsched.client import Client
 from streamsched.errors import NotFound
+from streamsched.eventlog.state import StateStore
 from streamsched.model import Status
-from streamsched.state import StateStore
 from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from streamsched import events as ev
-from streamsched import recorder as recorder_module
 from streamsched import subjects
-from streamsched.bus import Bus
-from streamsched.recorder import EventRecorder
+from streamsched.eventlog import events as ev
+from streamsched.eventlog import recorder as recorder_module
+from streamsched.eventlog.recorder import EventRecorder
+from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
 

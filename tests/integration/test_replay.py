@@ -10,19 +10,22 @@ import msgspec
 import pytest
 from nats.js.api import KeyValueConfig
 
-from streamsched import Retry, current_task, streams, task
-from streamsched import dlq as dlq_mod
-from streamsched import events as ev
-from streamsched import projector as projector_module
-from streamsched.bus import Bus
+from streamsched import Retry, current_task, task
 from streamsched.config import Settings
-from streamsched.eventlog import ReadStats, Since, history, tail
+from streamsched.eventlog import dlq as dlq_mod
+from streamsched.eventlog import events as ev
+from streamsched.eventlog.reader import history, tail
+from streamsched.eventlog.replay import replay_submissions
+from streamsched.eventlog.state import StateStore
 from streamsched.model import Status
-from streamsched.projector import MAX_BATCH, Projector
 from streamsched.registry import Registry
-from streamsched.replay import compare_states, rebuild_state, replay_submissions
-from streamsched.state import StateStore
+from streamsched.roles import projector as projector_module
+from streamsched.roles.projector import MAX_BATCH, Projector
+from streamsched.roles.rebuild import compare_states, rebuild_state
 from streamsched.testing import EventLog, all_roles, nats_server, running
+from streamsched.transport import streams
+from streamsched.transport.bus import Bus
+from streamsched.transport.reading import ReadStats, Since
 
 pytestmark = pytest.mark.anyio
 
@@ -351,7 +354,7 @@ async def test_a_dry_run_replay_sends_nothing(settings, bus):
 
 
 async def _submissions(bus: Bus):
-    from streamsched.eventlog import read
+    from streamsched.transport.reading import read
 
     async for stored in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
         yield stored.data

@@ -9,11 +9,13 @@ import json
 import msgspec
 import pytest
 
-from streamsched import sched_batches, subjects, wire
-from streamsched.bus import Bus
-from streamsched.master import Master
-from streamsched.sched_batches import TaskBatcher
+from streamsched import subjects
+from streamsched.roles import sched_batches
+from streamsched.roles.master import Master
+from streamsched.roles.sched_batches import TaskBatcher
 from streamsched.testing import EventLog, all_roles, running, wait_drained
+from streamsched.transport import wire
+from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
 

@@ -15,19 +15,21 @@ import anyio
 import msgspec
 import pytest
 
-from streamsched import current_task, eventlog, streams, subjects, task
-from streamsched import events as ev
-from streamsched.bus import Bus
+from streamsched import current_task, subjects, task
 from streamsched.client import Client
 from streamsched.config import Settings
-from streamsched.master import Master
+from streamsched.eventlog import events as ev
+from streamsched.eventlog import reader as eventlog
+from streamsched.eventlog.state import StateStore
 from streamsched.model import Status, TaskState
-from streamsched.projector import Projector
-from streamsched.regional import Regional
 from streamsched.registry import Registry
-from streamsched.state import StateStore
+from streamsched.roles.master import Master
+from streamsched.roles.projector import Projector
+from streamsched.roles.regional import Regional
+from streamsched.roles.worker import Worker
 from streamsched.testing import EventLog, running
-from streamsched.worker import Worker
+from streamsched.transport import streams
+from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 import msgspec
 import pytest
 
-from streamsched import events as ev
-from streamsched.eventlog import Record, Since, format_record
+from streamsched.eventlog import events as ev
+from streamsched.eventlog.reader import Record, format_record
+from streamsched.transport.reading import Since
 
 
 def test_since_takes_a_sequence_a_duration_or_a_time():

@@ -7,10 +7,10 @@ import gc
 import msgspec
 import pytest
 
-from streamsched import events as ev
 from streamsched.client import new_task_id
 from streamsched.config import Settings
 from streamsched.errors import ConfigError
+from streamsched.eventlog import events as ev
 from streamsched.model import (
     UNSUPPORTED_FIELDS,
     Envelope,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from streamsched.pull import Puller
+from streamsched.transport.pull import Puller
 
 
 class _NoNetwork:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from streamsched import service
 from streamsched.config import Settings
 from streamsched.errors import ConfigError
+from streamsched.roles import service
 
 
 def backend_options(monkeypatch, settings: Settings) -> dict:

@@ -7,9 +7,9 @@ import random
 import msgspec
 import pytest
 
-from streamsched import events as ev
+from streamsched.eventlog import events as ev
+from streamsched.eventlog.state import fold
 from streamsched.model import Status
-from streamsched.state import fold
 
 LIFE = [
     ev.Submitted(task_id="t", at=1.0, type="echo", priority="high", region="eu", labels={"team": "a"}),

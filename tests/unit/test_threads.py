@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streamsched.threads import HandlerThreads
+from streamsched.roles.threads import HandlerThreads
 
 pytestmark = pytest.mark.anyio
 

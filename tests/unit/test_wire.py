@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streamsched.wire import (
+from streamsched.transport.wire import (
     FastParser,
     encode_headers,
     header_value,

@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from ...server import NatsServer, free_port
+from ...transport.server import NatsServer, free_port
 from ..harness import CpuMeter
 from . import recorder
 

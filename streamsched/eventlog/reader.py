@@ -1,7 +1,7 @@
 """Reading the event log: ``events tail`` and ``task history``.
 
 EVENTS is read with an ephemeral, unacknowledged pull consumer that starts at a time or a
-stream sequence. A message holds the events of many tasks (see :mod:`streamsched.recorder`),
+stream sequence. A message holds the events of many tasks (see :mod:`streamsched.eventlog.recorder`),
 so task, kind and type are filtered here, after decoding. Without ``follow`` a read stops
 at the last event that existed when it began. A corrupt event, or one of a schema version
 this code does not know, is skipped, counted and logged with its sequence.
@@ -9,52 +9,20 @@ this code does not know, is skipped, counted and logged with its sequence.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from .. import subjects
+from ..transport.bus import Bus
+from ..transport.reading import ReadStats, Since, read
 from . import events as ev
-from . import subjects
-from .bus import Bus, stored_at_ns
 from .state import StateStore
 
 log = logging.getLogger("streamsched.eventlog")
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@dataclass(frozen=True)
-class Since:
-    """Where a read starts: a stream sequence, or a wall-clock time."""
-
-    seq: int | None = None
-    time: datetime | None = None
-
-    @classmethod
-    def parse(cls, text: str | None) -> Since:
-        """``10m`` / ``2h`` / ``1d`` ago, a stream sequence (``1234``) or an RFC 3339 time."""
-        if not text:
-            return cls(seq=1)
-        if text.isdigit():
-            return cls(seq=int(text))
-        match = _DURATION.fullmatch(text)
-        if match:
-            seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
-            return cls(time=datetime.fromtimestamp(time.time() - seconds, timezone.utc))
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"--since {text!r}: expected a duration (10m, 2h, 1d), a sequence or an RFC 3339 time") from None
-        return cls(time=moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
-
 
 @dataclass(frozen=True)
 class Record:
@@ -68,73 +36,6 @@ class Record:
     def kind(self) -> str:
         return ev.kind(self.event)
 
-
-@dataclass(frozen=True)
-class Stored:
-    """A message as read back from a stream."""
-
-    seq: int
-    stored_ns: int
-    subject: str
-    data: bytes
-    headers: dict[str, str]
-
-
-@dataclass
-class ReadStats:
-    read: int = 0
-    skipped: int = 0
-
-
-async def read(
-    bus: Bus,
-    stream: str,
-    subject: str,
-    since: Since,
-    *,
-    follow: bool = False,
-    stats: ReadStats | None = None,
-    batch: int = 1000,
-) -> AsyncIterator[Stored]:
-    """Every message on ``subject`` from ``since`` (up to the last one at the start, unless ``follow``)."""
-    stats = stats if stats is not None else ReadStats()
-    info = await bus.js.stream_info(stream)
-    end_seq = info.state.last_seq
-    if not follow and (info.state.messages == 0 or (since.seq is not None and since.seq > end_seq)):
-        return
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, max_ack_pending=-1)
-    if since.time is not None:
-        config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = since.time.isoformat().replace("+00:00", "Z")
-    else:
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = max(1, since.seq or 1)
-    psub = await bus.js.pull_subscribe(subject, durable=None, stream=stream, config=config)
-    try:
-        while True:
-            try:
-                msgs = await psub.fetch(batch, timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                if follow:
-                    continue
-                # Nothing more matches up to the end we saw at the start.
-                pending = (await psub.consumer_info()).num_pending
-                if pending == 0:
-                    return
-                continue
-            for msg in msgs:
-                seq = msg.metadata.sequence.stream
-                if not follow and seq > end_seq:
-                    return
-                stats.read += 1
-                yield Stored(seq, stored_at_ns(msg.reply), msg.subject, msg.data or b"", dict(msg.headers or {}))
-            if not follow and msgs and msgs[-1].metadata.sequence.stream >= end_seq:
-                return
-    finally:
-        try:
-            await psub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the ephemeral consumer expires on its own
-            pass
 
 
 def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.Event]:

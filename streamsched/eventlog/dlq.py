@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.js.errors import APIError
 
-from . import subjects
-from .bus import Bus
-from .eventlog import ReadStats, Since, read
-from .model import envelope_decoder
+from .. import subjects
+from ..model import envelope_decoder
+from ..transport.bus import Bus
+from ..transport.reading import ReadStats, Since, read
 from .state import StateStore
 
 #: JetStream error code of deleting a message that is not there.

@@ -1,9 +1,9 @@
 """The regional scheduler: releases one region's tasks from SCHED onto WORK, highest priority first.
 
 It reads ``sched.<region>.<priority>`` through one durable consumer per priority with a
-:class:`~streamsched.bus.Puller`, so a high task never waits behind a low backlog and
+:class:`~streamsched.transport.pull.Puller`, so a high task never waits behind a low backlog and
 lower levels keep a small share. A SCHED message holds one task or a batch of them
-(:mod:`streamsched.sched_batches`). Each task is republished byte for byte to
+(:mod:`streamsched.roles.sched_batches`). Each task is republished byte for byte to
 ``work.<region>.<priority>`` as its own message (routing data stays in the headers, with
 the msg id ``<task>:work:0`` that makes a second copy harmless) with a ``dispatched``
 event (on ``events.regional``), and the SCHED message is acked only when all of them landed.
@@ -21,12 +21,15 @@ import time
 
 import msgspec
 
-from . import events as ev
-from . import sched_batches, subjects, wire
-from .bus import Bus, term_with_reason
-from .config import Settings
-from .pull import Publication, Puller, Settler
-from .wire import Delivery
+from .. import subjects
+from ..config import Settings
+from ..eventlog import events as ev
+from ..transport import streams, wire
+from ..transport.bus import Bus, term_with_reason
+from ..transport.pull import Puller
+from ..transport.wire import Delivery
+from . import sched_batches
+from .settle import Publication, Settler
 
 log = logging.getLogger("streamsched.regional")
 
@@ -41,7 +44,7 @@ class Regional:
         self.priorities = settings.priorities
         self.work_subjects = [subjects.work(region, p) for p in self.priorities]
         consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
-        window = sched_batches.window_messages(settings.regional_window, len(self.priorities))
+        window = streams.sched_window_messages(settings.regional_window, len(self.priorities))
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
         self.settler = Settler(bus, self.puller, source="regional")
         self.released = 0

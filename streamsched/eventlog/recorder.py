@@ -23,9 +23,9 @@ import os
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
+from .. import subjects
+from ..transport.bus import REPUBLISH_DELAYS_S, Bus
 from . import events as ev
-from . import subjects
-from .bus import REPUBLISH_DELAYS_S, Bus
 
 log = logging.getLogger("streamsched.recorder")
 
@@ -40,7 +40,7 @@ MAX_BYTES = 256 * 1024
 
 class Recording:
     """A message being filled and sent (events here, tasks in
-    :mod:`streamsched.sched_batches`). The hops whose parts it holds wait for it
+    :mod:`streamsched.roles.sched_batches`). The hops whose parts it holds wait for it
     with :meth:`then`: a callback each, called directly when it lands (a future would
     schedule each on the loop, about a microsecond per hop per task). Awaitable too."""
 

@@ -1,13 +1,12 @@
-"""The consuming side: continuous pull with credit across priority levels, and settling.
+"""Continuous pull with credit across priority levels.
 
-* :class:`Puller` keeps pull requests outstanding on several durable consumers, one per
-  priority level, with *credit*: it never asks the server for more messages than its
-  holder has free capacity, so a process never holds more than ``capacity`` un-acked
-  messages (backpressure stays JetStream's), and it asks higher levels first. Messages
-  are handed to the holder from the connection's read loop (with several levels, right
-  after each read, highest level first).
-* :class:`Settler` acks (or naks) a message only after what it published downstream
-  and the events it recorded have landed, batching the acks of one loop tick.
+:class:`Puller` keeps pull requests outstanding on several durable consumers, one per
+priority level, with *credit*: it never asks the server for more messages than its
+holder has free capacity, so a process never holds more than ``capacity`` un-acked
+messages (backpressure stays JetStream's), and it asks higher levels first. Messages
+are handed to the holder from the connection's read loop (with several levels, right
+after each read, highest level first). Settling them after their downstream publishes
+landed is :mod:`streamsched.roles.settle`.
 """
 
 from __future__ import annotations
@@ -19,17 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import events as ev
 from . import wire
-from .bus import ACK, REPUBLISH_DELAYS_S, Bus, Pending, nak_with_delay
-from .recorder import EventRecorder, Recording
-from .sched_batches import TaskBatcher
+from .bus import Bus
 from .wire import Delivery
 
 log = logging.getLogger("streamsched.pull")
-
-#: ``(subject, body, headers)`` of one downstream publish.
-Publication = tuple[str, bytes, dict[str, str] | bytes | None]
 
 #: Expiry of a long-poll pull request; a lost request costs at most this much idle time.
 LONG_POLL_S = 5.0
@@ -68,7 +61,7 @@ class Puller:
     less capacity than levels they are polled in turn instead (:meth:`_allocate_scarce`).
 
     ``on_message`` is synchronous and must not block: it forwards
-    (:meth:`Settler.forward` does not wait), records or spawns. With one level it is
+    (:meth:`~streamsched.roles.settle.Settler.forward` does not wait), records or spawns. With one level it is
     called from the read loop as each message is parsed. With several, the messages
     parsed in one turn of the read loop are handed over right after it, highest level
     first (every ``share_every``-th pick from the lowest, so lows already delivered, whose
@@ -312,118 +305,3 @@ class Puller:
                     level.outstanding = 0
                     level.hot = True
                     self._wake.set()
-
-
-class Settler:
-    """Settles upstream messages after their downstream publishes and events land.
-
-    ``forward(msg, publishes, events=...)`` publishes without waiting and records the
-    events (with those of other messages of this loop tick, see
-    :class:`~streamsched.recorder.EventRecorder`); when every PubAck is in, the message is
-    acked (or, if any publish failed, nak'ed with a short delay so it comes back and is
-    published again under the same ``Nats-Msg-Id``), and its credit is released to the
-    puller.
-    """
-
-    def __init__(
-        self, bus: Bus, puller: Puller, *, source: str = "", batcher: TaskBatcher | None = None, retry_delay_s: float = 1.0,
-    ) -> None:
-        """``source`` names the role in the subject of the events it records (``events.<source>``);
-        ``batcher`` takes the hand-offs of :meth:`forward` (a master's SCHED publishes)."""
-        self.bus = bus
-        self.puller = puller
-        self.recorder = EventRecorder(bus, source) if source else None
-        self.batcher = batcher
-        self.retry_delay_s = retry_delay_s
-        self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
-
-    def forward(
-        self,
-        msg: Delivery,
-        publishes: Sequence[Publication],
-        *,
-        events: Sequence[ev.Event] = (),
-        handoff: tuple[str, bytes, bytes] | None = None,
-        reply: bytes = ACK,
-        also: Sequence[Pending] = (),
-    ) -> None:
-        """Publish, record ``events`` and give ``handoff`` (subject, body, header block) to
-        the batcher, then send ``reply`` for ``msg`` once these and ``also`` landed.
-
-        A failed publish (a lost PubAck in a reconnect, an election) is sent again with
-        the same ``Nats-Msg-Id``, so it is never stored twice, after each of
-        :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
-        Events (and a hand-off) are added again only if their message failed for good. ``also`` (e.g. a
-        ``started`` event already in flight) is waited for once. Nothing here waits, so a
-        handler can call it from the read loop (see :class:`Puller`).
-        """
-        self._attempt(msg, _Forward(publishes, events, handoff, reply), also, 0)
-
-    def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
-        if forward.events and _needs_another(forward.recorded):
-            assert self.recorder is not None, "a Settler that records events needs a source"
-            forward.recorded = self.recorder.record(forward.events)
-        if forward.handoff is not None and _needs_another(forward.handed):
-            assert self.batcher is not None, "a Settler that hands off needs a batcher"
-            forward.handed = self.batcher.add(*forward.handoff)
-        waits = list(also)
-        for message in (forward.recorded, forward.handed):
-            if message is not None and not message.done:
-                waits.append(message)
-        try:
-            self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
-        except Exception as exc:  # noqa: BLE001 - not connected
-            self._landed(msg, forward, exc, round_)
-
-    def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:
-        if error is None:
-            self.settle(msg, forward.reply)
-        elif round_ < len(REPUBLISH_DELAYS_S):
-            task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
-            self._republishing.add(task)
-            task.add_done_callback(self._republishing.discard)
-        else:
-            log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
-            self.settle(msg, nak_with_delay(self.retry_delay_s))
-
-    async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
-        await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
-        self._attempt(msg, forward, (), round_ + 1)
-
-    def settle(self, msg: Delivery, reply: bytes) -> None:
-        """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release its credit.
-
-        The reply is buffered, not awaited: it goes out with the other writes of this
-        loop tick, and the puller turns the freed credit into one request after the tick.
-        """
-        self.settle_reply(msg.reply, reply)
-
-    def settle_reply(self, ack_subject: str, reply: bytes) -> None:
-        """:meth:`settle` for a message of which only its reply (ack) subject was kept."""
-        try:
-            self.bus.send(ack_subject, reply)
-        except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
-            log.debug("could not settle %s: %r", ack_subject, exc)
-        self.puller.release()
-
-
-def _needs_another(message: Recording | None) -> bool:
-    """True when parts have no message yet, or theirs failed for good: they go into a new one."""
-    return message is None or (message.done and message.error is not None)
-
-
-class _Forward:
-    """What one upstream message led to: publishes, events and a hand-off (and the
-    messages these went into), and the reply to send upstream when all of it landed."""
-
-    __slots__ = ("events", "handed", "handoff", "publishes", "recorded", "reply")
-
-    def __init__(
-        self, publishes: Sequence[Publication], events: Sequence[ev.Event], handoff: tuple[str, bytes, bytes] | None, reply: bytes,
-    ) -> None:
-        self.publishes = publishes
-        self.events = events
-        self.handoff = handoff
-        self.reply = reply
-        self.recorded: Recording | None = None
-        self.handed: Recording | None = None

@@ -2,7 +2,7 @@
 
 Life of one delivery:
 
-1. The :class:`~streamsched.bus.Puller` hands over a message, never more than
+1. The :class:`~streamsched.transport.pull.Puller` hands over a message, never more than
    ``concurrency`` at a time, highest priority first.
 2. The handler runs (sync ones in a thread) under its per-attempt timeout, while one
    heartbeat loop sends ``in_progress`` for every running task so a long task is not
@@ -45,22 +45,24 @@ from typing import Any
 import anyio
 import msgspec
 
-from . import events as ev
-from . import subjects, wire
-from .bus import (
+from .. import subjects
+from ..config import Settings
+from ..errors import Fail, Retry, TaskTimeout
+from ..eventlog import events as ev
+from ..eventlog.recorder import Recording
+from ..model import envelope_decoder, raw_value
+from ..registry import Registry, TaskContext, TaskDef, _current
+from ..transport import wire
+from ..transport.bus import (
     ACK,
     Bus,
     nak_with_delay,
     term_with_reason,
 )
-from .config import Settings
-from .errors import Fail, Retry, TaskTimeout
-from .model import envelope_decoder, raw_value
-from .pull import Puller, Settler
-from .recorder import Recording
-from .registry import Registry, TaskContext, TaskDef, _current
+from ..transport.pull import Puller
+from ..transport.wire import Delivery
+from .settle import Settler
 from .threads import HandlerThreads
-from .wire import Delivery
 
 log = logging.getLogger("streamsched.worker")
 

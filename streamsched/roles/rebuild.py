@@ -1,41 +1,32 @@
-"""Replay tooling: rebuild the task-state projection from EVENTS, and replay submissions.
+"""Rebuilding the task-state view from EVENTS, and comparing two views.
 
-* :func:`rebuild_state` folds EVENTS from the first event into a KV bucket with a
-  :class:`~streamsched.projector.Projector` reading its own temporary consumer. Into the
-  live ``tasks`` bucket it pauses the live projector, purges the bucket, rebuilds, and
-  resumes it (the live projector's cache is then stale; its compare-and-set writes notice
-  and re-read). Into another bucket it builds a new version beside the live one.
-* :func:`replay_submissions` copies the original submissions of a time window from TASKS
-  to another deployment, rate-limited. Each copy carries the id the source gave the task,
-  and the target's dedupe plus a check of its KV make a repeated or resumed replay skip
-  what already arrived. Nothing runs again in the source.
+:func:`rebuild_state` folds EVENTS from the first event into a KV bucket with a
+:class:`~streamsched.roles.projector.Projector` reading its own temporary consumer. Into
+the live ``tasks`` bucket it pauses the live projector, purges the bucket, rebuilds, and
+resumes it (the live projector's cache is then stale; its compare-and-set writes notice
+and re-read). Into another bucket it builds a new version beside the live one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import anyio
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from . import streams, subjects
-from .bus import Bus
-from .config import Settings
-from .eventlog import ReadStats, Since, read
-from .model import derive_task_id, envelope_decoder
-from .projector import WINDOW, Projector
+from .. import subjects
+from ..config import Settings
+from ..eventlog.state import StateStore
+from ..transport import streams
+from ..transport.bus import Bus
+from .projector import Projector
 from .service import Role
-from .state import StateStore
 
-log = logging.getLogger("streamsched.replay")
-
-Progress = Callable[[int], None]
-
+log = logging.getLogger("streamsched.rebuild")
 
 @dataclass
 class RebuildReport:
@@ -100,7 +91,7 @@ async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, 
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             inactive_threshold=300.0,
-            max_ack_pending=WINDOW,
+            max_ack_pending=streams.PROJECTOR_WINDOW,
         ),
     )
     projector = Projector(settings, bus, store, consumer=consumer)
@@ -138,67 +129,6 @@ async def compare_states(bus: Bus, left: str, right: str) -> list[str]:
 
 def _short(state: object) -> str:
     return "missing" if state is None else msgspec.json.encode(state).decode()[:300]
-
-
-@dataclass
-class ReplayReport:
-    selected: int = 0
-    sent: int = 0
-    already_there: int = 0
-    skipped_invalid: int = 0
-    ids: list[str] = field(default_factory=list)
-
-
-async def replay_submissions(
-    source: Bus,
-    target: Bus | None,
-    *,
-    since: Since,
-    until: datetime | None = None,
-    task_type: str | None = None,
-    rate_per_s: float | None = None,
-    progress: Progress | None = None,
-) -> ReplayReport:
-    """Send the window's original submissions to ``target`` (``None``: dry run, count only)."""
-    report = ReplayReport()
-    target_store = await StateStore.open(target) if target is not None else None
-    began = time.monotonic()
-    stats = ReadStats()
-    async for stored in read(source, subjects.TASKS_STREAM, subjects.SUBMIT, since, stats=stats):
-        seq, stored_ns, data = stored.seq, stored.stored_ns, stored.data
-        if until is not None and stored_ns / 1e9 > until.timestamp():
-            break
-        try:
-            envelope = envelope_decoder.decode(data)
-        except msgspec.DecodeError:
-            report.skipped_invalid += 1  # it was rejected in the source too; nothing to replay
-            continue
-        if task_type is not None and envelope.type != task_type:
-            continue
-        # The id the source's master gave it, so the target dedupes a repeated replay.
-        task_id = envelope.id or derive_task_id(stored_ns, seq)
-        report.selected += 1
-        if target is None:
-            report.ids.append(task_id)
-            continue
-        assert target_store is not None
-        if await target_store.get(task_id) is not None:
-            report.already_there += 1
-        else:
-            body = data if envelope.id else msgspec.json.encode(msgspec.structs.replace(envelope, id=task_id))
-            ack = await target.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
-            if ack.duplicate:  # sent by an earlier (interrupted) run, inside the dedupe window
-                report.already_there += 1
-            else:
-                report.sent += 1
-                report.ids.append(task_id)
-        if progress is not None:
-            progress(1)
-        if rate_per_s:
-            ahead = began + report.selected / rate_per_s - time.monotonic()
-            if ahead > 0:
-                await anyio.sleep(ahead)
-    return report
 
 
 def _rfc3339(ts: float) -> str:

@@ -16,10 +16,12 @@ import msgspec
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from .. import subjects
+from ..model import Status, TaskState, encode, state_decoder
+from ..transport import wire
+from ..transport.bus import Bus
+from ..transport.reading import Since, read
 from . import events as ev
-from . import subjects, wire
-from .bus import Bus
-from .model import Status, TaskState, encode, state_decoder
 
 #: Header for compare-and-set writes to the KV stream.
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -164,8 +166,6 @@ class StateStore:
         Read from the bucket's stream up to its last sequence, rather than with a KV
         watcher, whose "no more values" marker can come before the values.
         """
-        from .eventlog import Since, read
-
         prefix = f"$KV.{self.bucket}."
         out: dict[str, TaskState] = {}
         async for stored in read(bus, f"KV_{self.bucket}", prefix + ">", Since(seq=1)):

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import anyio
 
-from .bus import Bus
-from .config import Settings
+from ..config import Settings
+from ..transport.bus import Bus
 
 log = logging.getLogger("streamsched.service")
 

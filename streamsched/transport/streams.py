@@ -26,10 +26,26 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from . import sched_batches, subjects
+from .. import subjects
+from ..config import Settings
 from .bus import Bus
-from .config import Settings
-from .projector import WINDOW as PROJECTOR_WINDOW
+
+#: Event messages the projector holds un-acked (its consumer's ``max_ack_pending``). This
+#: bounds the projector's memory when it falls behind: a message holds the events one role
+#: handled in one loop tick, up to ``recorder.MAX_EVENTS`` (128) under load, and a held
+#: event takes about 0.37 KB decoded, so 500 messages are some 24 MB at most. A larger
+#: window saves KV writes (more of a task's events arrive before its state is written)
+#: but costs memory in proportion; docs/BENCHMARKS.md has the measurement.
+PROJECTOR_WINDOW = 500
+#: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
+#: tasks) is this many times fewer messages.
+SCHED_BATCH_MAX_TASKS = 64
+
+
+def sched_window_messages(window_tasks: int, levels: int) -> int:
+    """Un-acked SCHED messages that hold at most ``window_tasks`` tasks (at least one per level)."""
+    return max(levels, window_tasks // SCHED_BATCH_MAX_TASKS)
+
 
 #: Streams whose subjects are few (per region and priority), so a count per subject is useful.
 DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM)
@@ -142,7 +158,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                         filter_subject=subjects.sched(region, priority),
                         ack_policy=AckPolicy.EXPLICIT,
                         ack_wait=30.0,
-                        max_ack_pending=sched_batches.window_messages(settings.regional_window, len(settings.priorities)),
+                        max_ack_pending=sched_window_messages(settings.regional_window, len(settings.priorities)),
                         max_deliver=-1,
                     ),
                 )

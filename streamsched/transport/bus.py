@@ -3,7 +3,8 @@
 :meth:`Bus.publish` returns a future that always completes: nats-py's async publish
 futures never resolve if the PubAck is lost in a reconnect, so a sweeper fails them after
 ``publish_timeout_s`` and the caller retries (same ``Nats-Msg-Id``, so no copy). The
-consuming side (continuous priority pull, settling acks) is :mod:`streamsched.pull`.
+consuming side is :mod:`streamsched.transport.pull` (continuous priority pull) and
+:mod:`streamsched.roles.settle` (acks after publishes).
 """
 
 from __future__ import annotations
@@ -157,11 +158,11 @@ class Bus:
         self._on_reconnect.append(callback)
 
     def send(self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
-        """Core publish, buffered and not awaited (acks, pull requests): :func:`streamsched.wire.send`."""
+        """Core publish, buffered and not awaited (acks, pull requests): :func:`streamsched.transport.wire.send`."""
         wire.send(self.nc, subject, data, reply, headers)
 
     async def subscribe(self, subject: str, handler: wire.Handler) -> Any:
-        """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.wire`)."""
+        """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.transport.wire`)."""
         return await wire.subscribe(self.nc, subject, handler)
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | bytes | None = None) -> asyncio.Future[dict[str, Any]]:

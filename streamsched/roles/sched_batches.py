@@ -26,13 +26,13 @@ import os
 
 import msgspec
 
-from . import subjects
-from .bus import Bus
-from .recorder import Recording, send
+from .. import subjects
+from ..eventlog.recorder import Recording, send
+from ..transport import streams
+from ..transport.bus import Bus
 
-#: Tasks in one batch at most. Bounds what a regional scheduler holds: its window
-#: (``regional_window`` tasks) is this many times fewer messages.
-MAX_TASKS = 64
+#: Tasks in one batch at most (the SCHED consumers' windows count on it).
+MAX_TASKS = streams.SCHED_BATCH_MAX_TASKS
 #: Bytes of tasks in one batch at most (a task larger than this goes alone).
 MAX_BYTES = 256 * 1024
 
@@ -46,11 +46,6 @@ _BATCH_HEADERS = f"NATS/1.0\r\n{subjects.H_MSG_ID}: %s\r\n{subjects.H_BATCH}: %d
 def decode(body: bytes) -> Entries:
     """The tasks of a batch message; raises ``msgspec.DecodeError`` if it is not one."""
     return _decoder.decode(body)
-
-
-def window_messages(window_tasks: int, levels: int) -> int:
-    """Un-acked SCHED messages that hold at most ``window_tasks`` tasks (at least one per level)."""
-    return max(levels, window_tasks // MAX_TASKS)
 
 
 class TaskBatcher:

@@ -5,7 +5,7 @@ For each submission it either
 * accepts it: picks an id (the submitter's, or one derived from the message's place in
   TASKS so a redelivery gets the same one), a region and a priority, hands the original
   bytes to ``sched.<region>.<priority>`` with routing data in headers (in one message
-  with the other tasks of the loop tick for that subject, :mod:`streamsched.sched_batches`),
+  with the other tasks of the loop tick for that subject, :mod:`streamsched.roles.sched_batches`),
   and records ``submitted`` and ``scheduled`` events (on ``events.master``, with those of
   the other submissions it handled in the same loop tick); or
 * rejects it: publishes the original bytes to ``tasks.rejected`` with the reason, and a
@@ -14,7 +14,7 @@ For each submission it either
 Only when those publishes are acknowledged is the submission acked, so a crash at any
 point redelivers it, and ``Nats-Msg-Id`` dedupe drops the task if it had already gone
 through: at SCHED for a task handed over alone, at WORK for one that went in a batch
-(its events are recorded again: see :mod:`streamsched.recorder`).
+(its events are recorded again: see :mod:`streamsched.eventlog.recorder`).
 Any number of masters can share the durable consumer.
 """
 
@@ -28,15 +28,16 @@ from collections.abc import Callable
 
 import msgspec
 
-from . import events as ev
-from . import subjects
-from .bus import Bus, stored_at_ns
-from .config import Settings
-from .errors import Rejected
-from .model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
-from .pull import Puller, Settler
+from .. import subjects
+from ..config import Settings
+from ..errors import Rejected
+from ..eventlog import events as ev
+from ..model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
+from ..transport.bus import Bus, stored_at_ns
+from ..transport.pull import Puller
+from ..transport.wire import Delivery
 from .sched_batches import TaskBatcher
-from .wire import Delivery
+from .settle import Settler
 
 log = logging.getLogger("streamsched.master")
 

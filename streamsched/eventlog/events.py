@@ -2,12 +2,12 @@
 
 An EVENTS message holds one event or a JSON array of events, of any tasks: a role records
 the events of what it handled in one loop tick together, on ``events.<source>`` (see
-:mod:`streamsched.recorder`). Each task's events are in the order they happened. Fewer
+:mod:`streamsched.eventlog.recorder`). Each task's events are in the order they happened. Fewer
 messages per task is most of what a task costs (see docs/BENCHMARKS.md); for the same
 reason a worker records a quick task's ``started`` with its outcome (as Temporal does for
 an activity's start and completion).
 
-EVENTS is the source of truth; the KV projection (:mod:`streamsched.state`) is a fold
+EVENTS is the source of truth; the KV projection (:mod:`streamsched.eventlog.state`) is a fold
 of these records, and the replay tools read them back. Every event carries:
 
 * ``v``: the schema version (absent on the wire means 1; later versions always write it);
@@ -29,15 +29,15 @@ from typing import ClassVar
 
 import msgspec
 
-from . import subjects
-from .model import MaybeRaw, Status
+from .. import subjects
+from ..model import MaybeRaw, Status
 
 SCHEMA_VERSION = 1
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind", gc=False):
     """Fields every event has. A task's events are ordered by their rank, ``attempt * 10 +
-    order`` (see :func:`streamsched.state.fold`).
+    order`` (see :func:`streamsched.eventlog.state.fold`).
 
     Untracked by the cyclic garbage collector (``gc=False``, as the structs of model.py): an
     event holds only JSON values, so it cannot be part of a reference cycle.

@@ -1,14 +1,14 @@
 """The state projector: folds EVENTS into KV ``tasks`` (one value per task).
 
 Event messages arrive through a continuous pull; a message holds the events of many
-tasks (see :mod:`streamsched.recorder`). Its events are decoded on arrival and held by
+tasks (see :mod:`streamsched.eventlog.recorder`). Its events are decoded on arrival and held by
 task until the task's state is final, or for at most :data:`HOLD_S`, and then written
 together: a task that runs within that time costs one KV write for all its events.
 Final states are written after :data:`COALESCE_S`. Every write is a compare-and-set on
 the key's last revision, known from the cache of recent states, or read first (many keys
 per request) for a task that is neither cached nor new; with several projectors the
 loser re-reads the key and folds again. The fold itself is idempotent and
-order-insensitive (:func:`streamsched.state.fold`), so redelivered or reordered events
+order-insensitive (:func:`streamsched.eventlog.state.fold`), so redelivered or reordered events
 end in the same state. A message is acked only once the states of all the tasks it
 names are written.
 
@@ -27,33 +27,29 @@ from typing import Any
 
 from nats.js.errors import APIError, BadRequestError
 
-from . import events as ev
-from . import subjects
-from .bus import ACK, Bus
-from .config import Settings
-from .eventlog import ReadStats, decode
-from .model import TaskState
-from .pull import Puller, Settler
-from .state import (
+from .. import subjects
+from ..config import Settings
+from ..eventlog import events as ev
+from ..eventlog.reader import decode
+from ..eventlog.state import (
     EXPECTED_LAST_SUBJECT_SEQ,
     MAX_GET_MANY,
     StateStore,
     encode_state,
     fold,
 )
-from .wire import Delivery
+from ..model import TaskState
+from ..transport import streams
+from ..transport.bus import ACK, Bus
+from ..transport.pull import Puller
+from ..transport.reading import ReadStats
+from ..transport.wire import Delivery
+from .settle import Settler
 
 log = logging.getLogger("streamsched.projector")
 
-#: Event messages held un-acked at once (the consumer's ``max_ack_pending``). It is what
-#: bounds the projector's memory when it falls behind (a held event takes about 0.37 KB
-#: decoded): a message holds what one role handled in one loop tick, up to
-#: ``recorder.MAX_EVENTS`` (128), and under load it is full, so at most 64,000 events are
-#: held. With 1,000,000 tasks queued (`bench backlog`) the projector peaked at 123 MB;
-#: 2,000 messages gave 209 MB once messages were that full (121 MB when they held 16 to
-#: 32 events). KV writes per task in `bench throughput`: 1.14-1.16, against 1.00-1.02 with
-#: 2,000, at the same rate end to end (three pairs in turns).
-WINDOW = 500
+#: Event messages held un-acked at once: see :data:`~streamsched.transport.streams.PROJECTOR_WINDOW`.
+WINDOW = streams.PROJECTOR_WINDOW
 #: Past this many held events (decoded, about 0.37 KB each), or half the window in
 #: messages, the oldest tasks are written without waiting for ``HOLD_S``.
 PRESSURE = 12_000
