@@ -129,7 +129,9 @@ def regional(
 def worker(
     modules: Annotated[list[str], typer.Argument(help="Modules with @task handlers, e.g. workers.examples.")],
     region: Annotated[str, typer.Option(help="The region whose tasks this worker runs.")] = "default",
-    concurrency: Annotated[int, typer.Option(min=1, help="Tasks run at once (also the most it holds un-acked).")] = 16,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Handlers run at once (it holds at most this plus worker_finish_window un-acked tasks).")
+    ] = 16,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry."""

@@ -39,6 +39,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consumers' ``max_ack_pending`` is this in messages of up to ``streams.SCHED_BATCH_MAX_TASKS``)."""
     work_max_ack_pending: int = 20_000
     """Cap on un-acked WORK messages per region and priority across all workers."""
+    worker_finish_window: int = 512
+    """Outcomes a worker may have on their way at once (events being recorded, acks being
+    sent) besides its running handlers. A handler's slot is free when it returns; past this
+    many unsettled outcomes, freed slots wait. A worker holds at most ``concurrency`` plus
+    this many un-acked messages, within ``work_max_ack_pending``."""
     ack_wait_s: float = 30.0
     """A worker that stops heartbeating for this long loses its task to another worker."""
     max_deliver: int = 100
@@ -114,7 +119,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raise ConfigError(f"{name!r} is not a valid region or priority name")
         if not self.regions or not self.priorities:
             raise ConfigError("at least one region and one priority are needed")
-        if self.master_window < 1 or self.regional_window < 1:
+        if self.master_window < 1 or self.regional_window < 1 or self.worker_finish_window < 1:
             raise ConfigError("windows must be at least 1")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..eventlog import events as ev
 from ..eventlog.recorder import EventRecorder, Recording
@@ -59,9 +59,14 @@ class Settler:
         handoff: tuple[str, bytes, bytes] | None = None,
         reply: bytes = ACK,
         also: Sequence[Pending] = (),
+        settled: Callable[[], None] | None = None,
     ) -> None:
         """Publish, record ``events`` and give ``handoff`` (subject, body, header block) to
         the batcher, then send ``reply`` for ``msg`` once these and ``also`` landed.
+
+        Settling releases the message's credit to the puller, or calls ``settled``
+        instead when the holder gave the credit back already (a worker frees a handler
+        slot when the handler returns, before its outcome has landed).
 
         A failed publish (a lost PubAck in a reconnect, an election) is sent again with
         the same ``Nats-Msg-Id``, so it is never stored twice, after each of
@@ -70,7 +75,7 @@ class Settler:
         ``started`` event already in flight) is waited for once. Nothing here waits, so a
         handler can call it from the read loop (see :class:`Puller`).
         """
-        self._attempt(msg, _Forward(publishes, events, handoff, reply), also, 0)
+        self._attempt(msg, _Forward(publishes, events, handoff, reply, settled), also, 0)
 
     def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
         if forward.events and _needs_another(forward.recorded):
@@ -90,14 +95,14 @@ class Settler:
 
     def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:
         if error is None:
-            self.settle(msg, forward.reply)
+            self.settle_reply(msg.reply, forward.reply, forward.settled)
         elif round_ < len(REPUBLISH_DELAYS_S):
             task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
             self._republishing.add(task)
             task.add_done_callback(self._republishing.discard)
         else:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
-            self.settle(msg, nak_with_delay(self.retry_delay_s))
+            self.settle_reply(msg.reply, nak_with_delay(self.retry_delay_s), forward.settled)
 
     async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
@@ -111,13 +116,17 @@ class Settler:
         """
         self.settle_reply(msg.reply, reply)
 
-    def settle_reply(self, ack_subject: str, reply: bytes) -> None:
-        """:meth:`settle` for a message of which only its reply (ack) subject was kept."""
+    def settle_reply(self, ack_subject: str, reply: bytes, settled: Callable[[], None] | None = None) -> None:
+        """:meth:`settle` for a message of which only its reply (ack) subject was kept;
+        ``settled`` is called instead of releasing credit (see :meth:`forward`)."""
         try:
             self.bus.send(ack_subject, reply)
         except Exception as exc:  # noqa: BLE001 - disconnected: ack_wait redelivers it
             log.debug("could not settle %s: %r", ack_subject, exc)
-        self.puller.release()
+        if settled is None:
+            self.puller.release()
+        else:
+            settled()
 
 
 def _needs_another(message: Recording | None) -> bool:
@@ -129,12 +138,18 @@ class _Forward:
     """What one upstream message led to: publishes, events and a hand-off (and the
     messages these went into), and the reply to send upstream when all of it landed."""
 
-    __slots__ = ("events", "handed", "handoff", "publishes", "recorded", "reply")
+    __slots__ = ("events", "handed", "handoff", "publishes", "recorded", "reply", "settled")
 
     def __init__(
-        self, publishes: Sequence[Publication], events: Sequence[ev.Event], handoff: tuple[str, bytes, bytes] | None, reply: bytes,
+        self,
+        publishes: Sequence[Publication],
+        events: Sequence[ev.Event],
+        handoff: tuple[str, bytes, bytes] | None,
+        reply: bytes,
+        settled: Callable[[], None] | None,
     ) -> None:
         self.publishes = publishes
+        self.settled = settled
         self.events = events
         self.handoff = handoff
         self.reply = reply

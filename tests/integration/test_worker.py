@@ -123,32 +123,84 @@ async def test_high_priority_tasks_overtake_a_backlog_of_low_ones(settings, bus,
     assert [t for t in order if t.startswith("high")] == highs
 
 
-async def test_a_worker_never_holds_more_unacked_tasks_than_its_concurrency(settings, bus, events: EventLog, registry):
+@task("test.counted_nap")
+async def counted_nap(payload: dict[str, float]) -> None:
+    """Sleeps on the event loop and counts how many of it run at once (``RUNNING``)."""
+    RUNNING["now"] += 1
+    RUNNING["peak"] = max(RUNNING["peak"], RUNNING["now"])
+    try:
+        await anyio.sleep(payload["seconds"])
+    finally:
+        RUNNING["now"] -= 1
+
+
+RUNNING = {"now": 0, "peak": 0}
+
+
+async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_finish_window_more(
+    settings, bus, events: EventLog, registry,
+):
+    settings = msgspec.structs.replace(settings, worker_finish_window=1)
+    RUNNING.update(now=0, peak=0)
     worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
     peak_ack_pending = peak_backlog = peak_held = 0
     async with running([*await routing(settings, bus), worker]):
         for i in range(8):
-            await submit(bus, id=f"bp-{i}", type="sleep", priority=settings.priorities[i % 3], payload={"seconds": 0.3})
+            await submit(bus, id=f"bp-{i}", type="test.counted_nap", priority=settings.priorities[i % 3], payload={"seconds": 0.3})
         over: list[list[tuple[str, int]]] = []
         with anyio.fail_after(12):
             while len(events.of_kind("succeeded")) < 8:
                 consumers = await work_consumers(bus, settings)
                 ack_pending = sum(c.num_ack_pending for c in consumers)
-                # The consumers are read one after another, so a task that ends between two
-                # reads and its successor can both be counted once; a real excess lasts as long
-                # as a task runs (0.3 s), so it shows in two reads in a row.
-                over = over + [[(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 2 else []
+                # Two running and one outcome on its way: 3. The consumers are read one after
+                # another, so a task that ends between two reads and its successor can both be
+                # counted once; a real excess lasts as long as a task runs (0.3 s), so it shows
+                # in two reads in a row.
+                over = over + [[(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 3 else []
                 assert len(over) < 2, over
                 assert worker.puller.held <= 2
                 peak_ack_pending = max(peak_ack_pending, ack_pending)
                 peak_held = max(peak_held, worker.puller.held)
                 peak_backlog = max(peak_backlog, sum(c.num_pending for c in consumers))
                 await anyio.sleep(0.02)
-    # The worker was saturated, so the bound was tested. (A single read may count 3, as
-    # above: the limit is what two reads in a row and the worker's own count show.)
+    # The worker was saturated, so the bound was tested.
+    assert RUNNING["peak"] == 2
     assert peak_ack_pending >= 2
     assert peak_held == 2
     assert peak_backlog >= 4  # meanwhile the rest waited in the WORK stream, not in the worker
+
+
+async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_finish_window(
+    settings, bus, events: EventLog, registry, monkeypatch,
+):
+    """Outcomes that have not landed hold no handler slot, but at most ``worker_finish_window``
+    of them are in flight: past that the worker takes no new task until one lands."""
+    settings = msgspec.structs.replace(settings, worker_finish_window=3)
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
+    held: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+    forward = worker.settler.forward
+    # The outcomes are kept from landing: the test lets them go when it has looked.
+    monkeypatch.setattr(worker.settler, "forward", lambda msg, *args, **kwargs: held.append((msg, args, kwargs)))
+
+    async def five_held() -> bool:
+        return len(held) == 5
+    async with running([*await routing(settings, bus), worker]):
+        for i in range(10):
+            await submit(bus, id=f"fw-{i}", type="echo", payload=i)
+        # Two slots and three outcomes on their way: five tasks ran, none of them landed.
+        await eventually(five_held, what="five outcomes held")
+        assert worker.finishing == 5
+        assert worker.puller.free <= 0  # no credit: nothing more is asked for
+        consumers = await work_consumers(bus, settings)
+        assert sum(c.num_ack_pending for c in consumers) == 5
+        assert not events.of_kind("succeeded")
+        # Let them land: the waiting slots come back and the other five run.
+        monkeypatch.setattr(worker.settler, "forward", forward)
+        for msg, args, kwargs in held:
+            forward(msg, *args, **kwargs)
+        await events.wait_count("succeeded", 10, timeout_s=10)
+    assert worker.finishing == 0
+    assert sorted(e.task_id for e in events.of_kind("succeeded")) == sorted(f"fw-{i}" for i in range(10))
 
 
 async def test_a_task_that_fails_twice_is_retried_and_succeeds_on_its_third_attempt(settings, bus, events: EventLog, registry):
