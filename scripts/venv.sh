@@ -1,0 +1,55 @@
+# Sourced by scripts/up and scripts/test: make ./.venv (once) and install the project
+# into it, with the extras in $EXTRAS ("" or "[test]"). Works where pip refuses the
+# system interpreter (PEP 668) and where Debian or Ubuntu leave out ensurepip.
+
+set -eu
+cd "$(dirname "$0")/.."
+VENV=.venv
+
+python=""
+for candidate in python3 python; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+        "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        python=$candidate
+        break
+    fi
+done
+if [ -z "$python" ]; then
+    echo "error: streamsched needs Python 3.11 or newer as python3 (e.g. apt-get install python3)" >&2
+    exit 1
+fi
+
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "creating $VENV" >&2
+    rm -rf "$VENV"
+    if ! "$python" -m venv "$VENV" >/dev/null 2>&1; then
+        # No ensurepip (Debian's python3-venv is not installed): a venv without pip, then
+        # pip into it from the system's pip if there is one, else from PyPI's wheel.
+        rm -rf "$VENV"
+        "$python" -m venv --without-pip "$VENV"
+        if "$python" -m pip --version >/dev/null 2>&1; then
+            "$python" -m pip --python "$VENV/bin/python" install --quiet pip
+        else
+            "$VENV/bin/python" - <<'PY'
+import json, os, sys, tempfile, urllib.parse, urllib.request
+index = "https://pypi.org/pypi/pip/json"
+release = json.load(urllib.request.urlopen(index, timeout=60))
+wheel = next(f for f in release["urls"] if f["filename"].endswith(".whl"))
+path = os.path.join(tempfile.mkdtemp(), wheel["filename"])
+urllib.request.urlretrieve(urllib.parse.urljoin(index, wheel["url"]), path)
+sys.path.insert(0, path)  # a pip wheel runs from the zip file: it installs itself
+from pip._internal.cli.main import main
+sys.exit(main(["install", "--quiet", path]))
+PY
+        fi
+    fi
+fi
+
+# Install again only when the project's requirements changed since the last install.
+stamp="$VENV/.installed${EXTRAS:-}"
+wanted="$(cat pyproject.toml)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+    echo "installing streamsched${EXTRAS:-} into $VENV" >&2
+    "$VENV/bin/python" -m pip install --quiet -e ".${EXTRAS:-}"
+    printf '%s' "$wanted" >"$stamp"
+fi
