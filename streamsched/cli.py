@@ -22,7 +22,7 @@ from .cli_events import (
     task_app,
 )
 from .client import Client
-from .config import Settings
+from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status
 from .roles.service import configure_logging, run_service
@@ -131,7 +131,7 @@ def worker(
     region: Annotated[str, typer.Option(help="The region whose tasks this worker runs.")] = "default",
     concurrency: Annotated[
         int, typer.Option(min=1, help="Handlers run at once (it holds at most this plus worker_finish_window un-acked tasks).")
-    ] = 16,
+    ] = DEFAULT_CONCURRENCY,
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry."""
@@ -243,7 +243,7 @@ def bench(
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     concurrency: Annotated[
-        int | None, typer.Option(help="Task slots per worker [default: 256; 16 in priority, whose low tasks sleep 10 ms].")
+        int | None, typer.Option(help="Handler slots per worker [default: 16, as `worker` and `up`].")
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:

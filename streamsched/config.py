@@ -16,6 +16,9 @@ from .errors import ConfigError
 from .model import PRIORITIES
 
 ENV_PREFIX = "STREAMSCHED_"
+#: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
+#: option, not a deployment setting).
+DEFAULT_CONCURRENCY = 16
 GIB = 1024**3
 
 

@@ -28,18 +28,15 @@ import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .. import subjects
-from ..config import Settings
+from ..config import DEFAULT_CONCURRENCY, Settings
 from ..eventlog import events as ev
 from ..transport import streams
 from ..transport.bus import Bus
 from ..transport.server import NatsServer, free_port
 
-#: Task slots per worker unless a scenario or ``--concurrency`` says otherwise. A slot is
-#: held until the task's outcome is recorded and the task acked: with the cores saturated
-#: those round trips take milliseconds, far longer than a no-op, so a no-op burst needs
-#: many slots (`throughput`: 64 slots about 20 % slower than 256, 512 no faster). The
-#: peers are set up alike: taskiq runs up to 100 tasks with a pulled batch of 100 besides.
-CONCURRENCY = 256
+#: Handler slots per worker unless a scenario or ``--concurrency`` says otherwise: the
+#: worker's default, so the scenarios measure the system as ``streamsched up`` runs it.
+CONCURRENCY = DEFAULT_CONCURRENCY
 #: Hard cap on how long any wait in a scenario may take.
 MAX_WAIT_S = 900.0
 
