@@ -157,8 +157,8 @@ def projector(log_level: LogLevel = "INFO") -> None:
 
     configure_logging(log_level)
     settings = load_or_exit()
-    # Lower priority for the whole process: on shared cores the tasks go first (measured:
-    # +15-25 % tasks/s in `bench throughput`; the view is complete as soon as before).
+    # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
+    # tasks/s in `bench throughput`, and the view completes no later than at nice 0).
     os.nice(settings.projector_nice)
 
     async def build(bus: Bus) -> list[Projector]:

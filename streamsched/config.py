@@ -81,7 +81,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     event_loop: str = "uvloop"
     """The roles' event loop: ``uvloop`` (libuv's, in C; the default where it is installed,
     which pip does everywhere but Windows) or ``asyncio`` (the standard library's). uvloop
-    gave 9 % more tasks/s in ``bench throughput`` (docs/BENCHMARKS.md)."""
+    gives 9 % more tasks/s in ``bench throughput``."""
     projector_nice: int = 10
     """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
     Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first

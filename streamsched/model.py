@@ -4,8 +4,8 @@ Schema evolution rules:
 
 * New fields are added with a default, so old producers stay valid.
 * Unknown fields are refused: a typo such as ``"priorty"`` must not silently run a
-  task with the wrong meaning. Fields of DESIGN.md that this version does not act
-  on yet are declared, so they are never refused *as unknown*; the master refuses
+  task with the wrong meaning. Fields of later features that this version does not
+  act on yet are declared, so they are never refused *as unknown*; the master refuses
   them as *not supported yet* instead of silently ignoring their meaning.
 * ``payload`` and ``result`` are kept as raw JSON (:class:`msgspec.Raw`): hops forward
   them untouched and only the handler (or the reader) decodes them.
@@ -76,7 +76,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Attempts before the task is dead-lettered; the handler's default when missing."""
     labels: dict[str, str] = {}
     """Free-form labels, kept in the task state."""
-    # Declared for later issues; the master refuses them as "not supported yet".
+    # Declared for later features; the master refuses them as "not supported yet".
     depends_on: list[str] = []
     run_at: str | None = None
     delay_s: float | None = None

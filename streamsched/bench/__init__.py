@@ -5,7 +5,7 @@ Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, 
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
 Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
-right before them in each, and reports the median of each (see :mod:`.rounds`); ``all``
+first in each, and reports the median of each (see :mod:`.rounds`); ``all``
 runs it in place of ``throughput``, or, without the extra, ``throughput`` once and says why
 the peers were skipped. Every loop is bounded in count and time.
 """
@@ -107,7 +107,7 @@ def report(results: dict[str, Any]) -> str:
             f"  publish            {ceiling['publish_per_s']:>10.0f} msgs/s",
             f"  pull + ack         {ceiling['consume_per_s']:>10.0f} msgs/s",
             f"  two-hop pipeline   {ceiling['pipeline_per_s']:>10.0f} tasks/s   "
-            f"CPU µs/task {_cpu(ceiling['pipeline_cpu_us_per_task'])}   (stages as peerbench's; the targets' reference)",
+            f"CPU µs/task {_cpu(ceiling['pipeline_cpu_us_per_task'])}   (stages take each message with next_msg(); the targets' reference)",
             *_lean_line(ceiling),
             "  nats-server msgs/task   in {:.1f}, out {:.1f}".format(*ceiling["pipeline_server_in_out_per_task"]),
         ]
@@ -161,7 +161,7 @@ def report(results: dict[str, Any]) -> str:
     if judged:
         width = max(len(name) for name, _, _ in judged)
         lines.append(
-            "targets (issue 3), figures of this run"
+            "targets, figures of this run"
             + (" (--quick: a tenth of the counts the targets are set for, so only a hint):" if results.get("quick") else ":")
         )
         lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]

@@ -1,14 +1,13 @@
 """The raw engine, measured in the same run as streamsched, so results can be given as ratios.
 
-Measurements with plain nats-py and no streamsched code (the method of the project's
-peer benchmarks):
+Measurements with plain nats-py and no streamsched code:
 
 * publish: N JetStream async publishes, at most 4000 in flight;
 * consume: one process drains them with a continuous pull and acks each;
 * pipeline: submitter → stream A → stage process (pull, republish to B, wait for the
   PubAcks, ack A) → stage process (pull B, ack), each stage with continuous pull. Twice:
-  with stages written as peerbench writes them (``pipeline_*``, the targets' reference),
-  then with leaner stages (``lean_pipeline_*``); see :mod:`streamsched.bench.stage`.
+  with the reference stages (``pipeline_*``, the targets' reference), then with leaner
+  stages (``lean_pipeline_*``); see :mod:`streamsched.bench.stage`.
 
 Stage processes run ``python -m streamsched.bench.stage STYLE URL STREAM CONSUMER [OUT_SUBJECT]``.
 """
@@ -70,14 +69,14 @@ async def ceiling(n: int = 100_000, pipeline_n: int = 40_000) -> dict[str, Any]:
         consumer.kill()
         consumer.wait()
 
-        reference = await _two_hop(server, js, procs, "peerbench", pipeline_n)
+        reference = await _two_hop(server, js, procs, "reference", pipeline_n)
         lean = await _two_hop(server, js, procs, "lean", pipeline_n)
         await nc.close()
         return {
             "scenario": "ceiling",
             "publish_per_s": n / publish_s,
             "consume_per_s": n / consume_s,
-            # The targets' reference: stages written as peerbench writes them.
+            # The targets' reference: stages that take each message with next_msg().
             **{f"pipeline_{key}": value for key, value in reference.items()},
             **{f"lean_pipeline_{key}": value for key, value in lean.items()},
         }

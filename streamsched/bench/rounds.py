@@ -1,10 +1,9 @@
 """Rounds: our throughput and the peers measured in turns, each figure the median of its rounds.
 
-../shared/peerbench runs every row three times and reports the median with its range, and
-the figures of PERF-ANCHORS.md that the targets were set against are such medians. The
-``peers`` scenario does the same, with our ``throughput`` run in the same rounds right
-before the peers: the machine's speed drifts by a third over minutes, and taking turns
-puts a slow or a fast minute on both sides of the ratio, not on one.
+The ``peers`` scenario runs three rounds, each our ``throughput`` and then the peers, and
+reports every side as its median round with the range of the rounds: the machine's speed
+drifts by a third over minutes, and taking turns puts a slow or a fast minute on both
+sides of the ratio, not on one.
 """
 
 from __future__ import annotations

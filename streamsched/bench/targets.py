@@ -1,6 +1,6 @@
-"""The performance targets (issue 3), judged on the results of one run.
+"""The performance targets, judged on the results of one run.
 
-Each target is judged only from figures of the same run, as the issue asks: a ratio needs
+Each target is judged only from figures of the same run, since the machine's speed drifts: a ratio needs
 both of its sides in ``results``, and a target whose scenario did not run is left out.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-#: End-to-end throughput as a share of the raw two-hop pipeline of the same run (the one
-#: with stages written as peerbench writes them: the pipeline the target was set against).
+#: End-to-end throughput as a share of the raw two-hop pipeline of the same run (the
+#: reference one, whose stages take each message with ``next_msg()``; see bench.stage).
 CEILING_RATIO = 0.8
 #: End-to-end throughput as a multiple of the best peer of the same run.
 PEER_RATIO = 2.0

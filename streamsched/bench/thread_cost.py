@@ -1,5 +1,6 @@
 """CPU per call of a sync handler through :class:`streamsched.roles.threads.HandlerThreads` and
-through ``anyio.to_thread.run_sync`` with a limiter (what the worker used before).
+through ``anyio.to_thread.run_sync`` with a limiter (the obvious alternative, which
+costs two to three times as much per call).
 
 ``python -m streamsched.bench.thread_cost``
 """

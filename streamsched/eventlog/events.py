@@ -2,10 +2,10 @@
 
 An EVENTS message holds one event or a JSON array of events, of any tasks: a role records
 the events of what it handled in one loop tick together, on ``events.<source>`` (see
-:mod:`streamsched.eventlog.recorder`). Each task's events are in the order they happened. Fewer
-messages per task is most of what a task costs (see docs/BENCHMARKS.md); for the same
-reason a worker records a quick task's ``started`` with its outcome (as Temporal does for
-an activity's start and completion).
+:mod:`streamsched.eventlog.recorder`). Each task's events are in the order they happened.
+Messages are most of what a task costs (a message of its own for each event would take a
+third of a task's CPU); for the same reason a worker records a quick task's ``started``
+with its outcome (as Temporal does for an activity's start and completion).
 
 EVENTS is the source of truth; the KV projection (:mod:`streamsched.eventlog.state`) is a fold
 of these records, and the replay tools read them back. Every event carries:

@@ -4,15 +4,15 @@ A role records the events of the messages it handles in one loop tick together: 
 EVENTS message on ``events.<source>`` (``events.master``, ``events.worker``…) holds a JSON
 array of them, up to :data:`MAX_EVENTS` or :data:`MAX_BYTES`. Per task that is three
 messages fewer to publish and acknowledge, store, deliver to the projector and ack again:
-about a third of what a task cost the cores (measured in docs/BENCHMARKS.md).
+about a third of what a task costs the cores when each event is a message of its own.
 
 :meth:`EventRecorder.record` returns the :class:`Recording` (the message) the events
 went into; a role acks its upstream message only when it (and its downstream publish)
 has landed. A failed publish is sent again under the same ``Nats-Msg-Id``, so a lost PubAck
 never stores a message twice. What is not deduplicated: a hop that crashes after
 recording and before acking is redelivered and records its events again, in another
-message. The fold is idempotent, and :func:`streamsched.eventlog.history` shows each
-step once.
+message. The fold is idempotent, and :func:`streamsched.eventlog.reader.history` shows
+each step once.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 travel in one message.
 
 Under load a master handles a whole read of submissions per loop tick (about a hundred).
-A SCHED message of its own for each task cost a store and a removal in nats-server, a
+A SCHED message of its own for each task costs a store and a removal in nats-server, a
 publish and its PubAck, a delivery and an ack: of everything a task costs end to end,
-the largest share that bought nothing per task (docs/BENCHMARKS.md). So the tasks of one
-tick for one ``sched.<region>.<priority>`` subject share a message:
+the largest share that buys nothing per task (batches take the regional scheduler from
+19-20 to 8 µs per task). So the tasks of one tick for one ``sched.<region>.<priority>``
+subject share a message:
 
-* one task: the message is the task, exactly as before (its header block with
+* one task: the message is the task itself (its header block with
   ``Nats-Msg-Id: <task>:sched:0``, its body the submission's bytes);
 * several: header ``Streamsched-Batch: <count>`` and a msgpack array of
   ``[header block, body]`` pairs, each what the single message would have been.
@@ -16,7 +17,7 @@ The regional scheduler releases each task of a batch onto WORK as its own messag
 acks the batch once all of them landed. A batch's ``Nats-Msg-Id`` is its own (a publish
 that is sent again is stored once); a submission redelivered to a master may land in
 another batch, and then WORK drops the second copy by the task's own msg id
-(``<task>:work:0``), inside the same dedupe window that SCHED used before.
+(``<task>:work:0``), inside the same dedupe window (``duplicate_window_s``).
 """
 
 from __future__ import annotations

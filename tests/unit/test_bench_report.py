@@ -54,7 +54,7 @@ def test_backlog_report_shows_rss_over_time_from_first_to_last_sample() -> None:
     assert lines[1].split() == ["projector0", "10", "60", "105"]
 
 
-def test_throughput_is_judged_on_the_peerbench_two_hop_and_shown_against_the_lean_one_too() -> None:
+def test_throughput_is_judged_on_the_reference_two_hop_and_shown_against_the_lean_one_too() -> None:
     results = {"ceiling": {"pipeline_per_s": 10_000.0, "lean_pipeline_per_s": 20_000.0}, "throughput": {"tasks_per_s": 8_500.0}}
     [(name, figure, met)] = targets.judge(results)
     assert name.startswith("throughput >= 0.8 x raw two-hop")

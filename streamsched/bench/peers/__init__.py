@@ -1,12 +1,12 @@
 """The ``peers`` scenario: Celery + Redis, Dramatiq + Redis and taskiq + taskiq-nats running
-the same no-op workload as ``throughput``, in the same run, set up as ../shared/peerbench
-set them up (the "best obvious" rows of PERF-ANCHORS.md).
+the same no-op workload as ``throughput``, in the same run, each in the best obvious setup
+for two cores (README.md in this folder says which and why).
 
-Measured like peerbench: each peer gets a broker of its own (redis-server, or nats-server
-with file storage), its worker is started and warmed up with 200 tasks, then N tasks are
-submitted while the worker consumes them; tasks/s = N / (last completion - first submit),
-with completions counted from the workers' progress files (see :mod:`.recorder`). CPU is
-measured per process over the same window, the bench process being the submitter.
+Each peer gets a broker of its own (redis-server, or nats-server with file storage), its
+worker is started and warmed up with 200 tasks, then N tasks are submitted while the
+worker consumes them; tasks/s = N / (last completion - first submit), with completions
+counted from the workers' progress files (see :mod:`.recorder`). CPU is measured per
+process over the same window, the bench process being the submitter.
 
 The peer libraries are an optional extra (``pip install -e '.[peers]'``) and redis-server
 comes from apt; without them the scenario returns a skipped result instead of failing.
@@ -38,10 +38,10 @@ from ..harness import CpuMeter
 from . import recorder
 
 INSTALL_HINT = "install with: pip install -e '.[peers]' and apt-get install redis-server"
-#: Tasks each worker runs before the measured window (peerbench's warm-up).
+#: Tasks each worker runs before the measured window.
 WARMUP = 200
 WARMUP_TIMEOUT_S = 120.0
-#: The longest a peer may take over its N tasks (peerbench's bound too).
+#: The longest a peer may take over its N tasks.
 RUN_TIMEOUT_S = 300.0
 LIBRARIES = ("celery", "kombu", "dramatiq", "redis", "taskiq", "taskiq_nats")
 VERSIONS = ("celery", "kombu", "dramatiq", "redis", "hiredis", "taskiq", "taskiq-nats")

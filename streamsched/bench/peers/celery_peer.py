@@ -1,8 +1,8 @@
 """Celery + Redis: ``-P solo``, prefetch-multiplier 64, no result backend, an ``apply_async`` loop.
 
-The "best obvious" Celery row of PERF-ANCHORS: solo beat prefork on two cores (the
-submitter and Redis need the second core), and the result backend and the
-gossip/mingle/heartbeat chatter are off, since the workload needs none of them.
+The best obvious Celery setup for two cores: solo beats prefork there (the submitter and
+Redis need the second core), and the result backend and the gossip/mingle/heartbeat
+chatter are off, since the workload needs none of them (README.md has the figures).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Dramatiq + Redis: one process of 8 threads, queue prefetch 64, an ``actor.send`` loop.
 
-The "best obvious" Dramatiq row of PERF-ANCHORS: two processes were slower than one on
-two cores, and prefetch 64 beat the default (2 x threads). ``group(...).run()`` was
-slower than a plain loop.
+The best obvious Dramatiq setup for two cores: two processes are slower than one there,
+and prefetch 64 beats the default (2 x threads). ``group(...).run()`` is slower than a
+plain loop (README.md has the figures).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Counting a peer's completions without touching its broker (as ../shared/peerbench does).
+"""Counting a peer's completions without touching its broker.
 
 The no-op task body calls :func:`record`: one ``time.time()`` and one ``list.append``. A
 daemon thread in each worker process writes ``<pid>.prog`` (``count last_done``) every

@@ -1,8 +1,8 @@
 """taskiq + taskiq-nats (JetStream pull): ``--workers 1``, ``pull_consume_batch=100``,
 ``pull_consume_timeout=1``, submitted with ``gather(kiq())`` in windows of 1000.
 
-The "tuned" taskiq row of PERF-ANCHORS: the default batch of 1 costs a pull request per
-task, and a sequential ``kiq`` loop caps the submit rate; this row fixes both.
+The tuned taskiq setup: the default batch of 1 costs a pull request per task, and a
+sequential ``kiq`` loop caps the submit rate; this setup fixes both (README.md has the figures).
 """
 
 from __future__ import annotations
