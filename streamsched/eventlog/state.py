@@ -133,7 +133,7 @@ _FACTS: dict[type, Callable[[TaskState, Any, bool], None]] = {
     ev.Cancelled: _cancelled,
     ev.Reprioritized: _reprioritized,
 }
-assert set(_FACTS) == set(ev.AnyEvent.__args__), "every kind of event needs its entry"  # type: ignore[attr-defined]
+assert set(_FACTS) == set(ev.AnyEvent.__args__), "every kind of event needs its entry"
 
 
 def is_final(state: TaskState) -> bool:

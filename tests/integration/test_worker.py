@@ -137,7 +137,7 @@ async def test_a_worker_never_holds_more_unacked_tasks_than_its_concurrency(sett
                 # The consumers are read one after another, so a task that ends between two
                 # reads and its successor can both be counted once; a real excess lasts as long
                 # as a task runs (0.3 s), so it shows in two reads in a row.
-                over = over + [[(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 2 else []
+                over = [*over, [(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 2 else []
                 assert len(over) < 2, over
                 assert worker.puller.held <= 2
                 peak_ack_pending = max(peak_ack_pending, ack_pending)

@@ -87,7 +87,7 @@ def test_a_rejected_resubmission_does_not_overwrite_an_accepted_task_with_the_sa
         assert state.status is Status.SUCCEEDED and state.error is None
     alone = replay([rejected])
     assert (alone.status, alone.error) == (Status.REJECTED, "unknown region")
-    assert replay(LIFE[:2] + [rejected]).status is Status.PENDING
+    assert replay([*LIFE[:2], rejected]).status is Status.PENDING
 
 
 def test_the_fold_cost_bench_folds_each_no_op_task_to_succeeded() -> None:
