@@ -160,7 +160,9 @@ class Cancelled(Event, frozen=True, tag="cancelled"):
 
 
 class Reprioritized(Event, frozen=True, tag="reprioritized"):
-    """The task's priority was changed while it waited."""
+    """The task's priority was changed while it waited. Recorded with the task's current
+    ``attempt``: order 0 then ranks it below every event of that attempt, so it never
+    moves the status."""
 
     priority: str
     previous: str = ""
