@@ -169,6 +169,8 @@ class Puller:
     def _handler(self, index: int) -> wire.Handler:
         level = self.levels[index]
         single = len(self.levels) == 1
+        loop = self._loop
+        assert loop is not None, "the handlers are made in run()"
 
         def handle(subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
             level.last_seen = time.monotonic()
@@ -185,7 +187,7 @@ class Puller:
                 if not self._draining:
                     # After this turn of the read loop: a high message parsed behind lows goes first.
                     self._draining = True
-                    self._loop.call_soon(self._drain)  # type: ignore[union-attr]
+                    loop.call_soon(self._drain)
                 return
             headers = wire.parse_headers(raw_headers) if raw_headers else {}
             status = headers.get("Status")
