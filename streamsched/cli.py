@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -221,7 +221,7 @@ def status(
         else:
             for key, value in _state_dict(state).items():
                 if key.endswith("_at"):
-                    value = datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+                    value = datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
                 elif not isinstance(value, str):
                     value = msgspec.json.encode(value).decode()
                 typer.echo(f"{key:<13} {value}")
@@ -302,7 +302,7 @@ def _check_region(settings: Settings, region: str) -> None:
 
 def _state_dict(state: Any) -> dict[str, Any]:
     """The state as plain JSON values, without the projector's internal ``rank``."""
-    raw = msgspec.json.decode(msgspec.json.encode(state))
+    raw: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(state))
     raw.pop("rank", None)
     return raw
 

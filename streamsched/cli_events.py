@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json as jsonlib
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import anyio
 import msgspec
 import typer
+from nats.js.api import StreamInfo
 
 from . import subjects
 from .config import Settings
@@ -146,7 +147,7 @@ def dlq_list(
         if json:
             typer.echo(jsonlib.dumps({k: v for k, v in vars(entry).items() if k != "body"} | {"body": entry.body.decode(errors="replace")}))
         else:
-            when = datetime.fromtimestamp(entry.stored_at, timezone.utc).isoformat(timespec="seconds")
+            when = datetime.fromtimestamp(entry.stored_at, UTC).isoformat(timespec="seconds")
             typer.echo(f"{when}  #{entry.seq:<6} {entry.task_id:<26} {entry.type:<16} attempts={entry.attempts}  {entry.error[:120]}")
 
 
@@ -234,7 +235,7 @@ def replay_submissions_cmd(
         if not dry_run:
             try:
                 with anyio.fail_after(10):
-                    target = await Bus.connect(to or "", name="streamsched-replay")  # type: ignore[arg-type]
+                    target = await Bus.connect(to or "", name="streamsched-replay")
                 await target.js.key_value(subjects.STATE_BUCKET)
             except Exception as exc:  # noqa: BLE001 - any reason the target cannot take work
                 if target is not None:
@@ -257,5 +258,5 @@ def replay_submissions_cmd(
 
 async def _count(bus: Bus) -> int:
     """Submissions in TASKS: the progress bar's length (an upper bound for a window)."""
-    info = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.SUBMIT)
+    info: StreamInfo = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.SUBMIT)
     return (info.state.subjects or {}).get(subjects.SUBMIT, 0)

@@ -18,7 +18,7 @@ import msgspec
 
 from . import subjects
 from .errors import NotFound
-from .eventlog.state import StateStore, is_final, state_decoder
+from .eventlog.state import StateStore, is_final
 from .model import (
     DEFAULT_PRIORITY,
     Envelope,
@@ -26,6 +26,7 @@ from .model import (
     TaskState,
     _base32,
     raw_value,
+    state_decoder,
 )
 from .transport.bus import Bus
 

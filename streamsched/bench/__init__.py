@@ -25,6 +25,8 @@ from . import peers as peers_mod
 from . import rounds, scenarios, targets
 from .harness import Roles
 
+__all__ = ["SCENARIOS", "Roles", "machine", "report", "run", "save"]
+
 SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "peers", "all")
 
 

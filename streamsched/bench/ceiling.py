@@ -21,10 +21,10 @@ import time
 from typing import Any
 
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, StorageType, StreamConfig
 
 from ..transport.server import NatsServer, free_port
-from .harness import CpuMeter, server_messages, wait_until
+from .harness import CpuMeter, server_messages, server_pid, wait_until
 
 
 async def _publish(js: Any, subject: str, n: int) -> float:
@@ -44,7 +44,7 @@ def _spawn(style: str, url: str, *args: str) -> subprocess.Popen[bytes]:
 
 
 async def _drained(js: Any, stream: str) -> bool:
-    info = await js.consumer_info(stream, "c")
+    info: ConsumerInfo = await js.consumer_info(stream, "c")
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
@@ -97,7 +97,7 @@ async def _two_hop(server: NatsServer, js: Any, procs: list[subprocess.Popen[byt
     procs += [stage_a, stage_b]
     await _publish(js, f"raw.{style}.a", 500)  # warm-up
     await wait_until(lambda: _acked(js, b, 500), timeout_s=60, poll_s=0.02)
-    meter = CpuMeter({"nats-server": server.process.pid, "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()  # type: ignore[union-attr]
+    meter = CpuMeter({"nats-server": server_pid(server), "stage-a": stage_a.pid, "stage-b": stage_b.pid}).start()
     messages_before = await server_messages(server)
     began = time.monotonic()
     await _publish(js, f"raw.{style}.a", n)
@@ -111,10 +111,10 @@ async def _two_hop(server: NatsServer, js: Any, procs: list[subprocess.Popen[byt
     return {
         "per_s": n / seconds,
         "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
-        "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after)],
+        "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after, strict=True)],
     }
 
 
 async def _acked(js: Any, stream: str, count: int) -> bool:
-    info = await js.consumer_info(stream, "c")
-    return info.ack_floor.stream_seq >= count
+    info: ConsumerInfo = await js.consumer_info(stream, "c")
+    return info.ack_floor is not None and info.ack_floor.stream_seq >= count

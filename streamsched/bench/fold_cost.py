@@ -23,14 +23,23 @@ ROUNDS = 300
 def messages(tasks: int = TASKS) -> list[bytes]:
     """The three events messages of ``tasks`` no-op tasks, one per recording role."""
     ids = [f"01JD{i:022d}" for i in range(tasks)]
-    where = {"region": "default", "priority": "medium"}
-    ran = {"attempt": 1, "region": "default", "worker": "host-12345"}
-    master = [e for i in ids for e in (ev.Submitted(task_id=i, at=1.0, type="noop", **where), ev.Scheduled(task_id=i, at=1.0, **where))]
-    regional = [ev.Dispatched(task_id=i, at=1.0, **where) for i in ids]
+    region, priority, worker_id = "default", "medium", "host-12345"
+    master = [
+        e
+        for i in ids
+        for e in (
+            ev.Submitted(task_id=i, at=1.0, type="noop", region=region, priority=priority),
+            ev.Scheduled(task_id=i, at=1.0, region=region, priority=priority),
+        )
+    ]
+    regional = [ev.Dispatched(task_id=i, at=1.0, region=region, priority=priority) for i in ids]
     worker = [
         e
         for i in ids
-        for e in (ev.Started(task_id=i, at=1.0, **ran), ev.Succeeded(task_id=i, at=1.0, result=msgspec.Raw(b"null"), duration_s=0.001, **ran))
+        for e in (
+            ev.Started(task_id=i, at=1.0, attempt=1, region=region, worker=worker_id),
+            ev.Succeeded(task_id=i, at=1.0, attempt=1, region=region, worker=worker_id, result=msgspec.Raw(b"null"), duration_s=0.001),
+        )
     ]
     return [ev.encode(events) for events in (master, regional, worker)]
 
@@ -43,22 +52,23 @@ def measure(rounds: int = ROUNDS, tasks: int = TASKS) -> dict[str, float]:
         decoded = [ev.decode_all(body) for body in bodies]
     decode_s = time.process_time() - began
     by_task: dict[str, list[ev.Event]] = {}
-    for events in decoded:
-        for event in events:
-            by_task.setdefault(event.task_id, []).append(event)
+    for message_events in decoded:
+        for recorded in message_events:
+            by_task.setdefault(recorded.task_id, []).append(recorded)
     began = time.process_time()
     for _ in range(rounds):
         states = []
-        for events in by_task.values():
+        for task_events in by_task.values():
             state = None
-            for event in events:
+            for event in task_events:
                 state = fold(state, event)
+            assert state is not None
             states.append(state)
     fold_s = time.process_time() - began
     began = time.process_time()
     for _ in range(rounds):
         for state in states:
-            encode_state(state)  # type: ignore[arg-type]
+            encode_state(state)
     encode_s = time.process_time() - began
     per_task = 1e6 / (rounds * tasks)
     return {"decode": decode_s * per_task, "fold": fold_s * per_task, "encode": encode_s * per_task}

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamState
 
 from .. import subjects
 from ..config import DEFAULT_CONCURRENCY, Settings
@@ -58,6 +58,12 @@ class Roles:
         return dataclasses.replace(self, concurrency=self.concurrency or concurrency or CONCURRENCY)
 
 
+def server_pid(server: NatsServer) -> int:
+    """The PID of a started server."""
+    assert server.process is not None, "the server was not started"
+    return server.process.pid
+
+
 @dataclass
 class System:
     """A nats-server and role processes, started and stopped by PID."""
@@ -69,7 +75,7 @@ class System:
 
     def role_pids(self) -> dict[str, int]:
         pids = {name: p.pid for name, p in self.processes.items()}
-        pids["nats-server"] = self.server.process.pid  # type: ignore[union-attr]
+        pids["nats-server"] = server_pid(self.server)
         return pids
 
     def start_roles(self, roles: Roles, only: Iterable[str] | None = None) -> None:
@@ -141,19 +147,19 @@ async def server_messages(server: NatsServer) -> tuple[int, int]:
 async def finished_count(bus: Bus) -> int:
     """Tasks whose outcome is recorded: WORK's messages published and no longer there (a
     worker acks or terms a task only after its outcome event landed)."""
-    state = (await bus.js.stream_info(subjects.WORK_STREAM)).state
+    state: StreamState = (await bus.js.stream_info(subjects.WORK_STREAM)).state
     return state.last_seq - state.messages
 
 
 async def projector_caught_up(bus: Bus) -> bool:
-    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+    info: ConsumerInfo = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def projected_through(bus: Bus, stream_seq: int) -> bool:
     """The projector has settled every EVENTS message up to ``stream_seq`` (it may hold later ones)."""
-    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
-    return info.ack_floor.stream_seq >= stream_seq
+    info: ConsumerInfo = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+    return info.ack_floor is not None and info.ack_floor.stream_seq >= stream_seq
 
 
 async def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 0.05) -> float:
@@ -228,7 +234,7 @@ async def read_events(bus: Bus, kind: str, *, expected: int, timeout_s: float = 
         while len(out) < expected and time.monotonic() < deadline:
             try:
                 msgs = await psub.fetch(2000, timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 continue
             out += [event for m in msgs for event in ev.decode_all(m.data) if ev.kind(event) == kind]
     finally:
@@ -243,6 +249,6 @@ def percentiles(values: list[float], points: Iterable[float] = (50, 95, 99, 100)
     ordered = sorted(values)
     out = {}
     for p in points:
-        index = min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))
+        index = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
         out["max" if p == 100 else f"p{int(p)}"] = ordered[index]
     return out

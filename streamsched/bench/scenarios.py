@@ -6,8 +6,11 @@ import asyncio
 import time
 from typing import Any
 
+from nats.js.api import ConsumerInfo, StreamInfo
+
 from .. import subjects
 from ..eventlog import events as ev
+from ..transport.bus import Bus
 from .harness import (
     CpuMeter,
     Roles,
@@ -61,7 +64,7 @@ async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, A
             "stream_messages_per_task": messages,
             # Every message a client sent or received (publishes, acks, pull requests, deliveries,
             # PubAcks, the bench's own polls): the server's and the clients' per-message work.
-            "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after)],
+            "server_in_out_per_task": [(after - before) / n for before, after in zip(messages_before, messages_after, strict=True)],
             "n": n,
             "roles": vars(roles),
             "tasks_per_s": n / elapsed,
@@ -130,7 +133,7 @@ async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01
             seen: dict[str, Any] = {}
             arrived = asyncio.Event()
 
-            async def record(msg: Any, task_id: str = task_id) -> None:
+            async def record(msg: Any, task_id: str = task_id, seen: dict[str, Any] = seen, arrived: asyncio.Event = arrived) -> None:
                 seen.update((ev.kind(event), event) for event in ev.decode_all(msg.data) if event.task_id == task_id)
                 arrived.set()
 
@@ -225,16 +228,17 @@ async def ingress(n: int = 200_000, roles: Roles | None = None) -> dict[str, Any
         }
 
 
-async def _master_acked_at_least(bus: Any, count: int) -> bool:
-    return (await bus.js.consumer_info("TASKS", "master")).ack_floor.stream_seq >= count
+async def _master_acked_at_least(bus: Bus, count: int) -> bool:
+    master: ConsumerInfo = await bus.js.consumer_info("TASKS", "master")
+    return master.ack_floor is not None and master.ack_floor.stream_seq >= count
 
 
-async def _work_backlog_at_least(bus: Any, count: int) -> bool:
-    info = await bus.js.stream_info("WORK")
+async def _work_backlog_at_least(bus: Bus, count: int) -> bool:
+    info: StreamInfo = await bus.js.stream_info("WORK")
     return info.state.messages >= count
 
 
-async def _routed(bus: Any) -> bool:
-    master = await bus.js.consumer_info("TASKS", "master")
-    sched = await bus.js.stream_info("SCHED")
+async def _routed(bus: Bus) -> bool:
+    master: ConsumerInfo = await bus.js.consumer_info("TASKS", "master")
+    sched: StreamInfo = await bus.js.stream_info("SCHED")
     return master.num_pending == 0 and master.num_ack_pending == 0 and sched.state.messages == 0

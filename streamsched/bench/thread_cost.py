@@ -38,7 +38,7 @@ def compare(calls: int = 20_000, concurrency: int = 16) -> None:
         for name, one in (("HandlerThreads", via_pool), ("anyio.to_thread", via_anyio)) * 2:
             slots = asyncio.Semaphore(concurrency)
 
-            async def bounded(one: Callable[[], Any] = one) -> None:
+            async def bounded(one: Callable[[], Any] = one, slots: asyncio.Semaphore = slots) -> None:
                 async with slots:
                     await one()
 

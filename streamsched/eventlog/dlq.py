@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from .. import subjects
 from ..model import envelope_decoder
@@ -72,9 +72,9 @@ async def show(bus: Bus, task_id: str) -> DeadTask | None:
     """The DLQ entry of one task, or ``None``."""
     try:
         msg = await bus.js.get_last_msg(subjects.DLQ_STREAM, subjects.dlq(task_id))
-    except Exception:  # noqa: BLE001 - nats-py raises NotFoundError for a missing subject
+    except NotFoundError:  # no message on that subject
         return None
-    return _entry(msg.seq, 0, msg.data or b"", dict(msg.headers or {}))
+    return _entry(msg.seq or 0, 0, msg.data or b"", dict(msg.headers or {}))
 
 
 @dataclass

@@ -160,7 +160,9 @@ class Cancelled(Event, frozen=True, tag="cancelled"):
 
 
 class Reprioritized(Event, frozen=True, tag="reprioritized"):
-    """The task's priority was changed while it waited."""
+    """The task's priority was changed while it waited. Recorded with the task's current
+    ``attempt``: order 0 then ranks it below every event of that attempt, so it never
+    moves the status."""
 
     priority: str
     previous: str = ""
@@ -173,7 +175,7 @@ AnyEvent = (
     | Succeeded | Failed | Dead | Cancelled | Reprioritized
 )
 
-_KIND_OF: dict[type, str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}  # type: ignore[attr-defined]
+_KIND_OF: dict[type[Event], str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}
 #: Events after which a task never changes again.
 FINAL_TYPES: frozenset[type] = frozenset(cls for cls in _KIND_OF if cls.status.is_final)
 KINDS: tuple[str, ...] = tuple(_KIND_OF.values())
@@ -182,11 +184,11 @@ encode = msgspec.json.Encoder().encode
 #: One event (use :func:`decode_all` for a message, which may hold several).
 decode = msgspec.json.Decoder(AnyEvent).decode
 #: The body of one EVENTS message.
-EventMessage = list[AnyEvent] | AnyEvent  # type: ignore[valid-type]
+EventMessage = list[AnyEvent] | AnyEvent
 _decode_message = msgspec.json.Decoder(EventMessage).decode
 
 
-def decode_all(data: bytes) -> list[Event]:
+def decode_all(data: bytes) -> list[AnyEvent]:
     """The events of one EVENTS message, in the order they were recorded."""
     decoded = _decode_message(data)
     return decoded if isinstance(decoded, list) else [decoded]

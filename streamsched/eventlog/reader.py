@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -38,7 +38,7 @@ class Record:
 
 
 
-def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.Event]:
+def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.AnyEvent]:
     """The events of one message; none (counted, logged with its sequence) if it cannot be trusted."""
     try:
         events = ev.decode_all(data)
@@ -112,7 +112,7 @@ async def history(bus: Bus, task_id: str) -> list[Record]:
     found = await store.get(task_id)
     since = Since(seq=1)
     if found is not None and found[0].submitted_at:
-        since = Since(time=datetime.fromtimestamp(found[0].submitted_at - HISTORY_MARGIN_S, timezone.utc))
+        since = Since(time=datetime.fromtimestamp(found[0].submitted_at - HISTORY_MARGIN_S, UTC))
     seen: set[tuple[str, int]] = set()
     records: list[Record] = []
     async for record in tail(bus, task_id=task_id, since=since):
@@ -128,7 +128,7 @@ async def history(bus: Bus, task_id: str) -> list[Record]:
 def format_record(record: Record, previous: Record | None = None) -> str:
     """One readable line; with ``previous``, the time since it (for task history)."""
     event = record.event
-    when = datetime.fromtimestamp(event.at, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    when = datetime.fromtimestamp(event.at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     parts = [when, f"#{record.seq:<7}", f"{event.task_id:<26}", f"{record.kind:<13}"]
     if previous is not None:
         parts.append(f"+{1000 * (event.at - previous.event.at):9.1f} ms")

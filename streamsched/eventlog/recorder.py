@@ -69,7 +69,16 @@ class Recording:
     def __await__(self) -> Generator[Any, None, None]:
         if not self.done:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.then(lambda error: future.done() or (future.set_exception(error) if error else future.set_result(None)))
+
+            def settle(error: BaseException | None) -> None:
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(None)
+
+            self.then(settle)
             yield from future.__await__()
         if self.error is not None:
             raise self.error
@@ -129,5 +138,5 @@ def send(bus: Bus, subject: str, body: bytes, headers: dict[str, str] | bytes, r
 
     try:
         bus.publish_all([(subject, body, headers)], landed)
-    except Exception as exc:  # noqa: BLE001 - not connected: try again later
+    except Exception as exc:  # noqa: BLE001 - any failed publish takes the republish path
         landed(exc)

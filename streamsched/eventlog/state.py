@@ -97,13 +97,15 @@ def _rejected(state: TaskState, event: ev.Rejected, _newer: bool) -> None:
         state.finished_at = event.at
 
 
-def _cancelled(state: TaskState, event: ev.Cancelled, _newer: bool) -> None:
-    state.error = event.reason or "cancelled"
-    state.finished_at = event.at
+def _cancelled(state: TaskState, event: ev.Cancelled, newer: bool) -> None:
+    if newer:  # a cancel that lost the race to an outcome leaves that outcome's facts alone
+        state.error = event.reason or "cancelled"
+        state.finished_at = event.at
 
 
 def _progress(state: TaskState, event: ev.Progress, _newer: bool) -> None:
-    if event.attempt >= state.attempts:  # of the newest attempt (fold counted it already)
+    # Of the newest attempt (fold counted it already); a report with only a message keeps the fraction.
+    if event.fraction is not None and event.attempt >= state.attempts:
         state.progress = event.fraction
 
 
@@ -133,7 +135,7 @@ _FACTS: dict[type, Callable[[TaskState, Any, bool], None]] = {
     ev.Cancelled: _cancelled,
     ev.Reprioritized: _reprioritized,
 }
-assert set(_FACTS) == set(ev.AnyEvent.__args__), "every kind of event needs its entry"  # type: ignore[attr-defined]
+assert set(_FACTS) == set(ev.AnyEvent.__args__), "every kind of event needs its entry"
 
 
 def is_final(state: TaskState) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import sys
 import time
@@ -211,10 +212,8 @@ class Projector:
 
     async def _flush_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=HOLD_S / 4)
-            except TimeoutError:
-                pass
             # Let a task's next events join this batch: fewer KV writes per task.
             await asyncio.sleep(COALESCE_S)
             self._wake.clear()
@@ -262,25 +261,24 @@ class Projector:
                 states.append(state)
                 puts.append(self._write_of(task_id, state, revision))
             written = await self.bus.publish_gathered(puts)
-        except Exception as exc:  # noqa: BLE001 - not connected
+        except Exception as exc:  # noqa: BLE001 - any failed read or send: the caller retries the batch
             log.debug("state writes not sent: %r", exc)
             return False
         await written.done
         ok = True
         conflicted: list[str] = []  # another writer, or a state read before it was stored
         for task_id, state, result in zip(batch, states, written.results, strict=True):
-            error = result if isinstance(result, BaseException) else None
-            if error is None:
-                self._remember(task_id, (state, result["seq"]))  # type: ignore[index]
-            elif isinstance(error, APIError) and error.err_code == WRONG_LAST_SEQUENCE:
+            if isinstance(result, dict):
+                self._remember(task_id, (state, result["seq"]))
+            elif isinstance(result, APIError) and result.err_code == WRONG_LAST_SEQUENCE:
                 conflicted.append(task_id)
-            elif isinstance(error, BadRequestError):
+            elif isinstance(result, BadRequestError):
                 # Refused by the server for good (e.g. too large): retrying would block every
                 # task behind it. The events stay in EVENTS; rebuild-state can fold them again.
-                log.error("state of task %s not written (%s); its events are kept in EVENTS", task_id, error)
+                log.error("state of task %s not written (%s); its events are kept in EVENTS", task_id, result)
                 self._remember(task_id, None)
             else:
-                log.debug("state write failed for %s: %r", task_id, error)
+                log.debug("state write failed for %s: %r", task_id, result)
                 self._remember(task_id, None)
                 ok = False
         for start in range(0, len(conflicted), MAX_GET_MANY):  # rare: as many at a time as one read
@@ -301,7 +299,7 @@ class Projector:
                 if exc.err_code == WRONG_LAST_SEQUENCE:
                     continue
                 return False
-            except Exception:  # noqa: BLE001 - not connected
+            except Exception:  # noqa: BLE001 - any failed send: the caller retries the batch
                 return False
             self._remember(task_id, (state, written["seq"]))
             return True

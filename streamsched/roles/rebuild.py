@@ -9,14 +9,16 @@ and re-read). Into another bucket it builds a new version beside the live one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import anyio
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..config import Settings
@@ -48,12 +50,13 @@ async def rebuild_state(bus: Bus, settings: Settings, *, bucket: str = subjects.
             await _pause_projector(bus)
             tg.start_soon(_keep_projector_paused, bus)
         try:
-            return await _rebuild(bus, settings, bucket, timeout_s, began)
+            report = await _rebuild(bus, settings, bucket, timeout_s, began)
         finally:
             tg.cancel_scope.cancel()
             if live:
                 with anyio.CancelScope(shield=True):
                     await js.resume_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+    return report
 
 
 #: How long one pause of the live projector lasts, and how often it is renewed.
@@ -76,10 +79,8 @@ async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, 
     js = bus.js
     config = streams.kv_config(settings)
     config.bucket = bucket
-    try:
+    with contextlib.suppress(NotFoundError):  # not there yet
         await js.delete_stream(f"KV_{bucket}")
-    except Exception:  # noqa: BLE001 - not there yet
-        pass
     await js.create_key_value(config)
     store = await StateStore.open(bus, bucket)
     consumer = f"rebuild-{bucket}-{int(time.time())}"
@@ -132,4 +133,4 @@ def _short(state: object) -> str:
 
 
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

@@ -90,7 +90,7 @@ class Settler:
                 waits.append(message)
         try:
             self.bus.publish_all(forward.publishes, lambda error: self._landed(msg, forward, error, round_), waits)
-        except Exception as exc:  # noqa: BLE001 - not connected
+        except Exception as exc:  # noqa: BLE001 - any failed publish takes the republish path
             self._landed(msg, forward, exc, round_)
 
     def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:

@@ -118,5 +118,5 @@ class HandlerThreads:
                 return
             except RuntimeError:  # the loop is closed: nobody is waiting
                 return
-            except BaseException:  # noqa: BLE001 - see above: deliver again
+            except BaseException:  # noqa: BLE001 - a late injected timeout: deliver again
                 continue

@@ -209,13 +209,15 @@ class Worker:
 
     async def _announce_started(self) -> None:
         """Publish ``started`` of every task that has run for :data:`STARTED_HOLD_S`."""
+        recorder = self.settler.recorder
+        assert recorder is not None, "the worker's settler records events"
         while True:
             await anyio.sleep(STARTED_HOLD_S / 2)
             cutoff = time.monotonic() - STARTED_HOLD_S
             for running in list(self.running.values()):
                 if running.started is not None and running.began <= cutoff:
                     started, running.started = running.started, None
-                    running.started_recording = self.settler.recorder.record((started,))
+                    running.started_recording = recorder.record((started,))
 
     async def _execute(self, level: int, msg: Delivery) -> None:
         # The few headers used, looked up in the raw block: parsing all of it into a dict
@@ -346,7 +348,7 @@ class Worker:
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with ±20% jitter, capped at ``retry_max_s``."""
-        base = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempt - 1))
+        base = min(self.settings.retry_max_s, self.settings.retry_base_s * 2.0 ** (attempt - 1))
         return base * random.uniform(0.8, 1.2)
 
     async def _call(self, definition: TaskDef, body: bytes, context: TaskContext, timeout: float | None) -> Any:

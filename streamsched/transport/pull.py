@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import nats.errors
 
 from . import wire
 from .bus import Bus
@@ -36,7 +39,7 @@ IDLE_SHARE = 4
 
 
 class _Level:
-    __slots__ = ("consumer", "inbox", "outstanding", "hot", "last_seen", "sub", "received")
+    __slots__ = ("consumer", "hot", "inbox", "last_seen", "outstanding", "received", "sub")
 
     def __init__(self, consumer: str, inbox: str) -> None:
         self.consumer = consumer
@@ -159,15 +162,15 @@ class Puller:
         """Stop receiving; call after :meth:`stop`."""
         for level in self.levels:
             if level.sub is not None and not self.bus.nc.is_closed:
-                try:
+                with contextlib.suppress(nats.errors.Error):  # the connection is already gone
                     await wire.unsubscribe(self.bus.nc, level.sub)
-                except Exception:  # noqa: BLE001 - connection already gone
-                    pass
                 level.sub = None
 
     def _handler(self, index: int) -> wire.Handler:
         level = self.levels[index]
         single = len(self.levels) == 1
+        loop = self._loop
+        assert loop is not None, "the handlers are made in run()"
 
         def handle(subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
             level.last_seen = time.monotonic()
@@ -184,7 +187,7 @@ class Puller:
                 if not self._draining:
                     # After this turn of the read loop: a high message parsed behind lows goes first.
                     self._draining = True
-                    self._loop.call_soon(self._drain)  # type: ignore[union-attr]
+                    loop.call_soon(self._drain)
                 return
             headers = wire.parse_headers(raw_headers) if raw_headers else {}
             status = headers.get("Status")
@@ -215,7 +218,7 @@ class Puller:
         levels = self.levels
         order = range(len(levels))
         if self._handed % self.share_every == self.share_every - 1:
-            order = reversed(order)
+            order = order[::-1]
         for index in order:
             if levels[index].received:
                 return index

@@ -8,13 +8,14 @@ store's full scan all read this way.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
+import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .bus import Bus, stored_at_ns
@@ -40,12 +41,12 @@ class Since:
         match = _DURATION.fullmatch(text)
         if match:
             seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
-            return cls(time=datetime.fromtimestamp(time.time() - seconds, timezone.utc))
+            return cls(time=datetime.fromtimestamp(time.time() - seconds, UTC))
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
             raise ValueError(f"--since {text!r}: expected a duration (10m, 2h, 1d), a sequence or an RFC 3339 time") from None
-        return cls(time=moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
+        return cls(time=moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ async def read(
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True, max_ack_pending=-1)
     if since.time is not None:
         config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = since.time.isoformat().replace("+00:00", "Z")
+        config.opt_start_time = since.time
     else:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = max(1, since.seq or 1)
@@ -93,7 +94,7 @@ async def read(
         while True:
             try:
                 msgs = await psub.fetch(batch, timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 if follow:
                     continue
                 # Nothing more matches up to the end we saw at the start.
@@ -110,8 +111,6 @@ async def read(
             if not follow and msgs and msgs[-1].metadata.sequence.stream >= end_seq:
                 return
     finally:
-        try:
+        with contextlib.suppress(nats.errors.Error):  # the ephemeral consumer expires on its own
             await psub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the ephemeral consumer expires on its own
-            pass
 

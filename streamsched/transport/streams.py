@@ -13,7 +13,8 @@ Retention follows the role of each stream:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from nats.js.api import (
     AckPolicy,
@@ -54,13 +55,7 @@ DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     """Every stream streamsched needs (the KV bucket's stream is created by nats-py)."""
-    common = {
-        "storage": StorageType.FILE,
-        "num_replicas": settings.replicas,
-        "allow_direct": True,
-        "duplicate_window": settings.duplicate_window_s,
-    }
-    return [
+    own = [
         StreamConfig(
             name=subjects.TASKS_STREAM,
             subjects=[subjects.SUBMIT, subjects.REJECTED],
@@ -69,7 +64,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             max_age=settings.tasks_max_age_s,
             max_bytes=settings.tasks_max_bytes,
             max_msg_size=settings.max_payload_bytes * 4,
-            **common,
         ),
         StreamConfig(
             name=subjects.SCHED_STREAM,
@@ -77,7 +71,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
-            **common,
         ),
         StreamConfig(
             name=subjects.WORK_STREAM,
@@ -85,7 +78,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
-            **common,
         ),
         StreamConfig(
             name=subjects.EVENTS_STREAM,
@@ -94,7 +86,6 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
             max_age=settings.events_max_age_s,
             max_bytes=settings.events_max_bytes,
-            **common,
         ),
         StreamConfig(
             name=subjects.DLQ_STREAM,
@@ -103,9 +94,20 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
             max_age=settings.dlq_max_age_s,
             max_bytes=settings.dlq_max_bytes,
-            **common,
         ),
     ]
+    return [_with_shared_settings(config, settings) for config in own]
+
+
+def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamConfig:
+    """``config`` with what every stream shares: file storage, the replicas, direct gets and the dedup window."""
+    return replace(
+        config,
+        storage=StorageType.FILE,
+        num_replicas=settings.replicas,
+        allow_direct=True,
+        duplicate_window=settings.duplicate_window_s,
+    )
 
 
 def kv_config(settings: Settings) -> KeyValueConfig:
@@ -194,7 +196,7 @@ class Change:
         return f"{self.action:<9} {self.kind:<8} {self.name}{tail}"
 
 
-def _differences(desired: dict, current: dict) -> list[str]:
+def _differences(desired: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(key for key, value in desired.items() if current.get(key) != value)
 
 
@@ -203,38 +205,40 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
     js = bus.js
     changes: list[Change] = []
     for config in stream_configs(settings):
+        stream_name = config.name
+        assert stream_name is not None
         try:
-            current = (await js.stream_info(config.name)).config
+            current = (await js.stream_info(stream_name)).config
         except NotFoundError:
             await js.add_stream(config)
-            changes.append(Change("stream", config.name, "created"))
+            changes.append(Change("stream", stream_name, "created"))
             continue
         diff = _differences(config.as_dict(), current.as_dict())
         if diff:
             await js.update_stream(config)
-        changes.append(Change("stream", config.name, "updated" if diff else "unchanged", ", ".join(diff)))
+        changes.append(Change("stream", stream_name, "updated" if diff else "unchanged", ", ".join(diff)))
 
     kv = kv_config(settings)
     try:
         await js.key_value(kv.bucket)
         changes.append(Change("kv", kv.bucket, "unchanged"))
-    except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
+    except NotFoundError:  # BucketNotFoundError is one
         await js.create_key_value(kv)
         changes.append(Change("kv", kv.bucket, "created"))
 
-    for stream, config in consumer_configs(settings):
-        name = config.durable_name
+    for stream, consumer in consumer_configs(settings):
+        name = consumer.durable_name
         assert name is not None
         try:
             current_consumer = (await js.consumer_info(stream, name)).config
         except NotFoundError:
-            await js.add_consumer(stream, config)
+            await js.add_consumer(stream, consumer)
             changes.append(Change("consumer", f"{stream}/{name}", "created"))
             continue
-        diff = _differences(config.as_dict(), current_consumer.as_dict())
+        diff = _differences(consumer.as_dict(), current_consumer.as_dict())
         if diff:
             # add_consumer updates an existing durable in place (the server creates or updates).
-            await js.add_consumer(stream, config)
+            await js.add_consumer(stream, consumer)
         changes.append(Change("consumer", f"{stream}/{name}", "updated" if diff else "unchanged", ", ".join(diff)))
     return changes
 
@@ -244,7 +248,7 @@ async def show(bus: Bus) -> list[str]:
     js = bus.js
     lines: list[str] = []
     for info in await js.streams_info():
-        name = info.config.name
+        name = info.config.name or ""
         state = info.state
         lines.append(f"{name:<12} {state.messages:>9} msgs {state.bytes:>12} bytes  subjects={info.config.subjects}")
         if name in DEPTH_BY_SUBJECT:

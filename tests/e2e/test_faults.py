@@ -300,8 +300,9 @@ async def test_no_task_is_lost_when_nats_server_restarts_while_workers_are_busy(
 ):
     rng = random.Random(4)
     task_ids = [f"busy-{n:03d}" for n in range(200)]
+    concurrency = 4
     processes.schedulers()
-    processes.worker("worker", concurrency=4)
+    processes.worker("worker", concurrency=concurrency)
     for task_id in task_ids:
         await client.submit("sleep", {"seconds": round(rng.uniform(0.01, 0.05), 3)}, id=task_id)
 
@@ -318,11 +319,13 @@ async def test_no_task_is_lost_when_nats_server_restarts_while_workers_are_busy(
     for stream in (subjects.SCHED_STREAM, subjects.WORK_STREAM):
         await wait_drained(bus, stream, timeout_s=30)
 
+    # A task runs again only when the server lost its ack: the worker held it un-acked when
+    # the server stopped (its outcome may be stored, its ack not), and the server redelivers
+    # it. Upstream hops cannot add runs (their WORK and SCHED publishes carry msg ids inside
+    # the dedupe window). A worker holds at most `concurrency` tasks un-acked (its pull
+    # credit), so one restart reruns at most that many, each once (1 to 3 seen here).
     started = await event_counts(bus, "started")
-    duplicated = {task_id: count for task_id, count in started.items() if count > 1}
-    print(
-        f"\nserver restarted after {done_before_restart}/{len(task_ids)} successes; "
-        f"tasks started more than once: {len(duplicated)} {duplicated}; "
-        f"succeeded events beyond one per task: {sum(succeeded.values()) - len(task_ids)}"
-    )
+    rerun = {task_id: count for task_id, count in started.items() if count > 1}
+    assert len(rerun) <= concurrency and set(rerun.values()) <= {2}, rerun
+    assert sum(succeeded.values()) - len(task_ids) <= concurrency, {t: n for t, n in succeeded.items() if n > 1}
     assert sorted(processes.alive()) == ["master", "projector", "regional", "worker"]

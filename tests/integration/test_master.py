@@ -114,7 +114,7 @@ async def test_a_task_without_an_id_gets_a_generated_id_that_survives_redelivery
 
     # The id is derived from the submission's place in TASKS (time stored, sequence).
     stored = await bus.js.get_msg(subjects.TASKS_STREAM, seq=1)
-    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
     stored_ms = (stored.time - epoch) // datetime.timedelta(milliseconds=1)
     assert first == derive_task_id(stored_ms * 1_000_000, 1)
 

@@ -50,7 +50,7 @@ async def test_wait_says_whether_the_task_is_unknown_or_not_done_yet(settings, b
         await client.wait("ghost", timeout_s=0.3)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
         await bus.nc.publish("tasks.submit", b'{"id":"queued","type":"echo"}')
-        with pytest.raises(TimeoutError, match="task queued still (pending|scheduled) after"):
+        with pytest.raises(TimeoutError, match=r"task queued still (pending|scheduled) after"):
             await client.wait("queued", timeout_s=3.0)  # a pending state is written after projector.HOLD_S
 
 
@@ -64,9 +64,11 @@ async def test_submit_many_stores_every_task_once_and_returns_their_handles(sett
         assert len({h.id for h in handles}) == 251 and handles[-1].id == "named"
         for handle in handles:
             await events.wait_final(handle.id)
-        assert msgspec.json.decode((await handles[7].status()).result) == 7  # type: ignore[union-attr]
+        seventh = await handles[7].status()
+        assert seventh is not None and msgspec.json.decode(seventh.result) == 7
         assert await handles[-1].result(timeout_s=10) == "n"
-        assert (await client.get(handles[1].id)).priority == "low"  # type: ignore[union-attr]
+        second = await client.get(handles[1].id)
+        assert second is not None and second.priority == "low"
         # The same tasks again: each carries its id as Nats-Msg-Id, so none is stored twice.
         await client.submit_many([{**spec, "id": h.id} for spec, h in zip(specs, handles, strict=True)])
     info = await bus.js.stream_info("TASKS", subjects_filter="tasks.submit")

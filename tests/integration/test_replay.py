@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import anyio
@@ -115,7 +116,8 @@ async def test_a_burst_larger_than_one_write_batch_is_projected_once_per_task(se
     published = []
     for i in range(n):
         task_id = f"b{i}"
-        published.append(await bus.publish(*ev.message([ev.Submitted(task_id=task_id, at=1.0, type="noop", priority="normal", region="default")], "test")))
+        submitted = ev.Submitted(task_id=task_id, at=1.0, type="noop", priority="normal", region="default")
+        published.append(await bus.publish(*ev.message([submitted], "test")))
         published.append(await bus.publish(*ev.message([ev.Succeeded(task_id=task_id, at=2.0, attempt=1)], "test")))
     await asyncio.gather(*published)
     store = await StateStore.open(bus)
@@ -274,11 +276,11 @@ async def test_tail_filters_by_task_kind_type_and_start(settings, bus, events, r
     middle = all_records[len(all_records) // 2].seq
     later = [r async for r in tail(bus, since=Since(seq=middle))]
     assert later and [(r.seq, r.event) for r in later] == [(r.seq, r.event) for r in all_records if r.seq >= middle]
-    assert [r async for r in tail(bus, since=Since.parse("1d"))][0].seq == all_records[0].seq
+    assert [r.seq async for r in tail(bus, since=Since.parse("1d"))] == [r.seq for r in all_records]
 
     timeline = await history(bus, "n1")
     assert [r.kind for r in timeline][-1] == "succeeded"
-    assert all(a.event.at <= b.event.at for a, b in zip(timeline, timeline[1:]))
+    assert all(a.event.at <= b.event.at for a, b in itertools.pairwise(timeline))
 
 
 async def test_an_interrupted_redrive_run_again_redrives_each_dead_task_once(settings, bus, events, registry):
@@ -293,6 +295,9 @@ async def test_an_interrupted_redrive_run_again_redrives_each_dead_task_once(set
         dead = [e async for e in dlq_mod.entries(bus, task_type="doomed")]
         assert sorted(e.task_id for e in dead) == [f"d{i}" for i in range(6)]
         assert all(e.error and e.attempts == 1 for e in dead)
+        shown = await dlq_mod.show(bus, "d0")
+        assert shown is not None and (shown.task_id, shown.type, shown.attempts) == ("d0", "doomed", 1)
+        assert await dlq_mod.show(bus, "never-dead") is None
 
         class Interrupted(Exception):
             pass

@@ -156,7 +156,7 @@ async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_
                 # another, so a task that ends between two reads and its successor can both be
                 # counted once; a real excess lasts as long as a task runs (0.3 s), so it shows
                 # in two reads in a row.
-                over = over + [[(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 3 else []
+                over = [*over, [(c.name, c.num_ack_pending) for c in consumers]] if ack_pending > 3 else []
                 assert len(over) < 2, over
                 assert worker.puller.held <= 2
                 peak_ack_pending = max(peak_ack_pending, ack_pending)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -19,8 +19,8 @@ def test_since_takes_a_sequence_a_duration_or_a_time():
     ten_minutes_ago = Since.parse("10m").time
     assert ten_minutes_ago is not None and abs(ten_minutes_ago.timestamp() - (time.time() - 600)) < 5
     assert Since.parse("1.5h").time.timestamp() == pytest.approx(time.time() - 5400, abs=5)
-    assert Since.parse("2026-11-23T10:00:00Z").time == datetime(2026, 11, 23, 10, tzinfo=timezone.utc)
-    assert Since.parse("2026-11-23T10:00:00").time.tzinfo is timezone.utc
+    assert Since.parse("2026-11-23T10:00:00Z").time == datetime(2026, 11, 23, 10, tzinfo=UTC)
+    assert Since.parse("2026-11-23T10:00:00").time.tzinfo is UTC
 
 
 @pytest.mark.parametrize("bad", ["yesterday", "10x", "-5m", "2026-13-01"])

@@ -24,7 +24,7 @@ def layer_of(module: str) -> str:
 def imports_of(path: Path) -> set[str]:
     """The ``streamsched`` modules ``path`` imports, relative to the package, at any depth."""
     module = path.relative_to(PACKAGE).with_suffix("").parts
-    package = module[:-1] if module[-1] != "__init__" else module[:-1]
+    package = module[:-1]  # an __init__'s package is the package it starts
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,10 +14,7 @@ from streamsched.transport.pull import Puller
 class _NoNetwork:
     """Just enough of a Bus for a Puller to be built; nothing is sent in these tests."""
 
-    class nc:  # noqa: N801 - mimics the attribute
-        @staticmethod
-        def new_inbox() -> str:
-            return "_INBOX.test"
+    nc = SimpleNamespace(new_inbox=lambda: "_INBOX.test")
 
     def on_reconnect(self, _callback) -> None:
         pass

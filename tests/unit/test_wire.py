@@ -53,7 +53,7 @@ def _stream() -> bytes:
 
 def _parse_in_chunks(chunk: int) -> tuple[FakeClient, list[tuple]]:
     client = FakeClient()
-    parser = FastParser(client)  # type: ignore[arg-type]
+    parser = FastParser(client)  # type: ignore[arg-type]  # a stand-in for the nats-py client
     fast: list[tuple] = []
     parser.handlers[1] = lambda *args: fast.append(args)
     data = _stream()

@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 from ...transport.server import NatsServer, free_port
-from ..harness import CpuMeter
+from ..harness import CpuMeter, server_pid
 from . import recorder
 
 INSTALL_HINT = "install with: pip install -e '.[peers]' and apt-get install redis-server"
@@ -97,27 +97,26 @@ async def measure(peer: ModuleType, n: int) -> dict[str, Any]:
         tmp = Path(folder)
         progress = tmp / "progress"
         progress.mkdir()
-        async with _broker(peer.BROKER, tmp) as (url, broker_name, broker_pid):
-            async with peer.submitter(url) as send:
-                command, extra_env = peer.worker()
-                env = dict(os.environ, **extra_env, **{recorder.BROKER_URL_ENV: url, recorder.PROGRESS_DIR_ENV: str(progress)})
-                log = tmp / "worker.log"
-                with open(log, "wb") as out:
-                    worker = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-                try:
-                    await send(WARMUP, False)
-                    await _completed(progress, WARMUP, worker, log, WARMUP_TIMEOUT_S)
-                    # Dramatiq and taskiq run the tasks in child processes, forked by now.
-                    children = psutil.Process(worker.pid).children(recursive=True)
-                    pids = {"worker": worker.pid, **{f"worker.{c.pid}": c.pid for c in children}, broker_name: broker_pid}
-                    meter = CpuMeter(pids).start()
-                    began = time.time()
-                    await send(n, True)
-                    submitted = time.time()
-                    last = await _completed(progress, WARMUP + n, worker, log, RUN_TIMEOUT_S)
-                    cpu = meter.stop()
-                finally:
-                    _stop(worker)
+        async with _broker(peer.BROKER, tmp) as (url, broker_name, broker_pid), peer.submitter(url) as send:
+            command, extra_env = peer.worker()
+            env = dict(os.environ, **extra_env, **{recorder.BROKER_URL_ENV: url, recorder.PROGRESS_DIR_ENV: str(progress)})
+            log = tmp / "worker.log"
+            with open(log, "wb") as out:
+                worker = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                await send(WARMUP, False)
+                await _completed(progress, WARMUP, worker, log, WARMUP_TIMEOUT_S)
+                # Dramatiq and taskiq run the tasks in child processes, forked by now.
+                children = psutil.Process(worker.pid).children(recursive=True)
+                pids = {"worker": worker.pid, **{f"worker.{c.pid}": c.pid for c in children}, broker_name: broker_pid}
+                meter = CpuMeter(pids).start()
+                began = time.time()
+                await send(n, True)
+                submitted = time.time()
+                last = await _completed(progress, WARMUP + n, worker, log, RUN_TIMEOUT_S)
+                cpu = meter.stop()
+            finally:
+                _stop(worker)
     cpu_us = {"submitter": 0.0, "worker": 0.0, broker_name: 0.0}
     for name, seconds in cpu.items():
         role = "submitter" if name == "driver" else name.split(".")[0]
@@ -139,7 +138,7 @@ async def _broker(kind: str, tmp: Path) -> AsyncIterator[tuple[str, str, int]]:
     if kind == "nats":
         server = NatsServer(port=free_port(), store_dir=tmp / "nats").start()
         try:
-            yield server.url, "nats-server", server.process.pid  # type: ignore[union-attr]
+            yield server.url, "nats-server", server_pid(server)
         finally:
             server.stop()
         return
