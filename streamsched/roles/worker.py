@@ -235,8 +235,8 @@ class Worker:
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
         )
         if attempt > max_attempts:
-            error = f"attempt {attempt} of {max_attempts}: earlier attempts ended without an outcome (worker lost?)"
-            await self._dead(msg, task_id, task_type, attempt, error)
+            lost = f"attempt {attempt} of {max_attempts}: earlier attempts ended without an outcome (worker lost?)"
+            await self._dead(msg, task_id, task_type, attempt, lost)
             return
 
         started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
