@@ -26,6 +26,7 @@ from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import NotFound
 from .model import DEFAULT_PRIORITY, Status
 from .roles.service import configure_logging, run_service
+from .supervisor import CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW_S, RESTART_DELAY_MAX_S, RESTART_DELAY_S
 from .transport import streams
 from .transport.bus import Bus
 
@@ -69,28 +70,50 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
     return tuple(r.strip() for r in value.split(",") if r.strip()) if value else None
 
 
-@app.command()
+@app.command(
+    help=(
+        "Start the whole system on this machine: embedded nats-server, streams, master, regional schedulers, "
+        "projector, workers.\n\n"
+        f"A role process that exits is restarted (after {RESTART_DELAY_S:g} s, doubling up to {RESTART_DELAY_MAX_S:g} s); "
+        f"one that exits {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
+        f"{Exit.ERROR:d}. Ctrl-C or SIGTERM stops everything in order: workers drain first, then the schedulers, "
+        f"the projector and nats-server; a second Ctrl-C kills at once. A taken port gives exit code {Exit.USAGE:d}."
+    )
+)
 def up(
-    port: Annotated[int, typer.Option(help="Port of the embedded nats-server.")] = 4222,
+    port: Annotated[int, typer.Option(help="Port of the embedded nats-server (taken: an error, since clients are told this address).")] = 4222,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded server keeps its JetStream store.")] = Path(".streamsched"),
     regions: Annotated[str, typer.Option(help="Comma-separated regions.")] = "default",
     workers: Annotated[int, typer.Option(help="Worker processes per region.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Task slots per worker process.")] = 16,
     handlers: Annotated[str, typer.Option(help="Module with the @task handlers the workers load.")] = "workers.examples",
     nats_url: Annotated[str | None, typer.Option(help="Use this server instead of embedding one.")] = None,
-    monitor_port: Annotated[int, typer.Option(help="Monitoring port of the embedded server (0: off).")] = 8222,
+    monitor_port: Annotated[
+        int | None,
+        typer.Option(help="Monitoring port of the embedded server; 0: off. Default 8222, or a free port if 8222 is taken (the banner says which); a port given here and taken is an error."),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Start the whole system: embedded nats-server, streams, master, regional schedulers, projector, workers."""
-    from .up import UpOptions, run
+    """``streamsched up`` (its help is built above from the supervisor's constants)."""
+    from .transport.server import PortInUse, ServerStartError
+    from .up import DEFAULT_MONITOR_PORT, UpOptions, run
 
     configure_logging(log_level)
     settings = load_or_exit(regions=_regions(regions))
     options = UpOptions(
-        port=port, data_dir=data_dir, workers=workers, concurrency=concurrency, handlers=handlers,
-        nats_url=nats_url, monitor_port=monitor_port or None,
+        port=port, data_dir=data_dir, workers=workers, concurrency=concurrency, handlers=handlers, nats_url=nats_url,
+        monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port, monitor_port_fallback=monitor_port is None,
     )
-    raise typer.Exit(run(settings, options))
+    try:
+        ok = run(settings, options)
+    except PortInUse as exc:
+        flag = "--port" if exc.which == "client" else "--monitor-port"
+        typer.echo(f"error: port {exc.port} is already in use (another streamsched up or nats-server?); choose another with {flag}", err=True)
+        raise typer.Exit(Exit.USAGE) from None
+    except ServerStartError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(Exit.ERROR) from None
+    raise typer.Exit(Exit.OK if ok else Exit.ERROR)
 
 
 @app.command()

@@ -2,8 +2,10 @@
 
 Starts an embedded nats-server (unless given ``--nats-url``), applies the streams, then
 launches one plain subprocess per role (``streamsched master``, ``regional``,
-``projector``, ``worker``) so both cores work. It is not a supervisor: if a role dies,
-``up`` stops the others and exits non-zero. Production runs each role on its own.
+``projector``, ``worker``) so both cores work, and keeps them running: a role that exits
+is restarted with backoff, and one that crash-loops stops everything (see
+:mod:`streamsched.supervisor`). Stopping goes in order: workers drain first, then the
+schedulers, the projector, and nats-server last. Production runs each role on its own.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
 from .config import Settings
+from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
 from .transport import streams
 from .transport.bus import Bus
-from .transport.server import NatsServer, default_config
+from .transport.server import NatsServer, default_config, free_port, port_in_use
 
 log = logging.getLogger("streamsched.up")
+
+#: The embedded server's monitoring port unless told otherwise.
+DEFAULT_MONITOR_PORT = 8222
+#: Role processes get SIGTERM, then this long beyond ``grace_s`` before SIGKILL.
+STOP_MARGIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,81 +39,112 @@ class UpOptions:
     """What ``streamsched up`` was asked for."""
 
     port: int = 4222
+    """Client port of the embedded nats-server; no fallback when taken, since clients are told this address."""
     data_dir: Path = Path(".streamsched")
     workers: int = 1
     concurrency: int = 16
     handlers: str = "workers.examples"
     nats_url: str | None = None
-    monitor_port: int | None = 8222
+    """Use this server instead of embedding one."""
+    monitor_port: int = DEFAULT_MONITOR_PORT
+    """Monitoring port of the embedded server; 0 turns it off."""
+    monitor_port_fallback: bool = True
+    """When ``monitor_port`` is taken, use a free port instead (it is a convenience, so a
+    second ``up`` on the machine should not fail for it); the CLI clears this when
+    ``--monitor-port`` is given."""
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
 
 
-def role_commands(settings: Settings, options: UpOptions) -> list[list[str]]:
-    """One command line per role process."""
+def roles(settings: Settings, options: UpOptions) -> list[Role]:
+    """One role process each; workers stop first, then the schedulers, then the projector."""
     me = [sys.executable, "-m", "streamsched"]
-    commands = [[*me, "master"], [*me, "projector"]]
+    found = [Role("master", [*me, "master"], stop_stage=1), Role("projector", [*me, "projector"], stop_stage=2)]
     for region in settings.regions:
-        commands.append([*me, "regional", "--region", region])
-        for _ in range(options.workers):
-            commands.append([*me, "worker", options.handlers, "--region", region, "--concurrency", str(options.concurrency)])
-    return commands
+        found.append(Role(f"regional {region}", [*me, "regional", "--region", region], stop_stage=1))
+        for n in range(1, options.workers + 1):
+            command = [*me, "worker", options.handlers, "--region", region, "--concurrency", str(options.concurrency)]
+            found.append(Role(f"worker {region}#{n}", command, stop_stage=0))
+    return found
 
 
-def run(settings: Settings, options: UpOptions) -> int:
-    """Start everything, wait for a signal (or a role to die), stop everything. Returns the exit code."""
-    server = None
-    url = options.nats_url
-    if url is None:
-        server = NatsServer(
-            port=options.port,
-            store_dir=options.data_dir.resolve() / "jetstream",
-            config=default_config(),
-            monitor_port=options.monitor_port,
-        ).start()
-        url = server.url
+def run(settings: Settings, options: UpOptions) -> bool:
+    """Start everything, keep it running until a signal, stop everything in order.
+
+    Returns False when a role crash-looped. Raises
+    :class:`~streamsched.transport.server.PortInUse` when a port is taken and
+    :class:`~streamsched.transport.server.ServerStartError` when the embedded server does
+    not start for another reason, before any role has started.
+    """
+    server = _embedded_server(options) if options.nats_url is None else None
+    url = server.url if server else str(options.nats_url)
     settings = Settings.load({}, **{**_as_dict(settings), "nats_url": url})
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions))
+    supervisor = Supervisor(roles(settings, options), env, options.restarts)
+    stopping = hurry = False
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if stopping:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping, hurry
+        if stopping and not hurry:
+            log.warning("%s while stopping: killing everything now", signal.Signals(signum).name)
+            hurry = True
         stopping = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
+    # SIGHUP too: when the terminal closes, the roles (in process groups of their own) do
+    # not hear it, so ``up`` must stop them.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    looping: RoleProcess | None = None
     try:
+        if server is not None:
+            server.start()
         for change in anyio.run(_apply, settings):
             log.info("%s", change)
-        env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions))
-        for command in role_commands(settings, options):
-            children.append(subprocess.Popen(command, env=env))
-        _banner(url, settings, options, server)
+        if not stopping:
+            supervisor.start()
+            _banner(url, settings, options, server)
+        # Polling is the supervisor's clock: it notices exits and restarts what is due, and
+        # a signal is seen within one tick.
         while not stopping:
-            dead = [c for c in children if c.poll() is not None]
-            if dead:
-                log.error("role %s exited with %s; stopping the others", " ".join(dead[0].args[3:]), dead[0].returncode)
-                code = 1
-                break
-            time.sleep(0.2)
+            looping = supervisor.check()
+            if looping is not None:
+                _report_crash_loop(looping)
+                stopping = True
+            else:
+                time.sleep(0.2)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + settings.grace_s + 10
-        for child in children:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        if server is not None:
-            server.stop()
+        stopping = True
+        supervisor.stop(settings.grace_s + STOP_MARGIN_S, lambda: hurry)
+        if server is not None and server.process is not None:
+            log.info("stopping nats-server")
+            stop_processes([server.process], STOP_MARGIN_S, lambda: hurry)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return code
+    return looping is None
+
+
+def _embedded_server(options: UpOptions) -> NatsServer:
+    """The embedded nats-server, not started yet (:meth:`NatsServer.start` checks its ports)."""
+    monitor_port = options.monitor_port or None
+    if monitor_port is not None and options.monitor_port_fallback and port_in_use(monitor_port):
+        monitor_port = free_port()
+    return NatsServer(
+        port=options.port,
+        store_dir=options.data_dir.resolve() / "jetstream",
+        config=default_config(),
+        monitor_port=monitor_port,
+    )
+
+
+def _report_crash_loop(looping: RoleProcess) -> None:
+    policy = looping.policy
+    log.error(
+        "%s exited %d times within %.0f s (%s), so restarting it cannot help; stopping everything. "
+        "Its own output above says why; to see it alone, run: %s",
+        looping.role.name,
+        len(looping.exits),
+        policy.crash_loop_window_s,
+        ", ".join(how for _, how in looping.exits),
+        " ".join(["NATS_URL=" + looping.env["NATS_URL"], "streamsched", *looping.role.command[3:]]),
+    )
 
 
 async def _apply(settings: Settings) -> list[streams.Change]:
@@ -123,7 +161,11 @@ def _as_dict(settings: Settings) -> dict[str, object]:
 
 def _banner(url: str, settings: Settings, options: UpOptions, server: NatsServer | None) -> None:
     where = f"embedded nats-server, data in {server.store_dir}" if server else "existing server"
-    monitor = f"\n  monitoring:  http://127.0.0.1:{options.monitor_port}/jsz" if server and options.monitor_port else ""
+    monitor = ""
+    if server is not None and server.monitor_port is not None:
+        fell_back = f"   ({options.monitor_port} was taken, so a free port)" if server.monitor_port != options.monitor_port else ""
+        monitor = f"\n  monitoring:  http://127.0.0.1:{server.monitor_port}/jsz{fell_back}"
+    policy = options.restarts
     print(
         f"""
 streamsched is up
@@ -136,7 +178,10 @@ Submit a task from any NATS client:
 or with the CLI:
   streamsched submit echo --payload '{{"hello":"world"}}' --wait
 
-Ctrl-C stops everything (running tasks get {settings.grace_s:.0f}s to finish).
+Roles are restarted if they exit (after {policy.delay_s:g}s, doubling up to {policy.max_delay_s:g}s);
+one that exits {policy.crash_loop_exits} times within {policy.crash_loop_window_s:g}s stops everything.
+Ctrl-C stops everything in order: workers first (running tasks get {settings.grace_s:.0f}s
+to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at once.
 """,
         flush=True,
     )

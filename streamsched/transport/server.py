@@ -5,6 +5,7 @@ Used by ``streamsched up`` and by the test fixture (:mod:`streamsched.testing`).
 
 from __future__ import annotations
 
+import errno
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Literal
 
 #: The server config shipped at the repository root.
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "nats.conf"
@@ -40,7 +42,36 @@ def binary() -> str:
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether another process holds ``host:port``, found by binding it as nats-server will.
+
+    SO_REUSEADDR as nats-server (Go) sets it: a port whose last connections linger in
+    TIME_WAIT is free to listen on. Errors other than "in use" (a privileged port, say)
+    count as free here and are left for nats-server to report.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+class ServerStartError(RuntimeError):
+    """nats-server exited, or did not listen in time, while starting."""
+
+
+class PortInUse(ServerStartError):
+    """Another process holds a port nats-server was told to listen on."""
+
+    def __init__(self, port: int, which: Literal["client", "monitor"]) -> None:
+        super().__init__(f"{which} port {port} is already in use")
+        self.port = port
+        self.which = which
 
 
 class NatsServer:
@@ -77,22 +108,51 @@ class NatsServer:
         return cmd
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
-        """Start and wait until the client port accepts connections."""
+        """Start and wait until the client port accepts connections.
+
+        Raises :class:`PortInUse` when a port is taken, :class:`ServerStartError` for any
+        other failure (with the server's fatal log line).
+        """
+        # Checked first: the wait below would take another listener on the port for ours.
+        if port_in_use(self.port, self.host):
+            raise PortInUse(self.port, "client")
+        if self.monitor_port is not None and port_in_use(self.monitor_port, self.host):
+            raise PortInUse(self.monitor_port, "monitor")
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT)
+        log_start = log_file.tell()
+        # Its own process group: whoever started it stops it, after the clients that need it
+        # (a terminal's Ctrl-C reaches the foreground process group only).
+        self.process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
         log_file.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; see {self.log_path}")
+                raise self._start_error(log_start)
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise TimeoutError(f"nats-server did not listen on {self.url} within {timeout_s}s")
+        raise ServerStartError(f"nats-server did not listen on {self.url} within {timeout_s}s; see {self.log_path}")
+
+    def _start_error(self, log_start: int) -> ServerStartError:
+        """Why the server exited: a port some other process holds, else its last words.
+
+        Those are its last fatal log line, or the last line it wrote at all (a config file
+        it cannot parse is reported before logging starts).
+        """
+        if port_in_use(self.port, self.host):
+            return PortInUse(self.port, "client")
+        if self.monitor_port is not None and port_in_use(self.monitor_port, self.host):
+            return PortInUse(self.monitor_port, "monitor")
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(log_start)
+            lines = [line.strip() for line in log_file.read().decode(errors="replace").splitlines() if line.strip()]
+        fatal = [line.split("[FTL]", 1)[1].strip() for line in lines if "[FTL]" in line]
+        why = (fatal or lines or ["no output"])[-1]
+        return ServerStartError(f"nats-server did not start: {why} (log: {self.log_path})")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful stop (SIGTERM), then SIGKILL; only the process we started."""

@@ -1,81 +1,394 @@
-"""`streamsched up`, the README's quick start: one command runs everything."""
+"""`streamsched up`, the README's quick start: one command runs everything, keeps its roles
+running, stops them in order, and says so in one line when a port is taken."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import pty
+import select
 import signal
+import socket
 import subprocess
 import sys
+import termios
+import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import psutil
 import pytest
 
-from streamsched.transport.server import free_port
+from streamsched.cli import Exit
+from streamsched.config import Settings
+from streamsched.supervisor import RestartPolicy
+from streamsched.transport import server as server_module
+from streamsched.transport.server import (
+    NatsServer,
+    PortInUse,
+    ServerStartError,
+    free_port,
+)
+from streamsched.up import UpOptions, run
 
 from ..conftest import REPO
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
+UP = [sys.executable, "-m", "streamsched", "up"]
 
-async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Path):
+
+class UpProcess:
+    """A ``streamsched up`` child; a thread collects its output line by line as it comes."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.popen = subprocess.Popen([*UP, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_line(self, wanted: Callable[[str], bool], timeout_s: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [line for line in list(self.lines) if wanted(line)]
+            if found:
+                return found[0]
+            assert self.popen.poll() is None, f"up exited with {self.popen.returncode}:\n{self.output[-3000:]}"
+            time.sleep(0.05)
+        raise AssertionError(f"no such line within {timeout_s}s:\n{self.output[-3000:]}")
+
+    def roles(self, kind: str) -> list[psutil.Process]:
+        """The running role processes of one kind (``worker``, ``master`` ...)."""
+        found = []
+        for child in psutil.Process(self.popen.pid).children():
+            try:
+                if child.cmdline()[1:4] == ["-m", "streamsched", kind]:
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """Ctrl-C (SIGINT) as a user would; the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self._reader.join(10)
+        assert self.popen.stdout is not None
+        self.popen.stdout.close()
+        return self.popen.returncode
+
+
+@contextmanager
+def running_up(tmp_path: Path, *args: str) -> Iterator[tuple[UpProcess, int]]:
+    """``up`` on a free port, without monitoring; stopped (SIGINT) on the way out. Yields it and its port."""
+    port = free_port()
+    up = UpProcess(["--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data"), *args])
+    try:
+        yield up, port
+    finally:
+        up.stop()
+
+
+async def connect(port: int):
     import nats
 
-    port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "streamsched", "up", "--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        nc = None
-        deadline = time.monotonic() + 30
-        while nc is None and time.monotonic() < deadline:
-            try:
-                nc = await nats.connect(f"nats://127.0.0.1:{port}", max_reconnect_attempts=0, connect_timeout=0.5)
-            except Exception:  # noqa: BLE001 - not up yet
-                await anyio.sleep(0.1)
-        assert nc is not None, "streamsched up did not start nats-server"
-        outcomes: dict[str, str] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            return await nats.connect(f"nats://127.0.0.1:{port}", max_reconnect_attempts=0, connect_timeout=0.5)
+        except Exception:  # noqa: BLE001 - not up yet
+            await anyio.sleep(0.1)
+    raise AssertionError("streamsched up did not start nats-server")
 
-        async def record(msg):
-            # What any NATS client sees: a JSON array of events (of several tasks) per message.
-            for event in json.loads(msg.data):
-                if event["kind"] in ("succeeded", "rejected", "dead", "failed"):
-                    outcomes[event["task_id"]] = event["kind"]
 
-        await nc.subscribe("events.>", cb=record)
+FINAL = frozenset({"succeeded", "rejected", "dead", "failed"})
+
+
+async def submit_and_wait(port: int, submissions: list[bytes], kinds: frozenset[str] = FINAL, timeout_s: float = 60.0) -> dict[str, str]:
+    """Publish each to tasks.submit exactly as `nats pub` does; wait for an event of ``kinds``
+    for each; the last such kind, by task id."""
+    nc = await connect(port)
+    outcomes: dict[str, str] = {}
+
+    async def record(msg):
+        # What any NATS client sees: a JSON array of events (of several tasks) per message.
+        for event in json.loads(msg.data):
+            if event["kind"] in kinds:
+                outcomes[event["task_id"]] = event["kind"]
+
+    await nc.subscribe("events.>", cb=record)
+    await nc.flush()
+    for data in submissions:
+        await nc.publish("tasks.submit", data)  # a plain core publish, no headers
+    await nc.flush()
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < len(submissions) and time.monotonic() < deadline:
         await nc.flush()
-        # Exactly what `nats pub` sends: a plain core publish, no headers.
-        for i in range(100):
-            priority = ("high", "medium", "low")[i % 3]
-            await nc.publish("tasks.submit", json.dumps({"id": f"u{i}", "type": "echo", "priority": priority}).encode())
-        for _ in range(5):
-            await nc.publish("tasks.submit", b"this is not json")
-        await nc.flush()
-        deadline = time.monotonic() + 60
-        while len(outcomes) < 105 and time.monotonic() < deadline:
-            await nc.flush()
-            await anyio.sleep(0.05)
-        await nc.close()
+        await anyio.sleep(0.05)
+    await nc.close()
+    return outcomes
+
+
+def echo_tasks(prefix: str, count: int) -> list[bytes]:
+    return [json.dumps({"id": f"{prefix}{i}", "type": "echo", "priority": ("high", "medium", "low")[i % 3]}).encode() for i in range(count)]
+
+
+async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Path):
+    with running_up(tmp_path) as (up, port):
+        outcomes = await submit_and_wait(port, [*echo_tasks("u", 100), *[b"this is not json"] * 5])
         assert sum(1 for k in outcomes.values() if k == "succeeded") == 100
         assert sum(1 for k in outcomes.values() if k == "rejected") == 5
         # The projector yields the cores to the task pipeline (settings.projector_nice); the rest do not.
         base = os.nice(0)
-        niceness = {
-            child.cmdline()[3]: child.nice() for child in psutil.Process(up.pid).children() if child.cmdline()[1:3] == ["-m", "streamsched"]
-        }
-        assert niceness == {"master": base, "regional": base, "projector": min(19, base + 10), "worker": base}, niceness
+        niceness = {kind: [p.nice() for p in up.roles(kind)] for kind in ("master", "regional", "projector", "worker")}
+        assert niceness == {"master": [base], "regional": [base], "projector": [min(19, base + 10)], "worker": [base]}, niceness
+    assert up.popen.returncode == 0, up.output[-3000:]
+    assert f"nats://127.0.0.1:{port}" in up.output and "nats pub tasks.submit" in up.output
+    assert "Roles are restarted if they exit" in up.output
+
+
+async def test_a_killed_worker_is_restarted_and_the_next_tasks_succeed(tmp_path: Path):
+    with running_up(tmp_path) as (up, port):
+        up.wait_for_line(lambda line: "streamsched.worker: worker" in line and "handlers echo" in line)
+        [worker] = up.roles("worker")
+        launched_as = (worker.cmdline(), worker.environ())
+        worker.kill()
+        line = up.wait_for_line(lambda line: "worker default#1 exited" in line)
+        assert "SIGKILL" in line and "restarting it in" in line, line
+        up.wait_for_line(lambda line: "worker default#1 restarted" in line)
+        [restarted] = up.roles("worker")
+        assert restarted.pid != worker.pid
+        assert (restarted.cmdline(), restarted.environ()) == launched_as
+        outcomes = await submit_and_wait(port, echo_tasks("after-kill-", 30))
+        assert list(outcomes.values()).count("succeeded") == 30, outcomes
+        assert up.popen.poll() is None, "up stopped when a worker was killed"
+        assert {kind: len(up.roles(kind)) for kind in ("master", "regional", "projector")} == {"master": 1, "regional": 1, "projector": 1}
+    assert up.popen.returncode == 0, up.output[-3000:]
+
+
+async def test_a_second_ctrl_c_kills_at_once(tmp_path: Path):
+    with running_up(tmp_path) as (up, port):
+        long_task = json.dumps({"id": "long", "type": "sleep", "payload": {"seconds": 600}}).encode()
+        assert await submit_and_wait(port, [long_task], kinds=frozenset({"started"})) == {"long": "started"}
+        up.popen.send_signal(signal.SIGINT)
+        up.wait_for_line(lambda line: "stopping worker default#1" in line)  # draining: it would wait grace_s (30 s) for the task
+        children = psutil.Process(up.popen.pid).children()
+        second = time.monotonic()
+        up.popen.send_signal(signal.SIGINT)
+        up.popen.wait(20)
+        took = time.monotonic() - second
+    assert took < 10, (took, up.output[-3000:])
+    assert "SIGINT while stopping: killing everything now" in up.output
+    assert len(children) == 5 and [child for child in children if child.is_running()] == []
+
+
+def test_ctrl_c_on_a_terminal_reaches_up_alone_and_it_stops_the_roles_in_order(tmp_path: Path):
+    # A terminal sends Ctrl-C to its whole foreground process group: roles in that group
+    # would all stop at once (nats-server among them) instead of in order.
+    terminal, tty = pty.openpty()
+    command = [*UP, "--port", str(free_port()), "--monitor-port", "0", "--data-dir", str(tmp_path / "data")]
+    up = subprocess.Popen(
+        command, cwd=REPO, stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 - one ioctl, no lock to deadlock on; makes the terminal up's, as a shell does
+    )
+    os.close(tty)
+    output = b""
+
+    def read_until(done: Callable[[bytes], bool], timeout_s: float) -> None:
+        nonlocal output
+        deadline = time.monotonic() + timeout_s
+        while not done(output) and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    output += os.read(terminal, 65536)
+                except OSError:  # every process let go of the terminal: they all exited
+                    return
+
+    try:
+        read_until(lambda out: b"projector folding EVENTS" in out and b"streamsched.worker: worker" in out, 30)
+        os.write(terminal, b"\x03")
+        read_until(lambda _: False, 60)
+        up.wait(10)
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            output = up.communicate(timeout=60)[0].decode()
-        except subprocess.TimeoutExpired:
+        if up.poll() is None:
             up.kill()
-            output = up.communicate()[0].decode()
-    assert up.returncode == 0, output[-3000:]
-    assert f"nats://127.0.0.1:{port}" in output and "nats pub tasks.submit" in output
+            up.wait()
+        os.close(terminal)
+    text = output.decode(errors="replace")
+    assert up.returncode == 0, text[-3000:]
+    stops = [text.index(f"streamsched.up: stopping {what}") for what in ("worker default#1", "master, regional default", "projector", "nats-server")]
+    assert stops == sorted(stops), text[-3000:]
+    assert "received SIGINT" not in text and text.count("received SIGTERM") == 4, text[-3000:]
+
+
+class ChildWatch:
+    """Records every child process of this one (and its command line) while ``up`` runs in
+    it; SIGINTs it when ``stop_when()`` says so, or at the deadline (again later, to kill)."""
+
+    def __init__(self, stop_when: Callable[[ChildWatch], bool], timeout_s: float) -> None:
+        self.seen: dict[int, tuple[psutil.Process, list[str]]] = {}
+        self.stop_when = stop_when
+        self.timeout_s = timeout_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def of_kind(self, kind: str) -> list[list[str]]:
+        """Command lines of the role processes (``worker`` ...) or ``nats-server`` seen, running or not."""
+        return [
+            cmdline for _, cmdline in list(self.seen.values())
+            if cmdline and (cmdline[1:4] == ["-m", "streamsched", kind] or Path(cmdline[0]).name == kind)
+        ]
+
+    def _watch(self) -> None:
+        started = time.monotonic()
+        interrupts = 0
+        while not self.done.wait(0.05):
+            for child in psutil.Process().children(recursive=True):
+                try:  # again each time: a child caught between fork and exec shows our command line
+                    cmdline = child.cmdline()
+                except psutil.NoSuchProcess:
+                    continue
+                if cmdline:  # empty while a process exits
+                    self.seen[child.pid] = (self.seen.get(child.pid, (child, []))[0], cmdline)
+            late = time.monotonic() - started > self.timeout_s + 20 * interrupts
+            if (interrupts == 0 and self.stop_when(self)) or late:
+                os.kill(os.getpid(), signal.SIGINT)
+                interrupts += 1
+
+    @contextmanager
+    def running(self) -> Iterator[ChildWatch]:
+        self.thread.start()
+        try:
+            yield self
+        finally:
+            self.done.set()
+            self.thread.join(5)
+
+
+def up_settings() -> Settings:
+    return Settings.load({}, grace_s=5.0)
+
+
+def test_a_crash_looping_worker_stops_everything_with_a_report(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="streamsched.up")
+    # up.run in this process, so the backoff can be shortened (the CLI does not offer that).
+    options = UpOptions(
+        port=free_port(), monitor_port=0, data_dir=tmp_path / "data", handlers="no_such_module",
+        restarts=RestartPolicy(delay_s=0.05, max_delay_s=0.2),
+    )
+    started = time.monotonic()
+    with ChildWatch(lambda _: False, timeout_s=90).running() as watch:
+        ok = run(up_settings(), options)
+    took = time.monotonic() - started
+    assert ok is False and took < 90, took
+    [report] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert report.getMessage().startswith("worker default#1 exited 5 times within 60 s (exit code 1, exit code 1"), report.getMessage()
+    assert "streamsched worker no_such_module --region default" in report.getMessage()
+    restarts = [r.getMessage() for r in caplog.records if "worker default#1 exited with exit code 1" in r.getMessage()]
+    assert len(restarts) == 4, restarts
+    # Every process up started was seen (a worker lives for its imports, far longer than
+    # the watch's 50 ms ticks), and none is left running.
+    assert len(watch.of_kind("worker")) == 5
+    for kind in ("master", "regional", "projector", "nats-server"):
+        assert len(watch.of_kind(kind)) == 1, (kind, [c for _, c in watch.seen.values()])
+    assert [cmdline for process, cmdline in watch.seen.values() if process.is_running()] == []
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping ")]
+    assert stopped == ["stopping master, regional default", "stopping projector", "stopping nats-server"]
+
+
+def test_a_taken_default_monitoring_port_falls_back_to_a_free_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    answered: list[int] = []
+
+    def monitor_answers(watch: ChildWatch) -> bool:
+        """The server's monitoring port answers /healthz, and every role has started."""
+        if answered:
+            return True
+        servers = watch.of_kind("nats-server")
+        if not servers or sum(len(watch.of_kind(kind)) for kind in ("master", "regional", "projector", "worker")) < 4:
+            return False
+        cmdline = servers[0]
+        monitor = int(cmdline[cmdline.index("-m") + 1])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz", timeout=1) as reply:
+                if reply.status == 200:
+                    answered.append(monitor)
+        except OSError:
+            pass
+        return False
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        # As the CLI builds it when --monitor-port is left at its default (8222, here `busy`).
+        options = UpOptions(port=free_port(), monitor_port=busy, monitor_port_fallback=True, data_dir=tmp_path / "data")
+        with ChildWatch(monitor_answers, timeout_s=60).running():
+            assert run(up_settings(), options) is True
+    assert answered and answered[0] != busy
+    banner = capsys.readouterr().out
+    assert f"monitoring:  http://127.0.0.1:{answered[0]}/jsz   ({busy} was taken, so a free port)" in banner, banner
+
+
+@pytest.mark.parametrize("flag", ["--port", "--monitor-port"])
+def test_a_taken_port_gives_one_line_naming_it_and_its_flag(tmp_path: Path, flag: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), "--monitor-port": "0", flag: str(busy)}
+        result = subprocess.run(
+            [*UP, *[arg for item in ports.items() for arg in item], "--data-dir", str(tmp_path / "data")],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == Exit.USAGE, output
+    assert [line for line in output.splitlines() if str(busy) in line] == [
+        f"error: port {busy} is already in use (another streamsched up or nats-server?); choose another with {flag}"
+    ], output
+    assert "Traceback" not in output
+    assert not (tmp_path / "data").exists(), "nats-server was started anyway"
+
+
+def test_nats_server_failing_to_start_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(PortInUse) as client:
+            NatsServer(port=busy, store_dir=tmp_path / "a").start()
+        with pytest.raises(PortInUse) as monitor:
+            NatsServer(port=free_port(), monitor_port=busy, store_dir=tmp_path / "b").start()
+        # Another process takes the port between the check and nats-server's bind: the
+        # server exits, and the check made after that names the port.
+        checks = iter([False])  # free at the check before the start, taken after
+        monkeypatch.setattr(server_module, "port_in_use", lambda port, host: next(checks, True) if port == busy else False)
+        with pytest.raises(PortInUse) as raced:
+            NatsServer(port=free_port(), monitor_port=busy, store_dir=tmp_path / "c").start()
+        monkeypatch.undo()
+    assert (client.value.port, client.value.which) == (busy, "client")
+    assert (monitor.value.port, monitor.value.which) == (busy, "monitor")
+    assert (raced.value.port, raced.value.which) == (busy, "monitor")
+    config = tmp_path / "bad.conf"
+    config.write_text("listen: {{{\n")
+    with pytest.raises(ServerStartError, match="nats-server did not start: .*[Pp]arse error"):
+        NatsServer(port=free_port(), config=config, store_dir=tmp_path / "d").start()

@@ -1,0 +1,76 @@
+"""The restart backoff and crash-loop rule of `streamsched up`, on a clock the test moves."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from streamsched.supervisor import RestartPolicy, Role, RoleProcess, describe_exit
+
+POLICY = RestartPolicy(delay_s=0.5, max_delay_s=3.0, stable_after_s=30.0, crash_loop_exits=5, crash_loop_window_s=60.0)
+
+
+def exiting_role(policy: RestartPolicy = POLICY) -> RoleProcess:
+    """A role whose process exits at once with code 3."""
+    return RoleProcess(Role("worker default#1", ["sh", "-c", "exit 3"], stop_stage=0), {"PATH": "/usr/bin:/bin"}, policy)
+
+
+def exit_at(role: RoleProcess, now: float) -> float | None:
+    """Let the current process exit, have the role notice at ``now``; its restart delay (None: crash-looping)."""
+    assert role.process is not None
+    role.process.wait()
+    if not role.check(now):
+        return None
+    assert role.restart_at is not None
+    return role.restart_at - now
+
+
+def restart_at(role: RoleProcess, now: float) -> None:
+    assert role.check(now) and role.process is not None
+
+
+def test_the_restart_delay_doubles_up_to_its_cap_and_resets_after_a_stable_run(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="streamsched.up")
+    role = exiting_role(RestartPolicy(delay_s=0.5, max_delay_s=3.0, crash_loop_exits=100))
+    role.start(0.0)
+    delays = []
+    now = 0.0
+    for _ in range(5):
+        delay = exit_at(role, now)
+        assert delay is not None
+        delays.append(delay)
+        assert role.check(now + delay - 0.01) and role.process is None, "restarted before its delay"
+        now += delay
+        restart_at(role, now)
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert exit_at(role, now + POLICY.stable_after_s) == 0.5
+    assert "worker default#1 exited with exit code 3 after 0.0 s up; restarting it in 0.5 s" in caplog.messages
+
+
+def test_five_exits_within_the_window_are_a_crash_loop_but_spread_out_they_are_not():
+    looping = exiting_role()
+    looping.start(0.0)
+    delays = []
+    now = 0.0
+    while (delay := exit_at(looping, now)) is not None:
+        delays.append(delay)
+        now += delay
+        restart_at(looping, now)
+    assert delays == [0.5, 1.0, 2.0, 3.0], "the fifth exit within 60 s is a crash loop"
+    assert looping.process is None and looping.restart_at is None, "a crash-looping role is not restarted"
+    assert [how for _, how in looping.exits] == ["exit code 3"] * 5
+
+    spread = exiting_role()
+    spread.start(0.0)
+    for now in (0.0, 20.0, 40.0, 60.0, 80.0, 100.0):  # never 5 within 60 s
+        delay = exit_at(spread, now)
+        assert delay is not None
+        restart_at(spread, now + delay)
+    assert exit_at(spread, 120.0) is not None
+
+
+def test_exits_are_described_by_signal_name_or_exit_code():
+    assert describe_exit(-9) == "SIGKILL"
+    assert describe_exit(-15) == "SIGTERM"
+    assert describe_exit(1) == "exit code 1"
