@@ -85,12 +85,15 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where the embedded server keeps its JetStream store.")] = Path(".streamsched"),
     regions: Annotated[str, typer.Option(help="Comma-separated regions.")] = "default",
     workers: Annotated[int, typer.Option(help="Worker processes per region.")] = 1,
-    concurrency: Annotated[int, typer.Option(help="Task slots per worker process.")] = 16,
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers each worker process runs at once.")] = DEFAULT_CONCURRENCY,
     handlers: Annotated[str, typer.Option(help="Module with the @task handlers the workers load.")] = "workers.examples",
     nats_url: Annotated[str | None, typer.Option(help="Use this server instead of embedding one.")] = None,
     monitor_port: Annotated[
         int | None,
-        typer.Option(help="Monitoring port of the embedded server; 0: off. Default 8222, or a free port if 8222 is taken (the banner says which); a port given here and taken is an error."),
+        typer.Option(
+            help="Monitoring port of the embedded server; 0: off. Default 8222, or a free port if 8222 is taken "
+            "(the banner says which); a port given here and taken is an error."
+        ),
     ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:

@@ -209,7 +209,7 @@ def test_ctrl_c_on_a_terminal_reaches_up_alone_and_it_stops_the_roles_in_order(t
     command = [*UP, "--port", str(free_port()), "--monitor-port", "0", "--data-dir", str(tmp_path / "data")]
     up = subprocess.Popen(
         command, cwd=REPO, stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 - one ioctl, no lock to deadlock on; makes the terminal up's, as a shell does
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # one ioctl, no lock to deadlock on; makes the terminal up's, as a shell does
     )
     os.close(tty)
     output = b""
@@ -390,5 +390,5 @@ def test_nats_server_failing_to_start_says_why(tmp_path: Path, monkeypatch: pyte
     assert (raced.value.port, raced.value.which) == (busy, "monitor")
     config = tmp_path / "bad.conf"
     config.write_text("listen: {{{\n")
-    with pytest.raises(ServerStartError, match="nats-server did not start: .*[Pp]arse error"):
+    with pytest.raises(ServerStartError, match=r"nats-server did not start: .*[Pp]arse error"):
         NatsServer(port=free_port(), config=config, store_dir=tmp_path / "d").start()
