@@ -16,6 +16,10 @@ from .errors import ConfigError
 from .model import PRIORITIES
 
 ENV_PREFIX = "STREAMSCHED_"
+#: A switch of the process, not a setting: which per-message path each NATS connection
+#: takes, ``fast`` (the default) or ``nats-py`` (see :mod:`streamsched.transport.wire`,
+#: which reads it; the transport sits below the settings). Allowed beside the settings.
+WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
 #: option, not a deployment setting).
 DEFAULT_CONCURRENCY = 16
@@ -99,7 +103,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if "NATS_URL" in env:
             raw["nats_url"] = env["NATS_URL"]
         for key, value in env.items():
-            if not key.startswith(ENV_PREFIX):
+            if not key.startswith(ENV_PREFIX) or key == WIRE_ROUTE_ENV:
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in fields:

@@ -107,6 +107,8 @@ class Bus:
         max_in_flight: int = 20_000,
     ) -> None:
         self.nc = nc
+        # The connection's publish, chosen once: the fast path or nats-py's own (see wire).
+        self._send = wire.install(nc).send
         self.js = nc.jetstream(timeout=api_timeout_s)
         self.api_timeout_s = api_timeout_s
         self.publish_timeout_s = publish_timeout_s
@@ -147,7 +149,6 @@ class Bus:
             disconnected_cb=disconnected,
             error_cb=error,
         )
-        wire.install(nc)
         bus = cls(nc)
         holder.append(bus)
         await bus.start()
@@ -159,7 +160,7 @@ class Bus:
 
     def send(self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
         """Core publish, buffered and not awaited (acks, pull requests): :func:`streamsched.transport.wire.send`."""
-        wire.send(self.nc, subject, data, reply, headers)
+        self._send(self.nc, subject, data, reply, headers)
 
     async def subscribe(self, subject: str, handler: wire.Handler) -> Any:
         """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.transport.wire`)."""
@@ -279,7 +280,7 @@ class Bus:
         ``deadline``); raises, tracking nothing, if it could not be sent."""
         self._next_token += 1
         token = self._next_token
-        wire.send(self.nc, subject, data, self._reply_prefix + str(token), headers)
+        self._send(self.nc, subject, data, self._reply_prefix + str(token), headers)
         self._acks[token] = waiter
         self._deadlines.append((deadline, token))
 

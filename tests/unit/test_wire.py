@@ -1,84 +1,20 @@
-"""The fast protocol parser: every message reaches the right place, whatever the chunking."""
+"""wire's pure helpers: header blocks written, read and rewritten without parsing the rest,
+the fields of an ack subject, and how the nats-py route finishes a publish that paused.
+(The routes themselves run against a real server: tests/integration/test_wire_routes.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 
+from streamsched.transport.natspy import _Resumed
 from streamsched.transport.wire import (
-    FastParser,
+    _header_block,
+    delivery_info,
     encode_headers,
     header_value,
     parse_headers,
     with_header,
 )
-
-
-class FakeClient:
-    """What the parser calls on nats-py's client, recorded."""
-
-    def __init__(self) -> None:
-        self.slow: list[tuple[int, bytes, bytes, bytes, bytes | None]] = []
-        self.pings = 0
-        self.pongs = 0
-        self.infos: list[dict] = []
-
-    async def _process_msg(self, sid, subject, reply, data, headers):
-        self.slow.append((sid, subject, reply, data, headers))
-
-    async def _process_ping(self):
-        self.pings += 1
-
-    async def _process_pong(self):
-        self.pongs += 1
-
-    async def _process_info(self, info):
-        self.infos.append(info)
-
-
-def _stream() -> bytes:
-    block = encode_headers({"Streamsched-Task-Id": "t1", "Nats-Msg-Id": "t1:work:1"})
-    status = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 3\r\n\r\n"
-    return b"".join([
-        b"MSG fast.a 1 $JS.ACK.S.C.1.5.5.1.0 5\r\nhello\r\n",
-        b"PING\r\n",
-        b"HMSG fast.b 1 %d %d\r\n%s\r\n" % (len(status), len(status), status),
-        b"+OK\r\n",
-        b"MSG slow.a 2 reply.x 3\r\nabc\r\n",
-        b'INFO {"server_id":"x"}\r\n',
-        b"HMSG fast.c 1 r.1 %d %d\r\n%sbody\r\n" % (len(block), len(block) + 4, block),
-        b"PONG\r\n",
-        b"MSG fast.d 1 0\r\n\r\n",
-    ])
-
-
-def _parse_in_chunks(chunk: int) -> tuple[FakeClient, list[tuple]]:
-    client = FakeClient()
-    parser = FastParser(client)  # type: ignore[arg-type]  # a stand-in for the nats-py client
-    fast: list[tuple] = []
-    parser.handlers[1] = lambda *args: fast.append(args)
-    data = _stream()
-
-    async def feed() -> None:
-        for i in range(0, len(data), chunk):
-            await parser.parse(data[i : i + chunk])
-
-    asyncio.run(feed())
-    assert not parser.buf  # everything consumed
-    return client, fast
-
-
-def test_every_message_and_control_line_is_delivered_once_in_order_whatever_the_chunking():
-    for chunk in (1, 2, 3, 7, 16, 64, 10_000):
-        client, fast = _parse_in_chunks(chunk)
-        assert [f[0] for f in fast] == ["fast.a", "fast.b", "fast.c", "fast.d"], chunk
-        assert fast[0][1:3] == ("$JS.ACK.S.C.1.5.5.1.0", b"hello")
-        assert parse_headers(fast[1][3]) == {"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "3"}
-        assert fast[2][1:3] == ("r.1", b"body")
-        assert parse_headers(fast[2][3]) == {"Streamsched-Task-Id": "t1", "Nats-Msg-Id": "t1:work:1"}
-        assert fast[3] == ("fast.d", "", b"", None)
-        # A subscription without a fast handler goes to nats-py unchanged.
-        assert client.slow == [(2, b"slow.a", b"reply.x", b"abc", None)]
-        assert (client.pings, client.pongs, client.infos) == (1, 1, [{"server_id": "x"}])
 
 
 def test_header_values_with_line_breaks_cannot_break_the_protocol():
@@ -96,3 +32,62 @@ def test_a_hop_reads_one_header_and_sets_another_without_parsing_the_block():
     added = with_header(encode_headers({"Streamsched-Task-Id": "t1"}), "Nats-Msg-Id", "t1:work:0")
     assert parse_headers(added) == {"Streamsched-Task-Id": "t1", "Nats-Msg-Id": "t1:work:0"}
     assert added.endswith(b"\r\n\r\n")
+
+
+def test_an_inline_status_reads_as_status_and_description():
+    raw = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 3\r\n\r\n"
+    assert parse_headers(raw) == {"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "3"}
+    assert parse_headers(b"NATS/1.0 503\r\n\r\n") == {"Status": "503"}
+
+
+def test_headers_parsed_by_nats_py_become_a_block_that_reads_the_same():
+    """The nats-py route hands handlers a block rebuilt from nats-py's dict: an inline
+    status goes back on the first line, where :func:`parse_headers` looks for it."""
+    for headers in (
+        {"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "3"},
+        {"Status": "503"},
+        {"Status": "100", "Description": "Idle Heartbeat", "Nats-Last-Consumer": "7"},
+        {"Nats-Msg-Id": "t1:work:0", "Streamsched-Task-Id": "t1"},
+    ):
+        block = _header_block(headers)
+        assert block is not None and block.endswith(b"\r\n\r\n")
+        assert parse_headers(block) == headers
+    assert _header_block({"Status": "404", "Description": "No Messages"}) == b"NATS/1.0 404 No Messages\r\n\r\n"
+    assert _header_block(None) is None and _header_block({}) is None
+
+
+def test_delivery_info_reads_the_ack_subject_with_and_without_a_domain():
+    assert delivery_info("$JS.ACK.WORK.w.2.15.9.1700000000000000000.4") == (2, 15, 4)
+    assert delivery_info("$JS.ACK.hub.ACC.WORK.w.3.16.10.1700000000000000000.0.token") == (3, 16, 0)
+
+
+def test_a_coroutine_run_up_to_a_pause_finishes_only_after_what_it_waited_for():
+    """What the nats-py route does with a ``publish`` that paused: a task resumes it
+    once the future it yielded is done, and a bare yield (``sleep(0)``) is one turn."""
+
+    async def scenario() -> list[str]:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        steps: list[str] = []
+
+        async def publish() -> None:
+            steps.append("appended")
+            await gate
+            await asyncio.sleep(0)
+            steps.append("flushed")
+
+        coroutine = publish()
+        pause = coroutine.send(None)  # what publish_now does
+        assert pause is gate and steps == ["appended"]
+
+        async def finish() -> None:
+            await _Resumed(coroutine, pause)
+
+        task = asyncio.get_running_loop().create_task(finish())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert steps == ["appended"] and not task.done()  # still waiting on the gate
+        gate.set_result(None)
+        await asyncio.wait_for(task, 1)
+        return steps
+
+    assert asyncio.run(scenario()) == ["appended", "flushed"]
