@@ -23,7 +23,7 @@ from .cli_events import (
 )
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
-from .errors import NotFound
+from .errors import NotFound, Unavailable
 from .model import DEFAULT_PRIORITY, Status
 from .roles.service import configure_logging, run_service
 from .supervisor import CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW_S, RESTART_DELAY_MAX_S, RESTART_DELAY_S
@@ -340,5 +340,8 @@ def _encode_state(state: Any) -> str:
 def main() -> None:
     try:
         app()
+    except Unavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(Exit.ERROR)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -19,6 +19,10 @@ class Rejected(StreamschedError):
     task_id: str | None = None
 
 
+class Unavailable(StreamschedError):
+    """NATS could not be reached (a command gives up; a role keeps waiting)."""
+
+
 class NotFound(StreamschedError):
     """No task with that id."""
 

@@ -50,7 +50,7 @@ def run_service(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
 
 async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
     """Connect, build the roles, run them until they finish or a signal stops them."""
-    bus = await Bus.connect(settings.nats_url, name=name)
+    bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
         roles = await build(bus)
         # What exists now (modules, settings, the connection, the roles) lives as long as the

@@ -20,10 +20,13 @@ import msgspec
 import nats
 import nats.js.errors
 
+from ..errors import Unavailable
 from . import wire
 
 log = logging.getLogger("streamsched.bus")
 
+#: Tries of a command's first connection (``reconnect_time_wait`` apart) before it gives up.
+FIRST_CONNECT_ATTEMPTS = 10
 #: Pauses before publishing again what failed, before giving up (and nak'ing upstream).
 REPUBLISH_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -122,8 +125,13 @@ class Bus:
         self._on_reconnect: list[Callable[[], None]] = []
 
     @classmethod
-    async def connect(cls, url: str, *, name: str) -> Bus:
-        """Connect with reconnects that never give up (roles are long-running services)."""
+    async def connect(cls, url: str, *, name: str, wait_for_server: bool = False) -> Bus:
+        """Connect; once connected, reconnects never give up.
+
+        A role (``wait_for_server``) waits for a server that is not up yet, as a service
+        started before its broker should. A command gives up after
+        :data:`FIRST_CONNECT_ATTEMPTS` with :class:`~streamsched.errors.Unavailable`.
+        """
         holder: list[Bus] = []
 
         async def reconnected() -> None:
@@ -139,16 +147,24 @@ class Bus:
         async def error(exc: Exception) -> None:
             log.debug("nats client error: %r", exc)
 
-        nc = await nats.connect(
-            url.split(","),
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.2,
-            connect_timeout=5,
-            reconnected_cb=reconnected,
-            disconnected_cb=disconnected,
-            error_cb=error,
-        )
+        if wait_for_server:
+            log.info("connecting to NATS at %s (waiting for it if it is not up yet)", url)
+        try:
+            nc = await nats.connect(
+                url.split(","),
+                name=name,
+                # nats-py counts the first connection's tries against the reconnect limit:
+                # bounded for a command, then unbounded once connected (below).
+                max_reconnect_attempts=-1 if wait_for_server else FIRST_CONNECT_ATTEMPTS,
+                reconnect_time_wait=0.2,
+                connect_timeout=5,
+                reconnected_cb=reconnected,
+                disconnected_cb=disconnected,
+                error_cb=error,
+            )
+        except (nats.errors.NoServersError, OSError) as exc:
+            raise Unavailable(f"cannot reach NATS at {url} ({exc or type(exc).__name__}); is the server up? (NATS_URL)") from None
+        nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc)
         holder.append(bus)
         await bus.start()

@@ -60,3 +60,16 @@ async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(sett
         assert missing.returncode == 3  # Exit.NOT_FOUND
         bad = await cli(settings, "submit", "echo", "--payload", "{not json", check=False)
         assert bad.returncode == 2 and b"not JSON" in bad.stderr
+
+
+async def test_a_command_gives_up_on_an_unreachable_server_with_one_line(settings, tmp_path):
+    from streamsched.transport.server import free_port
+
+    down = Settings.load({}, nats_url=f"nats://127.0.0.1:{free_port()}")
+    for args in (["status", "x"], ["streams", "show"], ["up", "--nats-url", down.nats_url, "--data-dir", str(tmp_path)]):
+        with anyio.fail_after(30):
+            result = await cli(down, *args, check=False)
+        errors = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 1, (args, result.stderr)
+        assert errors[-1].startswith(f"error: cannot reach NATS at {down.nats_url}"), (args, errors)
+        assert "Traceback" not in result.stderr.decode()
