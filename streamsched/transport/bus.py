@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import msgspec
 import nats
 import nats.js.errors
+from nats.aio.client import Client
 
 from ..errors import Unavailable
 from . import wire
@@ -85,17 +86,18 @@ class Gathering:
 Waiter = asyncio.Future[dict[str, Any]] | Landing | tuple[Gathering, int]
 
 
-def _resolve(waiter: Waiter, response: dict[str, Any] | None, error: BaseException | None) -> None:
+def _resolve(waiter: Waiter, outcome: dict[str, Any] | BaseException) -> None:
+    """Hand a PubAck (a dict) or an error to whatever waits for it."""
     if type(waiter) is Landing:
-        waiter.landed(error)
+        waiter.landed(outcome if isinstance(outcome, BaseException) else None)
     elif type(waiter) is tuple:
         gathering, index = waiter
-        gathering.answered(index, response if error is None else error)  # type: ignore[arg-type]
-    elif not waiter.done():  # type: ignore[union-attr]
-        if error is None:
-            waiter.set_result(response)  # type: ignore[union-attr]
+        gathering.answered(index, outcome)
+    elif isinstance(waiter, asyncio.Future) and not waiter.done():
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
         else:
-            waiter.set_exception(error)  # type: ignore[union-attr]
+            waiter.set_result(outcome)
 
 
 class Bus:
@@ -103,7 +105,7 @@ class Bus:
 
     def __init__(
         self,
-        nc: nats.NATS,
+        nc: Client,
         *,
         api_timeout_s: float = 10.0,
         publish_timeout_s: float = 10.0,
@@ -135,7 +137,8 @@ class Bus:
         holder: list[Bus] = []
 
         async def reconnected() -> None:
-            log.warning("reconnected to %s", holder[0].nc.connected_url.netloc if holder else url)
+            where = holder[0].nc.connected_url if holder else None
+            log.warning("reconnected to %s", where.netloc if where else url)
             for callback in list(holder[0]._on_reconnect) if holder else ():
                 callback()
 
@@ -331,20 +334,20 @@ class Bus:
             waiter.landed(None)  # a landing needs no PubAck fields: not decoded
             return
         if raw_headers and wire.parse_headers(raw_headers).get("Status") == "503":
-            _resolve(waiter, None, nats.js.errors.NoStreamResponseError())
+            _resolve(waiter, nats.js.errors.NoStreamResponseError())
             return
         try:
             response = msgspec.json.decode(data)
         except msgspec.DecodeError as exc:
-            _resolve(waiter, None, exc)
+            _resolve(waiter, exc)
             return
         if "error" in response:
             try:
                 raise nats.js.errors.APIError.from_error(response["error"])
             except nats.js.errors.APIError as exc:
-                _resolve(waiter, None, exc)
+                _resolve(waiter, exc)
             return
-        _resolve(waiter, response, None)
+        _resolve(waiter, response)
 
     def _fail_in_flight(self) -> None:
         """PubAcks of publishes in flight are lost with the connection: fail them now, so
@@ -352,7 +355,7 @@ class Bus:
         (A publish that did land is stored once anyway: the retry carries the same msg id.)"""
         acks, self._acks = self._acks, {}
         for waiter in acks.values():
-            _resolve(waiter, None, PublishLost("connection lost before the PubAck arrived"))
+            _resolve(waiter, PublishLost("connection lost before the PubAck arrived"))
         self._room.set()
 
     async def _sweep(self) -> None:
@@ -365,7 +368,7 @@ class Bus:
                 _, token = deadlines.popleft()
                 waiter = self._acks.pop(token, None)
                 if waiter is not None:
-                    _resolve(waiter, None, nats.errors.TimeoutError())
+                    _resolve(waiter, nats.errors.TimeoutError())
             self._room.set()
 
     async def close(self) -> None:
