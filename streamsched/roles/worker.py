@@ -2,8 +2,12 @@
 
 Life of one delivery:
 
-1. The :class:`~streamsched.transport.pull.Puller` hands over a message when a handler
-   slot is free (``concurrency`` of them), highest priority first.
+1. The :class:`~streamsched.transport.pull.Puller` hands over messages, highest priority
+   first, up to ``concurrency`` handler slots plus ``prefetch`` more. A message that finds
+   every slot busy waits here (its ack_wait kept alive like a running task's) and starts,
+   highest priority first, when a slot frees: so the next task is already here when a
+   handler returns, instead of a pull request's round trip away. ``prefetch`` 0 leaves
+   every task in the stream until a slot is free (for long tasks and many workers).
 2. The handler runs (sync ones in a thread) under its per-attempt timeout, while one
    heartbeat loop sends ``in_progress`` for every running task so a long task is not
    redelivered while its worker is alive. ``started`` is recorded once the task has
@@ -37,6 +41,7 @@ running tasks ``grace_s`` to finish, then cancels and naks the rest.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -74,6 +79,8 @@ log = logging.getLogger("streamsched.worker")
 
 #: Longest error text kept in events and the DLQ.
 MAX_ERROR_CHARS = 2000
+#: Every this many starts of a waiting task, the lowest level with one goes first.
+SHARE_EVERY = 8
 #: Nak with no delay: hand a cancelled task to another worker at once (after unsubscribing).
 NAK_NOW = b"-NAK"
 #: Nak for a message that arrives while the worker stops.
@@ -104,7 +111,8 @@ class _Running:
 
 
 class Worker:
-    """Runs handlers of one region, at most ``concurrency`` of them at a time."""
+    """Runs handlers of one region, at most ``concurrency`` of them at a time, with up to
+    ``prefetch`` more tasks waiting here for a slot (default: as many as ``concurrency``)."""
 
     def __init__(
         self,
@@ -114,6 +122,7 @@ class Worker:
         *,
         region: str,
         concurrency: int,
+        prefetch: int | None = None,
     ) -> None:
         self.settings = settings
         self.bus = bus
@@ -122,10 +131,16 @@ class Worker:
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
-        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency, self._on_message)
+        self.prefetch = concurrency if prefetch is None else prefetch
+        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency + self.prefetch, self._on_message)
         self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
+        self._free_slots = concurrency
+        self._waiting: list[collections.deque[Delivery]] = [collections.deque() for _ in settings.priorities]
+        self._waiting_count = 0
+        self._picks = 0  # of waiting messages, to give lower levels their share
+        self._cancelling = False  # the drain's grace period is over: start nothing more
         self.finish_window = settings.worker_finish_window
         self.finishing = 0  # outcomes being recorded and acked
         self._waiting_slots = 0  # slots freed while finish_window outcomes were on their way
@@ -164,11 +179,19 @@ class Worker:
 
     async def _drain(self) -> None:
         self._draining = True
-        if self.running:
-            log.info("draining %d running task(s), up to %.0fs", len(self.running), self.settings.grace_s)
+        if self.running or self._waiting_count:
+            log.info(
+                "draining %d running and %d waiting task(s), up to %.0fs", len(self.running), self._waiting_count, self.settings.grace_s,
+            )
             self._idle = anyio.Event()
             with anyio.move_on_after(self.settings.grace_s):
                 await self._idle.wait()
+            # Past the grace period: what still waits goes back at once, to another worker.
+            self._cancelling = True
+            for queue in self._waiting:
+                while queue:
+                    self.settler.settle(queue.popleft(), NAK_NOW)
+            self._waiting_count = 0
             for running in list(self.running.values()):
                 if running.task is not None:
                     running.cancelled = True
@@ -186,24 +209,51 @@ class Worker:
             # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
             self.settler.settle(msg, NAK_WHILE_DRAINING)
             return
+        if self._free_slots:
+            self._start(level, msg)
+        else:
+            self._waiting[level].append(msg)
+            self._waiting_count += 1
+
+    def _start(self, level: int, msg: Delivery) -> None:
         assert self._loop is not None
+        self._free_slots -= 1
         task = self._loop.create_task(self._execute(level, msg))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A handler slot is free: start the next waiting task, highest level first (every
+        :data:`SHARE_EVERY`-th pick from the lowest, so a flood of high tasks cannot keep a
+        waiting low one here for ever)."""
         self._tasks.discard(task)
+        self._free_slots += 1
         if not task.cancelled() and task.exception() is not None:
             log.error("running a task failed; ack_wait brings it back", exc_info=task.exception())
+        if self._waiting_count and not self._cancelling:
+            self._picks += 1
+            levels = range(len(self._waiting))
+            for level in reversed(levels) if self._picks % SHARE_EVERY == 0 else levels:
+                if self._waiting[level]:
+                    self._waiting_count -= 1
+                    self._start(level, self._waiting[level].popleft())
+                    return
+        if not self.running and not self._waiting_count:
+            self._idle.set()
+
+    def _held(self) -> list[Delivery]:
+        """Every message this worker holds un-acked before its outcome: running or waiting."""
+        return [running.msg for running in self.running.values()] + [msg for queue in self._waiting for msg in queue]
 
     async def _heartbeat(self) -> None:
-        """One loop keeps every running task alive: ``+WPI`` resets its ack_wait timer."""
+        """One loop keeps every task held here alive (running, or waiting for a slot):
+        ``+WPI`` resets its ack_wait timer."""
         interval = max(0.1, self.settings.ack_wait_s / 3)
         while True:
             await anyio.sleep(interval)
-            for running in list(self.running.values()):
+            for msg in self._held():
                 try:
-                    self.bus.send(running.msg.reply, b"+WPI")
+                    self.bus.send(msg.reply, b"+WPI")
                 except Exception as exc:  # noqa: BLE001 - disconnected: try again next beat
                     log.debug("heartbeat not sent: %r", exc)
 
@@ -264,8 +314,6 @@ class Worker:
             error = exc
         finally:
             del self.running[id(msg)]
-            if not self.running:
-                self._idle.set()
 
         if error is None:
             try:

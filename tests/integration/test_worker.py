@@ -28,7 +28,7 @@ from streamsched.roles.projector import Projector
 from streamsched.roles.regional import Regional
 from streamsched.roles.worker import Worker
 from streamsched.testing import EventLog, running
-from streamsched.transport import streams
+from streamsched.transport import streams, wire
 from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
@@ -142,7 +142,7 @@ async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_
 ):
     settings = msgspec.structs.replace(settings, worker_finish_window=1)
     RUNNING.update(now=0, peak=0)
-    worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2, prefetch=0)
     peak_ack_pending = peak_backlog = peak_held = 0
     async with running([*await routing(settings, bus), worker]):
         for i in range(8):
@@ -176,7 +176,7 @@ async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_
     """Outcomes that have not landed hold no handler slot, but at most ``worker_finish_window``
     of them are in flight: past that the worker takes no new task until one lands."""
     settings = msgspec.structs.replace(settings, worker_finish_window=3)
-    worker = Worker(settings, bus, registry, region=REGION, concurrency=2)
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2, prefetch=0)
     held: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
     forward = worker.settler.forward
     # The outcomes are kept from landing: the test lets them go when it has looked.
@@ -201,6 +201,38 @@ async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_
         await events.wait_count("succeeded", 10, timeout_s=10)
     assert worker.finishing == 0
     assert sorted(e.task_id for e in events.of_kind("succeeded")) == sorted(f"fw-{i}" for i in range(10))
+
+
+def msg_id(msg: Any) -> str | None:
+    return wire.header_value(msg.raw_headers or b"", subjects.H_TASK_ID)
+
+
+async def test_prefetched_tasks_wait_for_a_slot_kept_alive_and_start_highest_priority_first(
+    settings, bus, events: EventLog, registry,
+):
+    """With one slot and a prefetch of two, the worker holds up to three tasks: one runs,
+    the others wait here (heartbeated, so not redelivered though they wait past ack_wait),
+    and the high one starts first when the slot frees."""
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=1, prefetch=2)
+    long_s = settings.ack_wait_s * 1.5  # the waiting ones wait longer than ack_wait
+    async with running(await routing(settings, bus)):
+        await submit(bus, id="pf-first", type="test.nap", priority="low", payload={"seconds": long_s})
+        async with running([worker]):
+            await events.wait(lambda log: "started" in log.kinds_of("pf-first"), what="the first task started")
+            await submit(bus, id="pf-low", type="echo", priority="low", payload=1)
+            await submit(bus, id="pf-high", type="echo", priority="high", payload=2)
+
+            async def high_waiting() -> bool:
+                return "pf-high" in [msg_id(m) for m in worker._waiting[0]]
+
+            await eventually(high_waiting, what="the high task waiting here for the slot")
+            assert worker.puller.held <= 3
+            await events.wait_count("succeeded", 3, timeout_s=long_s + 10)
+    order = [e.task_id for e in events.of_kind("started")]
+    assert order == ["pf-first", "pf-high", "pf-low"]
+    # Each ran once, on its first delivery: waiting past ack_wait did not bring it back.
+    assert [e.attempt for e in events.of_kind("started")] == [1, 1, 1]
+    assert len(events.of_kind("succeeded")) == 3
 
 
 async def test_a_task_that_fails_twice_is_retried_and_succeeds_on_its_third_attempt(settings, bus, events: EventLog, registry):
