@@ -42,7 +42,7 @@ def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.AnyEvent]:
     """The events of one message; none (counted, logged with its sequence) if it cannot be trusted."""
     try:
         events = ev.decode_all(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # nested too deep for the decoder: as undecodable
         stats.skipped += 1
         log.warning("skipping undecodable event at EVENTS seq %d: %s", seq, exc)
         return []

@@ -32,7 +32,13 @@ from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
-from ..model import UNSUPPORTED_FIELDS, Envelope, derive_task_id, envelope_decoder
+from ..model import (
+    UNSUPPORTED_FIELDS,
+    Envelope,
+    Submission,
+    decode_submission,
+    derive_task_id,
+)
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
@@ -70,27 +76,24 @@ class Master:
     async def shutdown(self) -> None:
         self.puller.stop()
 
-    def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Envelope:
-        """The decoded envelope, with its id filled in; raises :class:`Rejected` with a reason.
+    def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission:
+        """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.
 
-        The rejection carries the submitter's id when it is usable (``Rejected.task_id``),
-        so they can look up why; otherwise the id derived from the message.
+        It is decoded as the worker will decode it (:func:`~streamsched.model.decode_submission`),
+        so an accepted task never fails there for its bytes. The rejection carries the
+        submitter's id when it is usable (``Rejected.task_id``), so they can look up why;
+        otherwise the id derived from the message.
         """
-        if len(data) > self.settings.max_payload_bytes:
-            raise Rejected(f"submission is {len(data)} bytes, over the limit of {self.settings.max_payload_bytes}")
+        submission = decode_submission(data, max_bytes=self.settings.max_payload_bytes)
         try:
-            envelope = envelope_decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            raise Rejected(f"not a valid task envelope: {exc}") from None
-        try:
-            self._check(envelope)
+            self._check(submission)
         except Rejected as exc:
-            if envelope.id is not None and subjects.is_token(envelope.id):
-                exc.task_id = envelope.id
+            if submission.id is not None and subjects.is_token(submission.id):
+                exc.task_id = submission.id
             raise
-        if envelope.id is None:
-            envelope = msgspec.structs.replace(envelope, id=task_id_if_missing())
-        return envelope
+        if submission.id is None:
+            submission = msgspec.structs.replace(submission, id=task_id_if_missing())
+        return submission
 
     def _check(self, envelope: Envelope) -> None:
         if not TYPE_RE.fullmatch(envelope.type):

@@ -57,10 +57,10 @@ import msgspec
 
 from .. import subjects
 from ..config import Settings
-from ..errors import Fail, Retry, TaskTimeout
+from ..errors import Fail, Rejected, Retry, TaskTimeout
 from ..eventlog import events as ev
 from ..eventlog.recorder import Recording
-from ..model import envelope_decoder, raw_value
+from ..model import decode_submission
 from ..registry import Registry, TaskContext, TaskDef, _current
 from ..transport import wire
 from ..transport.bus import (
@@ -401,9 +401,9 @@ class Worker:
 
     async def _call(self, definition: TaskDef, body: bytes, context: TaskContext, timeout: float | None) -> Any:
         try:
-            payload = raw_value(envelope_decoder.decode(body).payload)
-        except msgspec.DecodeError as exc:
-            raise Fail(f"task body is not a valid envelope: {exc}") from None
+            payload = decode_submission(body).payload  # the master's decode (its size limit aside)
+        except Rejected as exc:
+            raise Fail(f"task body: {exc}") from None
         token = _current.set(context)
         try:
             if definition.is_async:

@@ -317,13 +317,21 @@ def encode_headers(headers: dict[str, str]) -> bytes:
 def header_value(raw: bytes, name: str) -> str | None:
     """One header's value from a raw ``NATS/1.0`` block, without parsing the rest (a hop
     that forwards the block needs one value of it). ``None`` if it is not there as
-    written (``name`` is matched exactly, as the block's own writer spelled it)."""
+    written (``name`` is matched exactly, as the block's own writer spelled it), and also
+    when its line is unterminated or not UTF-8: anyone can publish such a block to a stream,
+    and a hop must then act as for a missing header rather than fail on every delivery."""
     key = b"\r\n" + name.encode() + b":"
     start = raw.find(key)
     if start < 0:
         return None
     start += len(key)
-    return raw[start : raw.index(b"\r\n", start)].decode().strip()
+    end = raw.find(b"\r\n", start)
+    if end < 0:
+        return None
+    try:
+        return raw[start:end].decode().strip()
+    except UnicodeDecodeError:
+        return None
 
 
 def with_header(raw: bytes, name: str, value: str) -> bytes:
