@@ -275,9 +275,11 @@ class Worker:
         raw = msg.raw_headers or b""
         task_id = wire.header_value(raw, subjects.H_TASK_ID)
         task_type = wire.header_value(raw, subjects.H_TYPE) or ""
-        if task_id is None:
-            log.error("WORK message without %s on %s; terminating it", subjects.H_TASK_ID, msg.subject)
-            self.settler.settle(msg, term_with_reason("missing task id header"))
+        if task_id is None or not subjects.is_token(task_id):
+            # Not from a master (which sends only valid ids): nothing to record it under, and
+            # no subject to dead-letter it on. Its submission, if any, is in TASKS.
+            log.error("WORK message on %s without a valid %s (%r); terminating it", msg.subject, subjects.H_TASK_ID, task_id)
+            self.settler.settle(msg, term_with_reason("missing or invalid task id header"))
             return
         attempt = msg.num_delivered
         definition = self.registry.get(task_type)

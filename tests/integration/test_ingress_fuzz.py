@@ -151,6 +151,9 @@ def stream_garbage(rng: random.Random) -> list[tuple[str, bytes, bytes | None, s
             (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": \xff\xfe\r\n\r\n", None),  # not UTF-8: as if missing
             (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": " + task_id.encode(), None),  # unterminated block
             (f"NATS/1.0\r\n{subjects.H_TASK_ID}: {task_id}\r\n{subjects.H_TYPE}: echo\r\n\r\n".encode(), task_id),
+            # An id that is no subject token, of a type nobody handles: terminated, never
+            # dead-lettered (there is no dlq.<id> subject for it).
+            (f"NATS/1.0\r\n{subjects.H_TASK_ID}: bad id {n}\r\n{subjects.H_TYPE}: no.such.type\r\n\r\n".encode(), None),
         ])
         if where == "sched" and rng.random() < 0.2:  # a batch that is not one
             headers = f"NATS/1.0\r\n{subjects.H_BATCH}: 3\r\n\r\n".encode()
