@@ -20,7 +20,8 @@ import msgspec
 from nats.js.errors import APIError, NotFoundError
 
 from .. import subjects
-from ..model import envelope_decoder
+from ..errors import Rejected
+from ..model import decode_submission
 from ..transport.bus import Bus
 from ..transport.reading import ReadStats, Since, read
 from .state import StateStore
@@ -97,8 +98,8 @@ async def redrive(
     for entry in dead:
         new_id = entry.redrive_id
         try:
-            envelope = envelope_decoder.decode(entry.body)
-        except msgspec.DecodeError:
+            envelope = decode_submission(entry.body)
+        except Rejected:
             report.unreadable.append(entry.task_id)
             continue
         if await store.get(new_id) is not None:

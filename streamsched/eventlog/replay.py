@@ -18,7 +18,8 @@ import anyio
 import msgspec
 
 from .. import subjects
-from ..model import derive_task_id, envelope_decoder
+from ..errors import Rejected
+from ..model import decode_submission, derive_task_id
 from ..transport.bus import Bus
 from ..transport.reading import ReadStats, Since, read
 from .state import StateStore
@@ -58,8 +59,8 @@ async def replay_submissions(
         if until is not None and stored_ns / 1e9 > until.timestamp():
             break
         try:
-            envelope = envelope_decoder.decode(data)
-        except msgspec.DecodeError:
+            envelope = decode_submission(data)
+        except Rejected:
             report.skipped_invalid += 1  # it was rejected in the source too; nothing to replay
             continue
         if task_type is not None and envelope.type != task_type:
