@@ -155,12 +155,22 @@ def regional(
 def worker(
     modules: Annotated[list[str], typer.Argument(help="Modules with @task handlers, e.g. workers.examples.")],
     region: Annotated[str, typer.Option(help="The region whose tasks this worker runs.")] = "default",
-    concurrency: Annotated[
-        int, typer.Option(min=1, help="Handlers run at once (it holds at most this plus worker_finish_window un-acked tasks).")
-    ] = DEFAULT_CONCURRENCY,
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers run at once.")] = DEFAULT_CONCURRENCY,
+    prefetch: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Tasks held beyond the running ones, waiting here for a free slot so the next one is at hand when a "
+            "handler returns [default: 4 x --concurrency]; 0 leaves them in the stream for any worker (long tasks).",
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run a worker: fetch tasks of a region, run their handlers, ack or retry."""
+    """Run a worker: fetch tasks of a region, run their handlers, ack or retry.
+
+    It holds at most concurrency + prefetch tasks before they run, and up to
+    worker_finish_window more whose outcome is being recorded and acked.
+    """
     from .registry import Registry
     from .roles.worker import Worker
 
@@ -170,7 +180,7 @@ def worker(
     registry = Registry.from_modules(modules)
 
     async def build(bus: Bus) -> list[Worker]:
-        return [Worker(settings, bus, registry, region=region, concurrency=concurrency)]
+        return [Worker(settings, bus, registry, region=region, concurrency=concurrency, prefetch=prefetch)]
 
     run_service(settings, f"streamsched-worker-{region}", build)
 
@@ -271,6 +281,7 @@ def bench(
     concurrency: Annotated[
         int | None, typer.Option(help="Handler slots per worker [default: 16, as `worker` and `up`].")
     ] = None,
+    prefetch: Annotated[int | None, typer.Option(min=0, help="Tasks per worker waiting for a slot [default: the worker's].")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:
     """Run a benchmark on its own nats-server; prints a table and writes JSON results."""
@@ -280,7 +291,7 @@ def bench(
         typer.echo(f"error: unknown scenario {scenario!r} (one of {', '.join(bench_mod.SCENARIOS)})", err=True)
         raise typer.Exit(Exit.USAGE)
     configure_logging("WARNING")
-    roles = bench_mod.Roles(workers=workers, concurrency=concurrency)
+    roles = bench_mod.Roles(workers=workers, concurrency=concurrency, prefetch=prefetch)
     results = anyio.run(lambda: bench_mod.run(scenario, quick=quick, with_ceiling=ceiling, roles=roles))
     typer.echo(bench_mod.report(results))
     typer.echo(f"results: {bench_mod.save(results, out)}")

@@ -23,6 +23,10 @@ WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
 #: option, not a deployment setting).
 DEFAULT_CONCURRENCY = 16
+#: Tasks a worker holds waiting for a slot, per slot, unless told otherwise (``--prefetch``;
+#: Celery's default multiplier is 4 too). With fewer, a worker of short tasks idles a pull
+#: request's round trip whenever its slots empty (docs/BENCHMARKS.md has the measurement).
+PREFETCH_PER_SLOT = 4
 GIB = 1024**3
 
 

@@ -117,7 +117,7 @@ def report(results: dict[str, Any]) -> str:
     if t:
         ratio = "   = " + targets.ceiling_ratios(t, ceiling, " raw two-hop") if ceiling else ""
         lines += [
-            f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}):",
+            f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}{_prefetch(t['roles'])}):",
             f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}{rounds.spread(t)}",
             f"  projected to KV    {t['projected_per_s']:>10.0f} tasks/s",
             f"  submit             {t['submit_per_s']:>10.0f} tasks/s",
@@ -211,3 +211,8 @@ def _peers_lines(results: dict[str, Any]) -> list[str]:
 
 def _cpu(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.0f}" for k, v in values.items())
+
+
+def _prefetch(roles: dict[str, Any]) -> str:
+    """`` + N prefetched`` when the run chose a prefetch (older results have none)."""
+    return "" if roles.get("prefetch") is None else f" + {roles['prefetch']} prefetched"

@@ -48,6 +48,8 @@ class Roles:
     workers: int = 1
     #: Task slots per worker; None: the scenario's own (:data:`CONCURRENCY`, or less, see ``priority``).
     concurrency: int | None = None
+    #: Tasks each worker holds waiting for a slot; None: the worker's default (4 per slot).
+    prefetch: int | None = None
     handlers: str = "workers.examples"
     masters: int = 1
     regionals: int = 1
@@ -84,6 +86,7 @@ class System:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         me = [sys.executable, "-m", "streamsched"]
         quiet = ["--log-level", "WARNING"]
+        prefetch = [] if roles.prefetch is None else ["--prefetch", str(roles.prefetch)]
         wanted = set(only or ("master", "regional", "projector", "worker"))
         plan: list[tuple[str, list[str]]] = []
         if "master" in wanted:
@@ -94,7 +97,7 @@ class System:
             plan += [(f"projector{i}", [*me, "projector", *quiet]) for i in range(roles.projectors)]
         if "worker" in wanted:
             plan += [
-                (f"worker{i}", [*me, "worker", roles.handlers, "--concurrency", str(roles.concurrency), *quiet])
+                (f"worker{i}", [*me, "worker", roles.handlers, "--concurrency", str(roles.concurrency), *prefetch, *quiet])
                 for i in range(roles.workers)
             ]
         for name, command in plan:

@@ -56,7 +56,7 @@ import anyio
 import msgspec
 
 from .. import subjects
-from ..config import Settings
+from ..config import PREFETCH_PER_SLOT, Settings
 from ..errors import Fail, Rejected, Retry, TaskTimeout
 from ..eventlog import events as ev
 from ..eventlog.recorder import Recording
@@ -112,7 +112,7 @@ class _Running:
 
 class Worker:
     """Runs handlers of one region, at most ``concurrency`` of them at a time, with up to
-    ``prefetch`` more tasks waiting here for a slot (default: as many as ``concurrency``)."""
+    ``prefetch`` more tasks waiting here for a slot (default: :data:`PREFETCH_PER_SLOT` per slot)."""
 
     def __init__(
         self,
@@ -131,7 +131,7 @@ class Worker:
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}"
         consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
-        self.prefetch = concurrency if prefetch is None else prefetch
+        self.prefetch = PREFETCH_PER_SLOT * concurrency if prefetch is None else prefetch
         self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency + self.prefetch, self._on_message)
         self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)

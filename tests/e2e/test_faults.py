@@ -99,8 +99,9 @@ class Processes:
         self.started[name] = process
         return process
 
-    def worker(self, name: str, *, concurrency: int) -> subprocess.Popen[bytes]:
-        return self.start(name, "worker", "workers.examples", "--region", "default", "--concurrency", str(concurrency))
+    def worker(self, name: str, *, concurrency: int, prefetch: int | None = None) -> subprocess.Popen[bytes]:
+        more = [] if prefetch is None else ["--prefetch", str(prefetch)]
+        return self.start(name, "worker", "workers.examples", "--region", "default", "--concurrency", str(concurrency), *more)
 
     def schedulers(self) -> None:
         """Master, the default region's scheduler and the projector, one process each."""
@@ -247,10 +248,10 @@ async def test_a_task_whose_worker_is_sigkilled_mid_run_is_redelivered_and_succe
 async def test_a_worker_sent_sigterm_finishes_its_running_task_exits_zero_and_leaves_queued_work_to_others(
     settings, bus, events: EventLog, client: Client, schedulers, processes: Processes
 ):
-    draining = processes.worker("worker-a", concurrency=1)
+    draining = processes.worker("worker-a", concurrency=1, prefetch=0)
     await client.submit("sleep", {"seconds": 1.5}, id="running-at-sigterm")
     await events.wait(lambda log: "started" in log.kinds_of("running-at-sigterm"), timeout_s=20, what="the long task's start")
-    # With one slot busy, the next task waits on WORK: released by the region, not fetched.
+    # With one slot busy and no prefetch, the next task waits on WORK: released by the region, not fetched.
     await client.submit("sleep", {"seconds": 0.1}, id="queued-at-sigterm")
     await events.wait(lambda log: "dispatched" in log.kinds_of("queued-at-sigterm"), timeout_s=10, what="the queued task on WORK")
 
@@ -273,6 +274,32 @@ async def test_a_worker_sent_sigterm_finishes_its_running_task_exits_zero_and_le
     # Run once overall, as the EVENTS stream (not only the live log) records it.
     assert (await event_counts(bus, "started")).get("queued-at-sigterm") == 1
     assert (await event_counts(bus, "succeeded")).get("queued-at-sigterm") == 1
+
+
+async def test_a_worker_sent_sigterm_runs_the_tasks_it_prefetched_within_the_grace_period(
+    settings, bus, events: EventLog, client: Client, schedulers, processes: Processes
+):
+    """A task that waits in a draining worker for its slot is run there, once, on its first
+    delivery: handing it back would count a delivery, so an attempt, it never had."""
+    draining = processes.worker("worker-a", concurrency=1, prefetch=1)
+    await client.submit("sleep", {"seconds": 1.0}, id="running-at-sigterm")
+    await events.wait(lambda log: "started" in log.kinds_of("running-at-sigterm"), timeout_s=20, what="the long task's start")
+    await client.submit("sleep", {"seconds": 0.1}, id="prefetched-at-sigterm")
+
+    async def ack_pending() -> int:
+        return (await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer("default", "medium"))).num_ack_pending
+
+    with anyio.fail_after(10):
+        while await ack_pending() != 2:  # one running, one waiting in the worker for the slot
+            await anyio.sleep(0.02)
+
+    draining.send_signal(signal.SIGTERM)
+    assert await wait_exit(draining, timeout_s=settings.grace_s + 5) == 0, processes.logs()
+    for task_id in ("running-at-sigterm", "prefetched-at-sigterm"):
+        final = await events.wait_final(task_id, timeout_s=5)
+        assert ev.kind(final) == "succeeded" and final.attempt == 1, final
+        assert [e.worker for e in events.of_task(task_id) if ev.kind(e) == "started"] == [worker_id(draining)]
+    assert await ack_pending() == 0
 
 
 async def test_roles_reconnect_by_themselves_when_nats_server_restarts_while_workers_are_idle(
