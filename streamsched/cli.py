@@ -104,8 +104,14 @@ def up(
     configure_logging(log_level)
     settings = load_or_exit(regions=_regions(regions))
     options = UpOptions(
-        port=port, data_dir=data_dir, workers=workers, concurrency=concurrency, handlers=handlers, nats_url=nats_url,
-        monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port, monitor_port_fallback=monitor_port is None,
+        port=port,
+        data_dir=data_dir,
+        workers=workers,
+        concurrency=concurrency,
+        handlers=handlers,
+        nats_url=nats_url,
+        monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port,
+        monitor_port_fallback=monitor_port is None,
     )
     try:
         ok = run(settings, options)
@@ -278,9 +284,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    concurrency: Annotated[
-        int | None, typer.Option(help="Handler slots per worker [default: 16, as `worker` and `up`].")
-    ] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Handler slots per worker [default: 16, as `worker` and `up`].")] = None,
     prefetch: Annotated[int | None, typer.Option(min=0, help="Tasks per worker waiting for a slot [default: the worker's].")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:

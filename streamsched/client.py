@@ -105,10 +105,18 @@ class Client:
         labels: Mapping[str, str] | None = None,
     ) -> TaskHandle:
         """Submit a task and return its handle once JetStream has stored it."""
-        task_id, body = _submission({
-            "type": type, "payload": payload, "id": id, "priority": priority, "region": region,
-            "timeout_s": timeout_s, "max_attempts": max_attempts, "labels": labels,
-        })
+        task_id, body = _submission(
+            {
+                "type": type,
+                "payload": payload,
+                "id": id,
+                "priority": priority,
+                "region": region,
+                "timeout_s": timeout_s,
+                "max_attempts": max_attempts,
+                "labels": labels,
+            }
+        )
         await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
         return TaskHandle(self, task_id)
 

@@ -231,11 +231,7 @@ def decode_submission(data: bytes, *, max_bytes: int | None = None) -> Submissio
         raise _rejected(f"submission is {len(data)} bytes, over the limit of {max_bytes}", data)
     # A document cannot nest deeper than it has opening brackets (nor than half its length):
     # counting them is cheaper than the exact check, which most submissions never need.
-    if (
-        len(data) > 2 * _MAX_NESTING
-        and data.count(b"[") + data.count(b"{") > _MAX_NESTING
-        and nests_deeper_than(data, _MAX_NESTING)
-    ):
+    if len(data) > 2 * _MAX_NESTING and data.count(b"[") + data.count(b"{") > _MAX_NESTING and nests_deeper_than(data, _MAX_NESTING):
         raise _rejected(f"not a valid task envelope: arrays and objects nest deeper than {MAX_PAYLOAD_DEPTH} levels", data)
     try:
         return _submission_decoder.decode(data)

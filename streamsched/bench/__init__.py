@@ -176,8 +176,7 @@ def _rss_over_time(backlog: dict[str, Any], points: int = 8) -> list[str]:
     if len(samples) < 2:
         return []
     picked = [samples[round(i * (len(samples) - 1) / (points - 1))] for i in range(points)]
-    lines = ["  RSS MB at " + ", ".join(f"{s['t']:.0f}" for s in picked) + " s (worker from "
-             f"{backlog['routed_s']:.0f} s):"]
+    lines = ["  RSS MB at " + ", ".join(f"{s['t']:.0f}" for s in picked) + f" s (worker from {backlog['routed_s']:.0f} s):"]
     for name in samples[-1]["rss_mb"]:
         lines.append(f"    {name:<14} " + " ".join(f"{s['rss_mb'].get(name, 0.0):>5.0f}" for s in picked))
     return lines

@@ -39,11 +39,13 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     fixed = next((lat for lat in results.get("latency", []) if lat["rate_per_s"] == 250.0), None)
     if fixed:
         started = fixed["submit_to_started_ms"]
-        rows.append((
-            f"latency at 250/s: p50 <= {LATENCY_P50_MS:.0f} ms, p99 <= {LATENCY_P99_MS:.0f} ms",
-            f"{started['p50']:.2f} / {started['p99']:.2f} ms",
-            started["p50"] <= LATENCY_P50_MS and started["p99"] <= LATENCY_P99_MS,
-        ))
+        rows.append(
+            (
+                f"latency at 250/s: p50 <= {LATENCY_P50_MS:.0f} ms, p99 <= {LATENCY_P99_MS:.0f} ms",
+                f"{started['p50']:.2f} / {started['p99']:.2f} ms",
+                started["p50"] <= LATENCY_P50_MS and started["p99"] <= LATENCY_P99_MS,
+            )
+        )
     priority = results.get("priority")
     if priority:
         p99 = priority["high_wait_to_start_ms"]["p99"]
@@ -57,11 +59,13 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         peak_role, peak = max(_roles(backlog["peak_rss_mb"]).items(), key=lambda item: item[1])
         rows.append((f"backlog: every role < {BACKLOG_RSS_MB:.0f} MB", f"{peak:.0f} MB ({peak_role})", peak < BACKLOG_RSS_MB))
         growth_role, growth = _growth(backlog)
-        rows.append((
-            f"backlog: RSS flat (<= {BACKLOG_GROWTH:.0%} over the second half)",
-            f"{growth:+.0%} ({growth_role})",
-            growth <= BACKLOG_GROWTH,
-        ))
+        rows.append(
+            (
+                f"backlog: RSS flat (<= {BACKLOG_GROWTH:.0%} over the second half)",
+                f"{growth:+.0%} ({growth_role})",
+                growth <= BACKLOG_GROWTH,
+            )
+        )
         stream, size = max(backlog["disk_bytes_per_task"].items(), key=lambda item: item[1])
         rows.append((f"backlog: < {BACKLOG_BYTES_PER_TASK:.0f} B per task per stream", f"{size:.0f} B ({stream})", size < BACKLOG_BYTES_PER_TASK))
     return rows
@@ -96,9 +100,5 @@ def _growth(backlog: dict[str, Any]) -> tuple[str, float]:
         return "-", 0.0
     half = min(samples, key=lambda s: abs(s["t"] - backlog["routed_s"] / 2))
     last = samples[-1]
-    growth = {
-        name: (last["rss_mb"][name] - mb) / mb
-        for name, mb in _roles(half["rss_mb"]).items()
-        if mb > 0 and name in last["rss_mb"]
-    }
+    growth = {name: (last["rss_mb"][name] - mb) / mb for name, mb in _roles(half["rss_mb"]).items() if mb > 0 and name in last["rss_mb"]}
     return max(growth.items(), key=lambda item: item[1]) if growth else ("-", 0.0)

@@ -171,8 +171,7 @@ class Reprioritized(Event, frozen=True, tag="reprioritized"):
 
 
 AnyEvent = (
-    Submitted | Rejected | Waiting | Scheduled | Dispatched | Started | Progress | Retrying
-    | Succeeded | Failed | Dead | Cancelled | Reprioritized
+    Submitted | Rejected | Waiting | Scheduled | Dispatched | Started | Progress | Retrying | Succeeded | Failed | Dead | Cancelled | Reprioritized
 )
 
 _KIND_OF: dict[type[Event], str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}

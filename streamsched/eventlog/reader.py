@@ -24,6 +24,7 @@ from .state import StateStore
 
 log = logging.getLogger("streamsched.eventlog")
 
+
 @dataclass(frozen=True)
 class Record:
     """One event as read back: the event, its stream sequence and when it was stored."""
@@ -35,7 +36,6 @@ class Record:
     @property
     def kind(self) -> str:
         return ev.kind(self.event)
-
 
 
 def decode(seq: int, data: bytes, stats: ReadStats) -> list[ev.AnyEvent]:

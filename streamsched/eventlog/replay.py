@@ -89,4 +89,3 @@ async def replay_submissions(
             if ahead > 0:
                 await anyio.sleep(ahead)
     return report
-

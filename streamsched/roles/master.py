@@ -51,9 +51,20 @@ log = logging.getLogger("streamsched.master")
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 #: The header block of a task on SCHED (without its final empty line: optional headers follow).
 _SCHED_HEADERS = "".join(
-    f"{line}\r\n" for line in ("NATS/1.0", *(f"{name}: %s" for name in (
-        subjects.H_MSG_ID, subjects.H_TASK_ID, subjects.H_TYPE, subjects.H_PRIORITY, subjects.H_REGION,
-    )))
+    f"{line}\r\n"
+    for line in (
+        "NATS/1.0",
+        *(
+            f"{name}: %s"
+            for name in (
+                subjects.H_MSG_ID,
+                subjects.H_TASK_ID,
+                subjects.H_TYPE,
+                subjects.H_PRIORITY,
+                subjects.H_REGION,
+            )
+        ),
+    )
 ).encode()
 
 
@@ -136,7 +147,11 @@ class Master:
         priority = envelope.priority
         # Encoded in one step: every value is validated (id, type) or chosen from settings.
         headers = _SCHED_HEADERS % (
-            subjects.msg_id(task_id, "sched").encode(), task_id.encode(), envelope.type.encode(), priority.encode(), region.encode(),
+            subjects.msg_id(task_id, "sched").encode(),
+            task_id.encode(),
+            envelope.type.encode(),
+            priority.encode(),
+            region.encode(),
         )
         if envelope.max_attempts is not None:
             headers += b"%s: %d\r\n" % (subjects.H_MAX_ATTEMPTS.encode(), envelope.max_attempts)

@@ -143,7 +143,9 @@ class Projector:
                 if not subjects.is_token(event.task_id):  # a KV key: a bad one would fail every write
                     self.stats.skipped += 1
                     log.warning(
-                        "skipping an event of task %r (not a subject token) at EVENTS seq %d", event.task_id[:200], msg.stream_seq,
+                        "skipping an event of task %r (not a subject token) at EVENTS seq %d",
+                        event.task_id[:200],
+                        msg.stream_seq,
                     )
                     continue
                 held = self._held[event.task_id] = _Held(now)

@@ -30,6 +30,7 @@ from .service import Role
 
 log = logging.getLogger("streamsched.rebuild")
 
+
 @dataclass
 class RebuildReport:
     bucket: str

@@ -39,7 +39,13 @@ class Settler:
     """
 
     def __init__(
-        self, bus: Bus, puller: Puller, *, source: str = "", batcher: TaskBatcher | None = None, retry_delay_s: float = 1.0,
+        self,
+        bus: Bus,
+        puller: Puller,
+        *,
+        source: str = "",
+        batcher: TaskBatcher | None = None,
+        retry_delay_s: float = 1.0,
     ) -> None:
         """``source`` names the role in the subject of the events it records (``events.<source>``);
         ``batcher`` takes the hand-offs of :meth:`forward` (a master's SCHED publishes)."""

@@ -157,7 +157,10 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         log.info(
             "worker %s: region %s, concurrency %d, handlers %s",
-            self.id, self.region, self.concurrency, ", ".join(self.registry.names()) or "(none)",
+            self.id,
+            self.region,
+            self.concurrency,
+            ", ".join(self.registry.names()) or "(none)",
         )
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -181,7 +184,10 @@ class Worker:
         self._draining = True
         if self.running or self._waiting_count:
             log.info(
-                "draining %d running and %d waiting task(s), up to %.0fs", len(self.running), self._waiting_count, self.settings.grace_s,
+                "draining %d running and %d waiting task(s), up to %.0fs",
+                len(self.running),
+                self._waiting_count,
+                self.settings.grace_s,
             )
             self._idle = anyio.Event()
             with anyio.move_on_after(self.settings.grace_s):
@@ -293,8 +299,13 @@ class Worker:
 
         started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
         context = TaskContext(
-            id=task_id, type=task_type, attempt=attempt, max_attempts=max_attempts,
-            priority=self.settings.priorities[level], region=self.region, worker=self.id,
+            id=task_id,
+            type=task_type,
+            attempt=attempt,
+            max_attempts=max_attempts,
+            priority=self.settings.priorities[level],
+            region=self.region,
+            worker=self.id,
         )
         running = _Running(msg, asyncio.current_task(self._loop), started)
         self.running[id(msg)] = running
@@ -327,8 +338,13 @@ class Worker:
                     error = Fail(f"result is {len(encoded)} bytes, over the limit of {self.settings.max_payload_bytes}")
             if error is None:
                 done = ev.Succeeded(
-                    task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id,
-                    result=msgspec.Raw(encoded), duration_s=time.monotonic() - begin,
+                    task_id=task_id,
+                    at=time.time(),
+                    attempt=attempt,
+                    region=self.region,
+                    worker=self.id,
+                    result=msgspec.Raw(encoded),
+                    duration_s=time.monotonic() - begin,
                 )
                 self.counts["succeeded"] += 1
                 self._finish(msg, [], (*running.unpublished(), done), ACK, running.landing())
@@ -336,7 +352,13 @@ class Worker:
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
 
     async def _failed(
-        self, running: _Running, task_id: str, task_type: str, attempt: int, max_attempts: int, error: BaseException,
+        self,
+        running: _Running,
+        task_id: str,
+        task_type: str,
+        attempt: int,
+        max_attempts: int,
+        error: BaseException,
     ) -> None:
         msg, before, extra = running.msg, running.unpublished(), running.landing()
         text = _describe(error)
@@ -352,14 +374,26 @@ class Worker:
         delay = error.delay_s if isinstance(error, Retry) and error.delay_s is not None else self.backoff(attempt)
         log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
         retrying = ev.Retrying(
-            task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text, delay_s=delay,
+            task_id=task_id,
+            at=time.time(),
+            attempt=attempt,
+            region=self.region,
+            worker=self.id,
+            error=text,
+            delay_s=delay,
         )
         self.counts["retrying"] += 1
         self._finish(msg, [], (*before, retrying), nak_with_delay(delay), extra)
 
     async def _dead(
-        self, msg: Delivery, task_id: str, task_type: str, attempt: int, error: str,
-        before: Sequence[ev.Event] = (), extra: Sequence[Any] = (),
+        self,
+        msg: Delivery,
+        task_id: str,
+        task_type: str,
+        attempt: int,
+        error: str,
+        before: Sequence[ev.Event] = (),
+        extra: Sequence[Any] = (),
     ) -> None:
         """Keep the task and its last error on DLQ, record ``dead``, then term it off WORK."""
         log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error)
@@ -375,7 +409,12 @@ class Worker:
         self._finish(msg, [(subjects.dlq(task_id), msg.data, dlq_headers)], (*before, dead), term_with_reason("dead: attempts exhausted"), extra)
 
     def _finish(
-        self, msg: Delivery, publishes: Sequence[Publication], events: Sequence[ev.Event], reply: bytes, also: Sequence[Pending],
+        self,
+        msg: Delivery,
+        publishes: Sequence[Publication],
+        events: Sequence[ev.Event],
+        reply: bytes,
+        also: Sequence[Pending],
     ) -> None:
         """Publish the outcome, then settle ``msg``; its handler slot is free from now on.
 

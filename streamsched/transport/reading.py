@@ -113,4 +113,3 @@ async def read(
     finally:
         with contextlib.suppress(nats.errors.Error):  # the ephemeral consumer expires on its own
             await psub.unsubscribe()
-

@@ -197,14 +197,19 @@ def _choose(nc: Client) -> Wire:
         log.warning(
             "nats-py %s lacks what the fast wire path needs (%s); this connection publishes and "
             "receives through nats-py's own API instead (slower, same behaviour)",
-            NATS_PY_VERSION, "; ".join(missing),
+            NATS_PY_VERSION,
+            "; ".join(missing),
         )
         return Wire(False, _send_through_nats_py)
     old = nc._ps
     fast = FastParser(nc)
     # Carry over anything the old parser had buffered (normally nothing right after connect).
     fast.buf, fast.state, fast.needed, fast.header_needed, fast.msg_arg = (
-        old.buf, old.state, old.needed, old.header_needed, old.msg_arg,
+        old.buf,
+        old.state,
+        old.needed,
+        old.header_needed,
+        old.msg_arg,
     )
     nc._ps = fast
     return Wire(True, _send_fast)
@@ -261,7 +266,12 @@ def _send_fast(nc: Client, subject: str, payload: bytes, reply: str = "", header
     if headers:
         block = headers if type(headers) is bytes else encode_headers(headers)  # type: ignore[arg-type] # a dict otherwise
         command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-            subject.encode(), reply.encode(), len(block), len(block) + size, block, payload,
+            subject.encode(),
+            reply.encode(),
+            len(block),
+            len(block) + size,
+            block,
+            payload,
         )
     else:
         command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, payload)

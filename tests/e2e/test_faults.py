@@ -94,7 +94,9 @@ class Processes:
         with open(self.log_dir / f"{name}.log", "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
-                env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
         self.started[name] = process
         return process
@@ -211,8 +213,7 @@ async def final_states(client: Client, task_ids: Sequence[str], *, timeout_s: fl
         if time.monotonic() > deadline:
             missing = {t: (s.status.value if (s := latest.get(t)) else None) for t in task_ids if t not in found}
             raise AssertionError(
-                f"{len(missing)} of {len(task_ids)} tasks not final after {timeout_s}s: "
-                f"{dict(list(missing.items())[:10])}\n{processes.logs()}"
+                f"{len(missing)} of {len(task_ids)} tasks not final after {timeout_s}s: {dict(list(missing.items())[:10])}\n{processes.logs()}"
             )
         await anyio.sleep(0.1)
 

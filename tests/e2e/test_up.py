@@ -208,7 +208,12 @@ def test_ctrl_c_on_a_terminal_reaches_up_alone_and_it_stops_the_roles_in_order(t
     terminal, tty = pty.openpty()
     command = [*UP, "--port", str(free_port()), "--monitor-port", "0", "--data-dir", str(tmp_path / "data")]
     up = subprocess.Popen(
-        command, cwd=REPO, stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+        command,
+        cwd=REPO,
+        stdin=tty,
+        stdout=tty,
+        stderr=tty,
+        start_new_session=True,
         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # one ioctl, no lock to deadlock on; makes the terminal up's, as a shell does
     )
     os.close(tty)
@@ -255,7 +260,8 @@ class ChildWatch:
     def of_kind(self, kind: str) -> list[list[str]]:
         """Command lines of the role processes (``worker`` ...) or ``nats-server`` seen, running or not."""
         return [
-            cmdline for _, cmdline in list(self.seen.values())
+            cmdline
+            for _, cmdline in list(self.seen.values())
             if cmdline and (cmdline[1:4] == ["-m", "streamsched", kind] or Path(cmdline[0]).name == kind)
         ]
 
@@ -293,7 +299,10 @@ def test_a_crash_looping_worker_stops_everything_with_a_report(tmp_path: Path, c
     caplog.set_level(logging.INFO, logger="streamsched.up")
     # up.run in this process, so the backoff can be shortened (the CLI does not offer that).
     options = UpOptions(
-        port=free_port(), monitor_port=0, data_dir=tmp_path / "data", handlers="no_such_module",
+        port=free_port(),
+        monitor_port=0,
+        data_dir=tmp_path / "data",
+        handlers="no_such_module",
         restarts=RestartPolicy(delay_s=0.05, max_delay_s=0.2),
     )
     started = time.monotonic()
@@ -358,7 +367,11 @@ def test_a_taken_port_gives_one_line_naming_it_and_its_flag(tmp_path: Path, flag
         ports = {"--port": str(free_port()), "--monitor-port": "0", flag: str(busy)}
         result = subprocess.run(
             [*UP, *[arg for item in ports.items() for arg in item], "--data-dir", str(tmp_path / "data")],
-            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     output = result.stdout + result.stderr
     assert result.returncode == Exit.USAGE, output

@@ -74,28 +74,53 @@ def malformed(rng: random.Random, uid: str) -> BadSubmission:
     if kind == 2:  # JSON, but not an object
         return BadSubmission(rng.choice([b"[]", b'"echo"', b"42", b"null", b"true", b'[{"type":"echo"}]']))
     if kind == 3:  # a field of the wrong type
-        name, value = rng.choice([
-            ("type", 5), ("priority", 1), ("labels", {"a": 1}), ("labels", ["a"]), ("max_attempts", "3"),
-            ("max_attempts", 1.5), ("timeout_s", "soon"), ("region", 7), ("depends_on", "t1"),
-        ])
+        name, value = rng.choice(
+            [
+                ("type", 5),
+                ("priority", 1),
+                ("labels", {"a": 1}),
+                ("labels", ["a"]),
+                ("max_attempts", "3"),
+                ("max_attempts", 1.5),
+                ("timeout_s", "soon"),
+                ("region", 7),
+                ("depends_on", "t1"),
+            ]
+        )
         return BadSubmission(envelope(uid, **{name: value}), task_id=uid)
     if kind == 4:  # unknown, unsupported or invalid fields (unknown names with control and non-ASCII characters)
-        name, value = rng.choice([
-            ("priorty", "high"), ("p\u0001riority", "x"), ("\u00e9t\u00e9", 1), ("x\u2028y", 1), ("cron", "* * * * *"),
-            ("priority", "urgent"), ("region", "mars"), ("max_attempts", 0), ("max_attempts", 101), ("timeout_s", -1),
-            ("type", "two words"), ("type", ""), ("type", "x" * 300),
-        ])
+        name, value = rng.choice(
+            [
+                ("priorty", "high"),
+                ("p\u0001riority", "x"),
+                ("\u00e9t\u00e9", 1),
+                ("x\u2028y", 1),
+                ("cron", "* * * * *"),
+                ("priority", "urgent"),
+                ("region", "mars"),
+                ("max_attempts", 0),
+                ("max_attempts", 101),
+                ("timeout_s", -1),
+                ("type", "two words"),
+                ("type", ""),
+                ("type", "x" * 300),
+            ]
+        )
         return BadSubmission(envelope(uid, **{name: value}), task_id=uid)
     if kind == 5:  # an id that is not a subject token: rejected under a derived id
         return BadSubmission(envelope(rng.choice(["a.b", "a b", "*", ">", "", "x" * 129, "\u00e9"])))
     if kind == 6:  # invalid UTF-8 in a string: of the payload, a label, the type or a key
         bad, token = rng.choice(BAD_UTF8), uid.encode()
-        return BadSubmission(rng.choice([
-            b'{"type":"echo","id":"%s","payload":"ok%sok"}' % (token, bad),
-            b'{"type":"echo","id":"%s","labels":{"a":"%s"}}' % (token, bad),
-            b'{"type":"ec%sho","id":"%s"}' % (bad, token),
-            b'{"type":"echo","id":"%s","payload":[{"k%s":1}]}' % (token, bad),
-        ]))
+        return BadSubmission(
+            rng.choice(
+                [
+                    b'{"type":"echo","id":"%s","payload":"ok%sok"}' % (token, bad),
+                    b'{"type":"echo","id":"%s","labels":{"a":"%s"}}' % (token, bad),
+                    b'{"type":"ec%sho","id":"%s"}' % (bad, token),
+                    b'{"type":"echo","id":"%s","payload":[{"k%s":1}]}' % (token, bad),
+                ]
+            )
+        )
     if kind == 7:  # lone surrogate escapes
         return BadSubmission(b'{"type":"echo","id":"%s","payload":"%s"}' % (uid.encode(), rng.choice([b"\\ud800", b"\\udfff", b"\\ud800\\u0041"])))
     if kind == 8:  # numbers no decoder takes: literals that are not JSON, and ones out of range
@@ -120,13 +145,15 @@ def malformed(rng: random.Random, uid: str) -> BadSubmission:
 
 def with_odd_headers(rng: random.Random, submission: BadSubmission, uid: str) -> BadSubmission:
     """Headers a client should not send; every ``Nats-Msg-Id`` here is unique to the submission."""
-    submission.headers = rng.choice([
-        {subjects.H_MSG_ID: f"{uid} with spaces and \u00fcnic\u00f8de"},
-        {subjects.H_MSG_ID: "x" * rng.randrange(500, 3000) + uid},
-        {"X-Junk": "y" * rng.randrange(1000, 6000)},  # with the largest bodies, too large for TASKS
-        {subjects.H_TASK_ID: "spoofed", subjects.H_TYPE: "echo", subjects.H_PRIORITY: "high"},
-        b"NATS/1.0\r\nNats-Msg-Id: " + uid.encode() + b"\xff\xfe\r\nX-Bad: \x80\r\n\r\n",
-    ])
+    submission.headers = rng.choice(
+        [
+            {subjects.H_MSG_ID: f"{uid} with spaces and \u00fcnic\u00f8de"},
+            {subjects.H_MSG_ID: "x" * rng.randrange(500, 3000) + uid},
+            {"X-Junk": "y" * rng.randrange(1000, 6000)},  # with the largest bodies, too large for TASKS
+            {subjects.H_TASK_ID: "spoofed", subjects.H_TYPE: "echo", subjects.H_PRIORITY: "high"},
+            b"NATS/1.0\r\nNats-Msg-Id: " + uid.encode() + b"\xff\xfe\r\nX-Bad: \x80\r\n\r\n",
+        ]
+    )
     return submission
 
 
@@ -137,24 +164,32 @@ def stream_garbage(rng: random.Random) -> list[tuple[str, bytes, bytes | None, s
         where = rng.choice(["sched", "work", "events"])
         subject = subjects.events(f"fuzz{n % 3}") if where == "events" else f"{where}.default.{rng.choice(('high', 'medium', 'low'))}"
         if where == "events":
-            body = rng.choice([
-                rng.randbytes(rng.randrange(100)), b"[" * 5000, b'{"kind":"succeeded","task_id":"x","at":1,"result":' + b"[" * 5000 + b"}",
-                b'{"kind":"nope","task_id":"x","at":1}', b'{"kind":"submitted","task_id":"a b","at":1,"type":"echo"}',
-                b'[{"kind":"started","task_id":"x","at":1,"v":99}]', b'{"kind":"dispatched","task_id":"x","at":"soon"}',
-            ])
+            body = rng.choice(
+                [
+                    rng.randbytes(rng.randrange(100)),
+                    b"[" * 5000,
+                    b'{"kind":"succeeded","task_id":"x","at":1,"result":' + b"[" * 5000 + b"}",
+                    b'{"kind":"nope","task_id":"x","at":1}',
+                    b'{"kind":"submitted","task_id":"a b","at":1,"type":"echo"}',
+                    b'[{"kind":"started","task_id":"x","at":1,"v":99}]',
+                    b'{"kind":"dispatched","task_id":"x","at":"soon"}',
+                ]
+            )
             out.append((subject, body, None, None))
             continue
         task_id = f"garbage-{n}"
-        headers, must_fail = rng.choice([
-            (None, None),
-            (b"NATS/1.0\r\nX-Other: 1\r\n\r\n", None),
-            (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": \xff\xfe\r\n\r\n", None),  # not UTF-8: as if missing
-            (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": " + task_id.encode(), None),  # unterminated block
-            (f"NATS/1.0\r\n{subjects.H_TASK_ID}: {task_id}\r\n{subjects.H_TYPE}: echo\r\n\r\n".encode(), task_id),
-            # An id that is no subject token, of a type nobody handles: terminated, never
-            # dead-lettered (there is no dlq.<id> subject for it).
-            (f"NATS/1.0\r\n{subjects.H_TASK_ID}: bad id {n}\r\n{subjects.H_TYPE}: no.such.type\r\n\r\n".encode(), None),
-        ])
+        headers, must_fail = rng.choice(
+            [
+                (None, None),
+                (b"NATS/1.0\r\nX-Other: 1\r\n\r\n", None),
+                (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": \xff\xfe\r\n\r\n", None),  # not UTF-8: as if missing
+                (b"NATS/1.0\r\n" + subjects.H_TASK_ID.encode() + b": " + task_id.encode(), None),  # unterminated block
+                (f"NATS/1.0\r\n{subjects.H_TASK_ID}: {task_id}\r\n{subjects.H_TYPE}: echo\r\n\r\n".encode(), task_id),
+                # An id that is no subject token, of a type nobody handles: terminated, never
+                # dead-lettered (there is no dlq.<id> subject for it).
+                (f"NATS/1.0\r\n{subjects.H_TASK_ID}: bad id {n}\r\n{subjects.H_TYPE}: no.such.type\r\n\r\n".encode(), None),
+            ]
+        )
         if where == "sched" and rng.random() < 0.2:  # a batch that is not one
             headers = f"NATS/1.0\r\n{subjects.H_BATCH}: 3\r\n\r\n".encode()
             must_fail = None
@@ -209,7 +244,9 @@ async def test_malformed_input_on_every_subject_is_rejected_or_dropped_and_every
         sent = await publish_all(bus, [(subjects.SUBMIT, s.body, s.headers) for s in submissions])
         landed = await publish_all(bus, [(subject, body, headers) for subject, body, headers, _ in garbage])
         stored = [s for s, ack in zip(submissions, sent, strict=True) if isinstance(ack, dict) and not ack.get("duplicate")]
-        shared = [s.headers[subjects.H_MSG_ID] for s in submissions if isinstance(s.headers, dict) and "shared" in s.headers.get(subjects.H_MSG_ID, "")]
+        shared = [
+            s.headers[subjects.H_MSG_ID] for s in submissions if isinstance(s.headers, dict) and "shared" in s.headers.get(subjects.H_MSG_ID, "")
+        ]
         refused = [ack for ack in sent if isinstance(ack, BaseException)]
         assert sum(1 for ack in sent if isinstance(ack, dict) and ack.get("duplicate")) == len(shared) - len(set(shared))
         assert all("maximum" in str(error) for error in refused), refused[:3]  # only the largest, with big headers

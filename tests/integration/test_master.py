@@ -71,9 +71,7 @@ async def rejected_messages(bus: Bus) -> list:
         seq = msg.seq + 1
 
 
-async def test_each_kind_of_bad_input_is_rejected_with_its_reason_and_the_master_keeps_serving(
-    limited, bus, events: EventLog, examples
-):
+async def test_each_kind_of_bad_input_is_rejected_with_its_reason_and_the_master_keeps_serving(limited, bus, events: EventLog, examples):
     roles = await all_roles(limited, bus, examples)
     master = roles[0]
     async with running(roles):

@@ -132,4 +132,3 @@ async def test_an_unreadable_batch_or_a_task_without_an_id_is_dropped_and_the_re
         await wait_drained(bus, subjects.SCHED_STREAM)  # the bad ones terminated
     assert sorted(e.task_id for e in events.of_kind("started")) == ["ok-1", "ok-2"]
     assert roles[0].released == 2
-

@@ -138,7 +138,10 @@ RUNNING = {"now": 0, "peak": 0}
 
 
 async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_finish_window_more(
-    settings, bus, events: EventLog, registry,
+    settings,
+    bus,
+    events: EventLog,
+    registry,
 ):
     settings = msgspec.structs.replace(settings, worker_finish_window=1)
     RUNNING.update(now=0, peak=0)
@@ -171,7 +174,11 @@ async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_
 
 
 async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_finish_window(
-    settings, bus, events: EventLog, registry, monkeypatch,
+    settings,
+    bus,
+    events: EventLog,
+    registry,
+    monkeypatch,
 ):
     """Outcomes that have not landed hold no handler slot, but at most ``worker_finish_window``
     of them are in flight: past that the worker takes no new task until one lands."""
@@ -184,6 +191,7 @@ async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_
 
     async def five_held() -> bool:
         return len(held) == 5
+
     async with running([*await routing(settings, bus), worker]):
         for i in range(10):
             await submit(bus, id=f"fw-{i}", type="echo", payload=i)
@@ -208,7 +216,10 @@ def msg_id(msg: Any) -> str | None:
 
 
 async def test_prefetched_tasks_wait_for_a_slot_kept_alive_and_start_highest_priority_first(
-    settings, bus, events: EventLog, registry,
+    settings,
+    bus,
+    events: EventLog,
+    registry,
 ):
     """With one slot and a prefetch of two, the worker holds up to three tasks: one runs,
     the others wait here (heartbeated, so not redelivered though they wait past ack_wait),
@@ -243,7 +254,15 @@ async def test_a_task_that_fails_twice_is_retried_and_succeeds_on_its_third_atte
         state = await final_state(bus, "flaky-1")
 
     assert events.kinds_of("flaky-1") == [
-        "submitted", "scheduled", "dispatched", "started", "retrying", "started", "retrying", "started", "succeeded",
+        "submitted",
+        "scheduled",
+        "dispatched",
+        "started",
+        "retrying",
+        "started",
+        "retrying",
+        "started",
+        "succeeded",
     ]
     retrying = of(events, "flaky-1", "retrying")
     assert [e.attempt for e in retrying] == [1, 2]

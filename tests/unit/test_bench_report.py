@@ -65,11 +65,13 @@ def test_rounds_keep_the_median_run_of_ours_and_of_each_peer_with_every_rounds_f
     ours = rounds.median_run([{"tasks_per_s": 9.0, "cpu": "slow"}, {"tasks_per_s": 12.0, "cpu": "fast"}, {"tasks_per_s": 10.0, "cpu": "mid"}])
     assert ours == {"tasks_per_s": 10.0, "cpu": "mid", "rounds": [9.0, 12.0, 10.0]}
     failed = {"name": "b", "config": "c", "n": 100, "error": "TimeoutError: x"}
-    combined = rounds.combine_peers([
-        {"peers": [_peer("a", 1000.0), _peer("b", 3000.0)]},
-        {"peers": [_peer("a", 1400.0), failed]},
-        {"peers": [_peer("a", 1200.0), _peer("b", 2000.0)]},
-    ])
+    combined = rounds.combine_peers(
+        [
+            {"peers": [_peer("a", 1000.0), _peer("b", 3000.0)]},
+            {"peers": [_peer("a", 1400.0), failed]},
+            {"peers": [_peer("a", 1200.0), _peer("b", 2000.0)]},
+        ]
+    )
     a, b = combined["peers"]
     assert (a["tasks_per_s"], a["rounds"]) == (1200.0, [1000.0, 1400.0, 1200.0])
     # Of b's two finished rounds the lower middle one; the failed round is kept, not hidden.

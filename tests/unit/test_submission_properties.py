@@ -127,9 +127,35 @@ def encoded(draw: st.DrawFn, envelopes: st.SearchStrategy[dict[str, Any]]) -> by
 #: Byte strings spliced in: invalid UTF-8 (a stray continuation byte, overlong, surrogate,
 #: past U+10FFFF, truncated sequences), and JSON that no decoder should accept in that place.
 SPLICES = [
-    b"\xff", b"\x80", b"\xc0\xaf", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80",
-    b"\\ud800", b"\\udc00", b"\\ud800\\u0041", b"\\", b'"', b"[", b"{", b"]", b"}", b",", b":", b"\x00", b"\t",
-    b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 5000, b"\xef\xbb\xbf", b"[" * 5000, b"]" * 50,
+    b"\xff",
+    b"\x80",
+    b"\xc0\xaf",
+    b"\xc3",
+    b"\xe2\x82",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\xf8\x88\x80\x80\x80",
+    b"\\ud800",
+    b"\\udc00",
+    b"\\ud800\\u0041",
+    b"\\",
+    b'"',
+    b"[",
+    b"{",
+    b"]",
+    b"}",
+    b",",
+    b":",
+    b"\x00",
+    b"\t",
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"1e400",
+    b"9" * 5000,
+    b"\xef\xbb\xbf",
+    b"[" * 5000,
+    b"]" * 50,
 ]
 
 
@@ -177,7 +203,13 @@ def poisoned(draw: st.DrawFn) -> bytes:
     """A valid envelope with bytes spliced into a string of its payload, however deep: the
     JSON around them stays intact, so only a full decode of the payload can refuse them."""
     text = draw(st.text(max_size=5)) + _SPOT + draw(st.text(max_size=5))
-    payload = draw(st.recursive(st.just(text), lambda inner: st.lists(inner, min_size=1, max_size=2) | st.dictionaries(st.text(max_size=3), inner, min_size=1, max_size=2), max_leaves=4))
+    payload = draw(
+        st.recursive(
+            st.just(text),
+            lambda inner: st.lists(inner, min_size=1, max_size=2) | st.dictionaries(st.text(max_size=3), inner, min_size=1, max_size=2),
+            max_leaves=4,
+        )
+    )
     data = msgspec.json.encode({**draw(valid_envelopes), "payload": payload})
     return data.replace(msgspec.json.encode(_SPOT)[1:-1], draw(st.sampled_from(SPLICES)))
 
@@ -210,9 +242,7 @@ def test_every_valid_envelope_is_accepted_and_the_worker_gets_its_payload(roles:
 
 @settings(BOUNDED, max_examples=500)
 @given(data=corrupted() | poisoned())
-def test_a_corrupted_envelope_is_rejected_or_decoded_by_the_worker_as_the_master_saw_it(
-    roles: tuple[Master, Worker], data: bytes
-) -> None:
+def test_a_corrupted_envelope_is_rejected_or_decoded_by_the_worker_as_the_master_saw_it(roles: tuple[Master, Worker], data: bytes) -> None:
     assert_rejected_or_decoded_alike(roles, data)
 
 
