@@ -167,7 +167,7 @@ def worker(
         typer.Option(
             min=0,
             help="Tasks held beyond the running ones, waiting here for a free slot so the next one is at hand when a "
-            "handler returns [default: 4 x --concurrency]; 0 leaves them in the stream for any worker (long tasks).",
+            "handler returns [default: as --concurrency]; 0 leaves them in the stream for any worker (long tasks).",
         ),
     ] = None,
     log_level: LogLevel = "INFO",

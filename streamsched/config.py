@@ -21,12 +21,14 @@ ENV_PREFIX = "STREAMSCHED_"
 #: which reads it; the transport sits below the settings). Allowed beside the settings.
 WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
-#: option, not a deployment setting).
-DEFAULT_CONCURRENCY = 16
-#: Tasks a worker holds waiting for a slot, per slot, unless told otherwise (``--prefetch``;
-#: Celery's default multiplier is 4 too). With fewer, a worker of short tasks idles a pull
-#: request's round trip whenever its slots empty (docs/BENCHMARKS.md has the measurement).
-PREFETCH_PER_SLOT = 4
+#: option, not a deployment setting). As Temporal's and Hatchet's workers: handlers mostly
+#: wait on I/O, async ones on the loop, sync ones in threads made only as calls need them.
+#: Lower it for CPU-bound sync handlers.
+DEFAULT_CONCURRENCY = 100
+#: Tasks a worker holds waiting for a slot, per slot, unless told otherwise (``--prefetch``).
+#: Without them a worker of short tasks idles a pull request's round trip whenever its
+#: slots empty (docs/BENCHMARKS.md has the measurement).
+PREFETCH_PER_SLOT = 1
 GIB = 1024**3
 
 

@@ -48,7 +48,7 @@ class Roles:
     workers: int = 1
     #: Task slots per worker; None: the scenario's own (:data:`CONCURRENCY`, or less, see ``priority``).
     concurrency: int | None = None
-    #: Tasks each worker holds waiting for a slot; None: the worker's default (4 per slot).
+    #: Tasks each worker holds waiting for a slot; None: the worker's default (one per slot).
     prefetch: int | None = None
     handlers: str = "workers.examples"
     masters: int = 1

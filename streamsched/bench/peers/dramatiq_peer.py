@@ -28,7 +28,7 @@ def build(url: str) -> tuple[RedisBroker, Any]:
     # The broker is passed explicitly rather than set as Dramatiq's global one, so the bench
     # process's submitter leaves no state behind.
     broker = RedisBroker(url=url)
-    return broker, dramatiq.actor(recorder.record, actor_name="noop", queue_name="peers", max_retries=0, broker=broker)
+    return broker, dramatiq.actor(actor_name="noop", queue_name="peers", max_retries=0, broker=broker)(recorder.record)
 
 
 #: What ``dramatiq module:broker`` loads in the worker process (see ``recorder.BROKER_URL_ENV``).
