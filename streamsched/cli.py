@@ -284,7 +284,7 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    concurrency: Annotated[int | None, typer.Option(help="Handler slots per worker [default: 16, as `worker` and `up`].")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Handler slots per worker [default: 100, as `worker` and `up`].")] = None,
     prefetch: Annotated[int | None, typer.Option(min=0, help="Tasks per worker waiting for a slot [default: the worker's].")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
 ) -> None:

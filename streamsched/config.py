@@ -20,6 +20,8 @@ ENV_PREFIX = "STREAMSCHED_"
 #: takes, ``fast`` (the default) or ``nats-py`` (see :mod:`streamsched.transport.wire`,
 #: which reads it; the transport sits below the settings). Allowed beside the settings.
 WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
+#: Its values: streamsched's own per-message path, or nats-py's public API.
+WIRE_ROUTES = ("fast", "nats-py")
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
 #: option, not a deployment setting). As Temporal's and Hatchet's workers: handlers mostly
 #: wait on I/O, async ones on the loop, sync ones in threads made only as calls need them.
@@ -54,9 +56,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Cap on un-acked WORK messages per region and priority across all workers."""
     worker_finish_window: int = 512
     """Outcomes a worker may have on their way at once (events being recorded, acks being
-    sent) besides its running handlers. A handler's slot is free when it returns; past this
-    many unsettled outcomes, freed slots wait. A worker holds at most ``concurrency`` plus
-    this many un-acked messages, within ``work_max_ack_pending``."""
+    sent) besides its running and waiting tasks. A handler's slot is free when it returns;
+    past this many unsettled outcomes the worker fetches nothing more until one lands. A
+    worker holds at most ``concurrency + prefetch`` plus this many un-acked messages, within
+    ``work_max_ack_pending``."""
     ack_wait_s: float = 30.0
     """A worker that stops heartbeating for this long loses its task to another worker."""
     max_deliver: int = 100
@@ -109,6 +112,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if "NATS_URL" in env:
             raw["nats_url"] = env["NATS_URL"]
         for key, value in env.items():
+            if key == WIRE_ROUTE_ENV and value not in WIRE_ROUTES:
+                raise ConfigError(f"{WIRE_ROUTE_ENV} must be one of {', '.join(WIRE_ROUTES)}, not {value!r}")
             if not key.startswith(ENV_PREFIX) or key == WIRE_ROUTE_ENV:
                 continue
             name = key[len(ENV_PREFIX) :].lower()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from .config import Settings
+from .config import DEFAULT_CONCURRENCY, Settings
 from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
 from .transport import streams
 from .transport.bus import Bus
@@ -42,7 +42,7 @@ class UpOptions:
     """Client port of the embedded nats-server; no fallback when taken, since clients are told this address."""
     data_dir: Path = Path(".streamsched")
     workers: int = 1
-    concurrency: int = 16
+    concurrency: int = DEFAULT_CONCURRENCY
     handlers: str = "workers.examples"
     nats_url: str | None = None
     """Use this server instead of embedding one."""

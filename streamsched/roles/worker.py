@@ -16,10 +16,11 @@ Life of one delivery:
    the tasks that ended in one loop tick in one message.
 3. The handler's slot is free as soon as it returns: the next task starts while this
    one's outcome is recorded (and published) and then the message is settled. Up to
-   ``worker_finish_window`` outcomes are on their way at once; past that, slots wait
-   for them, so a worker holds at most ``concurrency + worker_finish_window`` un-acked
-   messages. A slot held until the ack would bound a worker by round trips rather than
-   by its handlers (16 slots of no-op tasks ran at 0.72 x the raw two-hop pipeline).
+   ``worker_finish_window`` outcomes are on their way at once; past that, the worker
+   fetches nothing more until one lands, so it holds at most ``concurrency + prefetch +
+   worker_finish_window`` un-acked messages. A slot held until the ack would bound a
+   worker by round trips rather than by its handlers (16 slots of no-op tasks ran at
+   0.72 x the raw two-hop pipeline).
 
    ============================  ==========================  ========================
    outcome                       published                   then
@@ -35,7 +36,8 @@ worker (SIGKILL) still counts, and a task redelivered past ``max_attempts`` is
 dead-lettered without running again.
 
 On shutdown the worker stops asking for messages, naks any that still arrive, gives
-running tasks ``grace_s`` to finish, then cancels and naks the rest.
+running and waiting tasks ``grace_s`` to finish (a waiting task handed back would count a
+delivery it never ran), then cancels and naks the rest.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ log = logging.getLogger("streamsched.worker")
 
 #: Longest error text kept in events and the DLQ.
 MAX_ERROR_CHARS = 2000
-#: Every this many starts of a waiting task, the lowest level with one goes first.
+#: Every this many starts of a waiting task, a lower level (in rotation) goes first.
 SHARE_EVERY = 8
 #: Nak with no delay: hand a cancelled task to another worker at once (after unsubscribing).
 NAK_NOW = b"-NAK"
@@ -143,7 +145,7 @@ class Worker:
         self._cancelling = False  # the drain's grace period is over: start nothing more
         self.finish_window = settings.worker_finish_window
         self.finishing = 0  # outcomes being recorded and acked
-        self._waiting_slots = 0  # slots freed while finish_window outcomes were on their way
+        self._deferred_releases = 0  # credit kept back while finish_window outcomes are on their way
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0}
         self._draining = False
@@ -182,7 +184,7 @@ class Worker:
 
     async def _drain(self) -> None:
         self._draining = True
-        if self.running or self._waiting_count:
+        if self._tasks or self._waiting_count:
             log.info(
                 "draining %d running and %d waiting task(s), up to %.0fs",
                 len(self.running),
@@ -230,21 +232,26 @@ class Worker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A handler slot is free: start the next waiting task, highest level first (every
-        :data:`SHARE_EVERY`-th pick from the lowest, so a flood of high tasks cannot keep a
-        waiting low one here for ever)."""
+        :data:`SHARE_EVERY`-th pick from a lower level, in rotation, so a flood of high tasks
+        cannot keep a waiting lower one here for ever)."""
         self._tasks.discard(task)
         self._free_slots += 1
         if not task.cancelled() and task.exception() is not None:
             log.error("running a task failed; ack_wait brings it back", exc_info=task.exception())
         if self._waiting_count and not self._cancelling:
             self._picks += 1
-            levels = range(len(self._waiting))
-            for level in reversed(levels) if self._picks % SHARE_EVERY == 0 else levels:
+            order = list(range(len(self._waiting)))
+            if self._picks % SHARE_EVERY == 0 and len(order) > 1:  # a lower level's turn, in rotation
+                start = 1 + (self._picks // SHARE_EVERY) % (len(order) - 1)
+                order = order[start:] + order[:start]
+            for level in order:
                 if self._waiting[level]:
                     self._waiting_count -= 1
                     self._start(level, self._waiting[level].popleft())
                     return
-        if not self.running and not self._waiting_count:
+        # Idle only when no task is left at all: one just started is not in `running` until
+        # its first step.
+        if not self._tasks and not self._waiting_count:
             self._idle.set()
 
     def _held(self) -> list[Delivery]:
@@ -317,12 +324,13 @@ class Worker:
                 raise LookupError(f"no handler for task type {task_type!r} on worker {self.id}")
             timeout = _float(wire.header_value(raw, subjects.H_TIMEOUT)) or definition.timeout_s
             result = await self._call(definition, msg.data, context, timeout)
-        except asyncio.CancelledError:
-            if not running.cancelled:
+        except asyncio.CancelledError as exc:
+            if running.cancelled:  # drained past the grace period: another worker takes it
+                self.settler.settle(msg, NAK_NOW)
+                return
+            if running.task is not None and running.task.cancelling():
                 raise
-            # Drained past the grace period: another worker takes it.
-            self.settler.settle(msg, NAK_NOW)
-            return
+            error = exc  # raised by the handler itself (an inner task it awaited was cancelled)
         except Exception as exc:  # noqa: BLE001 - every handler error is an outcome
             error = exc
         finally:
@@ -331,8 +339,8 @@ class Worker:
         if error is None:
             try:
                 encoded = msgspec.json.encode(result)
-            except (TypeError, msgspec.EncodeError) as exc:
-                error = Fail(f"result is not JSON-serialisable: {exc}")
+            except Exception as exc:  # noqa: BLE001 - TypeError, EncodeError, RecursionError: the handler's result is at fault
+                error = Fail(f"result is not JSON-serialisable: {exc!r}")
             else:
                 if len(encoded) > self.settings.max_payload_bytes:
                     error = Fail(f"result is {len(encoded)} bytes, over the limit of {self.settings.max_payload_bytes}")
@@ -418,21 +426,22 @@ class Worker:
     ) -> None:
         """Publish the outcome, then settle ``msg``; its handler slot is free from now on.
 
-        The slot goes back to the puller at once while fewer than ``finish_window``
-        outcomes are on their way, else when one of them has landed (:meth:`_finished`).
+        Its credit goes back to the puller at once while fewer than ``finish_window``
+        outcomes are on their way, else when one of them has landed (:meth:`_finished`):
+        until then the worker fetches nothing more.
         """
         self.finishing += 1
         if self.finishing <= self.finish_window:
             self.puller.release()
         else:
-            self._waiting_slots += 1
+            self._deferred_releases += 1
         self.settler.forward(msg, publishes, events=events, reply=reply, also=also, settled=self._finished)
 
     def _finished(self) -> None:
         """An outcome landed and its message was settled: room for one more on its way."""
         self.finishing -= 1
-        if self._waiting_slots:
-            self._waiting_slots -= 1
+        if self._deferred_releases:
+            self._deferred_releases -= 1
             self.puller.release()
 
     def backoff(self, attempt: int) -> float:

@@ -105,6 +105,8 @@ def _is_coroutine_taking(function: object, arity: int) -> bool:
 #: Publishes of a connection queued behind one of its own that paused, by ``id(nc)``:
 #: an entry lives only while the task that drains it, which holds the client, runs.
 _paused: dict[int, collections.deque[tuple[str, bytes, str, dict[str, str] | None]]] = {}
+#: The tasks that finish a paused publish and drain its queue.
+_finishing: set[asyncio.Task[None]] = set()
 
 
 def publish_now(nc: Client, subject: str, payload: bytes, reply: str, headers: dict[str, str] | None) -> None:
@@ -130,7 +132,9 @@ def publish_now(nc: Client, subject: str, payload: bytes, reply: str, headers: d
     except StopIteration:
         return
     backlog = _paused[id(nc)] = collections.deque()
-    asyncio.get_running_loop().create_task(_finish_paused(nc, publishing, pause, backlog))
+    task = asyncio.get_running_loop().create_task(_finish_paused(nc, publishing, pause, backlog))
+    _finishing.add(task)  # the loop keeps tasks only weakly
+    task.add_done_callback(_finishing.discard)
 
 
 async def _finish_paused(

@@ -7,6 +7,7 @@ in production; the projector runs where a test reads the KV state.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +27,7 @@ from streamsched.registry import Registry
 from streamsched.roles.master import Master
 from streamsched.roles.projector import Projector
 from streamsched.roles.regional import Regional
-from streamsched.roles.worker import Worker
+from streamsched.roles.worker import NAK_NOW, Worker
 from streamsched.testing import EventLog, running
 from streamsched.transport import streams, wire
 from streamsched.transport.bus import Bus
@@ -244,6 +245,76 @@ async def test_prefetched_tasks_wait_for_a_slot_kept_alive_and_start_highest_pri
     # Each ran once, on its first delivery: waiting past ack_wait did not bring it back.
     assert [e.attempt for e in events.of_kind("started")] == [1, 1, 1]
     assert len(events.of_kind("succeeded")) == 3
+
+
+GATE: dict[str, anyio.Event] = {}
+
+
+@task("test.gated")
+async def gated(payload: Any) -> None:
+    """Returns when the test opens ``GATE["open"]``: every such handler at once."""
+    await GATE["open"].wait()
+
+
+@task("test.deep_result")
+def deep_result(payload: Any) -> Any:
+    """Returns a result nested 2,000 deep: more than the JSON encoder can take."""
+    result: Any = []
+    for _ in range(2000):
+        result = [result]
+    return result
+
+
+@task("test.raises_cancelled")
+async def raises_cancelled(payload: Any) -> None:
+    """Raises CancelledError itself, as a handler does whose awaited inner task was cancelled."""
+    raise asyncio.CancelledError
+
+
+async def test_a_drain_runs_the_waiting_task_that_starts_as_two_handlers_end_together(settings, bus, events: EventLog, registry, monkeypatch):
+    """The task started by the first slot to free is not yet 'running' when the second slot
+    frees in the same loop tick: the drain must still wait for it, not cancel it."""
+    settings = msgspec.structs.replace(settings, grace_s=10.0)
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=2, prefetch=1)
+    replies: list[bytes] = []
+    settle = worker.settler.settle
+    monkeypatch.setattr(worker.settler, "settle", lambda msg, reply: (replies.append(reply), settle(msg, reply)))
+    GATE["open"] = anyio.Event()
+    async with running(await routing(settings, bus)):
+        for i in range(3):
+            await submit(bus, id=f"gate-{i}", type="test.gated", priority="high")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+
+            async def two_running_one_waiting() -> bool:
+                return len(worker.running) == 2 and worker._waiting_count == 1
+
+            await eventually(two_running_one_waiting, what="two running and one waiting")
+            await worker.shutdown()
+            GATE["open"].set()  # both running handlers return in the same tick
+        await events.wait_count("succeeded", 3)
+    assert worker.counts["succeeded"] == 3
+    assert NAK_NOW not in replies
+
+
+async def test_a_result_the_encoder_cannot_take_fails_the_task_and_frees_its_slot(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=1, prefetch=0)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="deep", type="test.deep_result")
+        await submit(bus, id="after-deep", type="echo", payload=1)
+        assert ev.kind(await events.wait_final("deep")) == "failed"
+        assert ev.kind(await events.wait_final("after-deep")) == "succeeded"
+    assert "not JSON-serialisable" in of(events, "deep", "failed")[0].error  # type: ignore[attr-defined]
+
+
+async def test_a_handler_raising_cancelled_error_is_retried_like_any_error(settings, bus, events: EventLog, registry):
+    worker = Worker(settings, bus, registry, region=REGION, concurrency=1, prefetch=0)
+    async with running([*await routing(settings, bus), worker]):
+        await submit(bus, id="cancelled", type="test.raises_cancelled", max_attempts=2)
+        await submit(bus, id="after-cancelled", type="echo", payload=1)
+        assert ev.kind(await events.wait_final("cancelled")) == "dead"
+        assert ev.kind(await events.wait_final("after-cancelled")) == "succeeded"
+    assert len(of(events, "cancelled", "retrying")) == 1
 
 
 async def test_a_task_that_fails_twice_is_retried_and_succeeds_on_its_third_attempt(settings, bus, events: EventLog, registry):

@@ -76,6 +76,8 @@ def test_settings_come_from_the_environment_and_refuse_unknown_keys():
         Settings.load({"STREAMSCHED_PROJECTOR_NICE": "20"})
     # The wire switch is the transport's, read by each connection: allowed beside the settings.
     assert Settings.load({"STREAMSCHED_WIRE": "nats-py"}) == Settings.load({})
+    with pytest.raises(ConfigError, match="STREAMSCHED_WIRE must be one of fast, nats-py, not 'turbo'"):
+        Settings.load({"STREAMSCHED_WIRE": "turbo"})
 
 
 def test_explicit_overrides_win_and_none_means_not_given():
