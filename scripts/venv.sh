@@ -30,12 +30,16 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
         "$python" -m venv --without-pip "$VENV"
         if ! "$python" -m pip --python "$VENV/bin/python" install --quiet pip 2>/dev/null; then
             "$VENV/bin/python" - <<'PY' || { echo "error: could not get pip from PyPI (see above); install python3-venv or python3-pip and run this again" >&2; exit 1; }
-import hashlib, json, os, sys, tempfile, urllib.parse, urllib.request
+import hashlib, json, os, shutil, sys, tempfile, urllib.parse, urllib.request
 index = "https://pypi.org/pypi/pip/json"
-release = json.load(urllib.request.urlopen(index, timeout=60))
-wheel = next(f for f in release["urls"] if f["filename"].endswith(".whl"))
-path = os.path.join(tempfile.mkdtemp(), wheel["filename"])
-urllib.request.urlretrieve(urllib.parse.urljoin(index, wheel["url"]), path)
+try:
+    release = json.load(urllib.request.urlopen(index, timeout=60))
+    wheel = next(f for f in release["urls"] if f["filename"].endswith(".whl"))
+    path = os.path.join(tempfile.mkdtemp(), wheel["filename"])
+    with urllib.request.urlopen(urllib.parse.urljoin(index, wheel["url"]), timeout=60) as source, open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+except OSError as exc:  # no network, a proxy, a stalled download
+    sys.exit(f"error: could not download pip from PyPI: {exc}")
 with open(path, "rb") as file:
     if hashlib.sha256(file.read()).hexdigest() != wheel["digests"]["sha256"]:
         sys.exit(f"error: {wheel['filename']} does not match its sha256 on PyPI")
