@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import msgspec
 
 from .config import DEFAULT_CONCURRENCY, Settings
 from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
@@ -77,7 +78,7 @@ def run(settings: Settings, options: UpOptions) -> bool:
     """
     server = _embedded_server(options) if options.nats_url is None else None
     url = server.url if server else str(options.nats_url)
-    settings = Settings.load({}, **{**_as_dict(settings), "nats_url": url})
+    settings = msgspec.structs.replace(settings, nats_url=url)
     env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions))
     supervisor = Supervisor(roles(settings, options), env, options.restarts)
     stopping = hurry = False
@@ -153,10 +154,6 @@ async def _apply(settings: Settings) -> list[streams.Change]:
         return await streams.apply(bus, settings)
     finally:
         await bus.close()
-
-
-def _as_dict(settings: Settings) -> dict[str, object]:
-    return {name: getattr(settings, name) for name in settings.__struct_fields__}
 
 
 def _banner(url: str, settings: Settings, options: UpOptions, server: NatsServer | None) -> None:

@@ -138,9 +138,7 @@ class Worker:
         self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
-        self._free_slots = concurrency
         self._waiting: list[collections.deque[Delivery]] = [collections.deque() for _ in settings.priorities]
-        self._waiting_count = 0
         self._picks = 0  # of waiting messages, to give lower levels their share
         self._cancelling = False  # the drain's grace period is over: start nothing more
         self.finish_window = settings.worker_finish_window
@@ -184,11 +182,11 @@ class Worker:
 
     async def _drain(self) -> None:
         self._draining = True
-        if self._tasks or self._waiting_count:
+        if self._tasks or any(self._waiting):
             log.info(
                 "draining %d running and %d waiting task(s), up to %.0fs",
-                len(self.running),
-                self._waiting_count,
+                len(self._tasks),
+                sum(map(len, self._waiting)),
                 self.settings.grace_s,
             )
             self._idle = anyio.Event()
@@ -199,7 +197,6 @@ class Worker:
             for queue in self._waiting:
                 while queue:
                     self.settler.settle(queue.popleft(), NAK_NOW)
-            self._waiting_count = 0
             for running in list(self.running.values()):
                 if running.task is not None:
                     running.cancelled = True
@@ -217,15 +214,13 @@ class Worker:
             # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
             self.settler.settle(msg, NAK_WHILE_DRAINING)
             return
-        if self._free_slots:
+        if len(self._tasks) < self.concurrency:  # a handler slot is free
             self._start(level, msg)
         else:
             self._waiting[level].append(msg)
-            self._waiting_count += 1
 
     def _start(self, level: int, msg: Delivery) -> None:
         assert self._loop is not None
-        self._free_slots -= 1
         task = self._loop.create_task(self._execute(level, msg))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -235,24 +230,29 @@ class Worker:
         :data:`SHARE_EVERY`-th pick from a lower level, in rotation, so a flood of high tasks
         cannot keep a waiting lower one here for ever)."""
         self._tasks.discard(task)
-        self._free_slots += 1
         if not task.cancelled() and task.exception() is not None:
             log.error("running a task failed; ack_wait brings it back", exc_info=task.exception())
-        if self._waiting_count and not self._cancelling:
-            self._picks += 1
-            order = list(range(len(self._waiting)))
-            if self._picks % SHARE_EVERY == 0 and len(order) > 1:  # a lower level's turn, in rotation
-                start = 1 + (self._picks // SHARE_EVERY) % (len(order) - 1)
-                order = order[start:] + order[:start]
-            for level in order:
-                if self._waiting[level]:
-                    self._waiting_count -= 1
-                    self._start(level, self._waiting[level].popleft())
-                    return
-        # Idle only when no task is left at all: one just started is not in `running` until
-        # its first step.
-        if not self._tasks and not self._waiting_count:
+        if not self._cancelling and (level := self._next_waiting()) is not None:
+            self._start(level, self._waiting[level].popleft())
+        elif not self._tasks and not any(self._waiting):
+            # Idle only when no task is left at all: one just started is not in `running`
+            # until its first step.
             self._idle.set()
+
+    def _next_waiting(self) -> int | None:
+        """The level whose waiting task starts next: the highest with one, except that every
+        :data:`SHARE_EVERY`-th pick starts from a lower level, in rotation."""
+        waiting = self._waiting
+        levels = len(waiting)
+        first = 0
+        self._picks += 1
+        if self._picks % SHARE_EVERY == 0 and levels > 1:
+            first = 1 + (self._picks // SHARE_EVERY) % (levels - 1)
+        for offset in range(levels):
+            level = (first + offset) % levels
+            if waiting[level]:
+                return level
+        return None
 
     def _held(self) -> list[Delivery]:
         """Every message this worker holds un-acked before its outcome: running or waiting."""

@@ -46,7 +46,7 @@ from nats.aio.subscription import Subscription
 from nats.protocol import parser as nats_parser
 from nats.protocol.parser import Parser
 
-from ..config import WIRE_ROUTE_ENV
+from ..config import WIRE_ROUTE_ENV, WIRE_ROUTES
 from . import natspy
 
 log = logging.getLogger("streamsched.wire")
@@ -190,7 +190,7 @@ def _choose(nc: Client) -> Wire:
     route = os.environ.get(ROUTE_ENV, "fast")
     if route == "nats-py":
         return Wire(False, _send_through_nats_py)
-    if route != "fast":
+    if route not in WIRE_ROUTES:
         raise ValueError(f"{ROUTE_ENV} must be 'fast' or 'nats-py', not {route!r}")
     missing = natspy.missing_pieces(nc)
     if missing:

@@ -287,7 +287,7 @@ async def test_a_drain_runs_the_waiting_task_that_starts_as_two_handlers_end_tog
             tg.start_soon(worker.run)
 
             async def two_running_one_waiting() -> bool:
-                return len(worker.running) == 2 and worker._waiting_count == 1
+                return len(worker.running) == 2 and sum(map(len, worker._waiting)) == 1
 
             await eventually(two_running_one_waiting, what="two running and one waiting")
             await worker.shutdown()
