@@ -43,6 +43,8 @@ class Status(enum.StrEnum):
     """Where a task is in its life; the ``status`` field of the KV projection."""
 
     PENDING = "pending"
+    WAITING = "waiting"
+    """Held back until a time (``run_at``, ``delay_s``) or until its dependencies succeeded."""
     SCHEDULED = "scheduled"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -82,17 +84,27 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Attempts before the task is dead-lettered; the handler's default when missing."""
     labels: dict[str, str] = {}
     """Free-form labels, kept in the task state."""
-    # Declared for later features; the master refuses them as "not supported yet".
     depends_on: list[str] = []
+    """Ids of tasks that must succeed before this one starts (they may be submitted later)."""
+    dependency_timeout_s: float | None = None
+    """Longest wait for the dependencies; past it the task is cancelled (default: the setting)."""
+    on_dependency_failure: str = "cancel"
+    """``cancel`` this task when a dependency fails, is dead or cancelled, or ``run`` it anyway."""
     run_at: str | None = None
+    """Start no earlier than this time (RFC 3339)."""
     delay_s: float | None = None
+    """Start no earlier than this many seconds after submission."""
+    deadline: str | None = None
+    """No attempt starts after this time (RFC 3339); the task then ends ``dead``."""
+    deadline_s: float | None = None
+    """``deadline`` as seconds after submission."""
     cron: str | None = None
     split: dict[str, Any] | None = None
     idempotency_key: str | None = None
 
 
 #: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("depends_on", "run_at", "delay_s", "cron", "split", "idempotency_key")
+UNSUPPORTED_FIELDS = ("depends_on", "run_at", "delay_s", "deadline", "deadline_s", "cron", "split", "idempotency_key")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -111,6 +123,11 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     worker: str | None = None
     progress: float | None = None
     """Last reported progress of the running attempt (0..1)."""
+    progress_message: str | None = None
+    waiting_on: list[str] = []
+    """While ``waiting``: the dependencies it waits for (as recorded when it began to wait)."""
+    not_before: float | None = None
+    """While ``waiting``: the time it is held until (``run_at``, ``delay_s``)."""
     labels: dict[str, str] = {}
     submitted_at: float | None = None
     scheduled_at: float | None = None

@@ -19,6 +19,7 @@ SCHED_STREAM = "SCHED"
 WORK_STREAM = "WORK"
 EVENTS_STREAM = "EVENTS"
 DLQ_STREAM = "DLQ"
+TIMERS_STREAM = "TIMERS"
 #: KV bucket holding the latest state of every task (a projection of EVENTS).
 STATE_BUCKET = "tasks"
 
@@ -37,6 +38,8 @@ H_REASON = "Streamsched-Reason"
 H_ERROR = "Streamsched-Error"
 H_ATTEMPTS = "Streamsched-Attempts"
 H_MSG_ID = "Nats-Msg-Id"
+#: Absolute deadline of a task (Unix seconds): no attempt starts after it.
+H_DEADLINE = "Streamsched-Deadline"
 #: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
 
@@ -52,6 +55,17 @@ def is_token(value: str) -> bool:
 def sched(region: str, priority: str) -> str:
     """The SCHED subject a master publishes to for one region and priority."""
     return f"sched.{region}.{priority}"
+
+
+def delayed(task_id: str) -> str:
+    """The TIMERS subject holding a delayed task as a message schedule until its time."""
+    return f"timers.at.{task_id}"
+
+
+#: Where nats-server puts what a schedule in TIMERS fires (read by the masters).
+TIMERS_DUE = "timers.due"
+#: Every TIMERS subject: the schedules (which no consumer reads) and ``timers.due``.
+TIMERS_ALL = "timers.>"
 
 
 def work(region: str, priority: str) -> str:

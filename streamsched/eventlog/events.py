@@ -85,8 +85,8 @@ class Waiting(Event, frozen=True, tag="waiting"):
 
     on: list[str] = []
     until: float | None = None
-    status = Status.PENDING
-    order = 1
+    status = Status.WAITING
+    order = 2
 
 
 class Scheduled(Event, frozen=True, tag="scheduled"):
@@ -94,7 +94,7 @@ class Scheduled(Event, frozen=True, tag="scheduled"):
 
     priority: str
     status = Status.PENDING
-    order = 2
+    order = 3
 
 
 class Dispatched(Event, frozen=True, tag="dispatched"):
@@ -102,14 +102,14 @@ class Dispatched(Event, frozen=True, tag="dispatched"):
 
     priority: str
     status = Status.SCHEDULED
-    order = 3
+    order = 4
 
 
 class Started(Event, frozen=True, tag="started"):
     """A worker began an attempt."""
 
     status = Status.RUNNING
-    order = 4
+    order = 5
 
 
 class Progress(Event, frozen=True, tag="progress"):
@@ -118,7 +118,7 @@ class Progress(Event, frozen=True, tag="progress"):
     fraction: float | None = None
     message: str = ""
     status = Status.RUNNING
-    order = 4
+    order = 5
 
 
 class Retrying(Event, frozen=True, tag="retrying"):
@@ -127,7 +127,7 @@ class Retrying(Event, frozen=True, tag="retrying"):
     error: str
     delay_s: float
     status = Status.RETRYING
-    order = 5
+    order = 6
 
 
 class Succeeded(Event, frozen=True, tag="succeeded"):

@@ -105,8 +105,11 @@ def _cancelled(state: TaskState, event: ev.Cancelled, newer: bool) -> None:
 
 def _progress(state: TaskState, event: ev.Progress, _newer: bool) -> None:
     # Of the newest attempt (fold counted it already); a report with only a message keeps the fraction.
-    if event.fraction is not None and event.attempt >= state.attempts:
-        state.progress = event.fraction
+    if event.attempt >= state.attempts:
+        if event.fraction is not None:
+            state.progress = event.fraction
+        if event.message:
+            state.progress_message = event.message
 
 
 def _reprioritized(state: TaskState, event: ev.Reprioritized, _newer: bool) -> None:
@@ -116,14 +119,18 @@ def _reprioritized(state: TaskState, event: ev.Reprioritized, _newer: bool) -> N
         state.priority_changed_at = event.at
 
 
-def _nothing(_state: TaskState, _event: ev.Event, _newer: bool) -> None:
-    pass
+def _waiting(state: TaskState, event: ev.Waiting, _newer: bool) -> None:
+    # Facts kept after the release too (what it waited for), whatever the order of arrival.
+    if event.on:
+        state.waiting_on = event.on
+    if event.until is not None:
+        state.not_before = event.until
 
 
 _FACTS: dict[type, Callable[[TaskState, Any, bool], None]] = {
     ev.Submitted: _submitted,
     ev.Rejected: _rejected,
-    ev.Waiting: _nothing,
+    ev.Waiting: _waiting,
     ev.Scheduled: _scheduled,
     ev.Dispatched: _dispatched,
     ev.Started: _started,

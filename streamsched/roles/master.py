@@ -42,6 +42,8 @@ from ..model import (
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .intake import Intake, decode_wrapper, needs_intake
+from .placement import sched_headers
 from .sched_batches import TaskBatcher
 from .settle import Settler
 
@@ -49,25 +51,6 @@ log = logging.getLogger("streamsched.master")
 
 #: Handler names travel in a header, so they must not contain spaces or control characters.
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
-#: The header block of a task on SCHED (without its final empty line: optional headers follow).
-_SCHED_HEADERS = "".join(
-    f"{line}\r\n"
-    for line in (
-        "NATS/1.0",
-        *(
-            f"{name}: %s"
-            for name in (
-                subjects.H_MSG_ID,
-                subjects.H_TASK_ID,
-                subjects.H_TYPE,
-                subjects.H_PRIORITY,
-                subjects.H_REGION,
-            )
-        ),
-    )
-).encode()
-
-
 class Master:
     """Consumes TASKS through the durable ``master`` and publishes to SCHED."""
 
@@ -76,6 +59,7 @@ class Master:
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
+        self.intake = Intake(settings, bus, self.settler, self._reject)
         self.accepted = 0
         self.rejected = 0
 
@@ -136,7 +120,15 @@ class Master:
         try:
             envelope = self.validate(msg.data, fallback_id)
         except Rejected as exc:
-            self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
+            wrapper = decode_wrapper(msg.data)
+            if wrapper is not None:  # a workflow or a batch: many tasks in one message
+                self.intake.accept_wrapper(msg, wrapper, fallback_id(), now)
+            else:
+                self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
+            return
+        if needs_intake(envelope):
+            assert envelope.id is not None
+            self.intake.accept(msg, envelope, envelope.region or self.pick_region(envelope.id), now)
             return
         self._route(msg, envelope, now)
 
@@ -145,19 +137,14 @@ class Master:
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
         priority = envelope.priority
-        # Encoded in one step: every value is validated (id, type) or chosen from settings.
-        headers = _SCHED_HEADERS % (
-            subjects.msg_id(task_id, "sched").encode(),
-            task_id.encode(),
-            envelope.type.encode(),
-            priority.encode(),
-            region.encode(),
+        headers = sched_headers(
+            task_id,
+            envelope.type,
+            priority,
+            region,
+            max_attempts=envelope.max_attempts,
+            timeout_s=envelope.timeout_s,
         )
-        if envelope.max_attempts is not None:
-            headers += b"%s: %d\r\n" % (subjects.H_MAX_ATTEMPTS.encode(), envelope.max_attempts)
-        if envelope.timeout_s is not None:
-            headers += b"%s: %s\r\n" % (subjects.H_TIMEOUT.encode(), repr(envelope.timeout_s).encode())
-        headers += b"\r\n"
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
         self.settler.forward(msg, (), events=(submitted, scheduled), handoff=(subjects.sched(region, priority), msg.data, headers))

@@ -5,6 +5,8 @@ Retention follows the role of each stream:
 * TASKS (limits): every submission and every rejection, kept for replay and inspection.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
   so a full stream refuses publishers with an error instead of dropping old work.
+* TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
+  nats-server fires onto ``timers.due`` for the master.
 * EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
   message holding the events of many tasks).
 * DLQ (limits): dead tasks with their last error.
@@ -71,6 +73,18 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
+        ),
+        StreamConfig(
+            name=subjects.TIMERS_STREAM,
+            # Message schedules, fired by the server onto timers.due (a schedule's target
+            # must be in its own stream). nats-server refuses schedules in a stream that
+            # discards new messages, and one that discards old ones at a limit would drop
+            # waiting tasks: so no limit, and the stream holds only what has yet to fire.
+            subjects=[subjects.TIMERS_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.OLD,
+            allow_msg_schedules=True,
+            allow_rollup_hdrs=True,  # the server turns it on for schedules; declared so apply sees no change
         ),
         StreamConfig(
             name=subjects.WORK_STREAM,

@@ -41,7 +41,7 @@ def test_an_unknown_field_is_refused_by_name():
 
 @pytest.mark.parametrize("field", UNSUPPORTED_FIELDS)
 def test_fields_of_later_features_are_not_refused_as_unknown(field):
-    value = {"depends_on": ["a"], "delay_s": 1.0, "split": {"n": 2}}.get(field, "x")
+    value = {"depends_on": ["a"], "delay_s": 1.0, "deadline_s": 5.0, "split": {"n": 2}}.get(field, "x")
     envelope = envelope_decoder.decode(msgspec.json.encode({"type": "echo", field: value}))
     assert getattr(envelope, field) == value
 

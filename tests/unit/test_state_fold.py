@@ -134,18 +134,23 @@ def test_a_life_with_every_such_kind_ends_in_the_same_state_in_any_delivery_orde
     assert (state.priority, state.progress) == ("low", 0.5)
 
 
-def test_waiting_keeps_a_submitted_task_pending_and_adds_no_fact():
-    assert replay([LIFE[0], WAITING]).status is Status.PENDING
-    assert encoded([LIFE[0], WAITING]) == encoded([LIFE[0]])
-    # Before its submission (out of order) it is pending too, and the submission's facts come in.
+def test_waiting_holds_a_submitted_task_until_it_is_scheduled():
+    assert replay([LIFE[0], WAITING]).status is Status.WAITING
+    # Before its submission (out of order) it waits too, and the submission's facts come in.
     state = replay([WAITING, LIFE[0]])
-    assert (state.status, state.type, state.submitted_at) == (Status.PENDING, "echo", 1.0)
+    assert (state.status, state.type, state.submitted_at) == (Status.WAITING, "echo", 1.0)
+    # Released: scheduled ranks above waiting, in either order of arrival.
+    assert replay([LIFE[0], WAITING, LIFE[1]]).status is Status.PENDING
+    assert replay([LIFE[1], WAITING, LIFE[0]]).status is Status.PENDING
 
 
 @pytest.mark.parametrize("position", range(len(LIFE) + 1))
 def test_a_waiting_event_anywhere_in_the_life_changes_neither_its_steps_nor_its_end(position):
-    assert replay([*LIFE[:3], WAITING]).status is Status.SCHEDULED  # late: no step back to pending
-    assert encoded([*LIFE[:position], WAITING, *LIFE[position:]]) == encoded(LIFE)
+    assert replay([*LIFE[:3], WAITING]).status is Status.SCHEDULED  # late: no step back to waiting
+    with_waiting = replay([*LIFE[:position], WAITING, *LIFE[position:]])
+    assert (with_waiting.waiting_on, with_waiting.not_before) == (["u"], 9.0)
+    with_waiting.waiting_on, with_waiting.not_before = [], None
+    assert msgspec.json.encode(with_waiting) == encoded(LIFE)
 
 
 def test_progress_keeps_the_attempt_running_and_fills_its_fraction():

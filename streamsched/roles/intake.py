@@ -1,0 +1,140 @@
+"""The master's path for submissions that need more than a hand-off to SCHED.
+
+A plain task is routed in the master's read loop without waiting for anything
+(:meth:`streamsched.roles.master.Master._route`). A submission that waits for a time or
+for other tasks, fans out into chunks, names an idempotency key, or holds many tasks (a
+workflow, a batch) needs a few round trips to JetStream first (KV reads and writes,
+placements). Each such submission runs here as its own asyncio task; its message is
+acked once everything it led to is stored (its events included), rejected with a reason
+when it is invalid, and nak'ed to come back when JetStream failed. The master's window
+bounds how many run at once, since each holds its submission un-acked.
+
+Every step is safe to repeat: a redelivered submission finds its KV entries made and its
+publishes deduplicated by ``Nats-Msg-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from ..config import Settings
+from ..errors import Rejected
+from ..eventlog import events as ev
+from ..model import Submission
+from ..transport.bus import Bus, nak_with_delay
+from ..transport.wire import Delivery
+from .placement import ReadyTask, place
+from .settle import Settler
+
+log = logging.getLogger("streamsched.master")
+
+#: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
+RETRY_DELAY_S = 1.0
+
+
+def needs_intake(submission: Submission) -> bool:
+    """True when ``submission`` cannot simply be handed to SCHED (checked for every task:
+    a few attribute reads)."""
+    return bool(
+        submission.depends_on
+        or submission.run_at is not None
+        or submission.delay_s is not None
+        or submission.split is not None
+        or submission.idempotency_key is not None
+    )
+
+
+class Wrapper(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A message that carries many tasks instead of being one: ``{"workflow": {...}}`` or
+    ``{"batch": [...]}``. Tried only on a message that failed to decode as a task."""
+
+    workflow: dict[str, object] | None = None
+    batch: list[object] | None = None
+
+
+_wrapper_decoder = msgspec.json.Decoder(Wrapper)
+
+
+def decode_wrapper(data: bytes) -> Wrapper | None:
+    """The wrapper in ``data``, or ``None`` when it is not one (then the task's own rejection stands)."""
+    try:
+        wrapper = _wrapper_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return wrapper if (wrapper.workflow is None) != (wrapper.batch is None) else None
+
+
+#: Rejects a submission: ``(message, task id, reason, now)``.
+Reject = Callable[[Delivery, str, str, float], None]
+
+
+class Intake:
+    """Runs the asynchronous steps of submissions that need them, then settles each."""
+
+    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.settler = settler
+        self.reject = reject
+        self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+
+    def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
+        """Start the steps of one task's submission (its id is filled in, its fields checked)."""
+        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now), now)
+
+    def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
+        """Start the steps of a workflow or batch message."""
+        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now), now)
+
+    def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _settle_after(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
+        try:
+            events = await steps
+        except Rejected as exc:
+            self.reject(msg, exc.task_id or task_id, str(exc), now)
+            return
+        except Exception as exc:  # noqa: BLE001 - JetStream failed a step: the submission comes back
+            log.warning("submission %s not taken in yet (%r); it comes back in %.1fs", task_id, exc, RETRY_DELAY_S)
+            self.settler.settle(msg, nak_with_delay(RETRY_DELAY_S))
+            return
+        self.settler.forward(msg, (), events=events)
+
+    async def _task_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+        """Take in one task; returns the events that record it."""
+        task_id = submission.id
+        assert task_id is not None
+        submitted = ev.Submitted(
+            task_id=task_id,
+            at=now,
+            type=submission.type,
+            priority=submission.priority,
+            region=region,
+            labels=submission.labels,
+        )
+        task = ReadyTask(
+            id=task_id,
+            type=submission.type,
+            priority=submission.priority,
+            region=region,
+            body=msgspec.json.encode(submission),
+            max_attempts=submission.max_attempts,
+            timeout_s=submission.timeout_s,
+        )
+        await place(self.bus, [task], now=now)
+        if task.is_delayed(now):
+            return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
+        return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
+
+    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float) -> list[ev.Event]:
+        """Take in a workflow or a batch; returns the events that record its tasks."""
+        kind = "workflow" if wrapper.workflow is not None else "batch"
+        raise Rejected(f"`{kind}` submissions are not supported by this version yet")
