@@ -51,6 +51,8 @@ log = logging.getLogger("streamsched.master")
 
 #: Handler names travel in a header, so they must not contain spaces or control characters.
 TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+
+
 class Master:
     """Consumes TASKS through the durable ``master`` and publishes to SCHED."""
 
