@@ -277,8 +277,8 @@ def bench(
     scenario: Annotated[
         str,
         typer.Argument(
-            help="throughput, latency, priority, ingress, backlog, ceiling, peers (needs the peers extra; "
-            "three rounds in turns with throughput, medians compared) or all."
+            help="throughput, latency, priority, ingress, backlog, ceiling, dag (a random 10,000-task DAG and a "
+            "1,000-chunk split), peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all."
         ),
     ],
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,

@@ -1,7 +1,7 @@
 """``streamsched bench``: benchmark scenarios, each on its own nats-server (file storage).
 
 Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``,
-``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
+``dag`` (a random DAG and a split, :mod:`.dag`), ``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
 Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
@@ -21,13 +21,14 @@ from typing import Any
 import psutil
 
 from . import ceiling as ceiling_mod
+from . import dag as dag_mod
 from . import peers as peers_mod
 from . import rounds, scenarios, targets
 from .harness import Roles
 
 __all__ = ["SCENARIOS", "Roles", "machine", "report", "run", "save"]
 
-SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "peers", "all")
+SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "dag", "peers", "all")
 
 
 def machine() -> dict[str, Any]:
@@ -44,7 +45,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick}
     # ``peers`` runs our throughput too, in turns with the peers (see .rounds).
-    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog") if scenario == "all" else (scenario,)
+    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog", "dag") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -66,6 +67,8 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
             results["ingress"] = await scenarios.ingress(200_000 // scale, roles)
         elif name == "backlog":
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
+        elif name == "dag":
+            results["dag"] = await dag_mod.dag(10_000 // scale, 1000 // scale, roles)
         elif name == "peers":
             results.update(await _throughput_and_peers(scale, roles, 1 if quick else rounds.ROUNDS))
     return results
@@ -158,6 +161,17 @@ def report(results: dict[str, Any]) -> str:
             *_rss_over_time(b),
             "  disk bytes/task    " + ", ".join(f"{k} {v:.0f}" for k, v in b["disk_bytes_per_task"].items()),
         ]
+    d = results.get("dag")
+    if d:
+        e = d["edge_latency_ms"]
+        lines += [
+            f"dag ({d['n']} no-op tasks, {d['edges']} dependencies, submitted in random order):",
+            f"  end to end         {d['tasks_per_s']:>10.0f} tasks/s",
+            f"  dependency's success -> dependant's start   p50 {e['p50']:.2f}  p95 {e['p95']:.2f}  p99 {e['p99']:.2f}  max {e['max']:.2f} ms",
+        ]
+        if "split" in d:
+            sp = d["split"]
+            lines.append(f"  split into {sp['chunks']} chunks, gathered in {sp['seconds']:.2f} s ({sp['chunks_per_s']:.0f} chunks/s)")
     lines += _peers_lines(results)
     judged = targets.judge(results)
     if judged:

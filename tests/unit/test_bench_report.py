@@ -1,5 +1,7 @@
 """The bench report: what it says about peers, from results of the shape the scenarios return."""
 
+import pytest
+
 from streamsched import bench
 from streamsched.bench import rounds, targets
 
@@ -87,3 +89,34 @@ def test_a_peer_that_failed_every_round_is_reported_as_failed() -> None:
     failed = {"name": "c", "config": "c", "n": 100, "error": "RuntimeError: worker exited"}
     combined = rounds.combine_peers([{"peers": [failed]}, {"peers": [failed]}])
     assert combined["peers"] == [failed] and targets.best_peer(combined) is None
+
+
+def test_a_random_dag_only_depends_on_earlier_tasks_and_edges_measure_from_the_last_dependency() -> None:
+    from streamsched.bench import dag
+
+    graph = dag.random_dag(500, seed=3)
+    order = list(graph)
+    assert all(len(deps) <= dag.MAX_DEPENDENCIES for deps in graph.values())
+    assert all(order.index(d) < order.index(task) for task, deps in graph.items() for d in deps)
+    assert sum(map(len, graph.values())) > 500  # most tasks have dependencies
+    small = {"a": [], "b": [], "c": ["a", "b"]}
+    started = {"a": 1.0, "b": 1.0, "c": 2.5}
+    succeeded = {"a": 1.1, "b": 2.49, "c": 2.6}
+    assert dag.edge_latencies_ms(small, started, succeeded) == [pytest.approx(10.0)]  # from b, the later one
+
+
+def test_the_dag_report_and_its_target() -> None:
+    results = {
+        "dag": {
+            "n": 100,
+            "edges": 150,
+            "tasks_per_s": 900.0,
+            "edge_latency_ms": {"p50": 4.0, "p95": 9.0, "p99": 25.0, "max": 40.0},
+            "edge_target_ms": 20.0,
+            "split": {"chunks": 10, "seconds": 0.5, "chunks_per_s": 20.0},
+        }
+    }
+    text = bench.report(results)
+    assert "dag (100 no-op tasks, 150 dependencies" in text
+    assert "split into 10 chunks" in text
+    assert [(name, met) for name, _, met in targets.judge(results)] == [("dag: dependency -> dependant p99 <= 20 ms", False)]
