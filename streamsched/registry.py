@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -98,6 +98,18 @@ class Registry:
                 self.add(definition)
 
 
+class TaskControls(Protocol):
+    """What the worker running a task offers its handler (one object per worker, shared by its tasks)."""
+
+    def is_cancelled(self, task_id: str) -> bool: ...
+
+    def report_progress(self, context: TaskContext, fraction: float | None, message: str) -> None: ...
+
+
+#: Longest progress message kept.
+MAX_PROGRESS_MESSAGE = 500
+
+
 class TaskContext(msgspec.Struct, frozen=True, gc=False):
     """What a running handler may want to know about its task (see :func:`current_task`).
 
@@ -111,6 +123,28 @@ class TaskContext(msgspec.Struct, frozen=True, gc=False):
     priority: str
     region: str
     worker: str
+    controls: TaskControls | None = None
+    """The worker's side of :attr:`cancelled` and :meth:`progress` (``None`` outside a worker)."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled (``streamsched cancel``). A sync handler checks it
+        at its cooperative points and returns (or raises); an async handler is cancelled
+        outright (:class:`asyncio.CancelledError` at its next ``await``). Either way the task
+        ends ``cancelled``."""
+        return self.controls is not None and self.controls.is_cancelled(self.id)
+
+    def progress(self, fraction: float | None, message: str = "") -> None:
+        """Report how far the task is: ``fraction`` in 0..1 (``None``: only a message).
+
+        Safe from any thread and cheap to call often: a worker records at most one
+        ``progress`` event per task every ``worker.PROGRESS_INTERVAL_S`` (the first at
+        once, then the latest report of each interval, while the task runs)."""
+        if fraction is not None and not 0.0 <= fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+        if self.controls is None:
+            raise RuntimeError("progress() needs a task run by a worker")
+        self.controls.report_progress(self, fraction, message[:MAX_PROGRESS_MESSAGE])
 
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("streamsched_task")
