@@ -35,13 +35,24 @@ class TaskDef:
     """Per-attempt limit; ``None`` means no limit."""
     max_attempts: int | None = None
     """Attempts before dead-lettering; ``None`` means the deployment default."""
+    batch_size: int | None = None
+    """A batch handler's most payloads per call; ``None``: one task per call."""
+    batch_wait_s: float = 0.05
+    """How long a batch handler's first task waits for more before the call."""
 
     @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)  # asked for every task: looked up once
 
 
-def task(name: str | None = None, *, timeout_s: float | None = None, max_attempts: int | None = None) -> Callable[[F], F]:
+def task(
+    name: str | None = None,
+    *,
+    timeout_s: float | None = None,
+    max_attempts: int | None = None,
+    batch_size: int | None = None,
+    batch_wait_s: float = 0.05,
+) -> Callable[[F], F]:
     """Mark a function as the handler of tasks of type ``name`` (default: the function name).
 
     The handler receives the task's decoded ``payload`` and returns a JSON-serialisable
@@ -49,14 +60,29 @@ def task(name: str | None = None, *, timeout_s: float | None = None, max_attempt
     :class:`~streamsched.errors.Retry` to retry, :class:`~streamsched.errors.Fail` to
     fail for good; any other exception is retried until ``max_attempts``.
 
+    With ``batch_size``, the handler is a batch handler: it receives a list of up to
+    ``batch_size`` payloads (of the tasks of its type that reach the worker within
+    ``batch_wait_s`` of the first, fewer when the wait ends or the worker's slots are
+    taken) and returns a list of as many results, in order. Each task is still recorded,
+    acked and retried on its own: an exception instance in place of a result is that
+    task's error alone (a :class:`~streamsched.errors.Fail` fails it, anything else
+    retries it); an exception raised by the handler is the error of every task of the
+    batch. ``timeout_s`` bounds each call; :func:`current_batch` gives the tasks'
+    contexts, in the order of the payloads.
+
     Example::
 
         @task("email.send", timeout_s=30, max_attempts=5)
         async def send_email(payload): ...
+
+        @task("email.send_many", batch_size=100, batch_wait_s=0.05)
+        async def send_emails(payloads): return [await send(p) for p in payloads]
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
 
     def mark(fn: F) -> F:
-        setattr(fn, _MARK, TaskDef(name or fn.__name__, fn, timeout_s, max_attempts))
+        setattr(fn, _MARK, TaskDef(name or fn.__name__, fn, timeout_s, max_attempts, batch_size, batch_wait_s))
         return fn
 
     return mark
@@ -148,6 +174,7 @@ class TaskContext(msgspec.Struct, frozen=True, gc=False):
 
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("streamsched_task")
+_current_batch: contextvars.ContextVar[tuple[TaskContext, ...]] = contextvars.ContextVar("streamsched_batch")
 
 
 def current_task() -> TaskContext:
@@ -155,4 +182,12 @@ def current_task() -> TaskContext:
     try:
         return _current.get()
     except LookupError:
-        raise RuntimeError("current_task() called outside a task handler") from None
+        raise RuntimeError("current_task() called outside a task handler (in a batch handler: current_batch())") from None
+
+
+def current_batch() -> tuple[TaskContext, ...]:
+    """The tasks of the calling batch handler's call, in the order of its payloads."""
+    try:
+        return _current_batch.get()
+    except LookupError:
+        raise RuntimeError("current_batch() called outside a batch handler") from None

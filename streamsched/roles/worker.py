@@ -83,6 +83,7 @@ from ..transport.bus import (
 )
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .batching import Batches
 from .cancels import CancelWatch
 from .progress import ProgressReports
 from .settle import Publication, Settler
@@ -162,6 +163,7 @@ class Worker:
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0, "cancelled": 0}
         self.cancels = CancelWatch(bus, self._cancel_running)
         self.progress: ProgressReports | None = None
+        self.batches: dict[str, Batches] = {}  # of batch handlers, made at their first task
         self._draining = False
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -528,6 +530,8 @@ class Worker:
             payload = decode_submission(body).payload  # the master's decode (its size limit aside)
         except Rejected as exc:
             raise Fail(f"task body: {exc}") from None
+        if definition.batch_size is not None:
+            return await self._batch_of(definition).run(payload, context)
         token = _current.set(context)
         try:
             if definition.is_async:
@@ -540,6 +544,14 @@ class Worker:
             raise TaskTimeout(f"attempt timed out after {timeout}s") from None
         finally:
             _current.reset(token)
+
+
+    def _batch_of(self, definition: TaskDef) -> Batches:
+        batches = self.batches.get(definition.name)
+        if batches is None:
+            assert self._loop is not None
+            batches = self.batches[definition.name] = Batches(definition, self.threads, self._loop, self.concurrency)
+        return batches
 
 
 def _describe(error: BaseException) -> str:
