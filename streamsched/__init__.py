@@ -4,7 +4,7 @@ from .client import Client, TaskHandle
 from .config import Settings
 from .errors import Fail, PermanentError, Retry, StreamschedError
 from .model import Envelope, Status, TaskState
-from .registry import TaskContext, current_task, task
+from .registry import TaskContext, current_batch, current_task, task
 
 __all__ = [
     "Client",
@@ -18,6 +18,7 @@ __all__ = [
     "TaskContext",
     "TaskHandle",
     "TaskState",
+    "current_batch",
     "current_task",
     "task",
 ]

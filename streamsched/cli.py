@@ -23,7 +23,7 @@ from .cli_events import (
 )
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
-from .errors import NotFound, Unavailable
+from .errors import AlreadyFinished, NotFound, Unavailable
 from .model import DEFAULT_PRIORITY, Status
 from .roles.service import configure_logging, run_service
 from .supervisor import CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW_S, RESTART_DELAY_MAX_S, RESTART_DELAY_S
@@ -40,6 +40,7 @@ class Exit(enum.IntEnum):
     NOT_FOUND = 3
     TASK_FAILED = 4
     TIMEOUT = 5
+    ALREADY_FINISHED = 6
 
 
 app = typer.Typer(
@@ -127,7 +128,7 @@ def up(
 
 @app.command()
 def master(log_level: LogLevel = "INFO") -> None:
-    """Run a master scheduler (validates tasks.submit, routes to regions)."""
+    """Run a master scheduler (validates tasks.submit, routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
     configure_logging(log_level)
@@ -233,13 +234,7 @@ def submit(
             typer.echo(handle.id)
             if not wait:
                 return Exit.OK
-            try:
-                state = await client.wait(handle.id, timeout_s=timeout)
-            except (TimeoutError, NotFound) as exc:
-                typer.echo(f"error: {exc}", err=True)
-                return Exit.TIMEOUT
-            typer.echo(_encode_state(state))
-            return Exit.OK if state.status is Status.SUCCEEDED else Exit.TASK_FAILED
+            return await _print_outcome(client, handle.id, timeout, Status.SUCCEEDED)
 
     raise typer.Exit(anyio.run(go))
 
@@ -268,6 +263,43 @@ def status(
                     value = msgspec.json.encode(value).decode()
                 typer.echo(f"{key:<13} {value}")
         return Exit.OK
+
+    raise typer.Exit(anyio.run(go))
+
+
+@app.command(
+    help=(
+        "Cancel a task: a delayed, waiting or queued task never starts; a running one is cancelled (an async "
+        "handler at its next await, a sync one when it checks current_task().cancelled). It ends `cancelled` "
+        "with the reason.\n\n"
+        f"Exit codes: {Exit.OK:d} requested (with --wait: the task ended cancelled), {Exit.NOT_FOUND:d} no such "
+        f"task, {Exit.ALREADY_FINISHED:d} the task had already finished (nothing changes), {Exit.TASK_FAILED:d} "
+        f"with --wait: it finished otherwise, {Exit.TIMEOUT:d} with --wait: no outcome in time."
+    )
+)
+def cancel(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded with the `cancelled` event.")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the task's final state and print it.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
+) -> None:
+    """``streamsched cancel`` (its help is above)."""
+    settings = load_or_exit()
+
+    async def go() -> int:
+        async with await Client.connect(settings.nats_url) as client:
+            try:
+                state = await client.cancel(task_id, reason=reason)
+            except NotFound as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return Exit.NOT_FOUND
+            except AlreadyFinished as exc:
+                typer.echo(f"{exc}: nothing to cancel", err=True)
+                return Exit.ALREADY_FINISHED
+            typer.echo(f"cancel requested for {task_id} (it was {state.status.value})")
+            if not wait:
+                return Exit.OK
+            return await _print_outcome(client, task_id, timeout, Status.CANCELLED)
 
     raise typer.Exit(anyio.run(go))
 
@@ -333,6 +365,17 @@ def streams_show() -> None:
             await bus.close()
 
     anyio.run(go)
+
+
+async def _print_outcome(client: Client, task_id: str, timeout: float, expected: Status) -> int:
+    """Wait for the task's final state and print it; the exit code says whether it is ``expected``."""
+    try:
+        state = await client.wait(task_id, timeout_s=timeout)
+    except (TimeoutError, NotFound) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return Exit.TIMEOUT
+    typer.echo(_encode_state(state))
+    return Exit.OK if state.status is expected else Exit.TASK_FAILED
 
 
 def _check_region(settings: Settings, region: str) -> None:

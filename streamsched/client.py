@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from . import subjects
-from .errors import NotFound
+from .errors import AlreadyFinished, NotFound
 from .eventlog.state import StateStore, is_final
 from .model import (
     DEFAULT_PRIORITY,
@@ -28,6 +28,7 @@ from .model import (
     raw_value,
     state_decoder,
 )
+from .roles.cancels import request_message
 from .transport.bus import Bus
 
 
@@ -141,13 +142,33 @@ class Client:
             raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {first!r}); submit them again")
         return handles
 
+    async def cancel(self, task_id: str, *, reason: str = "") -> TaskState:
+        """Ask for the task to be cancelled; returns its state as it was when asked.
+
+        Once a master's canceller has the request (stored in JetStream when this returns),
+        a delayed, waiting or queued task never starts, and a running one is cancelled (an
+        async handler at its next ``await``, a sync one when it checks
+        ``current_task().cancelled``). It ends ``cancelled`` with ``reason``: wait for it
+        with :meth:`wait`. Raises :class:`NotFound` for an id without a state and
+        :class:`AlreadyFinished` for a task that had finished (nothing changes then); a
+        task that finishes while the request is on its way keeps its outcome.
+        """
+        state = await self.get(task_id)
+        if state is None:
+            raise NotFound(f"no task {task_id}")
+        if is_final(state):
+            raise AlreadyFinished(f"task {task_id} already {state.status.value}", state.status.value)
+        subject, body, headers = request_message(task_id, reason)
+        await self.bus.js.publish(subject, body, headers=headers)
+        return state
+
     async def get(self, task_id: str) -> TaskState | None:
         """The task's latest state, or ``None`` if the projection has not seen it (yet)."""
         found = await self.store.get(task_id)
         return found[0] if found else None
 
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
-        """Wait until the task reaches a final status (succeeded, failed, dead, rejected).
+        """Wait until the task reaches a final status (succeeded, failed, dead, rejected, cancelled).
 
         Watches the task's key in KV ``tasks``: the projector writes a final state within
         a few milliseconds of its event (``projector.COALESCE_S``), or later while it

@@ -89,6 +89,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Disk limit of DLQ; when full, the oldest entries go first."""
     state_max_bytes: int = 1 * GIB
     """Disk limit of KV ``tasks``."""
+    cancel_ttl_s: float = 24 * 3600.0
+    """How long a cancellation is remembered (KV ``cancels``): a cancelled task that is still
+    queued after this long (no worker for its region) may run after all."""
     replicas: int = 1
     """Stream replicas: 1 on a laptop, 3 on a cluster."""
     event_loop: str = "uvloop"

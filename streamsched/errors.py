@@ -27,6 +27,14 @@ class NotFound(StreamschedError):
     """No task with that id."""
 
 
+class AlreadyFinished(StreamschedError):
+    """The task reached a final status already (cancelling it changes nothing); ``status`` says which."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class TaskTimeout(StreamschedError):
     """An attempt ran past its ``timeout_s``; retried like any other error."""
 

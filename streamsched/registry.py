@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -35,13 +35,24 @@ class TaskDef:
     """Per-attempt limit; ``None`` means no limit."""
     max_attempts: int | None = None
     """Attempts before dead-lettering; ``None`` means the deployment default."""
+    batch_size: int | None = None
+    """A batch handler's most payloads per call; ``None``: one task per call."""
+    batch_wait_s: float = 0.05
+    """How long a batch handler's first task waits for more before the call."""
 
     @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)  # asked for every task: looked up once
 
 
-def task(name: str | None = None, *, timeout_s: float | None = None, max_attempts: int | None = None) -> Callable[[F], F]:
+def task(
+    name: str | None = None,
+    *,
+    timeout_s: float | None = None,
+    max_attempts: int | None = None,
+    batch_size: int | None = None,
+    batch_wait_s: float = 0.05,
+) -> Callable[[F], F]:
     """Mark a function as the handler of tasks of type ``name`` (default: the function name).
 
     The handler receives the task's decoded ``payload`` and returns a JSON-serialisable
@@ -49,14 +60,29 @@ def task(name: str | None = None, *, timeout_s: float | None = None, max_attempt
     :class:`~streamsched.errors.Retry` to retry, :class:`~streamsched.errors.Fail` to
     fail for good; any other exception is retried until ``max_attempts``.
 
+    With ``batch_size``, the handler is a batch handler: it receives a list of up to
+    ``batch_size`` payloads (of the tasks of its type that reach the worker within
+    ``batch_wait_s`` of the first, fewer when the wait ends or the worker's slots are
+    taken) and returns a list of as many results, in order. Each task is still recorded,
+    acked and retried on its own: an exception instance in place of a result is that
+    task's error alone (a :class:`~streamsched.errors.Fail` fails it, anything else
+    retries it); an exception raised by the handler is the error of every task of the
+    batch. ``timeout_s`` bounds each call; :func:`current_batch` gives the tasks'
+    contexts, in the order of the payloads.
+
     Example::
 
         @task("email.send", timeout_s=30, max_attempts=5)
         async def send_email(payload): ...
+
+        @task("email.send_many", batch_size=100, batch_wait_s=0.05)
+        async def send_emails(payloads): return [await send(p) for p in payloads]
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
 
     def mark(fn: F) -> F:
-        setattr(fn, _MARK, TaskDef(name or fn.__name__, fn, timeout_s, max_attempts))
+        setattr(fn, _MARK, TaskDef(name or fn.__name__, fn, timeout_s, max_attempts, batch_size, batch_wait_s))
         return fn
 
     return mark
@@ -98,6 +124,18 @@ class Registry:
                 self.add(definition)
 
 
+class TaskControls(Protocol):
+    """What the worker running a task offers its handler (one object per worker, shared by its tasks)."""
+
+    def is_cancelled(self, task_id: str) -> bool: ...
+
+    def report_progress(self, context: TaskContext, fraction: float | None, message: str) -> None: ...
+
+
+#: Longest progress message kept.
+MAX_PROGRESS_MESSAGE = 500
+
+
 class TaskContext(msgspec.Struct, frozen=True, gc=False):
     """What a running handler may want to know about its task (see :func:`current_task`).
 
@@ -111,9 +149,32 @@ class TaskContext(msgspec.Struct, frozen=True, gc=False):
     priority: str
     region: str
     worker: str
+    controls: TaskControls | None = None
+    """The worker's side of :attr:`cancelled` and :meth:`progress` (``None`` outside a worker)."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task was cancelled (``streamsched cancel``). A sync handler checks it
+        at its cooperative points and returns (or raises); an async handler is cancelled
+        outright (:class:`asyncio.CancelledError` at its next ``await``). Either way the task
+        ends ``cancelled``."""
+        return self.controls is not None and self.controls.is_cancelled(self.id)
+
+    def progress(self, fraction: float | None, message: str = "") -> None:
+        """Report how far the task is: ``fraction`` in 0..1 (``None``: only a message).
+
+        Safe from any thread and cheap to call often: a worker records at most one
+        ``progress`` event per task every ``worker.PROGRESS_INTERVAL_S`` (the first at
+        once, then the latest report of each interval, while the task runs)."""
+        if fraction is not None and not 0.0 <= fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+        if self.controls is None:
+            raise RuntimeError("progress() needs a task run by a worker")
+        self.controls.report_progress(self, fraction, message[:MAX_PROGRESS_MESSAGE])
 
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("streamsched_task")
+_current_batch: contextvars.ContextVar[tuple[TaskContext, ...]] = contextvars.ContextVar("streamsched_batch")
 
 
 def current_task() -> TaskContext:
@@ -121,4 +182,12 @@ def current_task() -> TaskContext:
     try:
         return _current.get()
     except LookupError:
-        raise RuntimeError("current_task() called outside a task handler") from None
+        raise RuntimeError("current_task() called outside a task handler (in a batch handler: current_batch())") from None
+
+
+def current_batch() -> tuple[TaskContext, ...]:
+    """The tasks of the calling batch handler's call, in the order of its payloads."""
+    try:
+        return _current_batch.get()
+    except LookupError:
+        raise RuntimeError("current_batch() called outside a batch handler") from None

@@ -12,6 +12,8 @@ import re
 SUBMIT = "tasks.submit"
 #: Invalid submissions, with the original bytes as body and the reason in a header.
 REJECTED = "tasks.rejected"
+#: Requests to cancel a task (``streamsched cancel``), read by the masters' cancellers.
+CANCEL = "tasks.cancel"
 
 #: Stream names.
 TASKS_STREAM = "TASKS"
@@ -22,10 +24,13 @@ DLQ_STREAM = "DLQ"
 TIMERS_STREAM = "TIMERS"
 #: KV bucket holding the latest state of every task (a projection of EVENTS).
 STATE_BUCKET = "tasks"
+#: KV bucket of cancelled task ids (key = task id), kept for ``cancel_ttl_s``.
+CANCELS_BUCKET = "cancels"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
 PROJECTOR_CONSUMER = "projector"
+CANCELLER_CONSUMER = "canceller"
 
 #: Headers. Routing data travels in headers so hops forward payload bytes untouched.
 H_TASK_ID = "Streamsched-Task-Id"

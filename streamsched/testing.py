@@ -92,8 +92,8 @@ class EventLog:
         return self.of_kind(kind)
 
     async def wait_final(self, task_id: str, *, timeout_s: float = 10.0) -> ev.Event:
-        """Wait until the task has a final event (succeeded, failed, dead or rejected)."""
-        final = ("succeeded", "failed", "dead", "rejected")
+        """Wait until the task has a final event (succeeded, failed, dead, rejected or cancelled)."""
+        final = ("succeeded", "failed", "dead", "rejected", "cancelled")
 
         def done(log: EventLog) -> bool:
             return any(k in final for k in log.kinds_of(task_id))

@@ -134,7 +134,7 @@ def format_record(record: Record, previous: Record | None = None) -> str:
         parts.append(f"+{1000 * (event.at - previous.event.at):9.1f} ms")
     if event.attempt:
         parts.append(f"attempt={event.attempt}")
-    for field in ("type", "priority", "region", "worker", "delay_s", "duration_s", "reason", "error"):
+    for field in ("type", "priority", "region", "worker", "delay_s", "duration_s", "fraction", "message", "reason", "error"):
         value = getattr(event, field, None)
         if value not in (None, "", 0.0):
             text = f"{value:.3f}" if isinstance(value, float) else str(value)

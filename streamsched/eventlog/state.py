@@ -101,6 +101,8 @@ def _cancelled(state: TaskState, event: ev.Cancelled, newer: bool) -> None:
     if newer:  # a cancel that lost the race to an outcome leaves that outcome's facts alone
         state.error = event.reason or "cancelled"
         state.finished_at = event.at
+        if event.result is not msgspec.UNSET:
+            state.result = event.result
 
 
 def _progress(state: TaskState, event: ev.Progress, _newer: bool) -> None:

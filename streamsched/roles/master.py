@@ -15,7 +15,8 @@ Only when those publishes are acknowledged is the submission acked, so a crash a
 point redelivers it, and ``Nats-Msg-Id`` dedupe drops the task if it had already gone
 through: at SCHED for a task handed over alone, at WORK for one that went in a batch
 (its events are recorded again: see :mod:`streamsched.eventlog.recorder`).
-Any number of masters can share the durable consumer.
+Any number of masters can share the durable consumer. Each master also runs a
+:class:`~streamsched.roles.cancels.Canceller`, which takes the cancel requests on ``tasks.cancel``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import zlib
 from collections.abc import Callable
 
+import anyio
 import msgspec
 
 from .. import subjects
@@ -42,6 +44,7 @@ from ..model import (
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .cancels import Canceller
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
 from .sched_batches import TaskBatcher
@@ -62,16 +65,20 @@ class Master:
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
         self.intake = Intake(settings, bus, self.settler, self._reject)
+        self.canceller = Canceller(settings, bus)
         self.accepted = 0
         self.rejected = 0
 
     async def run(self) -> None:
         log.info("master routing to regions %s", ", ".join(self.settings.regions))
-        await self.puller.run()
-        await self.puller.finish()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.canceller.run)
+            await self.puller.run()
+            await self.puller.finish()
 
     async def shutdown(self) -> None:
         self.puller.stop()
+        await self.canceller.shutdown()
 
     def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission:
         """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.

@@ -7,6 +7,8 @@ lower levels keep a small share. A SCHED message holds one task or a batch of th
 ``work.<region>.<priority>`` as its own message (routing data stays in the headers, with
 the msg id ``<task>:work:0`` that makes a second copy harmless) with a ``dispatched``
 event (on ``events.regional``), and the SCHED message is acked only when all of them landed.
+A cancelled task (:mod:`streamsched.roles.cancels`) is not released: it gets a ``cancelled``
+event instead, and leaves SCHED with the ack.
 
 Backpressure: the puller holds at most ``regional_window`` tasks (a 64th of that in
 messages, since a batch holds up to 64); when WORK
@@ -29,6 +31,7 @@ from ..transport.bus import Bus, term_with_reason
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from . import sched_batches
+from .cancels import CancelWatch
 from .settle import Publication, Settler
 
 log = logging.getLogger("streamsched.regional")
@@ -47,12 +50,17 @@ class Regional:
         window = streams.sched_window_messages(settings.regional_window, len(self.priorities))
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
         self.settler = Settler(bus, self.puller, source="regional")
+        self.cancels = CancelWatch(bus)
         self.released = 0
 
     async def run(self) -> None:
         log.info("regional scheduler for region %s", self.region)
-        await self.puller.run()
-        await self.puller.finish()
+        await self.cancels.start()
+        try:
+            await self.puller.run()
+            await self.puller.finish()
+        finally:
+            await self.cancels.stop()
 
     async def shutdown(self) -> None:
         self.puller.stop()
@@ -71,16 +79,20 @@ class Regional:
         work_subject, priority, now = self.work_subjects[level], self.priorities[level], time.time()
         publications: list[Publication] = []
         dispatched: list[ev.Event] = []
+        cancelled = self.cancels.ids
         for headers, data in entries:
             task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
             if task_id is None:  # not published by a master: nothing to route it by (TASKS keeps the submission)
                 log.error("SCHED task without %s on %s (seq %d); dropping it", subjects.H_TASK_ID, msg.subject, msg.stream_seq)
                 continue
+            if cancelled and task_id in cancelled:
+                dispatched.append(ev.Cancelled(task_id=task_id, at=now, region=self.region, reason=cancelled[task_id]))
+                continue
             # The header block goes on as it came, with the msg id of this hop: a quarter of
             # this role's CPU went into parsing it into a dict and encoding it again.
             publications.append((work_subject, data, wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))))
             dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
-        if not publications:
+        if not dispatched:
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return
         self.settler.forward(msg, publications, events=dispatched)

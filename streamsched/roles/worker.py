@@ -35,6 +35,15 @@ The attempt number is JetStream's delivery count, so an attempt that died with i
 worker (SIGKILL) still counts, and a task redelivered past ``max_attempts`` is
 dead-lettered without running again.
 
+Cancellation (:mod:`streamsched.roles.cancels`): a task whose id is in KV ``cancels`` is not
+started; it is recorded ``cancelled`` and termed. A running one is cancelled when its id
+appears: an async handler's asyncio task is cancelled (it may catch
+:class:`asyncio.CancelledError` to clean up), a sync handler sees
+``current_task().cancelled`` turn True at its next check (a thread cannot be interrupted).
+Whatever the handler then does, the attempt ends ``cancelled`` (with its result, if it
+returned one), is not retried, and is termed. Handlers report progress through
+:mod:`streamsched.roles.progress`.
+
 On shutdown the worker stops asking for messages, naks any that still arrive, gives
 running and waiting tasks ``grace_s`` to finish (a waiting task handed back would count a
 delivery it never ran), then cancels and naks the rest.
@@ -74,6 +83,9 @@ from ..transport.bus import (
 )
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .batching import Batches
+from .cancels import CancelWatch
+from .progress import ProgressReports
 from .settle import Publication, Settler
 from .threads import HandlerThreads
 
@@ -93,11 +105,14 @@ STARTED_HOLD_S = 0.1
 
 
 class _Running:
-    __slots__ = ("began", "cancelled", "msg", "started", "started_recording", "task")
+    __slots__ = ("asynchronous", "began", "cancel_reason", "cancelled", "msg", "started", "started_recording", "task", "task_id")
 
-    def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None, started: ev.Started) -> None:
+    def __init__(self, msg: Delivery, task: asyncio.Task[Any] | None, started: ev.Started, asynchronous: bool) -> None:
         self.msg = msg
         self.task = task
+        self.task_id = started.task_id
+        self.asynchronous = asynchronous  # its handler runs on the loop, so it can be cancelled
+        self.cancel_reason: str | None = None  # set when the task is cancelled while it runs
         self.began = time.monotonic()
         self.started: ev.Started | None = started  # None once published
         self.started_recording: Recording | None = None  # its events message, once sent on its own
@@ -145,7 +160,10 @@ class Worker:
         self.finishing = 0  # outcomes being recorded and acked
         self._deferred_releases = 0  # credit kept back while finish_window outcomes are on their way
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
-        self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0}
+        self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0, "cancelled": 0}
+        self.cancels = CancelWatch(bus, self._cancel_running)
+        self.progress: ProgressReports | None = None
+        self.batches: dict[str, Batches] = {}  # of batch handlers, made at their first task
         self._draining = False
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -162,6 +180,8 @@ class Worker:
             self.concurrency,
             ", ".join(self.registry.names()) or "(none)",
         )
+        self.progress = ProgressReports(self._loop, self._record_progress, self._is_running)
+        await self.cancels.start()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._heartbeat)
@@ -172,6 +192,7 @@ class Worker:
             await self.puller.unsubscribe()
             await self._drain()
             self.threads.close()
+            await self.cancels.stop()
             tg.cancel_scope.cancel()
         log.info("worker %s stopped: %s", self.id, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
 
@@ -295,6 +316,11 @@ class Worker:
             self.settler.settle(msg, term_with_reason("missing or invalid task id header"))
             return
         attempt = msg.num_delivered
+        cancelled = self.cancels.ids
+        if cancelled and task_id in cancelled:  # nothing but a truth test while no task is cancelled
+            reason = cancelled[task_id]
+            self._cancelled(msg, ev.Cancelled(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, reason=reason))
+            return
         definition = self.registry.get(task_type)
         max_attempts = _int(wire.header_value(raw, subjects.H_MAX_ATTEMPTS)) or (
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
@@ -313,8 +339,9 @@ class Worker:
             priority=self.settings.priorities[level],
             region=self.region,
             worker=self.id,
+            controls=self,
         )
-        running = _Running(msg, asyncio.current_task(self._loop), started)
+        running = _Running(msg, asyncio.current_task(self._loop), started, definition is not None and definition.is_async)
         self.running[id(msg)] = running
         begin = running.began
         error: BaseException | None = None
@@ -328,13 +355,16 @@ class Worker:
             if running.cancelled:  # drained past the grace period: another worker takes it
                 self.settler.settle(msg, NAK_NOW)
                 return
-            if running.task is not None and running.task.cancelling():
+            if running.task is not None and running.task.cancelling() and running.cancel_reason is None:
                 raise
-            error = exc  # raised by the handler itself (an inner task it awaited was cancelled)
+            error = exc  # raised by the handler itself (an inner task it awaited was cancelled), or a cancel
         except Exception as exc:  # noqa: BLE001 - every handler error is an outcome
             error = exc
         finally:
             del self.running[id(msg)]
+        if running.cancel_reason is not None:
+            self._cancelled_while_running(running, attempt, result if error is None else msgspec.UNSET)
+            return
 
         if error is None:
             try:
@@ -358,6 +388,52 @@ class Worker:
                 self._finish(msg, [], (*running.unpublished(), done), ACK, running.landing())
                 return
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
+
+    def _cancel_running(self, task_id: str, reason: str) -> None:
+        """A task was cancelled: stop it if it runs here (the watch calls this for each new id)."""
+        for running in self.running.values():
+            if running.task_id == task_id and running.cancel_reason is None:
+                running.cancel_reason = reason
+                if running.asynchronous and running.task is not None:
+                    running.task.cancel()  # a sync handler sees current_task().cancelled instead
+
+    def _cancelled_while_running(self, running: _Running, attempt: int, result: Any) -> None:
+        if running.task is not None and running.task.cancelling():
+            running.task.uncancel()  # the cancel was ours, and is handled here
+        encoded: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+        if result is not msgspec.UNSET:
+            try:
+                encoded = msgspec.Raw(msgspec.json.encode(result))
+            except Exception:  # noqa: BLE001 - a result that cannot be kept is dropped
+                encoded = msgspec.UNSET
+        reason = running.cancel_reason or ""
+        log.info("task %s cancelled while running: %s", running.task_id, reason or "(no reason)")
+        cancelled = ev.Cancelled(
+            task_id=running.task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, reason=reason, result=encoded
+        )
+        self._cancelled(running.msg, cancelled, running.unpublished(), running.landing())
+
+    def _cancelled(self, msg: Delivery, cancelled: ev.Cancelled, before: Sequence[ev.Event] = (), extra: Sequence[Pending] = ()) -> None:
+        """Record ``cancelled`` and term the task off WORK: it is not retried."""
+        self.counts["cancelled"] += 1
+        self._finish(msg, [], (*before, cancelled), term_with_reason("cancelled"), extra)
+
+    # TaskControls, for the handlers' current_task()
+
+    def is_cancelled(self, task_id: str) -> bool:
+        return task_id in self.cancels.ids
+
+    def report_progress(self, context: TaskContext, fraction: float | None, message: str) -> None:
+        assert self.progress is not None, "progress is reported by running tasks only"
+        self.progress.report(context, fraction, message)
+
+    def _record_progress(self, event: ev.Event) -> None:
+        recorder = self.settler.recorder
+        assert recorder is not None, "the worker's settler records events"
+        recorder.record((event,))
+
+    def _is_running(self, task_id: str) -> bool:
+        return any(running.task_id == task_id for running in self.running.values())
 
     async def _failed(
         self,
@@ -454,6 +530,8 @@ class Worker:
             payload = decode_submission(body).payload  # the master's decode (its size limit aside)
         except Rejected as exc:
             raise Fail(f"task body: {exc}") from None
+        if definition.batch_size is not None:
+            return await self._batch_of(definition).run(payload, context)
         token = _current.set(context)
         try:
             if definition.is_async:
@@ -466,6 +544,14 @@ class Worker:
             raise TaskTimeout(f"attempt timed out after {timeout}s") from None
         finally:
             _current.reset(token)
+
+
+    def _batch_of(self, definition: TaskDef) -> Batches:
+        batches = self.batches.get(definition.name)
+        if batches is None:
+            assert self._loop is not None
+            batches = self.batches[definition.name] = Batches(definition, self.threads, self._loop, self.concurrency)
+        return batches
 
 
 def _describe(error: BaseException) -> str:

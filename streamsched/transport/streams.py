@@ -2,7 +2,8 @@
 
 Retention follows the role of each stream:
 
-* TASKS (limits): every submission and every rejection, kept for replay and inspection.
+* TASKS (limits): every submission, every rejection and every cancel request, kept for
+  replay and inspection.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
   so a full stream refuses publishers with an error instead of dropping old work.
 * TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
@@ -11,6 +12,7 @@ Retention follows the role of each stream:
   message holding the events of many tasks).
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
+* KV ``cancels``: the ids of cancelled tasks, each for ``cancel_ttl_s``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from .bus import Bus
 #: but costs memory in proportion: with full messages 2,000 peaked at 209 MB in
 #: ``bench backlog``, 500 peak at 131-139 MB, under the 150 MB a role may take.
 PROJECTOR_WINDOW = 500
+#: Cancel requests a master's canceller works on at once.
+CANCELLER_WINDOW = 64
 #: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
 #: tasks) is this many times fewer messages.
 SCHED_BATCH_MAX_TASKS = 64
@@ -60,7 +64,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     own = [
         StreamConfig(
             name=subjects.TASKS_STREAM,
-            subjects=[subjects.SUBMIT, subjects.REJECTED],
+            subjects=[subjects.SUBMIT, subjects.REJECTED, subjects.CANCEL],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW,
             max_age=settings.tasks_max_age_s,
@@ -124,6 +128,27 @@ def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamCon
     )
 
 
+#: Seconds a KV ``cancels`` expiry leaves its marker (the minimum): the marker is what tells
+#: the roles' watches to forget the id.
+CANCEL_MARKER_TTL_S = 1.0
+
+
+def kv_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every KV bucket streamsched needs."""
+    return [
+        kv_config(settings),
+        KeyValueConfig(
+            bucket=subjects.CANCELS_BUCKET,
+            history=1,
+            ttl=settings.cancel_ttl_s,
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+            direct=True,
+            limit_marker_ttl=CANCEL_MARKER_TTL_S,
+        ),
+    ]
+
+
 def kv_config(settings: Settings) -> KeyValueConfig:
     """The ``tasks`` bucket: one revision per task, expiring with the events it folds."""
     return KeyValueConfig(
@@ -151,6 +176,17 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 # These roles never fail on bad input, only on outages: retry without limit.
                 max_deliver=-1,
                 max_waiting=512,
+            ),
+        ),
+        (
+            subjects.TASKS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.CANCELLER_CONSUMER,
+                filter_subject=subjects.CANCEL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=CANCELLER_WINDOW,
+                max_deliver=-1,
             ),
         ),
         (
@@ -232,13 +268,13 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
             await js.update_stream(config)
         changes.append(Change("stream", stream_name, "updated" if diff else "unchanged", ", ".join(diff)))
 
-    kv = kv_config(settings)
-    try:
-        await js.key_value(kv.bucket)
-        changes.append(Change("kv", kv.bucket, "unchanged"))
-    except NotFoundError:  # BucketNotFoundError is one
-        await js.create_key_value(kv)
-        changes.append(Change("kv", kv.bucket, "created"))
+    for kv in kv_configs(settings):
+        try:
+            await js.key_value(kv.bucket)
+            changes.append(Change("kv", kv.bucket, "unchanged"))
+        except NotFoundError:  # BucketNotFoundError is one
+            await js.create_key_value(kv)
+            changes.append(Change("kv", kv.bucket, "created"))
 
     for stream, consumer in consumer_configs(settings):
         name = consumer.durable_name

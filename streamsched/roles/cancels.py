@@ -1,0 +1,237 @@
+"""Cancellation: the request on ``tasks.cancel``, the durable fact in KV ``cancels``, and the
+roles' in-memory view of it.
+
+A cancel request (:meth:`streamsched.client.Client.cancel`) is a JetStream publish on
+``tasks.cancel`` (msg id ``<task id>:cancel``), read by a master's :class:`Canceller`
+through the durable ``canceller``. The canceller writes the fact to KV ``cancels`` (key =
+task id, value = reason and time, kept ``cancel_ttl_s``) and then stops what it can reach
+itself:
+
+* a delayed task's message schedule (``timers.at.<id>`` in TIMERS) is purged;
+* a task waiting for its dependencies (KV ``waiting``, when that bucket exists) loses
+  its entry;
+
+and records ``cancelled`` for such a task, which never reached a queue. Each step is
+safe to repeat: the event is recorded before the schedule or entry goes, so a request
+redelivered after a crash finds it again and finishes the job.
+
+Queued and running tasks are stopped by the roles that hold them: the regional scheduler
+at dispatch and the worker before it runs a task skip a cancelled one (they record
+``cancelled`` and take it off their stream), and a worker cancels a running one (see
+:mod:`streamsched.roles.worker`). They know the cancelled ids from a :class:`CancelWatch`:
+a mirror of KV ``cancels`` kept current by an ordered consumer, so the check on their
+per-task path is a truth test of a dict, and a lookup only while it holds something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from .. import subjects
+from ..config import Settings
+from ..eventlog import events as ev
+from ..transport.bus import ACK, Bus, nak_with_delay, term_with_reason
+from ..transport.pull import Puller
+from ..transport.streams import CANCELLER_WINDOW
+from ..transport.wire import Delivery
+from .settle import Settler
+
+log = logging.getLogger("streamsched.cancels")
+
+#: The KV bucket of tasks waiting for dependencies (made by the dependency feature; absent
+#: in a deployment without it).
+WAITING_BUCKET = "waiting"
+#: Cancelled ids a watch keeps at most; past it the oldest are forgotten first. The bucket's
+#: TTL (``cancel_ttl_s``) bounds it too: an expired entry leaves a marker that removes it.
+MAX_WATCHED = 100_000
+#: Seconds a role waits at start for the watch to load the ids cancelled so far.
+LOAD_TIMEOUT_S = 5.0
+#: Seconds before a cancel request whose steps failed (JetStream unavailable) comes back.
+RETRY_DELAY_S = 1.0
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of a message on ``tasks.cancel``."""
+
+    id: str
+    reason: str = ""
+    at: float = 0.0
+
+
+class CancelRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The value of KV ``cancels.<task id>``."""
+
+    reason: str = ""
+    at: float = 0.0
+
+
+_decode_request = msgspec.json.Decoder(CancelRequest).decode
+_decode_record = msgspec.json.Decoder(CancelRecord).decode
+
+
+def request_message(task_id: str, reason: str) -> tuple[str, bytes, dict[str, str]]:
+    """``(subject, body, headers)`` of a cancel request."""
+    body = msgspec.json.encode(CancelRequest(id=task_id, reason=reason, at=time.time()))
+    return subjects.CANCEL, body, {subjects.H_MSG_ID: subjects.msg_id(task_id, "cancel")}
+
+
+class Canceller:
+    """A master's consumer of cancel requests: records the fact, stops what is not queued yet."""
+
+    def __init__(self, settings: Settings, bus: Bus) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.CANCELLER_CONSUMER], CANCELLER_WINDOW, self._on_message)
+        self.settler = Settler(bus, self.puller, source="canceller")
+        self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self.cancelled = 0
+
+    async def run(self) -> None:
+        await self.puller.run()
+        await self.puller.finish()
+
+    async def shutdown(self) -> None:
+        self.puller.stop()
+
+    def _on_message(self, _level: int, msg: Delivery) -> None:
+        try:
+            request = _decode_request(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("unreadable cancel request (%s); terminating it", exc)
+            self.settler.settle(msg, term_with_reason(f"unreadable cancel request: {exc}"))
+            return
+        if not subjects.is_token(request.id):
+            self.settler.settle(msg, term_with_reason(f"invalid task id {request.id!r}"))
+            return
+        task = asyncio.get_running_loop().create_task(self._apply(msg, request))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _apply(self, msg: Delivery, request: CancelRequest) -> None:
+        try:
+            await self.cancel(request)
+        except Exception as exc:  # noqa: BLE001 - JetStream failed a step: the request comes back
+            log.warning("cancel of %s not done yet (%r); it comes back in %.1fs", request.id, exc, RETRY_DELAY_S)
+            self.settler.settle(msg, nak_with_delay(RETRY_DELAY_S))
+            return
+        self.settler.settle(msg, ACK)
+
+    async def cancel(self, request: CancelRequest) -> None:
+        """Record the cancel in KV, then stop the task if it is delayed or waiting."""
+        js = self.bus.js
+        cancels = await js.key_value(subjects.CANCELS_BUCKET)
+        record = msgspec.json.encode(CancelRecord(reason=request.reason, at=request.at or time.time()))
+        with contextlib.suppress(KeyWrongLastSequenceError):  # cancelled before: the first reason stands
+            await cancels.create(subjects.state_key(request.id), record)
+
+        stopped = False
+        cancelled = ev.Cancelled(task_id=request.id, at=time.time(), reason=request.reason)
+        schedule = subjects.delayed(request.id)
+        if await _holds(self.bus, subjects.TIMERS_STREAM, schedule):
+            await self._record(cancelled)
+            await js.purge_stream(subjects.TIMERS_STREAM, subject=schedule)
+            stopped = True
+        try:
+            waiting = await js.key_value(WAITING_BUCKET)
+        except BucketNotFoundError:
+            waiting = None
+        if waiting is not None:
+            try:
+                entry = await waiting.get(request.id)
+            except KeyNotFoundError:
+                entry = None
+            if entry is not None:
+                if not stopped:
+                    await self._record(cancelled)
+                await waiting.delete(request.id, last=entry.revision)
+                stopped = True
+        if stopped:
+            self.cancelled += 1
+            log.info("cancelled %s before it was queued: %s", request.id, request.reason or "(no reason)")
+
+    async def _record(self, event: ev.Event) -> None:
+        recorder = self.settler.recorder
+        assert recorder is not None, "the canceller's settler records events"
+        await recorder.record((event,))
+
+
+async def _holds(bus: Bus, stream: str, subject: str) -> bool:
+    """True when ``stream`` holds a message on ``subject``."""
+    try:
+        await bus.js.get_msg(stream, subject=subject, direct=True)
+    except NotFoundError:
+        return False
+    return True
+
+
+class CancelWatch:
+    """The ids in KV ``cancels`` (task id -> reason), kept current by an ordered consumer.
+
+    ``ids`` is a plain dict so the roles' per-task check is ``if ids and task_id in ids``:
+    nothing but a truth test while no task is cancelled. ``on_cancel(task_id, reason)`` is
+    called on the event loop for each id that appears after the initial load.
+    """
+
+    def __init__(self, bus: Bus, on_cancel: Callable[[str, str], None] | None = None, *, limit: int = MAX_WATCHED) -> None:
+        self.bus = bus
+        self.on_cancel = on_cancel
+        self.limit = limit
+        self.ids: dict[str, str] = {}
+        self._prefix = f"$KV.{subjects.CANCELS_BUCKET}."
+        self._loaded = asyncio.Event()
+        self._load_until = 0
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        """Subscribe and wait (up to :data:`LOAD_TIMEOUT_S`) until the ids cancelled so far are in."""
+        stream = f"KV_{subjects.CANCELS_BUCKET}"
+        state = (await self.bus.js.stream_info(stream)).state
+        self._load_until = state.last_seq if state.messages else 0
+        if self._load_until == 0:
+            self._loaded.set()
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        self._sub = await self.bus.js.subscribe(self._prefix + ">", stream=stream, ordered_consumer=True, config=config, cb=self._on_entry)
+        try:
+            await asyncio.wait_for(self._loaded.wait(), LOAD_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("cancelled ids not all loaded after %.0fs; going on, the rest follow", LOAD_TIMEOUT_S)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):  # the connection is already gone
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_entry(self, msg: Any) -> None:
+        task_id = msg.subject[len(self._prefix) :]
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers or not msg.data:
+            self.ids.pop(task_id, None)  # deleted, or expired after cancel_ttl_s
+        else:
+            try:
+                reason = _decode_record(msg.data).reason
+            except msgspec.DecodeError:
+                reason = ""
+            self.add(task_id, reason)
+        if not self._loaded.is_set() and msg.metadata.sequence.stream >= self._load_until:
+            self._loaded.set()
+
+    def add(self, task_id: str, reason: str) -> None:
+        """Remember ``task_id`` as cancelled (forgetting the oldest past ``limit``) and tell ``on_cancel``."""
+        if task_id in self.ids:
+            return
+        self.ids[task_id] = reason
+        if len(self.ids) > self.limit:
+            del self.ids[next(iter(self.ids))]
+        if self.on_cancel is not None and self._loaded.is_set():
+            self.on_cancel(task_id, reason)
