@@ -111,6 +111,9 @@ class TaskContext(msgspec.Struct, frozen=True, gc=False):
     priority: str
     region: str
     worker: str
+    dependency_results: dict[str, Any] = {}
+    """The result of each of the task's dependencies (``depends_on``) by id; ``None`` for one
+    that did not succeed (it ran under ``on_dependency_failure: run``)."""
 
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("streamsched_task")

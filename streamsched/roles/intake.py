@@ -28,6 +28,7 @@ from ..eventlog import events as ev
 from ..model import Submission
 from ..transport.bus import Bus, nak_with_delay
 from ..transport.wire import Delivery
+from .dependencies import Dependencies
 from .placement import ReadyTask, place
 from .settle import Settler
 
@@ -82,6 +83,7 @@ class Intake:
         self.settler = settler
         self.reject = reject
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self.dependencies = Dependencies(settings, bus, source="master-deps")
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
@@ -129,6 +131,8 @@ class Intake:
             max_attempts=submission.max_attempts,
             timeout_s=submission.timeout_s,
         )
+        if submission.depends_on:
+            return [submitted, *await self.dependencies.register(task, submission, now)]
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]

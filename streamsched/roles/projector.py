@@ -45,6 +45,7 @@ from ..transport.bus import ACK, Bus
 from ..transport.pull import Puller
 from ..transport.reading import ReadStats
 from ..transport.wire import Delivery
+from .dependencies import Dependencies
 from .settle import Settler
 
 log = logging.getLogger("streamsched.projector")
@@ -101,8 +102,17 @@ Batch = dict[str, list[ev.Event]]
 class Projector:
     """Keeps KV ``tasks`` equal to the fold of EVENTS."""
 
-    def __init__(self, settings: Settings, bus: Bus, store: StateStore, *, consumer: str = subjects.PROJECTOR_CONSUMER) -> None:
-        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses its own)."""
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        store: StateStore,
+        *,
+        consumer: str = subjects.PROJECTOR_CONSUMER,
+        resolve_dependencies: bool = True,
+    ) -> None:
+        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses
+        its own, and does not resolve dependencies: the tasks it folds finished long ago)."""
         self.settings = settings
         self.bus = bus
         self.store = store
@@ -116,15 +126,23 @@ class Projector:
         self._wake = asyncio.Event()
         self.stats = ReadStats()
         self.applied = 0
+        # The completer of dependencies: told of the tasks each batch made final.
+        self.dependencies = Dependencies(settings, bus, source="projector") if resolve_dependencies else None
 
     async def run(self) -> None:
         log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
-        flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        loop = asyncio.get_running_loop()
+        flusher = loop.create_task(self._flush_loop())
+        dependencies = self.dependencies
+        timeouts = loop.create_task(dependencies.run_timeouts()) if dependencies else None
         try:
             await self.puller.run()
             await self.puller.finish()  # the flush loop settles what was received
         finally:
             flusher.cancel()
+            if dependencies is not None and timeouts is not None:
+                dependencies.stop()
+                await timeouts
 
     async def shutdown(self) -> None:
         self.puller.stop()
@@ -223,7 +241,7 @@ class Projector:
             if not messages:
                 continue
             delay = 0.1
-            while not await self._write_logged(batch):
+            while not await self._write_logged(batch) or not await self._resolve_logged(batch):
                 # Retry in place: acking later batches meanwhile would reorder nothing, but
                 # a stuck batch must not be silently left to ack_wait while others pass.
                 await asyncio.sleep(delay)
@@ -245,6 +263,24 @@ class Projector:
         except Exception:
             log.exception("projecting a batch of %d task(s) failed; retrying", len(batch))
             return False
+
+    async def _resolve_logged(self, batch: Batch) -> bool:
+        """Hand the tasks of ``batch`` whose state is final to the dependency resolver (before
+        their event messages are acked: a crash resolves them again); True when it is done.
+        A plain task costs one cache lookup here; the resolver's edge lookup is one request per batch."""
+        if self.dependencies is None:
+            return True
+        finished: dict[str, TaskState] = {}
+        for task_id in batch:
+            entry = self.cache.get(task_id)
+            if entry is not None and entry[0].status.is_final:
+                finished[task_id] = entry[0]
+        try:
+            await self.dependencies.resolve(finished)
+        except Exception:
+            log.exception("resolving the dependants of %d finished task(s) failed; retrying", len(finished))
+            return False
+        return True
 
     async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
         """Fold and write every task of the batch; True when all writes landed."""

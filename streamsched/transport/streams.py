@@ -11,6 +11,8 @@ Retention follows the role of each stream:
   message holding the events of many tasks).
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
+* KV ``waiting``, ``dependants``, ``workflows``: tasks waiting for dependencies, the
+  dependency edges, workflow states (see :mod:`streamsched.roles.dependencies`).
 """
 
 from __future__ import annotations
@@ -137,6 +139,23 @@ def kv_config(settings: Settings) -> KeyValueConfig:
     )
 
 
+def kv_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every bucket: ``tasks``, then the dependency and workflow buckets. These expire with
+    the events too (from their last write), so a dependency timeout may not be longer."""
+    own = [
+        KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=settings.events_max_age_s,
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+            direct=True,
+        )
+        for bucket in (subjects.WAITING_BUCKET, subjects.DEPENDANTS_BUCKET, subjects.WORKFLOWS_BUCKET)
+    ]
+    return [kv_config(settings), *own]
+
+
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
     """``(stream, config)`` of every durable pull consumer."""
     out: list[tuple[str, ConsumerConfig]] = [
@@ -161,6 +180,16 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=PROJECTOR_WINDOW,
+                max_deliver=-1,
+            ),
+        ),
+        (
+            subjects.TIMERS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.DEPS_TIMEOUT_CONSUMER,
+                filter_subject=subjects.DEPS_DUE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
                 max_deliver=-1,
             ),
         ),
@@ -232,13 +261,13 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
             await js.update_stream(config)
         changes.append(Change("stream", stream_name, "updated" if diff else "unchanged", ", ".join(diff)))
 
-    kv = kv_config(settings)
-    try:
-        await js.key_value(kv.bucket)
-        changes.append(Change("kv", kv.bucket, "unchanged"))
-    except NotFoundError:  # BucketNotFoundError is one
-        await js.create_key_value(kv)
-        changes.append(Change("kv", kv.bucket, "created"))
+    for kv in kv_configs(settings):
+        try:
+            await js.key_value(kv.bucket)
+            changes.append(Change("kv", kv.bucket, "unchanged"))
+        except NotFoundError:  # BucketNotFoundError is one
+            await js.create_key_value(kv)
+            changes.append(Change("kv", kv.bucket, "created"))
 
     for stream, consumer in consumer_configs(settings):
         name = consumer.durable_name
