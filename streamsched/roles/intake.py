@@ -31,9 +31,12 @@ from ..transport.wire import Delivery
 from .dependencies import Dependencies
 from .placement import ReadyTask, place
 from .settle import Settler
+from .workflows import Validate, WorkflowTracker, parse
 
 log = logging.getLogger("streamsched.master")
 
+#: Tasks of one workflow taken in concurrently (each a few JetStream round trips).
+WORKFLOW_STEPS_AT_ONCE = 256
 #: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -77,13 +80,26 @@ Reject = Callable[[Delivery, str, str, float], None]
 class Intake:
     """Runs the asynchronous steps of submissions that need them, then settles each."""
 
-    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        settler: Settler,
+        reject: Reject,
+        *,
+        validate: Validate,
+        pick_region: Callable[[str], str],
+    ) -> None:
+        """``validate`` and ``pick_region`` are the master's, for the tasks inside a wrapper."""
         self.settings = settings
         self.bus = bus
         self.settler = settler
         self.reject = reject
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self.validate = validate
+        self.pick_region = pick_region
         self.dependencies = Dependencies(settings, bus, source="master-deps")
+        self.workflows = WorkflowTracker(bus)
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
@@ -140,5 +156,20 @@ class Intake:
 
     async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float) -> list[ev.Event]:
         """Take in a workflow or a batch; returns the events that record its tasks."""
-        kind = "workflow" if wrapper.workflow is not None else "batch"
-        raise Rejected(f"`{kind}` submissions are not supported by this version yet")
+        if wrapper.workflow is not None:
+            return await self._workflow_steps(wrapper.workflow, now)
+        raise Rejected("`batch` submissions are not supported by this version yet")
+
+    async def _workflow_steps(self, workflow: dict[str, Any], now: float) -> list[ev.Event]:
+        """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
+        workflow_id, tasks = parse(workflow, self.validate)
+        await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
+        events: list[ev.Event] = []
+        for start in range(0, len(tasks), WORKFLOW_STEPS_AT_ONCE):
+            steps = [
+                self._task_steps(task, task.region or self.pick_region(task.id or ""), now)
+                for task in tasks[start : start + WORKFLOW_STEPS_AT_ONCE]
+            ]
+            for task_events in await asyncio.gather(*steps):
+                events += task_events
+        return events

@@ -39,7 +39,7 @@ from ..eventlog.state import (
     encode_state,
     fold,
 )
-from ..model import TaskState
+from ..model import Status, TaskState
 from ..transport import streams
 from ..transport.bus import ACK, Bus
 from ..transport.pull import Puller
@@ -47,6 +47,7 @@ from ..transport.reading import ReadStats
 from ..transport.wire import Delivery
 from .dependencies import Dependencies
 from .settle import Settler
+from .workflows import WORKFLOW_LABEL, WorkflowTracker
 
 log = logging.getLogger("streamsched.projector")
 
@@ -128,6 +129,7 @@ class Projector:
         self.applied = 0
         # The completer of dependencies: told of the tasks each batch made final.
         self.dependencies = Dependencies(settings, bus, source="projector") if resolve_dependencies else None
+        self.workflows = WorkflowTracker(bus) if resolve_dependencies else None
 
     async def run(self) -> None:
         log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
@@ -265,18 +267,27 @@ class Projector:
             return False
 
     async def _resolve_logged(self, batch: Batch) -> bool:
-        """Hand the tasks of ``batch`` whose state is final to the dependency resolver (before
-        their event messages are acked: a crash resolves them again); True when it is done.
-        A plain task costs one cache lookup here; the resolver's edge lookup is one request per batch."""
-        if self.dependencies is None:
+        """After ``batch`` is written (before its event messages are acked: a crash redoes
+        this), hand its tasks whose state is final to the dependency resolver and the
+        statuses of workflow tasks to the workflow tracker; True when both are done. A plain
+        task costs a cache and a label lookup here; the resolver's edge lookup is one
+        request per batch with final tasks."""
+        if self.dependencies is None or self.workflows is None:
             return True
         finished: dict[str, TaskState] = {}
+        workflows: dict[str, dict[str, tuple[Status, float]]] = {}
         for task_id in batch:
             entry = self.cache.get(task_id)
-            if entry is not None and entry[0].status.is_final:
-                finished[task_id] = entry[0]
+            if entry is None:
+                continue
+            state = entry[0]
+            if state.status.is_final:
+                finished[task_id] = state
+            workflow = state.labels.get(WORKFLOW_LABEL) if state.labels else None
+            if workflow is not None:
+                workflows.setdefault(workflow, {})[task_id] = (state.status, state.updated_at or 0.0)
         try:
-            await self.dependencies.resolve(finished)
+            await asyncio.gather(self.dependencies.resolve(finished), self.workflows.update(workflows))
         except Exception:
             log.exception("resolving the dependants of %d finished task(s) failed; retrying", len(finished))
             return False
