@@ -100,6 +100,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """``deadline`` as seconds after submission."""
     cron: str | None = None
     split: dict[str, Any] | None = None
+    """Fan out into chunk tasks, gathered in chunk order: ``{"chunks": [payload, ...]}`` or
+    ``{"range": [start, stop], "parts": N}``, optionally with ``"gather": "<type>"``
+    (see :mod:`streamsched.roles.splits`)."""
     idempotency_key: str | None = None
     dependency_results: dict[str, Any] | None = None
     """Filled in by the scheduler when a task with ``depends_on`` is released: the result of
@@ -108,7 +111,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 #: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("run_at", "delay_s", "deadline", "deadline_s", "cron", "split", "idempotency_key")
+UNSUPPORTED_FIELDS = ("run_at", "delay_s", "deadline", "deadline_s", "cron", "idempotency_key")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -86,6 +86,11 @@ class WaitingRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """Why it was cancelled."""
     acted: bool = False
     """The release or cancellation was carried out (placed or recorded)."""
+    split: bool = False
+    """The gather task of a split (its dependencies are its chunks): records ``progress`` as
+    they finish, and ends ``failed`` (not ``cancelled``) when one does not succeed."""
+    collect: bool = False
+    """A split without a gather type: released, it succeeds with the list of chunk results."""
 
 
 _record_decoder = msgspec.json.Decoder(WaitingRecord)
@@ -138,9 +143,10 @@ class Dependencies:
 
     # -- registration (the master's intake) ---------------------------------------------------
 
-    async def register(self, task: ReadyTask, envelope: Envelope, now: float) -> list[ev.Event]:
+    async def register(self, task: ReadyTask, envelope: Envelope, now: float, *, split: bool = False, collect: bool = False) -> list[ev.Event]:
         """Register ``task`` as waiting for ``envelope.depends_on``; returns its ``waiting`` event
-        (its release or cancellation, when the re-check finds it due, is recorded separately)."""
+        (its release or cancellation, when the re-check finds it due, is recorded separately).
+        ``split`` and ``collect`` mark the gather task of a split (see :class:`WaitingRecord`)."""
         waiting, dependants, tasks = await self._open()
         depends_on = list(dict.fromkeys(envelope.depends_on))
         timeout = envelope.dependency_timeout_s or self.settings.dependency_timeout_s
@@ -151,6 +157,8 @@ class Dependencies:
             policy=envelope.on_dependency_failure,
             timeout_s=timeout,
             since=now,
+            split=split,
+            collect=collect,
         )
         with contextlib.suppress(KeyWrongLastSequenceError):  # there already: a redelivery goes on
             await waiting.create(task.id, msgspec.json.encode(record))
@@ -271,7 +279,8 @@ class Dependencies:
             failing = [d for d in record.unmet if d in finished and finished[d].status is not Status.SUCCEEDED]
             if failing and record.policy == "cancel":
                 record.state = CANCELLED
-                record.reason = f"dependency {failing[0]} ended {finished[failing[0]].status.value}"
+                what = "chunk" if record.split else "dependency"
+                record.reason = f"{what} {failing[0]} ended {finished[failing[0]].status.value}"
                 return True
             unmet = [d for d in record.unmet if d not in finished]
             if unmet == record.unmet:
@@ -313,10 +322,25 @@ class Dependencies:
                 entry = await self._read_record(waiting, task_id)
                 after_conflict = True
                 continue
+            if record.split and record.state != CANCELLED:
+                await self._record_progress(record)
             if record.state != WAITING:
                 await self._act(waiting, record, revision)
             return
         raise RuntimeError(f"waiting record of {task_id} kept changing; resolving it again later")
+
+    async def _record_progress(self, record: WaitingRecord) -> None:
+        """The share of a split's chunks done, as ``progress`` of its gather task."""
+        total = len(record.depends_on)
+        done = total - len(record.unmet)
+        progress = ev.Progress(
+            task_id=record.task.id,
+            at=time.time(),
+            region=record.task.region,
+            fraction=done / total,
+            message=f"{done} of {total} chunks done",
+        )
+        await self.recorder.record([progress])
 
     async def _act(self, waiting: KeyValue, record: WaitingRecord, revision: int) -> None:
         """Carry out an ended wait: place the released task with its dependencies' results (or
@@ -324,7 +348,9 @@ class Dependencies:
         task = record.task
         now = time.time()
         event: ev.Event
-        if record.state == CANCELLED:
+        if record.state == CANCELLED and record.split:
+            event = ev.Failed(task_id=task.id, at=now, region=task.region, error=record.reason)
+        elif record.state == CANCELLED:
             event = ev.Cancelled(task_id=task.id, at=now, region=task.region, reason=record.reason)
         else:
             _, _, tasks = await self._open()
@@ -334,7 +360,10 @@ class Dependencies:
                 result = states[dependency].result if dependency in states else msgspec.UNSET
                 results[dependency] = None if isinstance(result, msgspec.UnsetType) else result
             body = with_results(task.body, results)
-            if len(body) > self.settings.max_payload_bytes:
+            if record.collect:  # a split without a gather type: its result is the chunks' results
+                listed = b"[" + b",".join(b"null" if r is None else bytes(r) for r in results.values()) + b"]"
+                event = ev.Succeeded(task_id=task.id, at=now, region=task.region, result=msgspec.Raw(listed))
+            elif len(body) > self.settings.max_payload_bytes:
                 error = f"the results of its dependencies make its body {len(body)} bytes, over max_payload_bytes ({self.settings.max_payload_bytes})"
                 event = ev.Failed(task_id=task.id, at=now, region=task.region, error=error)
             else:

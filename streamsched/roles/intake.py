@@ -31,12 +31,13 @@ from ..transport.wire import Delivery
 from .dependencies import Dependencies
 from .placement import ReadyTask, place
 from .settle import Settler
+from .splits import fan_out
 from .workflows import Validate, WorkflowTracker, parse
 
 log = logging.getLogger("streamsched.master")
 
-#: Tasks of one workflow taken in concurrently (each a few JetStream round trips).
-WORKFLOW_STEPS_AT_ONCE = 256
+#: Tasks of one workflow or split taken in concurrently (each a few JetStream round trips).
+STEPS_AT_ONCE = 256
 #: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -50,6 +51,20 @@ def needs_intake(submission: Submission) -> bool:
         or submission.delay_s is not None
         or submission.split is not None
         or submission.idempotency_key is not None
+    )
+
+
+def ready_task(submission: Submission, region: str) -> ReadyTask:
+    """``submission`` (its id filled in, its fields checked) as a task to place in ``region``."""
+    assert submission.id is not None
+    return ReadyTask(
+        id=submission.id,
+        type=submission.type,
+        priority=submission.priority,
+        region=region,
+        body=msgspec.json.encode(submission),
+        max_attempts=submission.max_attempts,
+        timeout_s=submission.timeout_s,
     )
 
 
@@ -138,15 +153,9 @@ class Intake:
             region=region,
             labels=submission.labels,
         )
-        task = ReadyTask(
-            id=task_id,
-            type=submission.type,
-            priority=submission.priority,
-            region=region,
-            body=msgspec.json.encode(submission),
-            max_attempts=submission.max_attempts,
-            timeout_s=submission.timeout_s,
-        )
+        if submission.split is not None:
+            return [submitted, *await self._split_steps(submission, region, now)]
+        task = ready_task(submission, region)
         if submission.depends_on:
             return [submitted, *await self.dependencies.register(task, submission, now)]
         await place(self.bus, [task], now=now)
@@ -164,11 +173,21 @@ class Intake:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
         workflow_id, tasks = parse(workflow, self.validate)
         await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
+        return await self._each_task_steps(tasks, None, now)
+
+    async def _split_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+        """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
+        chunks, gather, collect = fan_out(submission, self.settings)
+        waiting = await self.dependencies.register(ready_task(gather, region), gather, now, split=True, collect=collect)
+        return waiting + await self._each_task_steps(chunks, region, now)
+
+    async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float) -> list[ev.Event]:
+        """:meth:`_task_steps` of every task, :data:`STEPS_AT_ONCE` at a time (in ``region``, or each its own)."""
         events: list[ev.Event] = []
-        for start in range(0, len(tasks), WORKFLOW_STEPS_AT_ONCE):
+        for start in range(0, len(tasks), STEPS_AT_ONCE):
             steps = [
-                self._task_steps(task, task.region or self.pick_region(task.id or ""), now)
-                for task in tasks[start : start + WORKFLOW_STEPS_AT_ONCE]
+                self._task_steps(task, region or task.region or self.pick_region(task.id or ""), now)
+                for task in tasks[start : start + STEPS_AT_ONCE]
             ]
             for task_events in await asyncio.gather(*steps):
                 events += task_events

@@ -42,7 +42,7 @@ from ..model import (
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
-from . import dependencies
+from . import dependencies, splits
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
 from .sched_batches import TaskBatcher
@@ -107,6 +107,8 @@ class Master:
         if envelope.timeout_s is not None and envelope.timeout_s <= 0:
             raise Rejected("`timeout_s` must be positive")
         dependencies.check(envelope, self.settings)
+        if envelope.split is not None:
+            splits.parse(envelope, self.settings)
         for field in UNSUPPORTED_FIELDS:
             if getattr(envelope, field):
                 raise Rejected(f"`{field}` is not supported by this version yet")
