@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 import typer
+import yaml
 
 from .cli_events import (
     dlq_app,
@@ -212,16 +213,26 @@ def projector(log_level: LogLevel = "INFO") -> None:
 
 @app.command()
 def submit(
-    type: Annotated[str, typer.Argument(help="Task type (handler name).")],
+    type: Annotated[str | None, typer.Argument(help="Task type (handler name); not with --workflow.")] = None,
     payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
     priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
-    id: Annotated[str | None, typer.Option(help="Task id (default: generated).")] = None,
+    id: Annotated[str | None, typer.Option(help="Task id (default: generated); with --workflow, the workflow id (default: the file's).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
+    depends_on: Annotated[list[str] | None, typer.Option("--depends-on", help="Id of a task that must succeed first (repeatable).")] = None,
+    workflow: Annotated[
+        Path | None,
+        typer.Option(help='Submit the DAG in this JSON or YAML file ({"id": ..., "tasks": [...]}, ids local to it) in one message.'),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome (the state the projector writes to KV) and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
 ) -> None:
-    """Submit a task; prints its id (and with --wait, its outcome)."""
+    """Submit a task, or a workflow; prints its id (and with --wait, its outcome)."""
     settings = load_or_exit()
+    if workflow is not None:
+        raise typer.Exit(anyio.run(_submit_workflow, settings, workflow, id, wait, timeout))
+    if type is None:
+        typer.echo("error: give a task type, or --workflow FILE", err=True)
+        raise typer.Exit(Exit.USAGE)
     try:
         decoded = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
@@ -230,7 +241,7 @@ def submit(
 
     async def go() -> int:
         async with await Client.connect(settings.nats_url) as client:
-            handle = await client.submit(type, decoded, id=id, priority=priority, region=region)
+            handle = await client.submit(type, decoded, id=id, priority=priority, region=region, depends_on=depends_on or [])
             typer.echo(handle.id)
             if not wait:
                 return Exit.OK
@@ -239,17 +250,46 @@ def submit(
     raise typer.Exit(anyio.run(go))
 
 
+async def _submit_workflow(settings: Settings, path: Path, workflow_id: str | None, wait: bool, timeout: float) -> int:
+    try:
+        text = path.read_text()
+        spec = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else msgspec.json.decode(text)
+    except (OSError, yaml.YAMLError, msgspec.DecodeError) as exc:
+        typer.echo(f"error: cannot read the workflow in {path}: {exc}", err=True)
+        return Exit.USAGE
+    if isinstance(spec, dict) and isinstance(spec.get("workflow"), dict):
+        spec = spec["workflow"]  # the whole message, as published on tasks.submit
+    if not isinstance(spec, dict):
+        typer.echo(f'error: {path} holds no workflow object ({{"id": ..., "tasks": [...]}})', err=True)
+        return Exit.USAGE
+    if workflow_id is not None:
+        spec["id"] = workflow_id
+    async with await Client.connect(settings.nats_url) as client:
+        handle = await client.submit_workflow(spec)
+        typer.echo(handle.id)
+        if not wait:
+            return Exit.OK
+        try:
+            state = await handle.wait(timeout_s=timeout)
+        except (TimeoutError, NotFound) as exc:
+            rejected = await client.get(handle.id)  # a workflow refused as a whole is a rejected "task" of its id
+            typer.echo(f"error: {rejected.error if rejected and rejected.error else exc}", err=True)
+            return Exit.TASK_FAILED if rejected else Exit.TIMEOUT
+        typer.echo(_encode_state(state))
+        return Exit.OK if state.status == "succeeded" else Exit.TASK_FAILED
+
+
 @app.command()
 def status(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    task_id: Annotated[str, typer.Argument(help="Task id, or workflow id.")],
     json: Annotated[bool, typer.Option("--json", help="Print the state as JSON.")] = False,
 ) -> None:
-    """Show a task's current state."""
+    """Show a task's current state, or a workflow's (its status, counts and tasks) when the id names one."""
     settings = load_or_exit()
 
     async def go() -> int:
         async with await Client.connect(settings.nats_url) as client:
-            state = await client.get(task_id)
+            state: Any = await client.get_workflow(task_id) or await client.get(task_id)
         if state is None:
             typer.echo(f"no task {task_id}", err=True)
             return Exit.NOT_FOUND

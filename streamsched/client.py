@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from .model import (
     state_decoder,
 )
 from .roles.cancels import request_message
+from .roles.workflows import WorkflowState, WorkflowTracker, global_id
 from .transport.bus import Bus
 
 
@@ -78,6 +80,7 @@ class Client:
     def __init__(self, bus: Bus, store: StateStore) -> None:
         self.bus = bus
         self.store = store
+        self._workflows: WorkflowTracker | None = None
 
     @classmethod
     async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client") -> Client:
@@ -104,8 +107,10 @@ class Client:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         labels: Mapping[str, str] | None = None,
+        **fields: Any,
     ) -> TaskHandle:
-        """Submit a task and return its handle once JetStream has stored it."""
+        """Submit a task and return its handle once JetStream has stored it. ``fields`` are
+        the envelope's other fields by name (``depends_on=["a"]``, ``split={...}``...)."""
         task_id, body = _submission(
             {
                 "type": type,
@@ -116,6 +121,7 @@ class Client:
                 "timeout_s": timeout_s,
                 "max_attempts": max_attempts,
                 "labels": labels,
+                **fields,
             }
         )
         await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
@@ -161,6 +167,36 @@ class Client:
         subject, body, headers = request_message(task_id, reason)
         await self.bus.js.publish(subject, body, headers=headers)
         return state
+    async def submit_workflow(self, workflow: Workflow | Mapping[str, Any]) -> WorkflowHandle:
+        """Submit a whole DAG in one message (a :class:`Workflow`, or the ``workflow`` object of
+        a file: ``{"id": ..., "tasks": [...]}``); returns once JetStream has stored it. The
+        master checks all of it before anything runs: :meth:`get_workflow` tells whether it
+        was taken in, and ``status`` of its id says why not (a ``rejected`` task state)."""
+        spec = workflow.spec() if isinstance(workflow, Workflow) else dict(workflow)
+        workflow_id = str(spec.get("id"))
+        body = msgspec.json.encode({"workflow": spec})
+        # Deduped by content, not only id: a corrected workflow sent again under its id is taken.
+        msg_id = f"workflow:{workflow_id}:{zlib.crc32(body):08x}"
+        await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: msg_id})
+        return WorkflowHandle(self, workflow_id)
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowState | None:
+        """The workflow's state (its tasks' statuses, counts, overall status), or ``None``."""
+        if self._workflows is None:
+            self._workflows = WorkflowTracker(self.bus)
+        return await self._workflows.get(workflow_id)
+
+    async def wait_workflow(self, workflow_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.1) -> WorkflowState:
+        """Wait until the workflow has finished (succeeded, failed or cancelled)."""
+        state: WorkflowState | None = None
+        with anyio.move_on_after(timeout_s):
+            while state is None or state.finished_at is None:
+                await anyio.sleep(poll_s)
+                state = await self.get_workflow(workflow_id)
+            return state
+        if state is None:
+            raise NotFound(f"no workflow {workflow_id} after {timeout_s}s")
+        raise TimeoutError(f"workflow {workflow_id} still {state.status} after {timeout_s}s")
 
     async def get(self, task_id: str) -> TaskState | None:
         """The task's latest state, or ``None`` if the projection has not seen it (yet)."""
@@ -192,3 +228,67 @@ class Client:
             raise TimeoutError(f"task {task_id} still {state.status.value} after {timeout_s}s") from None
         finally:
             await watcher.stop()
+
+
+class Workflow:
+    """A DAG of tasks built in Python, submitted in one message with :meth:`Client.submit_workflow`::
+
+        wf = Workflow("nightly")
+        a = wf.task("extract", {"day": "2024-05-01"})
+        b = wf.task("transform", depends_on=[a])
+        wf.task("load", depends_on=[a, b])
+        await client.submit_workflow(wf)
+
+    :meth:`task` returns the task's id inside the workflow (``id``, or one made from its
+    type); it runs as ``<workflow id>-<that id>``.
+    """
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.tasks: list[dict[str, Any]] = []
+        self._ids: set[str] = set()
+
+    def task(self, type: str, payload: Any = None, *, id: str | None = None, depends_on: Sequence[str] = (), **fields: Any) -> str:
+        """Add a task (``fields``: any other envelope field by name); returns its id in the workflow."""
+        local = id or self._id_from(type)
+        if local in self._ids:
+            raise ValueError(f"workflow {self.id} already has a task {local!r}")
+        self._ids.add(local)
+        self.tasks.append({"id": local, "type": type, "payload": payload, "depends_on": list(depends_on), **fields})
+        return local
+
+    def _id_from(self, type: str) -> str:
+        base = "".join(c if c.isalnum() or c in "_-" else "_" for c in type)[:100] or "task"
+        local, n = base, 1
+        while local in self._ids:
+            n += 1
+            local = f"{base}-{n}"
+        return local
+
+    def task_id(self, local_id: str) -> str:
+        """The id a task of this workflow runs under."""
+        return global_id(self.id, local_id)
+
+    def spec(self) -> dict[str, Any]:
+        """The ``workflow`` object of the submission."""
+        return {"id": self.id, "tasks": self.tasks}
+
+
+class WorkflowHandle:
+    """A submitted workflow: ask for its state, or wait for it to finish."""
+
+    def __init__(self, client: Client, workflow_id: str) -> None:
+        self.client = client
+        self.id = workflow_id
+
+    async def state(self) -> WorkflowState | None:
+        return await self.client.get_workflow(self.id)
+
+    async def wait(self, timeout_s: float = 60.0) -> WorkflowState:
+        return await self.client.wait_workflow(self.id, timeout_s=timeout_s)
+
+    def task_id(self, local_id: str) -> str:
+        return global_id(self.id, local_id)
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.id!r})"

@@ -81,6 +81,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Disk limit of SCHED and of WORK each; when full, publishers are refused and retry."""
     events_max_age_s: float = 7 * 24 * 3600.0
     """How long EVENTS (and the task states folded from it) are kept."""
+    dependency_timeout_s: float = 24 * 3600.0
+    """Longest a task waits for its dependencies (``depends_on``) unless it says otherwise;
+    past it the task is cancelled. At most ``events_max_age_s`` (the waiting records expire then)."""
+    max_split_chunks: int = 1000
+    """Most chunks one ``split`` task may fan out into."""
     events_max_bytes: int = 4 * GIB
     """Disk limit of EVENTS; when full, the oldest events go first."""
     dlq_max_age_s: float = 30 * 24 * 3600.0

@@ -100,11 +100,18 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """``deadline`` as seconds after submission."""
     cron: str | None = None
     split: dict[str, Any] | None = None
+    """Fan out into chunk tasks, gathered in chunk order: ``{"chunks": [payload, ...]}`` or
+    ``{"range": [start, stop], "parts": N}``, optionally with ``"gather": "<type>"``
+    (see :mod:`streamsched.roles.splits`)."""
     idempotency_key: str | None = None
+    dependency_results: dict[str, Any] | None = None
+    """Filled in by the scheduler when a task with ``depends_on`` is released: the result of
+    each dependency by id (``null`` for one that did not succeed). A worker in another language
+    reads it from the task JSON it receives; a submitter may not set it."""
 
 
 #: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("depends_on", "run_at", "delay_s", "deadline", "deadline_s", "cron", "split", "idempotency_key")
+UNSUPPORTED_FIELDS = ("run_at", "delay_s", "deadline", "deadline_s", "cron", "idempotency_key")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -26,11 +26,19 @@ TIMERS_STREAM = "TIMERS"
 STATE_BUCKET = "tasks"
 #: KV bucket of cancelled task ids (key = task id), kept for ``cancel_ttl_s``.
 CANCELS_BUCKET = "cancels"
+#: KV bucket of the tasks waiting for dependencies (key = task id; see :mod:`streamsched.roles.dependencies`).
+WAITING_BUCKET = "waiting"
+#: KV bucket of dependency edges: key ``<dependency id>.<dependant id>``, found by the dependency.
+DEPENDANTS_BUCKET = "dependants"
+#: KV bucket of workflow states (key = workflow id; see :mod:`streamsched.roles.workflows`).
+WORKFLOWS_BUCKET = "workflows"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
 PROJECTOR_CONSUMER = "projector"
 CANCELLER_CONSUMER = "canceller"
+#: Durable on TIMERS reading the dependency timeouts that fired (next to the projector).
+DEPS_TIMEOUT_CONSUMER = "deps-timeouts"
 
 #: Headers. Routing data travels in headers so hops forward payload bytes untouched.
 H_TASK_ID = "Streamsched-Task-Id"
@@ -69,6 +77,20 @@ def delayed(task_id: str) -> str:
 
 #: Where nats-server puts what a schedule in TIMERS fires (read by the masters).
 TIMERS_DUE = "timers.due"
+#: Where a dependency timeout fires (read by the projector's dependency resolver).
+DEPS_DUE = "timers.deps-due"
+
+
+def dependency_timer(task_id: str) -> str:
+    """The TIMERS subject of the schedule that ends a task's wait for its dependencies."""
+    return f"timers.deps.{task_id}"
+
+
+def edge_key(dependency: str, dependant: str) -> str:
+    """KV ``dependants`` key of one edge: found by its dependency's id (``<dependency>.*``)."""
+    return f"{dependency}.{dependant}"
+
+
 #: Every TIMERS subject: the schedules (which no consumer reads) and ``timers.due``.
 TIMERS_ALL = "timers.>"
 

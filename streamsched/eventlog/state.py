@@ -194,37 +194,14 @@ class StateStore:
         if not task_ids:
             return found
         task_of = {self.put_subject(task_id): task_id for task_id in task_ids}
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        def on_reply(_subject: str, _reply: str, data: bytes, raw_headers: bytes | None) -> None:
-            headers = wire.parse_headers(raw_headers) if raw_headers else {}
-            status = headers.get("Status")
-            if status is not None:  # the end of the batch (204), none found (404), or an error
-                if not done.done():
-                    if status in ("204", "404", "503"):
-                        done.set_result(status)
-                    else:
-                        done.set_exception(APIError(code=int(status), description=headers.get("Description", "")))
-                return
-            task_id = task_of.get(headers.get("Nats-Subject", ""))
-            if task_id is not None and data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
-                try:  # this runs in the connection's read loop: nothing may escape it
-                    found[task_id] = (state_decoder.decode(data), int(headers["Nats-Sequence"]))
-                except (msgspec.DecodeError, KeyError, ValueError) as exc:
-                    if not done.done():
-                        done.set_exception(exc)
-
-        inbox = bus.nc.new_inbox()
-        subscription = await bus.subscribe(inbox, on_reply)
-        try:
-            request = msgspec.json.encode({"multi_last": list(task_of), "batch": len(task_of)})
-            bus.send(f"$JS.API.DIRECT.GET.KV_{self.bucket}", request, inbox)
-            status = await asyncio.wait_for(done, timeout_s)
-        finally:
-            await wire.unsubscribe(bus.nc, subscription)
-        if status == "503":  # no responders: a bucket made elsewhere, without direct gets
-            entries = await asyncio.gather(*(self.get(task_id) for task_id in task_ids))
-            found = {task_id: entry for task_id, entry in zip(task_ids, entries, strict=True) if entry is not None}
+        entries = await last_values(bus, f"KV_{self.bucket}", list(task_of), timeout_s=timeout_s)
+        if entries is None:  # no responders: a bucket made elsewhere, without direct gets
+            got = await asyncio.gather(*(self.get(task_id) for task_id in task_ids))
+            return {task_id: entry for task_id, entry in zip(task_ids, got, strict=True) if entry is not None}
+        for subject, revision, data in entries:
+            task_id = task_of.get(subject)
+            if task_id is not None and data:
+                found[task_id] = (state_decoder.decode(data), revision)
         return found
 
     async def get(self, task_id: str) -> tuple[TaskState, int] | None:
@@ -236,6 +213,45 @@ class StateStore:
         if entry.value is None:
             return None
         return state_decoder.decode(entry.value), entry.revision or 0
+
+
+async def last_values(bus: Bus, stream: str, filters: list[str], *, timeout_s: float = 10.0) -> list[tuple[str, int, bytes]] | None:
+    """``(subject, sequence, data)`` of the last message on each subject matching ``filters``
+    (subjects, wildcards allowed), with one batched direct get of ``stream``; KV deletes and
+    purges are left out. ``None`` when the stream answers no direct gets (made without them).
+
+    At most 1,024 filters per call (the server's limit); the answer holds every match, however many.
+    """
+    found: list[tuple[str, int, bytes]] = []
+    if not filters:
+        return found
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_reply(_subject: str, _reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        headers = wire.parse_headers(raw_headers) if raw_headers else {}
+        status = headers.get("Status")
+        if status is not None:  # the end of the batch (204), none found (404), or an error
+            if not done.done():
+                if status in ("204", "404", "503"):
+                    done.set_result(status)
+                else:
+                    done.set_exception(APIError(code=int(status), description=headers.get("Description", "")))
+            return
+        if headers.get("KV-Operation") not in ("DEL", "PURGE"):
+            try:  # this runs in the connection's read loop: nothing may escape it
+                found.append((headers.get("Nats-Subject", ""), int(headers["Nats-Sequence"]), data))
+            except (KeyError, ValueError) as exc:
+                if not done.done():
+                    done.set_exception(exc)
+
+    inbox = bus.nc.new_inbox()
+    subscription = await bus.subscribe(inbox, on_reply)
+    try:
+        bus.send(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode({"multi_last": filters}), inbox)
+        status = await asyncio.wait_for(done, timeout_s)
+    finally:
+        await wire.unsubscribe(bus.nc, subscription)
+    return None if status == "503" else found
 
 
 def encode_state(state: TaskState) -> bytes:

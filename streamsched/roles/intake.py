@@ -28,11 +28,16 @@ from ..eventlog import events as ev
 from ..model import Submission
 from ..transport.bus import Bus, nak_with_delay
 from ..transport.wire import Delivery
+from .dependencies import Dependencies
 from .placement import ReadyTask, place
 from .settle import Settler
+from .splits import fan_out
+from .workflows import Validate, WorkflowTracker, parse
 
 log = logging.getLogger("streamsched.master")
 
+#: Tasks of one workflow or split taken in concurrently (each a few JetStream round trips).
+STEPS_AT_ONCE = 256
 #: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -46,6 +51,20 @@ def needs_intake(submission: Submission) -> bool:
         or submission.delay_s is not None
         or submission.split is not None
         or submission.idempotency_key is not None
+    )
+
+
+def ready_task(submission: Submission, region: str) -> ReadyTask:
+    """``submission`` (its id filled in, its fields checked) as a task to place in ``region``."""
+    assert submission.id is not None
+    return ReadyTask(
+        id=submission.id,
+        type=submission.type,
+        priority=submission.priority,
+        region=region,
+        body=msgspec.json.encode(submission),
+        max_attempts=submission.max_attempts,
+        timeout_s=submission.timeout_s,
     )
 
 
@@ -76,12 +95,26 @@ Reject = Callable[[Delivery, str, str, float], None]
 class Intake:
     """Runs the asynchronous steps of submissions that need them, then settles each."""
 
-    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        settler: Settler,
+        reject: Reject,
+        *,
+        validate: Validate,
+        pick_region: Callable[[str], str],
+    ) -> None:
+        """``validate`` and ``pick_region`` are the master's, for the tasks inside a wrapper."""
         self.settings = settings
         self.bus = bus
         self.settler = settler
         self.reject = reject
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self.validate = validate
+        self.pick_region = pick_region
+        self.dependencies = Dependencies(settings, bus, source="master-deps")
+        self.workflows = WorkflowTracker(bus)
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
@@ -120,15 +153,11 @@ class Intake:
             region=region,
             labels=submission.labels,
         )
-        task = ReadyTask(
-            id=task_id,
-            type=submission.type,
-            priority=submission.priority,
-            region=region,
-            body=msgspec.json.encode(submission),
-            max_attempts=submission.max_attempts,
-            timeout_s=submission.timeout_s,
-        )
+        if submission.split is not None:
+            return [submitted, *await self._split_steps(submission, region, now)]
+        task = ready_task(submission, region)
+        if submission.depends_on:
+            return [submitted, *await self.dependencies.register(task, submission, now)]
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
@@ -136,5 +165,30 @@ class Intake:
 
     async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float) -> list[ev.Event]:
         """Take in a workflow or a batch; returns the events that record its tasks."""
-        kind = "workflow" if wrapper.workflow is not None else "batch"
-        raise Rejected(f"`{kind}` submissions are not supported by this version yet")
+        if wrapper.workflow is not None:
+            return await self._workflow_steps(wrapper.workflow, now)
+        raise Rejected("`batch` submissions are not supported by this version yet")
+
+    async def _workflow_steps(self, workflow: dict[str, Any], now: float) -> list[ev.Event]:
+        """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
+        workflow_id, tasks = parse(workflow, self.validate)
+        await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
+        return await self._each_task_steps(tasks, None, now)
+
+    async def _split_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+        """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
+        chunks, gather, collect = fan_out(submission, self.settings)
+        waiting = await self.dependencies.register(ready_task(gather, region), gather, now, split=True, collect=collect)
+        return waiting + await self._each_task_steps(chunks, region, now)
+
+    async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float) -> list[ev.Event]:
+        """:meth:`_task_steps` of every task, :data:`STEPS_AT_ONCE` at a time (in ``region``, or each its own)."""
+        events: list[ev.Event] = []
+        for start in range(0, len(tasks), STEPS_AT_ONCE):
+            steps = [
+                self._task_steps(task, region or task.region or self.pick_region(task.id or ""), now)
+                for task in tasks[start : start + STEPS_AT_ONCE]
+            ]
+            for task_events in await asyncio.gather(*steps):
+                events += task_events
+        return events

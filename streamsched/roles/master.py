@@ -44,6 +44,7 @@ from ..model import (
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from . import dependencies, splits
 from .cancels import Canceller
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
@@ -64,7 +65,7 @@ class Master:
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
-        self.intake = Intake(settings, bus, self.settler, self._reject)
+        self.intake = Intake(settings, bus, self.settler, self._reject, validate=self.validate, pick_region=self.pick_region)
         self.canceller = Canceller(settings, bus)
         self.accepted = 0
         self.rejected = 0
@@ -112,6 +113,9 @@ class Master:
             raise Rejected(f"`max_attempts` must be between 1 and {self.settings.max_deliver}")
         if envelope.timeout_s is not None and envelope.timeout_s <= 0:
             raise Rejected("`timeout_s` must be positive")
+        dependencies.check(envelope, self.settings)
+        if envelope.split is not None:
+            splits.parse(envelope, self.settings)
         for field in UNSUPPORTED_FIELDS:
             if getattr(envelope, field):
                 raise Rejected(f"`{field}` is not supported by this version yet")

@@ -39,13 +39,15 @@ from ..eventlog.state import (
     encode_state,
     fold,
 )
-from ..model import TaskState
+from ..model import Status, TaskState
 from ..transport import streams
 from ..transport.bus import ACK, Bus
 from ..transport.pull import Puller
 from ..transport.reading import ReadStats
 from ..transport.wire import Delivery
+from .dependencies import Dependencies
 from .settle import Settler
+from .workflows import WORKFLOW_LABEL, WorkflowTracker
 
 log = logging.getLogger("streamsched.projector")
 
@@ -101,8 +103,17 @@ Batch = dict[str, list[ev.Event]]
 class Projector:
     """Keeps KV ``tasks`` equal to the fold of EVENTS."""
 
-    def __init__(self, settings: Settings, bus: Bus, store: StateStore, *, consumer: str = subjects.PROJECTOR_CONSUMER) -> None:
-        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses its own)."""
+    def __init__(
+        self,
+        settings: Settings,
+        bus: Bus,
+        store: StateStore,
+        *,
+        consumer: str = subjects.PROJECTOR_CONSUMER,
+        resolve_dependencies: bool = True,
+    ) -> None:
+        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses
+        its own, and does not resolve dependencies: the tasks it folds finished long ago)."""
         self.settings = settings
         self.bus = bus
         self.store = store
@@ -116,15 +127,24 @@ class Projector:
         self._wake = asyncio.Event()
         self.stats = ReadStats()
         self.applied = 0
+        # The completer of dependencies: told of the tasks each batch made final.
+        self.dependencies = Dependencies(settings, bus, source="projector") if resolve_dependencies else None
+        self.workflows = WorkflowTracker(bus) if resolve_dependencies else None
 
     async def run(self) -> None:
         log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
-        flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        loop = asyncio.get_running_loop()
+        flusher = loop.create_task(self._flush_loop())
+        dependencies = self.dependencies
+        timeouts = loop.create_task(dependencies.run_timeouts()) if dependencies else None
         try:
             await self.puller.run()
             await self.puller.finish()  # the flush loop settles what was received
         finally:
             flusher.cancel()
+            if dependencies is not None and timeouts is not None:
+                dependencies.stop()
+                await timeouts
 
     async def shutdown(self) -> None:
         self.puller.stop()
@@ -223,7 +243,7 @@ class Projector:
             if not messages:
                 continue
             delay = 0.1
-            while not await self._write_logged(batch):
+            while not await self._write_logged(batch) or not await self._resolve_logged(batch):
                 # Retry in place: acking later batches meanwhile would reorder nothing, but
                 # a stuck batch must not be silently left to ack_wait while others pass.
                 await asyncio.sleep(delay)
@@ -245,6 +265,33 @@ class Projector:
         except Exception:
             log.exception("projecting a batch of %d task(s) failed; retrying", len(batch))
             return False
+
+    async def _resolve_logged(self, batch: Batch) -> bool:
+        """After ``batch`` is written (before its event messages are acked: a crash redoes
+        this), hand its tasks whose state is final to the dependency resolver and the
+        statuses of workflow tasks to the workflow tracker; True when both are done. A plain
+        task costs a cache and a label lookup here; the resolver's edge lookup is one
+        request per batch with final tasks."""
+        if self.dependencies is None or self.workflows is None:
+            return True
+        finished: dict[str, TaskState] = {}
+        workflows: dict[str, dict[str, tuple[Status, float]]] = {}
+        for task_id in batch:
+            entry = self.cache.get(task_id)
+            if entry is None:
+                continue
+            state = entry[0]
+            if state.status.is_final:
+                finished[task_id] = state
+            workflow = state.labels.get(WORKFLOW_LABEL) if state.labels else None
+            if workflow is not None:
+                workflows.setdefault(workflow, {})[task_id] = (state.status, state.updated_at or 0.0)
+        try:
+            await asyncio.gather(self.dependencies.resolve(finished), self.workflows.update(workflows))
+        except Exception:
+            log.exception("resolving the dependants of %d finished task(s) failed; retrying", len(finished))
+            return False
+        return True
 
     async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
         """Fold and write every task of the batch; True when all writes landed."""

@@ -527,9 +527,12 @@ class Worker:
 
     async def _call(self, definition: TaskDef, body: bytes, context: TaskContext, timeout: float | None) -> Any:
         try:
-            payload = decode_submission(body).payload  # the master's decode (its size limit aside)
+            submission = decode_submission(body)  # the master's decode (its size limit aside)
         except Rejected as exc:
             raise Fail(f"task body: {exc}") from None
+        payload = submission.payload
+        if submission.dependency_results is not None:  # a released dependant: its results ride in the body
+            context = msgspec.structs.replace(context, dependency_results=submission.dependency_results)
         if definition.batch_size is not None:
             return await self._batch_of(definition).run(payload, context)
         token = _current.set(context)

@@ -13,6 +13,8 @@ Retention follows the role of each stream:
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
 * KV ``cancels``: the ids of cancelled tasks, each for ``cancel_ttl_s``.
+* KV ``waiting``, ``dependants``, ``workflows``: tasks waiting for dependencies, the
+  dependency edges, workflow states (see :mod:`streamsched.roles.dependencies`).
 """
 
 from __future__ import annotations
@@ -133,22 +135,6 @@ def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamCon
 CANCEL_MARKER_TTL_S = 1.0
 
 
-def kv_configs(settings: Settings) -> list[KeyValueConfig]:
-    """Every KV bucket streamsched needs."""
-    return [
-        kv_config(settings),
-        KeyValueConfig(
-            bucket=subjects.CANCELS_BUCKET,
-            history=1,
-            ttl=settings.cancel_ttl_s,
-            storage=StorageType.FILE,
-            replicas=settings.replicas,
-            direct=True,
-            limit_marker_ttl=CANCEL_MARKER_TTL_S,
-        ),
-    ]
-
-
 def kv_config(settings: Settings) -> KeyValueConfig:
     """The ``tasks`` bucket: one revision per task, expiring with the events it folds."""
     return KeyValueConfig(
@@ -160,6 +146,33 @@ def kv_config(settings: Settings) -> KeyValueConfig:
         max_bytes=settings.state_max_bytes,
         direct=True,
     )
+
+
+def kv_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every bucket: ``tasks``, then the dependency and workflow buckets (these expire with
+    the events too, from their last write, so a dependency timeout may not be longer), then
+    the cancelled ids (kept ``cancel_ttl_s``)."""
+    own = [
+        KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=settings.events_max_age_s,
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+            direct=True,
+        )
+        for bucket in (subjects.WAITING_BUCKET, subjects.DEPENDANTS_BUCKET, subjects.WORKFLOWS_BUCKET)
+    ]
+    cancels = KeyValueConfig(
+        bucket=subjects.CANCELS_BUCKET,
+        history=1,
+        ttl=settings.cancel_ttl_s,
+        storage=StorageType.FILE,
+        replicas=settings.replicas,
+        direct=True,
+        limit_marker_ttl=CANCEL_MARKER_TTL_S,
+    )
+    return [kv_config(settings), *own, cancels]
 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
@@ -197,6 +210,16 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=PROJECTOR_WINDOW,
+                max_deliver=-1,
+            ),
+        ),
+        (
+            subjects.TIMERS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.DEPS_TIMEOUT_CONSUMER,
+                filter_subject=subjects.DEPS_DUE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
                 max_deliver=-1,
             ),
         ),

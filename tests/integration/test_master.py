@@ -46,7 +46,7 @@ BAD_INPUTS = [
     (b'{"type": "echo", "max_attempts": 101}', "`max_attempts` must be between 1 and 100"),
     (b'{"type": "echo", "timeout_s": -1}', "`timeout_s` must be positive"),
     (b'{"type": "echo", "cron": "* * * * * *"}', "`cron` is not supported by this version yet"),
-    (b'{"type": "echo", "depends_on": ["t1"]}', "`depends_on` is not supported by this version yet"),
+    (b'{"type": "echo", "depends_on": ["a.b"]}', "`depends_on` id 'a.b' is not subject-safe"),
     (OVERSIZED, f"is {len(OVERSIZED)} bytes, over the limit of 1024"),
 ]
 
