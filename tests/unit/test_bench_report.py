@@ -99,10 +99,13 @@ def test_a_random_dag_only_depends_on_earlier_tasks_and_edges_measure_from_the_l
     assert all(len(deps) <= dag.MAX_DEPENDENCIES for deps in graph.values())
     assert all(order.index(d) < order.index(task) for task, deps in graph.items() for d in deps)
     assert sum(map(len, graph.values())) > 500  # most tasks have dependencies
-    small = {"a": [], "b": [], "c": ["a", "b"]}
-    started = {"a": 1.0, "b": 1.0, "c": 2.5}
+    small = {"a": [], "b": [], "c": ["a", "b"], "d": ["a"]}
+    submitted = {"a": 0.5, "b": 0.5, "c": 0.6, "d": 3.0}
+    started = {"a": 1.0, "b": 1.0, "c": 2.5, "d": 3.02}
     succeeded = {"a": 1.1, "b": 2.49, "c": 2.6}
-    assert dag.edge_latencies_ms(small, started, succeeded) == [pytest.approx(10.0)]  # from b, the later one
+    ready = dag.ready_at(small, submitted, succeeded)
+    # c: from b, the later dependency; d: from its own submission, after a had succeeded.
+    assert dag.latencies_ms(ready, started) == [pytest.approx(10.0), pytest.approx(20.0)]
 
 
 def test_the_dag_report_and_its_target() -> None:
