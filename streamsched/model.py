@@ -99,12 +99,13 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     deadline_s: float | None = None
     """``deadline`` as seconds after submission."""
     cron: str | None = None
+    """Refused on a task: recurring tasks are schedules (``streamsched schedule add``)."""
     split: dict[str, Any] | None = None
     idempotency_key: str | None = None
 
 
 #: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("depends_on", "run_at", "delay_s", "deadline", "deadline_s", "cron", "split", "idempotency_key")
+UNSUPPORTED_FIELDS = ("depends_on", "split", "idempotency_key")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -26,10 +26,11 @@ from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..model import Submission
-from ..transport.bus import Bus, nak_with_delay
+from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.wire import Delivery
 from .placement import ReadyTask, place
 from .settle import Settler
+from .timing import check_window, deadline_at, start_at
 
 log = logging.getLogger("streamsched.master")
 
@@ -85,7 +86,8 @@ class Intake:
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
-        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now), now)
+        submitted_at = stored_at_ns(msg.reply) / 1e9  # relative times count from here, on every delivery
+        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at), now)
 
     def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
         """Start the steps of a workflow or batch message."""
@@ -108,7 +110,7 @@ class Intake:
             return
         self.settler.forward(msg, (), events=events)
 
-    async def _task_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+    async def _task_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Take in one task; returns the events that record it."""
         task_id = submission.id
         assert task_id is not None
@@ -128,7 +130,10 @@ class Intake:
             body=msgspec.json.encode(submission),
             max_attempts=submission.max_attempts,
             timeout_s=submission.timeout_s,
+            deadline_at=deadline_at(submission, submitted_at),
+            run_at=start_at(submission, submitted_at),
         )
+        check_window(task.run_at, task.deadline_at)
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]

@@ -11,6 +11,8 @@ Retention follows the role of each stream:
   message holding the events of many tasks).
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
+* KV ``schedules``: cron schedule definitions; KV ``idempotency``: idempotency keys, each
+  with its own TTL.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from .bus import Bus
 #: but costs memory in proportion: with full messages 2,000 peaked at 209 MB in
 #: ``bench backlog``, 500 peak at 131-139 MB, under the 150 MB a role may take.
 PROJECTOR_WINDOW = 500
+#: What TIMERS fired that the masters hold un-acked at once (their ``master-timers`` consumer).
+TIMERS_WINDOW = 256
 #: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
 #: tasks) is this many times fewer messages.
 SCHED_BATCH_MAX_TASKS = 64
@@ -137,6 +141,16 @@ def kv_config(settings: Settings) -> KeyValueConfig:
     )
 
 
+def kv_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every KV bucket: task states, schedules, and idempotency keys (each key with its own
+    TTL, which nats-py's bucket streams allow)."""
+    return [
+        kv_config(settings),
+        KeyValueConfig(bucket=subjects.SCHEDULES_BUCKET, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True),
+        KeyValueConfig(bucket=subjects.IDEMPOTENCY_BUCKET, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True),
+    ]
+
+
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
     """``(stream, config)`` of every durable pull consumer."""
     out: list[tuple[str, ConsumerConfig]] = [
@@ -151,6 +165,17 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 # These roles never fail on bad input, only on outages: retry without limit.
                 max_deliver=-1,
                 max_waiting=512,
+            ),
+        ),
+        (
+            subjects.TIMERS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.TIMERS_CONSUMER,
+                filter_subject=subjects.TIMERS_DUE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=TIMERS_WINDOW,
+                max_deliver=-1,
             ),
         ),
         (
@@ -232,13 +257,13 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
             await js.update_stream(config)
         changes.append(Change("stream", stream_name, "updated" if diff else "unchanged", ", ".join(diff)))
 
-    kv = kv_config(settings)
-    try:
-        await js.key_value(kv.bucket)
-        changes.append(Change("kv", kv.bucket, "unchanged"))
-    except NotFoundError:  # BucketNotFoundError is one
-        await js.create_key_value(kv)
-        changes.append(Change("kv", kv.bucket, "created"))
+    for kv in kv_configs(settings):
+        try:
+            await js.key_value(kv.bucket)
+            changes.append(Change("kv", kv.bucket, "unchanged"))
+        except NotFoundError:  # BucketNotFoundError is one
+            await js.create_key_value(kv)
+            changes.append(Change("kv", kv.bucket, "created"))
 
     for stream, consumer in consumer_configs(settings):
         name = consumer.durable_name
