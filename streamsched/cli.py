@@ -21,6 +21,7 @@ from .cli_events import (
     schema_app,
     task_app,
 )
+from .cli_schedules import schedule_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import NotFound, Unavailable
@@ -62,6 +63,7 @@ app.add_typer(task_app, name="task")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(replay_app, name="replay")
 app.add_typer(schema_app, name="schema")
+app.add_typer(schedule_app, name="schedule")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 

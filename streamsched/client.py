@@ -17,6 +17,7 @@ import anyio
 import msgspec
 
 from . import subjects
+from .config import Settings
 from .errors import NotFound
 from .eventlog.state import StateStore, is_final
 from .model import (
@@ -28,6 +29,7 @@ from .model import (
     raw_value,
     state_decoder,
 )
+from .roles import schedules
 from .transport.bus import Bus
 
 
@@ -36,15 +38,15 @@ def new_task_id() -> str:
     return _base32(time.time_ns() // 1_000_000, 10) + _base32(int.from_bytes(os.urandom(10)), 16)
 
 
-def _submission(spec: Mapping[str, Any]) -> tuple[str, bytes]:
+def _submission(spec: Mapping[str, Any], *, with_id: bool = True) -> tuple[str, bytes]:
     """A task's id (chosen here if not given) and its encoded envelope, from
-    :meth:`Client.submit`'s arguments by name."""
-    fields = dict(spec)
-    task_id = fields.pop("id", None) or new_task_id()
+    :meth:`Client.submit`'s arguments by name (``with_id=False``: a template, no id)."""
+    fields = {key: value for key, value in spec.items() if value is not None}
+    task_id = fields.pop("id", None) or (new_task_id() if with_id else "")
     payload = msgspec.Raw(msgspec.json.encode(fields.pop("payload", None)))
     labels = dict(fields.pop("labels", None) or {})
     try:
-        envelope = Envelope(id=task_id, payload=payload, labels=labels, **fields)
+        envelope = Envelope(id=task_id or None, payload=payload, labels=labels, **fields)
     except TypeError as exc:  # a misspelt or missing argument
         raise TypeError(f"not a task's arguments ({', '.join(map(str, spec))}): {exc}") from None
     return task_id, msgspec.json.encode(envelope)
@@ -74,14 +76,17 @@ class TaskHandle:
 class Client:
     """Connection to a streamsched deployment."""
 
-    def __init__(self, bus: Bus, store: StateStore) -> None:
+    def __init__(self, bus: Bus, store: StateStore, settings: Settings | None = None) -> None:
+        """``settings`` are the deployment's (priorities, regions, limits, ``idempotency_ttl_s``),
+        for what the client checks before it sends; the defaults when not given."""
         self.bus = bus
         self.store = store
+        self.settings = settings or Settings()
 
     @classmethod
-    async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client") -> Client:
+    async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client", settings: Settings | None = None) -> Client:
         bus = await Bus.connect(url, name=name)
-        return cls(bus, await StateStore.open(bus))
+        return cls(bus, await StateStore.open(bus), settings)
 
     async def __aenter__(self) -> Client:
         return self
@@ -140,6 +145,46 @@ class Client:
         if failed:
             raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {first!r}); submit them again")
         return handles
+
+    async def add_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        payload: Any = None,
+        *,
+        time_zone: str | None = None,
+        paused: bool = False,
+        **task: Any,
+    ) -> schedules.Schedule:
+        """Submit a task of ``type`` at every slot of ``cron``: 6-field cron, seconds first
+        (``"0 */5 * * * *"``), a macro (``@hourly``) or ``@every 30s``, read in ``time_zone``
+        (IANA, default UTC). ``task`` takes :meth:`submit`'s other arguments (``priority``,
+        ``region``, ``timeout_s``, ``max_attempts``, ``labels``) and ``deadline_s``.
+
+        Raises :class:`~streamsched.errors.Rejected` with the reason, storing nothing, when
+        the schedule cannot be honoured (a 5-field pattern, ``@every`` under 1 s, an unknown
+        zone, a task the master would reject) or the name is taken.
+        """
+        _, body = _submission({"type": type, "payload": payload, **task, "id": None}, with_id=False)
+        schedule = schedules.Schedule(name=name, cron=cron, template=msgspec.Raw(body), time_zone=time_zone, paused=paused)
+        await schedules.add(self.bus, schedule, self.settings)
+        return schedule
+
+    async def list_schedules(self) -> list[schedules.Schedule]:
+        """Every schedule, by name."""
+        return await schedules.listing(self.bus)
+
+    async def remove_schedule(self, name: str) -> None:
+        """Stop a schedule and delete it; :class:`~streamsched.errors.NotFound` if there is none."""
+        await schedules.remove(self.bus, name)
+
+    async def pause_schedule(self, name: str) -> schedules.Schedule:
+        """Stop making tasks until :meth:`resume_schedule`; the definition is kept."""
+        return await schedules.set_paused(self.bus, name, True)
+
+    async def resume_schedule(self, name: str) -> schedules.Schedule:
+        return await schedules.set_paused(self.bus, name, False)
 
     async def get(self, task_id: str) -> TaskState | None:
         """The task's latest state, or ``None`` if the projection has not seen it (yet)."""

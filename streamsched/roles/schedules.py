@@ -20,7 +20,7 @@ import re
 import zoneinfo
 
 import msgspec
-from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 
 from .. import subjects
 from ..config import Settings
@@ -107,6 +107,8 @@ def check(schedule: Schedule, settings: Settings) -> None:
     check_pattern(schedule.cron)
     if schedule.time_zone is not None:
         check_time_zone(schedule.time_zone)
+        if schedule.cron.strip().startswith("@every"):
+            raise Rejected("a time zone applies to cron fields, not to @every (nats-server refuses the pair)")
     check_template(bytes(schedule.template), settings)
 
 
@@ -191,7 +193,7 @@ async def listing(bus: Bus) -> list[Schedule]:
     kv = await bus.js.key_value(subjects.SCHEDULES_BUCKET)
     try:
         names = await kv.keys()
-    except NotFoundError:  # NoKeysError: the bucket is empty
+    except NoKeysError:  # nats-py raises it for an empty bucket
         return []
     found = [await _get(bus, name) for name in sorted(names)]
     return [schedule for schedule, _ in filter(None, found)]
