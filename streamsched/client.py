@@ -30,6 +30,7 @@ from .model import (
     state_decoder,
 )
 from .roles import schedules
+from .roles.idempotency import claim
 from .transport.bus import Bus
 
 
@@ -108,8 +109,17 @@ class Client:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         labels: Mapping[str, str] | None = None,
+        run_at: str | None = None,
+        delay_s: float | None = None,
+        deadline: str | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
     ) -> TaskHandle:
-        """Submit a task and return its handle once JetStream has stored it."""
+        """Submit a task and return its handle once JetStream has stored it.
+
+        With ``idempotency_key``: if a task took that key within ``idempotency_ttl_s``,
+        nothing is submitted and the handle is that first task's.
+        """
         task_id, body = _submission(
             {
                 "type": type,
@@ -120,8 +130,17 @@ class Client:
                 "timeout_s": timeout_s,
                 "max_attempts": max_attempts,
                 "labels": labels,
+                "run_at": run_at,
+                "delay_s": delay_s,
+                "deadline": deadline,
+                "deadline_s": deadline_s,
+                "idempotency_key": idempotency_key,
             }
         )
+        if idempotency_key is not None:
+            holder = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
+            if holder != task_id:
+                return TaskHandle(self, holder)
         await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
         return TaskHandle(self, task_id)
 

@@ -102,10 +102,11 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Refused on a task: recurring tasks are schedules (``streamsched schedule add``)."""
     split: dict[str, Any] | None = None
     idempotency_key: str | None = None
+    """Another submission with this key within ``idempotency_ttl_s`` stands for the first task."""
 
 
 #: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("depends_on", "split", "idempotency_key")
+UNSUPPORTED_FIELDS = ("depends_on", "split")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

@@ -28,6 +28,7 @@ from ..eventlog import events as ev
 from ..model import Submission
 from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.wire import Delivery
+from .idempotency import claim
 from .placement import ReadyTask, place
 from .settle import Settler
 from .timing import check_window, deadline_at, start_at
@@ -114,6 +115,11 @@ class Intake:
         """Take in one task; returns the events that record it."""
         task_id = submission.id
         assert task_id is not None
+        if submission.idempotency_key is not None:
+            key = submission.idempotency_key
+            holder = await claim(self.bus, key, task_id, self.settings.idempotency_ttl_s)
+            if holder != task_id:
+                raise Rejected(f"duplicate of task {holder} (idempotency key {key!r})")
         submitted = ev.Submitted(
             task_id=task_id,
             at=now,
