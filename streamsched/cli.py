@@ -21,6 +21,7 @@ from .cli_events import (
     schema_app,
     task_app,
 )
+from .cli_files import MAX_BATCH_TASKS, submit_file
 from .cli_schedules import schedule_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
@@ -213,16 +214,32 @@ def projector(log_level: LogLevel = "INFO") -> None:
 
 @app.command()
 def submit(
-    type: Annotated[str, typer.Argument(help="Task type (handler name).")],
+    type: Annotated[str | None, typer.Argument(help="Task type (handler name); not with --file.")] = None,
     payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
     priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
     id: Annotated[str | None, typer.Option(help="Task id (default: generated).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome (the state the projector writes to KV) and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Submit the tasks of a JSON Lines file (one task envelope per line); prints their ids."),
+    ] = None,
+    atomic: Annotated[
+        bool,
+        typer.Option("--atomic", help=f"With --file: all tasks or none, as one batch (at most {MAX_BATCH_TASKS})."),
+    ] = False,
 ) -> None:
-    """Submit a task; prints its id (and with --wait, its outcome)."""
+    """Submit a task, or with --file every task of a file; prints the ids (and with --wait, the outcome).
+
+    A file is checked whole first: every bad line is reported with its number and nothing is sent.
+    """
     settings = load_or_exit()
+    if file is not None:
+        raise typer.Exit(submit_file(settings, file, atomic=atomic))
+    if type is None:
+        typer.echo("error: give a task type, or --file", err=True)
+        raise typer.Exit(Exit.USAGE)
     try:
         decoded = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:

@@ -18,7 +18,7 @@ import msgspec
 
 from . import subjects
 from .config import Settings
-from .errors import NotFound
+from .errors import NotFound, Rejected
 from .eventlog.state import StateStore, is_final
 from .model import (
     DEFAULT_PRIORITY,
@@ -26,10 +26,12 @@ from .model import (
     Status,
     TaskState,
     _base32,
+    decode_submission,
     raw_value,
     state_decoder,
 )
-from .roles import schedules
+from .roles import batches, schedules
+from .roles.checks import check_fields
 from .roles.idempotency import claim
 from .transport.bus import Bus
 
@@ -51,6 +53,15 @@ def _submission(spec: Mapping[str, Any], *, with_id: bool = True) -> tuple[str, 
     except TypeError as exc:  # a misspelt or missing argument
         raise TypeError(f"not a task's arguments ({', '.join(map(str, spec))}): {exc}") from None
     return task_id, msgspec.json.encode(envelope)
+
+
+def prepare(spec: Mapping[str, Any], settings: Settings) -> tuple[str, bytes]:
+    """A task's id and encoded envelope, checked as the master will check it: raises
+    :class:`~streamsched.errors.Rejected` (or :class:`TypeError` for a misspelt argument)
+    with the reason."""
+    task_id, body = _submission(spec)
+    check_fields(decode_submission(body, max_bytes=settings.max_payload_bytes), settings)
+    return task_id, body
 
 
 class TaskHandle:
@@ -144,7 +155,7 @@ class Client:
         await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
         return TaskHandle(self, task_id)
 
-    async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000) -> list[TaskHandle]:
+    async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000, atomic: bool = False) -> list[TaskHandle]:
         """Submit many tasks at once (Celery's ``group``, Dramatiq's ``group.run()``).
 
         Each item holds :meth:`submit`'s arguments by name (``type`` is required). Up to
@@ -158,6 +169,8 @@ class Client:
         """
         # Encoded first, so that a misspelt argument stops the group before any of it is sent.
         submissions = [_submission(spec) for spec in tasks]
+        if atomic:
+            return await self._submit_batch(submissions)
         publications = ((subjects.SUBMIT, body, {subjects.H_MSG_ID: task_id}) for task_id, body in submissions)
         handles = [TaskHandle(self, task_id) for task_id, _ in submissions]
         failed, first = await self.bus.publish_many(publications, window=window)
@@ -204,6 +217,19 @@ class Client:
 
     async def resume_schedule(self, name: str) -> schedules.Schedule:
         return await schedules.set_paused(self.bus, name, False)
+
+    async def _submit_batch(self, submissions: list[tuple[str, bytes]]) -> list[TaskHandle]:
+        if len(submissions) > batches.MAX_TASKS:
+            raise ValueError(f"an atomic batch holds at most {batches.MAX_TASKS} tasks, not {len(submissions)}")
+        for index, (task_id, body) in enumerate(submissions):
+            try:
+                check_fields(decode_submission(body, max_bytes=self.settings.max_payload_bytes), self.settings)
+            except Rejected as exc:  # the master would reject the batch naming it: say so now
+                raise Rejected(f"batch rejected: task {index} (id {task_id!r}) is invalid: {exc}") from None
+        batch_id = new_task_id()
+        message = b'{"id":"%s","batch":[%s]}' % (batch_id.encode(), b",".join(body for _, body in submissions))
+        await self.bus.js.publish(subjects.SUBMIT, message, headers={subjects.H_MSG_ID: batch_id})
+        return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:
         """The task's latest state, or ``None`` if the projection has not seen it (yet)."""

@@ -22,19 +22,23 @@ from typing import Any
 
 import msgspec
 
+from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..model import Submission
 from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.wire import Delivery
+from .batches import Gate, events_of, place_atomically, ready_tasks
 from .idempotency import claim
-from .placement import ReadyTask, place
+from .placement import place
 from .settle import Settler
-from .timing import check_window, deadline_at, start_at
+from .timing import ready_task
 
 log = logging.getLogger("streamsched.master")
 
+#: Longest batch id taken as given: ``<id>-<index>`` must still be a task id.
+BATCH_ID_MAX = 100
 #: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -57,6 +61,9 @@ class Wrapper(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
     workflow: dict[str, object] | None = None
     batch: list[object] | None = None
+    id: str | None = None
+    """A batch's own id: its rejection is recorded under it, and its tasks without an id
+    get ``<id>-<index>`` (otherwise an id derived from the message)."""
 
 
 _wrapper_decoder = msgspec.json.Decoder(Wrapper)
@@ -78,11 +85,13 @@ Reject = Callable[[Delivery, str, str, float], None]
 class Intake:
     """Runs the asynchronous steps of submissions that need them, then settles each."""
 
-    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject) -> None:
+    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject, gate: Gate) -> None:
+        """``gate`` checks and routes each task of a batch as the master does one."""
         self.settings = settings
         self.bus = bus
         self.settler = settler
         self.reject = reject
+        self.gate = gate
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
@@ -92,7 +101,10 @@ class Intake:
 
     def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
         """Start the steps of a workflow or batch message."""
-        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now), now)
+        submitted_at = stored_at_ns(msg.reply) / 1e9
+        if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
+            fallback_id = wrapper.id
+        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at), now)
 
     def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
@@ -128,24 +140,17 @@ class Intake:
             region=region,
             labels=submission.labels,
         )
-        task = ReadyTask(
-            id=task_id,
-            type=submission.type,
-            priority=submission.priority,
-            region=region,
-            body=msgspec.json.encode(submission),
-            max_attempts=submission.max_attempts,
-            timeout_s=submission.timeout_s,
-            deadline_at=deadline_at(submission, submitted_at),
-            run_at=start_at(submission, submitted_at),
-        )
-        check_window(task.run_at, task.deadline_at)
+        task = ready_task(submission, region, submitted_at)
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
         return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
 
-    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float) -> list[ev.Event]:
+    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Take in a workflow or a batch; returns the events that record its tasks."""
+        if wrapper.batch is not None:
+            tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at)
+            await place_atomically(self.bus, [task for task, _ in tasks], fallback_id, now)
+            return events_of(tasks, now)
         kind = "workflow" if wrapper.workflow is not None else "batch"
         raise Rejected(f"`{kind}` submissions are not supported by this version yet")

@@ -59,7 +59,7 @@ class Master:
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
-        self.intake = Intake(settings, bus, self.settler, self._reject)
+        self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.timers = Timers(settings, bus)
         self.accepted = 0
         self.rejected = 0

@@ -9,8 +9,11 @@ from __future__ import annotations
 import datetime
 import math
 
+import msgspec
+
 from ..errors import Rejected
-from ..model import Envelope
+from ..model import Envelope, Submission
+from .placement import ReadyTask
 
 
 def parse_time(value: str, field: str) -> float:
@@ -70,3 +73,22 @@ def check_window(start: float | None, deadline: float | None) -> None:
     """Refuse a task held until after its own deadline: it could never run."""
     if start is not None and deadline is not None and start >= deadline:
         raise Rejected("the task would start (`run_at`/`delay_s`) at or after its deadline, so it could never run")
+
+
+def ready_task(submission: Submission, region: str, submitted_at: float) -> ReadyTask:
+    """A checked submission (its id filled in) as a task to place, with its start and its
+    deadline; raises :class:`Rejected` when it would start at or after its deadline."""
+    assert submission.id is not None
+    task = ReadyTask(
+        id=submission.id,
+        type=submission.type,
+        priority=submission.priority,
+        region=region,
+        body=msgspec.json.encode(submission),
+        max_attempts=submission.max_attempts,
+        timeout_s=submission.timeout_s,
+        deadline_at=deadline_at(submission, submitted_at),
+        run_at=start_at(submission, submitted_at),
+    )
+    check_window(task.run_at, task.deadline_at)
+    return task

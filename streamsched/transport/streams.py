@@ -4,7 +4,8 @@ Retention follows the role of each stream:
 
 * TASKS (limits): every submission and every rejection, kept for replay and inspection.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
-  so a full stream refuses publishers with an error instead of dropping old work.
+  so a full stream refuses publishers with an error instead of dropping old work. SCHED
+  allows atomic batches: a batch submission's tasks land all together.
 * TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
   nats-server fires onto ``timers.due`` for the master.
 * EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
@@ -77,6 +78,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
+            allow_atomic=True,  # a batch submission's tasks are stored all together or not at all
         ),
         StreamConfig(
             name=subjects.TIMERS_STREAM,
