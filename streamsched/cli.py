@@ -22,6 +22,8 @@ from .cli_events import (
     schema_app,
     task_app,
 )
+from .cli_files import MAX_BATCH_TASKS, submit_file
+from .cli_schedules import schedule_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import AlreadyFinished, NotFound, Unavailable
@@ -64,6 +66,7 @@ app.add_typer(task_app, name="task")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(replay_app, name="replay")
 app.add_typer(schema_app, name="schema")
+app.add_typer(schedule_app, name="schedule")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 
@@ -213,7 +216,7 @@ def projector(log_level: LogLevel = "INFO") -> None:
 
 @app.command()
 def submit(
-    type: Annotated[str | None, typer.Argument(help="Task type (handler name); not with --workflow.")] = None,
+    type: Annotated[str | None, typer.Argument(help="Task type (handler name); not with --workflow or --file.")] = None,
     payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
     priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
     id: Annotated[str | None, typer.Option(help="Task id (default: generated); with --workflow, the workflow id (default: the file's).")] = None,
@@ -225,13 +228,30 @@ def submit(
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the outcome (the state the projector writes to KV) and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Submit the tasks of a JSON Lines file (one task envelope per line); prints their ids."),
+    ] = None,
+    atomic: Annotated[
+        bool,
+        typer.Option("--atomic", help=f"With --file: all tasks or none, as one batch (at most {MAX_BATCH_TASKS})."),
+    ] = False,
 ) -> None:
-    """Submit a task, or a workflow; prints its id (and with --wait, its outcome)."""
+    """Submit a task, a workflow (--workflow) or every task of a file (--file); prints the ids
+    (and with --wait, the outcome).
+
+    A file is checked whole first: every bad line is reported with its number and nothing is sent.
+    """
     settings = load_or_exit()
+    if workflow is not None and file is not None:
+        typer.echo("error: give --workflow or --file, not both", err=True)
+        raise typer.Exit(Exit.USAGE)
     if workflow is not None:
         raise typer.Exit(anyio.run(_submit_workflow, settings, workflow, id, wait, timeout))
+    if file is not None:
+        raise typer.Exit(submit_file(settings, file, atomic=atomic))
     if type is None:
-        typer.echo("error: give a task type, or --workflow FILE", err=True)
+        typer.echo("error: give a task type, or --workflow FILE, or --file FILE", err=True)
         raise typer.Exit(Exit.USAGE)
     try:
         decoded = msgspec.json.decode(payload)

@@ -18,7 +18,8 @@ import anyio
 import msgspec
 
 from . import subjects
-from .errors import AlreadyFinished, NotFound
+from .config import Settings
+from .errors import AlreadyFinished, NotFound, Rejected
 from .eventlog.state import StateStore, is_final
 from .model import (
     DEFAULT_PRIORITY,
@@ -26,10 +27,14 @@ from .model import (
     Status,
     TaskState,
     _base32,
+    decode_submission,
     raw_value,
     state_decoder,
 )
+from .roles import batches, schedules
 from .roles.cancels import request_message
+from .roles.checks import check_fields
+from .roles.idempotency import claim
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
 from .transport.bus import Bus
 
@@ -39,18 +44,27 @@ def new_task_id() -> str:
     return _base32(time.time_ns() // 1_000_000, 10) + _base32(int.from_bytes(os.urandom(10)), 16)
 
 
-def _submission(spec: Mapping[str, Any]) -> tuple[str, bytes]:
+def _submission(spec: Mapping[str, Any], *, with_id: bool = True) -> tuple[str, bytes]:
     """A task's id (chosen here if not given) and its encoded envelope, from
-    :meth:`Client.submit`'s arguments by name."""
-    fields = dict(spec)
-    task_id = fields.pop("id", None) or new_task_id()
+    :meth:`Client.submit`'s arguments by name (``with_id=False``: a template, no id)."""
+    fields = {key: value for key, value in spec.items() if value is not None}
+    task_id = fields.pop("id", None) or (new_task_id() if with_id else "")
     payload = msgspec.Raw(msgspec.json.encode(fields.pop("payload", None)))
     labels = dict(fields.pop("labels", None) or {})
     try:
-        envelope = Envelope(id=task_id, payload=payload, labels=labels, **fields)
+        envelope = Envelope(id=task_id or None, payload=payload, labels=labels, **fields)
     except TypeError as exc:  # a misspelt or missing argument
         raise TypeError(f"not a task's arguments ({', '.join(map(str, spec))}): {exc}") from None
     return task_id, msgspec.json.encode(envelope)
+
+
+def prepare(spec: Mapping[str, Any], settings: Settings) -> tuple[str, bytes]:
+    """A task's id and encoded envelope, checked as the master will check it: raises
+    :class:`~streamsched.errors.Rejected` (or :class:`TypeError` for a misspelt argument)
+    with the reason."""
+    task_id, body = _submission(spec)
+    check_fields(decode_submission(body, max_bytes=settings.max_payload_bytes), settings)
+    return task_id, body
 
 
 class TaskHandle:
@@ -77,15 +91,18 @@ class TaskHandle:
 class Client:
     """Connection to a streamsched deployment."""
 
-    def __init__(self, bus: Bus, store: StateStore) -> None:
+    def __init__(self, bus: Bus, store: StateStore, settings: Settings | None = None) -> None:
+        """``settings`` are the deployment's (priorities, regions, limits, ``idempotency_ttl_s``),
+        for what the client checks before it sends; the defaults when not given."""
         self.bus = bus
         self.store = store
         self._workflows: WorkflowTracker | None = None
+        self.settings = settings or Settings()
 
     @classmethod
-    async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client") -> Client:
+    async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client", settings: Settings | None = None) -> Client:
         bus = await Bus.connect(url, name=name)
-        return cls(bus, await StateStore.open(bus))
+        return cls(bus, await StateStore.open(bus), settings)
 
     async def __aenter__(self) -> Client:
         return self
@@ -107,10 +124,23 @@ class Client:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         labels: Mapping[str, str] | None = None,
-        **fields: Any,
+        run_at: str | None = None,
+        delay_s: float | None = None,
+        deadline: str | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+        depends_on: Sequence[str] = (),
+        dependency_timeout_s: float | None = None,
+        on_dependency_failure: str = "cancel",
+        split: Mapping[str, Any] | None = None,
     ) -> TaskHandle:
-        """Submit a task and return its handle once JetStream has stored it. ``fields`` are
-        the envelope's other fields by name (``depends_on=["a"]``, ``split={...}``...)."""
+        """Submit a task and return its handle once JetStream has stored it.
+
+        With ``idempotency_key``: if a task took that key within ``idempotency_ttl_s``,
+        nothing is submitted and the handle is that first task's. ``depends_on`` names tasks
+        that must succeed first (they may be submitted later); ``split`` fans the task out
+        into chunks (see the README).
+        """
         task_id, body = _submission(
             {
                 "type": type,
@@ -121,13 +151,25 @@ class Client:
                 "timeout_s": timeout_s,
                 "max_attempts": max_attempts,
                 "labels": labels,
-                **fields,
+                "run_at": run_at,
+                "delay_s": delay_s,
+                "deadline": deadline,
+                "deadline_s": deadline_s,
+                "idempotency_key": idempotency_key,
+                "depends_on": list(depends_on),
+                "dependency_timeout_s": dependency_timeout_s,
+                "on_dependency_failure": on_dependency_failure,
+                "split": dict(split) if split is not None else None,
             }
         )
+        if idempotency_key is not None:
+            holder = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
+            if holder != task_id:
+                return TaskHandle(self, holder)
         await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
         return TaskHandle(self, task_id)
 
-    async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000) -> list[TaskHandle]:
+    async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000, atomic: bool = False) -> list[TaskHandle]:
         """Submit many tasks at once (Celery's ``group``, Dramatiq's ``group.run()``).
 
         Each item holds :meth:`submit`'s arguments by name (``type`` is required). Up to
@@ -141,6 +183,8 @@ class Client:
         """
         # Encoded first, so that a misspelt argument stops the group before any of it is sent.
         submissions = [_submission(spec) for spec in tasks]
+        if atomic:
+            return await self._submit_batch(submissions)
         publications = ((subjects.SUBMIT, body, {subjects.H_MSG_ID: task_id}) for task_id, body in submissions)
         handles = [TaskHandle(self, task_id) for task_id, _ in submissions]
         failed, first = await self.bus.publish_many(publications, window=window)
@@ -167,6 +211,7 @@ class Client:
         subject, body, headers = request_message(task_id, reason)
         await self.bus.js.publish(subject, body, headers=headers)
         return state
+
     async def submit_workflow(self, workflow: Workflow | Mapping[str, Any]) -> WorkflowHandle:
         """Submit a whole DAG in one message (a :class:`Workflow`, or the ``workflow`` object of
         a file: ``{"id": ..., "tasks": [...]}``); returns once JetStream has stored it. The
@@ -197,6 +242,59 @@ class Client:
         if state is None:
             raise NotFound(f"no workflow {workflow_id} after {timeout_s}s")
         raise TimeoutError(f"workflow {workflow_id} still {state.status} after {timeout_s}s")
+
+    async def add_schedule(
+        self,
+        name: str,
+        cron: str,
+        type: str,
+        payload: Any = None,
+        *,
+        time_zone: str | None = None,
+        paused: bool = False,
+        **task: Any,
+    ) -> schedules.Schedule:
+        """Submit a task of ``type`` at every slot of ``cron``: 6-field cron, seconds first
+        (``"0 */5 * * * *"``), a macro (``@hourly``) or ``@every 30s``, read in ``time_zone``
+        (IANA, default UTC). ``task`` takes :meth:`submit`'s other arguments (``priority``,
+        ``region``, ``timeout_s``, ``max_attempts``, ``labels``) and ``deadline_s``.
+
+        Raises :class:`~streamsched.errors.Rejected` with the reason, storing nothing, when
+        the schedule cannot be honoured (a 5-field pattern, ``@every`` under 1 s, an unknown
+        zone, a task the master would reject) or the name is taken.
+        """
+        _, body = _submission({"type": type, "payload": payload, **task, "id": None}, with_id=False)
+        schedule = schedules.Schedule(name=name, cron=cron, template=msgspec.Raw(body), time_zone=time_zone, paused=paused)
+        await schedules.add(self.bus, schedule, self.settings)
+        return schedule
+
+    async def list_schedules(self) -> list[schedules.Schedule]:
+        """Every schedule, by name."""
+        return await schedules.listing(self.bus)
+
+    async def remove_schedule(self, name: str) -> None:
+        """Stop a schedule and delete it; :class:`~streamsched.errors.NotFound` if there is none."""
+        await schedules.remove(self.bus, name)
+
+    async def pause_schedule(self, name: str) -> schedules.Schedule:
+        """Stop making tasks until :meth:`resume_schedule`; the definition is kept."""
+        return await schedules.set_paused(self.bus, name, True)
+
+    async def resume_schedule(self, name: str) -> schedules.Schedule:
+        return await schedules.set_paused(self.bus, name, False)
+
+    async def _submit_batch(self, submissions: list[tuple[str, bytes]]) -> list[TaskHandle]:
+        if len(submissions) > batches.MAX_TASKS:
+            raise ValueError(f"an atomic batch holds at most {batches.MAX_TASKS} tasks, not {len(submissions)}")
+        for index, (task_id, body) in enumerate(submissions):
+            try:
+                check_fields(decode_submission(body, max_bytes=self.settings.max_payload_bytes), self.settings)
+            except Rejected as exc:  # the master would reject the batch naming it: say so now
+                raise Rejected(f"batch rejected: task {index} (id {task_id!r}) is invalid: {exc}") from None
+        batch_id = new_task_id()
+        message = b'{"id":"%s","batch":[%s]}' % (batch_id.encode(), b",".join(body for _, body in submissions))
+        await self.bus.js.publish(subjects.SUBMIT, message, headers={subjects.H_MSG_ID: batch_id})
+        return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:
         """The task's latest state, or ``None`` if the projection has not seen it (yet)."""

@@ -97,6 +97,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cancel_ttl_s: float = 24 * 3600.0
     """How long a cancellation is remembered (KV ``cancels``): a cancelled task that is still
     queued after this long (no worker for its region) may run after all."""
+    idempotency_ttl_s: float = 24 * 3600.0
+    """How long an ``idempotency_key`` names its first task (from when it was taken); whole
+    seconds, at least 1 (nats-server's per-message TTL)."""
     replicas: int = 1
     """Stream replicas: 1 on a laptop, 3 on a cluster."""
     event_loop: str = "uvloop"
@@ -149,6 +152,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("windows must be at least 1")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")
+        if self.idempotency_ttl_s < 1:
+            raise ConfigError(f"idempotency_ttl_s must be at least 1 (second), not {self.idempotency_ttl_s}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
 

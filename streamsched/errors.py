@@ -13,7 +13,7 @@ class ConfigError(StreamschedError):
 
 
 class Rejected(StreamschedError):
-    """A submission was invalid; ``str()`` is the reason given to the submitter."""
+    """A submission (a task, a batch, a schedule) was invalid; ``str()`` is the reason given to the submitter."""
 
     #: The id the rejection is recorded under, when the submission had a usable one.
     task_id: str | None = None
@@ -24,7 +24,7 @@ class Unavailable(StreamschedError):
 
 
 class NotFound(StreamschedError):
-    """No task with that id."""
+    """No task with that id (or no schedule with that name)."""
 
 
 class AlreadyFinished(StreamschedError):

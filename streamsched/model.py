@@ -4,9 +4,7 @@ Schema evolution rules:
 
 * New fields are added with a default, so old producers stay valid.
 * Unknown fields are refused: a typo such as ``"priorty"`` must not silently run a
-  task with the wrong meaning. Fields of later features that this version does not
-  act on yet are declared, so they are never refused *as unknown*; the master refuses
-  them as *not supported yet* instead of silently ignoring their meaning.
+  task with the wrong meaning.
 * ``payload`` and ``result`` are kept as raw JSON (:class:`msgspec.Raw`): hops forward
   them untouched and only the handler (or the reader) decodes them.
 
@@ -99,19 +97,17 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     deadline_s: float | None = None
     """``deadline`` as seconds after submission."""
     cron: str | None = None
+    """Refused on a task: recurring tasks are schedules (``streamsched schedule add``)."""
     split: dict[str, Any] | None = None
     """Fan out into chunk tasks, gathered in chunk order: ``{"chunks": [payload, ...]}`` or
     ``{"range": [start, stop], "parts": N}``, optionally with ``"gather": "<type>"``
     (see :mod:`streamsched.roles.splits`)."""
     idempotency_key: str | None = None
+    """Another submission with this key within ``idempotency_ttl_s`` stands for the first task."""
     dependency_results: dict[str, Any] | None = None
     """Filled in by the scheduler when a task with ``depends_on`` is released: the result of
     each dependency by id (``null`` for one that did not succeed). A worker in another language
     reads it from the task JSON it receives; a submitter may not set it."""
-
-
-#: Envelope fields that are accepted by the schema but not acted on yet.
-UNSUPPORTED_FIELDS = ("run_at", "delay_s", "deadline", "deadline_s", "cron", "idempotency_key")
 
 
 class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):

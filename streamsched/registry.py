@@ -171,6 +171,7 @@ class TaskContext(msgspec.Struct, frozen=True, gc=False):
         if self.controls is None:
             raise RuntimeError("progress() needs a task run by a worker")
         self.controls.report_progress(self, fraction, message[:MAX_PROGRESS_MESSAGE])
+
     dependency_results: dict[str, Any] = {}
     """The result of each of the task's dependencies (``depends_on``) by id; ``None`` for one
     that did not succeed (it ran under ``on_dependency_failure: run``)."""

@@ -32,6 +32,10 @@ WAITING_BUCKET = "waiting"
 DEPENDANTS_BUCKET = "dependants"
 #: KV bucket of workflow states (key = workflow id; see :mod:`streamsched.roles.workflows`).
 WORKFLOWS_BUCKET = "workflows"
+#: KV bucket of cron schedule definitions (key = schedule name).
+SCHEDULES_BUCKET = "schedules"
+#: KV bucket of idempotency keys (value = the id of the task that took the key), each with a TTL.
+IDEMPOTENCY_BUCKET = "idempotency"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
@@ -39,6 +43,8 @@ PROJECTOR_CONSUMER = "projector"
 CANCELLER_CONSUMER = "canceller"
 #: Durable on TIMERS reading the dependency timeouts that fired (next to the projector).
 DEPS_TIMEOUT_CONSUMER = "deps-timeouts"
+#: The masters' durable on ``timers.due`` (what TIMERS fires).
+TIMERS_CONSUMER = "master-timers"
 
 #: Headers. Routing data travels in headers so hops forward payload bytes untouched.
 H_TASK_ID = "Streamsched-Task-Id"
@@ -53,6 +59,10 @@ H_ATTEMPTS = "Streamsched-Attempts"
 H_MSG_ID = "Nats-Msg-Id"
 #: Absolute deadline of a task (Unix seconds): no attempt starts after it.
 H_DEADLINE = "Streamsched-Deadline"
+#: On a cron schedule in TIMERS (and what it fires): the schedule's name.
+H_SCHEDULE = "Streamsched-Schedule"
+#: Set by nats-server on what a message schedule fired: the schedule's subject.
+H_SCHEDULER = "Nats-Scheduler"
 #: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
 
@@ -73,6 +83,11 @@ def sched(region: str, priority: str) -> str:
 def delayed(task_id: str) -> str:
     """The TIMERS subject holding a delayed task as a message schedule until its time."""
     return f"timers.at.{task_id}"
+
+
+def cron(name: str) -> str:
+    """The TIMERS subject holding a cron schedule (one live schedule per subject)."""
+    return f"timers.cron.{name}"
 
 
 #: Where nats-server puts what a schedule in TIMERS fires (read by the masters).

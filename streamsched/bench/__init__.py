@@ -171,7 +171,9 @@ def report(results: dict[str, Any]) -> str:
         ]
         if "release_ms" in d:
             r, q = d["release_ms"], d["release_to_start_ms"]
-            lines.append(f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms")
+            lines.append(
+                f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms"
+            )
         if "split" in d:
             sp = d["split"]
             lines.append(f"  split into {sp['chunks']} chunks, gathered in {sp['seconds']:.2f} s ({sp['chunks_per_s']:.0f} chunks/s)")

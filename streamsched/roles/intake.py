@@ -22,22 +22,28 @@ from typing import Any
 
 import msgspec
 
+from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..model import Submission
-from ..transport.bus import Bus, nak_with_delay
+from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.wire import Delivery
+from .batches import Gate, events_of, place_atomically, ready_tasks
 from .dependencies import Dependencies
-from .placement import ReadyTask, place
+from .idempotency import claim
+from .placement import place
 from .settle import Settler
 from .splits import fan_out
-from .workflows import Validate, WorkflowTracker, parse
+from .timing import ready_task
+from .workflows import WorkflowTracker, parse
 
 log = logging.getLogger("streamsched.master")
 
 #: Tasks of one workflow or split taken in concurrently (each a few JetStream round trips).
 STEPS_AT_ONCE = 256
+#: Longest batch id taken as given: ``<id>-<index>`` must still be a task id.
+BATCH_ID_MAX = 100
 #: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -54,26 +60,15 @@ def needs_intake(submission: Submission) -> bool:
     )
 
 
-def ready_task(submission: Submission, region: str) -> ReadyTask:
-    """``submission`` (its id filled in, its fields checked) as a task to place in ``region``."""
-    assert submission.id is not None
-    return ReadyTask(
-        id=submission.id,
-        type=submission.type,
-        priority=submission.priority,
-        region=region,
-        body=msgspec.json.encode(submission),
-        max_attempts=submission.max_attempts,
-        timeout_s=submission.timeout_s,
-    )
-
-
 class Wrapper(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A message that carries many tasks instead of being one: ``{"workflow": {...}}`` or
     ``{"batch": [...]}``. Tried only on a message that failed to decode as a task."""
 
     workflow: dict[str, object] | None = None
     batch: list[object] | None = None
+    id: str | None = None
+    """A batch's own id: its rejection is recorded under it, and its tasks without an id
+    get ``<id>-<index>`` (otherwise an id derived from the message)."""
 
 
 _wrapper_decoder = msgspec.json.Decoder(Wrapper)
@@ -95,34 +90,28 @@ Reject = Callable[[Delivery, str, str, float], None]
 class Intake:
     """Runs the asynchronous steps of submissions that need them, then settles each."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        bus: Bus,
-        settler: Settler,
-        reject: Reject,
-        *,
-        validate: Validate,
-        pick_region: Callable[[str], str],
-    ) -> None:
-        """``validate`` and ``pick_region`` are the master's, for the tasks inside a wrapper."""
+    def __init__(self, settings: Settings, bus: Bus, settler: Settler, reject: Reject, gate: Gate) -> None:
+        """``gate`` (the master) checks and routes each task of a batch or workflow as the master does one."""
         self.settings = settings
         self.bus = bus
         self.settler = settler
         self.reject = reject
+        self.gate = gate
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
-        self.validate = validate
-        self.pick_region = pick_region
         self.dependencies = Dependencies(settings, bus, source="master-deps")
         self.workflows = WorkflowTracker(bus)
 
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
-        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now), now)
+        submitted_at = stored_at_ns(msg.reply) / 1e9  # relative times count from here, on every delivery
+        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at), now)
 
     def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
         """Start the steps of a workflow or batch message."""
-        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now), now)
+        submitted_at = stored_at_ns(msg.reply) / 1e9
+        if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
+            fallback_id = wrapper.id
+        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at), now)
 
     def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
@@ -141,10 +130,15 @@ class Intake:
             return
         self.settler.forward(msg, (), events=events)
 
-    async def _task_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+    async def _task_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Take in one task; returns the events that record it."""
         task_id = submission.id
         assert task_id is not None
+        if submission.idempotency_key is not None:
+            key = submission.idempotency_key
+            holder = await claim(self.bus, key, task_id, self.settings.idempotency_ttl_s)
+            if holder != task_id:
+                raise Rejected(f"duplicate of task {holder} (idempotency key {key!r})")
         submitted = ev.Submitted(
             task_id=task_id,
             at=now,
@@ -154,8 +148,8 @@ class Intake:
             labels=submission.labels,
         )
         if submission.split is not None:
-            return [submitted, *await self._split_steps(submission, region, now)]
-        task = ready_task(submission, region)
+            return [submitted, *await self._split_steps(submission, region, now, submitted_at)]
+        task = ready_task(submission, region, submitted_at)
         if submission.depends_on:
             return [submitted, *await self.dependencies.register(task, submission, now)]
         await place(self.bus, [task], now=now)
@@ -163,30 +157,34 @@ class Intake:
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
         return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
 
-    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float) -> list[ev.Event]:
+    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Take in a workflow or a batch; returns the events that record its tasks."""
-        if wrapper.workflow is not None:
-            return await self._workflow_steps(wrapper.workflow, now)
-        raise Rejected("`batch` submissions are not supported by this version yet")
+        if wrapper.batch is not None:
+            tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at)
+            await place_atomically(self.bus, [task for task, _ in tasks], fallback_id, now)
+            return events_of(tasks, now)
+        assert wrapper.workflow is not None
+        return await self._workflow_steps(wrapper.workflow, now, submitted_at)
 
-    async def _workflow_steps(self, workflow: dict[str, Any], now: float) -> list[ev.Event]:
+    async def _workflow_steps(self, workflow: dict[str, Any], now: float, submitted_at: float) -> list[ev.Event]:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
-        workflow_id, tasks = parse(workflow, self.validate)
+        workflow_id, tasks = parse(workflow, self.gate.validate)
         await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
-        return await self._each_task_steps(tasks, None, now)
+        return await self._each_task_steps(tasks, None, now, submitted_at)
 
-    async def _split_steps(self, submission: Submission, region: str, now: float) -> list[ev.Event]:
+    async def _split_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
         chunks, gather, collect = fan_out(submission, self.settings)
-        waiting = await self.dependencies.register(ready_task(gather, region), gather, now, split=True, collect=collect)
-        return waiting + await self._each_task_steps(chunks, region, now)
+        gathering = ready_task(gather, region, submitted_at)
+        waiting = await self.dependencies.register(gathering, gather, now, split=True, collect=collect)
+        return waiting + await self._each_task_steps(chunks, region, now, submitted_at)
 
-    async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float) -> list[ev.Event]:
+    async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float, submitted_at: float) -> list[ev.Event]:
         """:meth:`_task_steps` of every task, :data:`STEPS_AT_ONCE` at a time (in ``region``, or each its own)."""
         events: list[ev.Event] = []
         for start in range(0, len(tasks), STEPS_AT_ONCE):
             steps = [
-                self._task_steps(task, region or task.region or self.pick_region(task.id or ""), now)
+                self._task_steps(task, region or task.region or self.gate.pick_region(task.id or ""), now, submitted_at)
                 for task in tasks[start : start + STEPS_AT_ONCE]
             ]
             for task_events in await asyncio.gather(*steps):

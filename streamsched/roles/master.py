@@ -22,7 +22,6 @@ Any number of masters can share the durable consumer. Each master also runs a
 from __future__ import annotations
 
 import logging
-import re
 import time
 import zlib
 from collections.abc import Callable
@@ -35,7 +34,6 @@ from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..model import (
-    UNSUPPORTED_FIELDS,
     Envelope,
     Submission,
     decode_submission,
@@ -44,17 +42,16 @@ from ..model import (
 from ..transport.bus import Bus, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
-from . import dependencies, splits
 from .cancels import Canceller
+from .checks import check_fields
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
 from .sched_batches import TaskBatcher
 from .settle import Settler
+from .timers import Timers
+from .timing import deadline_at
 
 log = logging.getLogger("streamsched.master")
-
-#: Handler names travel in a header, so they must not contain spaces or control characters.
-TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 
 
 class Master:
@@ -65,8 +62,9 @@ class Master:
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
-        self.intake = Intake(settings, bus, self.settler, self._reject, validate=self.validate, pick_region=self.pick_region)
+        self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
+        self.timers = Timers(settings, bus)
         self.accepted = 0
         self.rejected = 0
 
@@ -74,12 +72,14 @@ class Master:
         log.info("master routing to regions %s", ", ".join(self.settings.regions))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.canceller.run)
+            tg.start_soon(self.timers.run)
             await self.puller.run()
             await self.puller.finish()
 
     async def shutdown(self) -> None:
         self.puller.stop()
         await self.canceller.shutdown()
+        await self.timers.shutdown()
 
     def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission:
         """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.
@@ -101,24 +101,7 @@ class Master:
         return submission
 
     def _check(self, envelope: Envelope) -> None:
-        if not TYPE_RE.fullmatch(envelope.type):
-            raise Rejected(f"type {envelope.type!r} is not a valid handler name (1-200 characters of A-Z a-z 0-9 _ - . : /)")
-        if envelope.priority not in self.settings.priorities:
-            raise Rejected(f"unknown priority {envelope.priority!r} (expected one of {', '.join(self.settings.priorities)})")
-        if envelope.id is not None and not subjects.is_token(envelope.id):
-            raise Rejected(f"id {envelope.id!r} is not subject-safe (1-128 characters of A-Z a-z 0-9 _ -)")
-        if envelope.region is not None and envelope.region not in self.settings.regions:
-            raise Rejected(f"unknown region {envelope.region!r} (expected one of {', '.join(self.settings.regions)})")
-        if envelope.max_attempts is not None and not 1 <= envelope.max_attempts <= self.settings.max_deliver:
-            raise Rejected(f"`max_attempts` must be between 1 and {self.settings.max_deliver}")
-        if envelope.timeout_s is not None and envelope.timeout_s <= 0:
-            raise Rejected("`timeout_s` must be positive")
-        dependencies.check(envelope, self.settings)
-        if envelope.split is not None:
-            splits.parse(envelope, self.settings)
-        for field in UNSUPPORTED_FIELDS:
-            if getattr(envelope, field):
-                raise Rejected(f"`{field}` is not supported by this version yet")
+        check_fields(envelope, self.settings)
 
     def pick_region(self, task_id: str) -> str:
         """Deterministic, so a redelivered submission goes where its first copy went."""
@@ -150,6 +133,9 @@ class Master:
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
         priority = envelope.priority
+        deadline = None
+        if envelope.deadline is not None or envelope.deadline_s is not None:  # read only when set
+            deadline = deadline_at(envelope, stored_at_ns(msg.reply) / 1e9)
         headers = sched_headers(
             task_id,
             envelope.type,
@@ -157,6 +143,7 @@ class Master:
             region,
             max_attempts=envelope.max_attempts,
             timeout_s=envelope.timeout_s,
+            deadline_at=deadline,
         )
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)

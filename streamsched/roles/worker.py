@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import functools
 import logging
 import os
@@ -329,6 +330,9 @@ class Worker:
             lost = f"attempt {attempt} of {max_attempts}: earlier attempts ended without an outcome (worker lost?)"
             await self._dead(msg, task_id, task_type, attempt, lost)
             return
+        if (past := _past_deadline(raw, 0.0)) is not None:
+            await self._dead(msg, task_id, task_type, attempt, past)
+            return
 
         started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
         context = TaskContext(
@@ -456,6 +460,9 @@ class Worker:
             await self._dead(msg, task_id, task_type, attempt, text, before, extra)
             return
         delay = error.delay_s if isinstance(error, Retry) and error.delay_s is not None else self.backoff(attempt)
+        if (past := _past_deadline(msg.raw_headers or b"", delay)) is not None:
+            await self._dead(msg, task_id, task_type, attempt, f"{past} (last error: {text})", before, extra)
+            return
         log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
         retrying = ev.Retrying(
             task_id=task_id,
@@ -548,13 +555,22 @@ class Worker:
         finally:
             _current.reset(token)
 
-
     def _batch_of(self, definition: TaskDef) -> Batches:
         batches = self.batches.get(definition.name)
         if batches is None:
             assert self._loop is not None
             batches = self.batches[definition.name] = Batches(definition, self.threads, self._loop, self.concurrency)
         return batches
+
+
+def _past_deadline(raw: bytes, delay_s: float) -> str | None:
+    """The reason a task ends ``dead`` when an attempt starting ``delay_s`` from now would
+    start past its deadline; ``None`` when it has none (a header lookup) or is in time."""
+    deadline = _float(wire.header_value(raw, subjects.H_DEADLINE))
+    if deadline is None or time.time() + delay_s <= deadline:
+        return None
+    at = datetime.datetime.fromtimestamp(deadline, datetime.UTC).isoformat(timespec="milliseconds")
+    return f"deadline: no attempt starts after {at}" if delay_s == 0 else f"deadline: a retry in {delay_s:.2f}s would start after {at}"
 
 
 def _describe(error: BaseException) -> str:

@@ -5,7 +5,8 @@ Retention follows the role of each stream:
 * TASKS (limits): every submission, every rejection and every cancel request, kept for
   replay and inspection.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
-  so a full stream refuses publishers with an error instead of dropping old work.
+  so a full stream refuses publishers with an error instead of dropping old work. SCHED
+  allows atomic batches: a batch submission's tasks land all together.
 * TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
   nats-server fires onto ``timers.due`` for the master.
 * EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
@@ -15,6 +16,8 @@ Retention follows the role of each stream:
 * KV ``cancels``: the ids of cancelled tasks, each for ``cancel_ttl_s``.
 * KV ``waiting``, ``dependants``, ``workflows``: tasks waiting for dependencies, the
   dependency edges, workflow states (see :mod:`streamsched.roles.dependencies`).
+* KV ``schedules``: cron schedule definitions; KV ``idempotency``: idempotency keys, each
+  with its own TTL.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from .bus import Bus
 PROJECTOR_WINDOW = 500
 #: Cancel requests a master's canceller works on at once.
 CANCELLER_WINDOW = 64
+#: What TIMERS fired that the masters hold un-acked at once (their ``master-timers`` consumer).
+TIMERS_WINDOW = 256
 #: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
 #: tasks) is this many times fewer messages.
 SCHED_BATCH_MAX_TASKS = 64
@@ -79,6 +84,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
+            allow_atomic=True,  # a batch submission's tasks are stored all together or not at all
         ),
         StreamConfig(
             name=subjects.TIMERS_STREAM,
@@ -151,7 +157,8 @@ def kv_config(settings: Settings) -> KeyValueConfig:
 def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     """Every bucket: ``tasks``, then the dependency and workflow buckets (these expire with
     the events too, from their last write, so a dependency timeout may not be longer), then
-    the cancelled ids (kept ``cancel_ttl_s``)."""
+    the cancelled ids (kept ``cancel_ttl_s``), the cron schedules and the idempotency keys
+    (each key with its own TTL, which nats-py's bucket streams allow)."""
     own = [
         KeyValueConfig(
             bucket=bucket,
@@ -172,7 +179,11 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
         direct=True,
         limit_marker_ttl=CANCEL_MARKER_TTL_S,
     )
-    return [kv_config(settings), *own, cancels]
+    schedules_and_keys = [
+        KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
+        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET)
+    ]
+    return [kv_config(settings), *own, cancels, *schedules_and_keys]
 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
@@ -199,6 +210,17 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=CANCELLER_WINDOW,
+                max_deliver=-1,
+            ),
+        ),
+        (
+            subjects.TIMERS_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.TIMERS_CONSUMER,
+                filter_subject=subjects.TIMERS_DUE,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=TIMERS_WINDOW,
                 max_deliver=-1,
             ),
         ),

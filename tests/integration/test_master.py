@@ -45,8 +45,13 @@ BAD_INPUTS = [
     (b'{"type": "echo", "max_attempts": 0}', "`max_attempts` must be between 1 and 100"),
     (b'{"type": "echo", "max_attempts": 101}', "`max_attempts` must be between 1 and 100"),
     (b'{"type": "echo", "timeout_s": -1}', "`timeout_s` must be positive"),
-    (b'{"type": "echo", "cron": "* * * * * *"}', "`cron` is not supported by this version yet"),
     (b'{"type": "echo", "depends_on": ["a.b"]}', "`depends_on` id 'a.b' is not subject-safe"),
+    (b'{"type": "echo", "cron": "* * * * * *"}', "`cron` does not go on a task: make a schedule with `streamsched schedule add`"),
+    (b'{"type": "echo", "run_at": "2030-01-01T09:00:00"}', "has no time zone"),
+    (b'{"type": "echo", "run_at": "tomorrow"}', "`run_at` 'tomorrow' is not an RFC 3339 time"),
+    (b'{"type": "echo", "delay_s": 1, "run_at": "2030-01-01T09:00:00Z"}', "give either `run_at` or `delay_s`, not both"),
+    (b'{"type": "echo", "delay_s": -1}', "`delay_s` must be zero or more seconds"),
+    (b'{"type": "echo", "deadline_s": 0}', "`deadline_s` must be more than zero seconds"),
     (OVERSIZED, f"is {len(OVERSIZED)} bytes, over the limit of 1024"),
 ]
 

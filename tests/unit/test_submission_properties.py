@@ -25,7 +25,6 @@ from streamsched.errors import Rejected
 from streamsched.model import (
     MAX_PAYLOAD_DEPTH,
     PRIORITIES,
-    UNSUPPORTED_FIELDS,
     nests_deeper_than,
 )
 from streamsched.registry import Registry, TaskContext, TaskDef
@@ -107,7 +106,7 @@ any_envelopes = st.fixed_dictionaries(
         "timeout_s": st.none() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=3),
         "max_attempts": st.none() | st.integers(-5, 500) | st.floats(allow_nan=False, allow_infinity=False),
         "labels": st.dictionaries(st.text(max_size=10), st.text(max_size=10) | st.integers(), max_size=3),
-        UNSUPPORTED_FIELDS[0]: st.lists(tokens, max_size=2),
+        "depends_on": st.lists(tokens, max_size=2),
         "cron": st.none() | st.text(max_size=5),
         "priorty": st.text(max_size=5),
     },
