@@ -167,6 +167,7 @@ def report(results: dict[str, Any]) -> str:
         lines += [
             f"dag ({d['n']} no-op tasks, {d['edges']} dependencies, submitted in random order):",
             f"  end to end         {d['tasks_per_s']:>10.0f} tasks/s",
+            *([f"  CPU µs/task        {sum(d['cpu_us_per_task'].values()):>10.0f} total: {_cpu(d['cpu_us_per_task'])}"] if "cpu_us_per_task" in d else []),
             f"  dependency's success -> dependant's start   p50 {e['p50']:.2f}  p95 {e['p95']:.2f}  p99 {e['p99']:.2f}  max {e['max']:.2f} ms",
         ]
         if "release_ms" in d:

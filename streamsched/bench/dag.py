@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .harness import Roles, finished_count, percentiles, read_events, submit, system, wait_until
+from .harness import CpuMeter, Roles, finished_count, percentiles, read_events, submit, system, wait_until
 
 #: Dependencies per task at most.
 MAX_DEPENDENCIES = 3
@@ -58,9 +58,11 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
     async with system() as sys_:
         sys_.start_roles(roles)
         base = await finished_count(sys_.bus)
+        meter = CpuMeter(sys_.role_pids()).start()
         began = time.monotonic()
         submit_s = await submit(sys_.bus, bodies)
         done = await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=600)
+        cpu = meter.stop()
         submitted = {e.task_id: e.at for e in await read_events(sys_.bus, "submitted", expected=n)}
         started = {e.task_id: e.at for e in await read_events(sys_.bus, "started", expected=n)}
         succeeded = {e.task_id: e.at for e in await read_events(sys_.bus, "succeeded", expected=n)}
@@ -76,6 +78,7 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
             "edges": sum(map(len, graph.values())),
             "submit_s": submit_s,
             "tasks_per_s": n / (done - began),
+            "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
             "edge_latency_ms": percentiles(latencies_ms(ready, started)),
             # The two parts of an edge: until the dependant is placed on SCHED, then until it starts.
             "release_ms": percentiles(latencies_ms(ready, scheduled)),
