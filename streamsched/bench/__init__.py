@@ -163,18 +163,13 @@ def report(results: dict[str, Any]) -> str:
         ]
     d = results.get("dag")
     if d:
-        e = d["edge_latency_ms"]
         lines += [
             f"dag ({d['n']} no-op tasks, {d['edges']} dependencies, submitted in random order):",
             f"  end to end         {d['tasks_per_s']:>10.0f} tasks/s",
-            *([f"  CPU µs/task        {sum(d['cpu_us_per_task'].values()):>10.0f} total: {_cpu(d['cpu_us_per_task'])}"] if "cpu_us_per_task" in d else []),
-            f"  dependency's success -> dependant's start   p50 {e['p50']:.2f}  p95 {e['p95']:.2f}  p99 {e['p99']:.2f}  max {e['max']:.2f} ms",
+            *([f"  CPU µs/task        {sum(cpu.values()):>10.0f} total: {_cpu(cpu)}"] if (cpu := d.get("cpu_us_per_task")) else []),
+            *_edge_lines("at full speed", d),
+            *(line for k in ("half_speed", "paced") if k in d for line in _edge_lines(f"{d[k]['n']} more at {d[k]['rate_per_s']:.0f} tasks/s", d[k])),
         ]
-        if "release_ms" in d:
-            r, q = d["release_ms"], d["release_to_start_ms"]
-            lines.append(
-                f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms"
-            )
         if "split" in d:
             sp = d["split"]
             lines.append(f"  split into {sp['chunks']} chunks, gathered in {sp['seconds']:.2f} s ({sp['chunks_per_s']:.0f} chunks/s)")
@@ -188,6 +183,14 @@ def report(results: dict[str, Any]) -> str:
         )
         lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]
     return "\n".join(lines)
+
+
+def _edge_lines(label: str, figures: dict[str, Any]) -> list[str]:
+    e, r, q = figures["edge_latency_ms"], figures["release_ms"], figures["release_to_start_ms"]
+    return [
+        f"  {label}: dependency's success -> dependant's start   p50 {e['p50']:.2f}  p95 {e['p95']:.2f}  p99 {e['p99']:.2f}  max {e['max']:.2f} ms",
+        f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms",
+    ]
 
 
 def _rss_over_time(backlog: dict[str, Any], points: int = 8) -> list[str]:

@@ -3,9 +3,13 @@
 The DAG: task ``i`` depends on up to three tasks drawn from those before it, and the
 whole graph is submitted in random order, so most dependants are registered before their
 dependencies exist. Reported: tasks/s from the first submission to the last success, and
-the added latency of a dependency edge, from the success of a task's last dependency (or
-its own submission, when that came later) to its own start (each event's ``at``, written
-by the same host's clock).
+the latency of a dependency edge, from the success of a task's last dependency (or its
+own submission, when that came later) to its own start (each event's ``at``, written by
+the same host's clock). At full speed every role is busy and an edge's latency is mostly
+queueing, so two more DAGs, each a fifth the size, are submitted at a steady rate: one
+at half the full speed (as ``bench latency`` measures plain tasks at half their maximum
+rate), one at 250 tasks/s, the rate of the plain latency target, whose edges the target
+judges.
 
 The split: one task fanned out into ``chunks`` chunk tasks whose gather receives every
 result; reported: its time from submission to the parent's success, and chunks/s.
@@ -13,18 +17,23 @@ result; reported: its time from submission to the parent's success, and chunks/s
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import Any
 
 import msgspec
 
+from .. import subjects
 from .harness import CpuMeter, Roles, finished_count, percentiles, read_events, submit, system, wait_until
 
 #: Dependencies per task at most.
 MAX_DEPENDENCIES = 3
-#: Target: a dependant starts within this long of its last dependency's success, p99 (ms).
+#: Target: a dependant starts within this long of its last dependency's success, p99 (ms),
+#: judged at :data:`PACED_RATE`.
 EDGE_P99_MS = 20.0
+#: Tasks/s of the DAG whose edges the target judges: the rate of the plain latency target.
+PACED_RATE = 250.0
 
 
 def random_dag(n: int, seed: int) -> dict[str, list[str]]:
@@ -50,44 +59,84 @@ def latencies_ms(ready: dict[str, float], later: dict[str, float]) -> list[float
 
 
 async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, seed: int = 1) -> dict[str, Any]:
+    """The DAG at full speed (tasks/s; its edges wait in queues, since it keeps every role
+    busy), then two a fifth its size at half that rate and at 250 tasks/s (the edges the
+    target judges: the latency a dependency adds where queues do not dominate), then the split."""
     roles = (roles or Roles()).resolved()
-    graph = random_dag(n, seed)
-    order = list(graph)
-    random.Random(seed + 1).shuffle(order)
-    bodies = [msgspec.json.encode({"id": task, "type": "noop", "depends_on": graph[task]}) for task in order]
+    full_graph = random_dag(n, seed)
+    paced_graph = _renamed(random_dag(max(1, n // 5), seed + 2), "p")
     async with system() as sys_:
         sys_.start_roles(roles)
         base = await finished_count(sys_.bus)
         meter = CpuMeter(sys_.role_pids()).start()
         began = time.monotonic()
-        submit_s = await submit(sys_.bus, bodies)
+        submit_s = await submit(sys_.bus, _bodies(full_graph, seed))
         done = await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=600)
         cpu = meter.stop()
-        submitted = {e.task_id: e.at for e in await read_events(sys_.bus, "submitted", expected=n)}
-        started = {e.task_id: e.at for e in await read_events(sys_.bus, "started", expected=n)}
-        succeeded = {e.task_id: e.at for e in await read_events(sys_.bus, "succeeded", expected=n)}
-        # A task's last `scheduled`: a dependant's release (a copy recorded again comes later still).
-        scheduled: dict[str, float] = {}
-        for e in await read_events(sys_.bus, "scheduled", expected=n):
-            scheduled[e.task_id] = max(e.at, scheduled.get(e.task_id, 0.0))
-        ready = ready_at(graph, submitted, succeeded)
+        tasks_per_s = n / (done - began)
+        half_graph = _renamed(paced_graph, "h")
+        await _submit_paced(sys_.bus, half_graph, tasks_per_s / 2, seed)
+        await _submit_paced(sys_.bus, paced_graph, PACED_RATE, seed)
+        expected = n + len(half_graph) + len(paced_graph)
+        await wait_until(lambda: _at_least(sys_.bus, base + expected), timeout_s=600)
+        at = {kind: await _times(sys_.bus, kind, expected) for kind in ("submitted", "scheduled", "started", "succeeded")}
         result: dict[str, Any] = {
             "scenario": "dag",
             "n": n,
             "roles": vars(roles),
-            "edges": sum(map(len, graph.values())),
+            "edges": sum(map(len, full_graph.values())),
             "submit_s": submit_s,
-            "tasks_per_s": n / (done - began),
+            "tasks_per_s": tasks_per_s,
             "cpu_us_per_task": {k: 1e6 * v / n for k, v in cpu.items()},
-            "edge_latency_ms": percentiles(latencies_ms(ready, started)),
-            # The two parts of an edge: until the dependant is placed on SCHED, then until it starts.
-            "release_ms": percentiles(latencies_ms(ready, scheduled)),
-            "release_to_start_ms": percentiles([1000 * (started[t] - scheduled[t]) for t in ready if t in started and t in scheduled]),
+            **_edge_figures(full_graph, at),
+            "half_speed": {"n": len(half_graph), "rate_per_s": tasks_per_s / 2, **_edge_figures(half_graph, at)},
+            "paced": {"n": len(paced_graph), "rate_per_s": PACED_RATE, **_edge_figures(paced_graph, at)},
             "edge_target_ms": EDGE_P99_MS,
         }
         if chunks:
             result["split"] = await _split(sys_.bus, chunks)
         return result
+
+
+def _renamed(graph: dict[str, list[str]], prefix: str) -> dict[str, list[str]]:
+    return {prefix + task[1:]: [prefix + d[1:] for d in deps] for task, deps in graph.items()}
+
+
+async def _submit_paced(bus: Any, graph: dict[str, list[str]], rate: float, seed: int) -> None:
+    """Submit the graph in random order at ``rate`` tasks/s (open loop: each at its time, whatever came before)."""
+    slot = time.monotonic()
+    for i, body in enumerate(_bodies(graph, seed)):
+        delay = slot + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await bus.publish(subjects.SUBMIT, body)
+
+
+def _bodies(graph: dict[str, list[str]], seed: int) -> list[bytes]:
+    """The graph's submissions in random order: most dependants come before their dependencies."""
+    order = list(graph)
+    random.Random(seed + 1).shuffle(order)
+    return [msgspec.json.encode({"id": task, "type": "noop", "depends_on": graph[task]}) for task in order]
+
+
+async def _times(bus: Any, kind: str, expected: int) -> dict[str, float]:
+    """Each task's time of its last ``kind`` event (a dependant's ``scheduled`` is its release;
+    a copy recorded again comes later still)."""
+    times: dict[str, float] = {}
+    for event in await read_events(bus, kind, expected=expected):
+        times[event.task_id] = max(event.at, times.get(event.task_id, 0.0))
+    return times
+
+
+def _edge_figures(graph: dict[str, list[str]], at: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The edges' latency, and its two parts: until the dependant is placed on SCHED, then until it starts."""
+    ready = ready_at(graph, at["submitted"], at["succeeded"])
+    started, scheduled = at["started"], at["scheduled"]
+    return {
+        "edge_latency_ms": percentiles(latencies_ms(ready, started)),
+        "release_ms": percentiles(latencies_ms(ready, scheduled)),
+        "release_to_start_ms": percentiles([1000 * (started[t] - scheduled[t]) for t in ready if t in started and t in scheduled]),
+    }
 
 
 async def _split(bus: Any, chunks: int) -> dict[str, Any]:

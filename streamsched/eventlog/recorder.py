@@ -95,9 +95,18 @@ class EventRecorder:
         self._open: Recording | None = None
 
     def record(self, events: Iterable[ev.Event]) -> Recording:
-        """Add ``events`` (in the order they happened) to the open message; returns it."""
+        """Add ``events`` (in the order they happened) to the open message; returns it.
+
+        More events than one message holds (a batch or a workflow taken in at once) go into
+        as many messages as they need, in order; the returned recording then stands for all
+        of them (it lands when the last one has)."""
         parts = [ev.encode(event) for event in events]
         size = sum(len(part) + 1 for part in parts)
+        if len(parts) > MAX_EVENTS or size > MAX_BYTES:
+            return self._record_in_chunks(parts)
+        return self._add(parts, size)
+
+    def _add(self, parts: list[bytes], size: int) -> Recording:
         batch = self._open
         if batch is not None and (len(batch.parts) + len(parts) > MAX_EVENTS or batch.size + size > MAX_BYTES):
             self._seal()
@@ -108,6 +117,31 @@ class EventRecorder:
         batch.parts += parts
         batch.size += size
         return batch
+
+    def _record_in_chunks(self, parts: list[bytes]) -> Recording:
+        chunks: list[tuple[list[bytes], int]] = [([], 0)]
+        for part in parts:
+            chunk, size = chunks[-1]
+            if chunk and (len(chunk) >= MAX_EVENTS or size + len(part) + 1 > MAX_BYTES):
+                chunks.append(([], 0))
+                chunk, size = chunks[-1]
+            chunk.append(part)
+            chunks[-1] = (chunk, size + len(part) + 1)
+        joint = Recording()
+        remaining = len(chunks)
+        first_error: list[BaseException] = []
+
+        def landed(error: BaseException | None) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if error is not None and not first_error:
+                first_error.append(error)
+            if remaining == 0:
+                joint._finish(first_error[0] if first_error else None)
+
+        for chunk, size in chunks:
+            self._add(chunk, size).then(landed)
+        return joint
 
     def _seal_tick(self, batch: Recording) -> None:
         if self._open is batch:

@@ -41,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .. import subjects
@@ -54,6 +54,7 @@ from ..model import Envelope, Status, TaskState
 from ..transport.bus import Bus
 from ..transport.reading import Since, read
 from .placement import ReadyTask, place, rfc3339
+from .ticks import TickBatch
 
 log = logging.getLogger("streamsched.dependencies")
 
@@ -65,6 +66,9 @@ MAX_DEPENDENCIES = 1024
 CAS_ROUNDS = 20
 #: Filters in one batched direct get (the server takes at most 1,024).
 MAX_FILTERS = MAX_GET_MANY
+#: Registrations written and re-checked together at most (their publishes stay well
+#: inside the connection's in-flight window).
+REGISTRATIONS_AT_ONCE = 256
 #: What a record is once it stops waiting.
 WAITING, RELEASED, CANCELLED = "waiting", "released", "cancelled"
 
@@ -94,6 +98,53 @@ class WaitingRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 _record_decoder = msgspec.json.Decoder(WaitingRecord)
+
+#: ``(subject, body, header block)`` of a raw publish.
+Publication = tuple[str, bytes, bytes | None]
+#: JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check.
+WRONG_LAST_SEQUENCE = 10071
+#: Headers of a compare-and-set write: it lands only if the key's last revision is ``%d``
+#: (0: only if the key does not exist).
+_CAS = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: %d\r\n\r\n"
+#: Headers of a one-shot message schedule at ``%s`` onto ``%s``.
+_SCHEDULE = b"NATS/1.0\r\nNats-Schedule: @at %s\r\nNats-Schedule-Target: %s\r\n\r\n"
+#: Headers that remove a schedule: an empty message rolls up its subject (the schedule goes)
+#: and expires itself a second later. A purge request per task would cost about three
+#: times the server's CPU, and a request's round trip.
+_UNSCHEDULE = b"NATS/1.0\r\nNats-Rollup: sub\r\nNats-TTL: 1s\r\n\r\n"
+
+
+def _kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def _decide(record: WaitingRecord, finished: dict[str, TaskState]) -> bool:
+    """Take the ``finished`` dependencies off ``record``; True when that changed it.
+
+    A dependency that did not succeed cancels the task under the ``cancel`` policy (a split's
+    gather task then fails); the change that leaves nothing unmet releases it."""
+    failing = [d for d in record.unmet if d in finished and finished[d].status is not Status.SUCCEEDED]
+    if failing and record.policy == "cancel":
+        record.state = CANCELLED
+        what = "chunk" if record.split else "dependency"
+        record.reason = f"{what} {failing[0]} ended {finished[failing[0]].status.value}"
+        return True
+    unmet = [d for d in record.unmet if d not in finished]
+    if unmet == record.unmet:
+        return False
+    record.unmet = unmet
+    if not unmet:
+        record.state = RELEASED
+    return True
+
+
+def _split_progress(record: WaitingRecord) -> ev.Event:
+    """The share of a split's chunks done, as ``progress`` of its gather task."""
+    total = len(record.depends_on)
+    done = total - len(record.unmet)
+    return ev.Progress(
+        task_id=record.task.id, at=time.time(), region=record.task.region, fraction=done / total, message=f"{done} of {total} chunks done"
+    )
 
 
 def check(envelope: Envelope, settings: Settings) -> None:
@@ -133,6 +184,7 @@ class Dependencies:
         self._dependants: KeyValue | None = None
         self._tasks: StateStore | None = None
         self._stopping = asyncio.Event()
+        self._registrations = TickBatch(self._register_all, max_items=REGISTRATIONS_AT_ONCE)
 
     async def _open(self) -> tuple[KeyValue, KeyValue, StateStore]:
         if self._waiting is None or self._dependants is None or self._tasks is None:
@@ -146,8 +198,8 @@ class Dependencies:
     async def register(self, task: ReadyTask, envelope: Envelope, now: float, *, split: bool = False, collect: bool = False) -> list[ev.Event]:
         """Register ``task`` as waiting for ``envelope.depends_on``; returns its ``waiting`` event
         (its release or cancellation, when the re-check finds it due, is recorded separately).
-        ``split`` and ``collect`` mark the gather task of a split (see :class:`WaitingRecord`)."""
-        waiting, dependants, tasks = await self._open()
+        ``split`` and ``collect`` mark the gather task of a split (see :class:`WaitingRecord`).
+        The registrations of one loop tick are written and re-checked together."""
         depends_on = list(dict.fromkeys(envelope.depends_on))
         timeout = envelope.dependency_timeout_s or self.settings.dependency_timeout_s
         record = WaitingRecord(
@@ -160,68 +212,115 @@ class Dependencies:
             split=split,
             collect=collect,
         )
-        with contextlib.suppress(KeyWrongLastSequenceError):  # there already: a redelivery goes on
-            await waiting.create(task.id, msgspec.json.encode(record))
-        await self._schedule_timeout(task.id, now + timeout)
-        await asyncio.gather(*(self._create_edge(dependants, dependency, task.id) for dependency in depends_on))
-        # The re-check: a dependency that became final before its edge existed was missed by the completer.
-        finished = await self._states(tasks, depends_on)
-        await self.resolve({d: state for d, state in finished.items() if state.status.is_final})
+        await self._registrations.add(record)
         return [ev.Waiting(task_id=task.id, at=now, region=task.region, on=depends_on)]
 
-    @staticmethod
-    async def _create_edge(dependants: KeyValue, dependency: str, dependant: str) -> None:
-        with contextlib.suppress(KeyWrongLastSequenceError):
-            await dependants.create(subjects.edge_key(dependency, dependant), b"")
+    async def _register_all(self, records: list[WaitingRecord]) -> None:
+        """Write the records, their timeout schedules and their edges in one go, then re-check."""
+        publications: list[Publication] = []
+        for record in records:
+            task_id = record.task.id
+            # Created only if absent: one already there is a redelivered submission's, and goes on.
+            publications.append((_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), _CAS % 0))
+            timeout = _SCHEDULE % (rfc3339(record.since + record.timeout_s).encode(), subjects.DEPS_DUE.encode())
+            publications.append((subjects.dependency_timer(task_id), task_id.encode(), timeout))
+            for dependency in record.depends_on:
+                publications.append((_kv_subject(subjects.DEPENDANTS_BUCKET, subjects.edge_key(dependency, task_id)), b"", None))
+        await self._publish(publications)
+        # The re-check: a dependency that became final before its edge existed was missed by the completer.
+        dependencies = list(dict.fromkeys(d for record in records for d in record.depends_on))
+        states = await self._states(dependencies)
+        await self.resolve({d: state for d, state in states.items() if state.status.is_final})
 
-    async def _schedule_timeout(self, task_id: str, at: float) -> None:
-        headers = {
-            "Nats-Schedule": f"@at {rfc3339(at)}",
-            "Nats-Schedule-Target": subjects.DEPS_DUE,
-            subjects.H_TASK_ID: task_id,
-        }
-        await self.bus.js.publish(subjects.dependency_timer(task_id), task_id.encode(), headers=headers)
+    async def _publish(self, publications: Sequence[Publication]) -> list[int | None]:
+        """Publish each and wait for all; the stream sequence of each, or ``None`` for a
+        compare-and-set that found another revision. Raises on any other failure."""
+        if not publications:
+            return []
+        gathering = await self.bus.publish_gathered(publications)
+        await gathering.done
+        sequences: list[int | None] = []
+        for result in gathering.results:
+            if isinstance(result, APIError) and result.err_code == WRONG_LAST_SEQUENCE:
+                sequences.append(None)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                assert isinstance(result, dict)
+                sequences.append(int(result["seq"]))
+        return sequences
 
-    async def _states(self, tasks: StateStore, task_ids: Sequence[str]) -> dict[str, TaskState]:
+    async def _states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
+        _, _, tasks = await self._open()
+        chunks = [task_ids[start : start + MAX_GET_MANY] for start in range(0, len(task_ids), MAX_GET_MANY)]
         found: dict[str, TaskState] = {}
-        for start in range(0, len(task_ids), MAX_GET_MANY):
-            got = await tasks.get_many(self.bus, task_ids[start : start + MAX_GET_MANY])
+        for got in await asyncio.gather(*(tasks.get_many(self.bus, chunk) for chunk in chunks)):
             found.update((task_id, state) for task_id, (state, _revision) in got.items())
         return found
 
     # -- resolution (the completer, and the registrant's re-check) ------------------------------
 
     async def resolve(self, finished: dict[str, TaskState]) -> None:
-        """Resolve every edge from the final tasks in ``finished`` (id -> final state)."""
+        """Resolve every edge from the final tasks in ``finished`` (id -> final state): the
+        edges found with one lookup, the records read with another, all changes written
+        together by compare-and-set (those that lost to another writer read again and
+        decided again), and what ended carried out together."""
         if not finished:
             return
-        waiting, _dependants, _tasks = await self._open()
         by_dependant: dict[str, list[str]] = defaultdict(list)
         for dependency, dependant in await self._edges(finished):
             by_dependant[dependant].append(dependency)
         if not by_dependant:
             return
-        records = await self._records(list(by_dependant))
-        outcomes = await asyncio.gather(
-            *(
-                self._resolve_one(waiting, dependant, {d: finished[d] for d in deps}, records.get(dependant))
-                for dependant, deps in by_dependant.items()
-            ),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        entries: dict[str, tuple[WaitingRecord, int] | None] = dict(await self._records(list(by_dependant)))
+        after_conflict = False
+        for _ in range(CAS_ROUNDS):
+            writes: list[tuple[WaitingRecord, int]] = []
+            ended: list[tuple[WaitingRecord, int]] = []
+            for dependant in by_dependant:
+                entry = entries.get(dependant)
+                if entry is None:  # not registered (an edge outlived its record), or expired
+                    continue
+                record = entry[0]
+                if record.state != WAITING:
+                    if not record.acted and not after_conflict:  # else the writer that just won acts
+                        ended.append(entry)
+                    continue
+                if _decide(record, finished):
+                    writes.append(entry)
+            sequences = await self._publish(
+                [(_kv_subject(subjects.WAITING_BUCKET, r.task.id), msgspec.json.encode(r), _CAS % rev) for r, rev in writes]
+            )
+            lost: list[str] = []
+            progress: list[ev.Event] = []
+            for (record, _), sequence in zip(writes, sequences, strict=True):
+                if sequence is None:
+                    lost.append(record.task.id)
+                    continue
+                if record.split and record.state != CANCELLED:
+                    progress.append(_split_progress(record))
+                if record.state != WAITING:
+                    ended.append((record, sequence))
+            if progress:
+                await self.recorder.record(progress)
+            await self._act_all(ended, finished)
+            if not lost:
+                return
+            by_dependant = {dependant: by_dependant[dependant] for dependant in lost}
+            entries = dict(await self._records(lost))
+            after_conflict = True
+        raise RuntimeError(f"waiting records of {len(by_dependant)} task(s) kept changing; resolving them again later")
 
     async def _edges(self, dependencies: Iterable[str]) -> list[tuple[str, str]]:
         """``(dependency, dependant)`` of every edge from ``dependencies``."""
         prefix = f"$KV.{subjects.DEPENDANTS_BUCKET}."
         filters = [f"{prefix}{dependency}.*" for dependency in dependencies]
+        stream = f"KV_{subjects.DEPENDANTS_BUCKET}"
+        found = await asyncio.gather(*(self._matching(stream, filters[start : start + MAX_FILTERS]) for start in range(0, len(filters), MAX_FILTERS)))
         edges: list[tuple[str, str]] = []
-        for start in range(0, len(filters), MAX_FILTERS):
-            for subject in await self._matching(f"KV_{subjects.DEPENDANTS_BUCKET}", filters[start : start + MAX_FILTERS]):
-                dependency, _, dependant = subject[len(prefix) :].partition(".")
-                edges.append((dependency, dependant))
+        for subject in (subject for chunk in found for subject in chunk):
+            dependency, _, dependant = subject[len(prefix) :].partition(".")
+            edges.append((dependency, dependant))
         return edges
 
     async def _matching(self, stream: str, filters: list[str]) -> list[str]:
@@ -249,10 +348,10 @@ class Dependencies:
     async def _records(self, task_ids: list[str]) -> dict[str, tuple[WaitingRecord, int]]:
         """The waiting records (and revisions) of ``task_ids``, batched."""
         prefix = f"$KV.{subjects.WAITING_BUCKET}."
+        stream = f"KV_{subjects.WAITING_BUCKET}"
+        chunks = [[prefix + task_id for task_id in task_ids[start : start + MAX_FILTERS]] for start in range(0, len(task_ids), MAX_FILTERS)]
         records: dict[str, tuple[WaitingRecord, int]] = {}
-        for start in range(0, len(task_ids), MAX_FILTERS):
-            chunk = [prefix + task_id for task_id in task_ids[start : start + MAX_FILTERS]]
-            found = await last_values(self.bus, f"KV_{subjects.WAITING_BUCKET}", chunk)
+        for found in await asyncio.gather(*(last_values(self.bus, stream, chunk) for chunk in chunks)):
             for subject, revision, data in found or ():
                 records[subject[len(prefix) :]] = (_record_decoder.decode(data), revision)
         return records
@@ -266,124 +365,84 @@ class Dependencies:
             return None
         return _record_decoder.decode(entry.value), entry.revision or 0
 
-    async def _resolve_one(
-        self,
-        waiting: KeyValue,
-        task_id: str,
-        finished: dict[str, TaskState],
-        entry: tuple[WaitingRecord, int] | None,
-    ) -> None:
-        """Take the final ``finished`` dependencies off one waiting record, and act on what is left."""
-
-        def decide(record: WaitingRecord) -> bool:
-            failing = [d for d in record.unmet if d in finished and finished[d].status is not Status.SUCCEEDED]
-            if failing and record.policy == "cancel":
-                record.state = CANCELLED
-                what = "chunk" if record.split else "dependency"
-                record.reason = f"{what} {failing[0]} ended {finished[failing[0]].status.value}"
-                return True
-            unmet = [d for d in record.unmet if d not in finished]
-            if unmet == record.unmet:
-                return False
-            record.unmet = unmet
-            if not unmet:
-                record.state = RELEASED
-            return True
-
-        await self._transition(waiting, task_id, entry, decide)
-
-    async def _transition(
-        self,
-        waiting: KeyValue,
-        task_id: str,
-        entry: tuple[WaitingRecord, int] | None,
-        decide: Callable[[WaitingRecord], bool],
-    ) -> None:
-        """Change a waiting record with ``decide`` (True when it changed it) by compare-and-set,
-        re-reading on a conflict; once it stops waiting, act on it (place or cancel).
-
-        The change that ends the wait is written before it is acted on, so of two resolvers
-        only the winner acts; a record found ended but not yet acted on (its resolver
-        crashed, and this is the redelivery) is acted on again: both acts are idempotent."""
-        after_conflict = False
+    async def _transition(self, task_id: str, decide: Callable[[WaitingRecord], bool]) -> bool:
+        """Change one waiting record with ``decide`` (True when it changed it) by compare-and-set,
+        re-reading on a conflict, and carry it out once it stops waiting; True when this call
+        ended the wait. (A timeout or a cancel: one task at a time.)"""
+        waiting, _, _ = await self._open()
         for _ in range(CAS_ROUNDS):
-            if entry is None:  # not registered (an edge outlived its record) or expired
-                return
+            entry = await self._read_record(waiting, task_id)
+            if entry is None:
+                return False
             record, revision = entry
             if record.state != WAITING:
-                if not record.acted and not after_conflict:  # else the writer that just won acts
-                    await self._act(waiting, record, revision)
-                return
+                if not record.acted:  # its resolver crashed before carrying it out
+                    await self._act_all([entry], {})
+                return False
             if not decide(record):
-                return
-            try:
-                revision = await waiting.update(task_id, msgspec.json.encode(record), last=revision)
-            except KeyWrongLastSequenceError:
-                entry = await self._read_record(waiting, task_id)
-                after_conflict = True
+                return False
+            (sequence,) = await self._publish([(_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), _CAS % revision)])
+            if sequence is None:
                 continue
-            if record.split and record.state != CANCELLED:
-                await self._record_progress(record)
             if record.state != WAITING:
-                await self._act(waiting, record, revision)
+                await self._act_all([(record, sequence)], {})
+                return True
+            return False
+        raise RuntimeError(f"waiting record of {task_id} kept changing; trying again later")
+
+    async def _act_all(self, ended: list[tuple[WaitingRecord, int]], known: dict[str, TaskState]) -> None:
+        """Carry out ended waits: place the released tasks with their dependencies' results (or
+        fail one they make too big), record the cancellations, then mark the records acted on
+        and drop their timeout schedules. ``known`` holds states already at hand (the
+        projector's final states), so only older dependencies' results are read."""
+        if not ended:
             return
-        raise RuntimeError(f"waiting record of {task_id} kept changing; resolving it again later")
-
-    async def _record_progress(self, record: WaitingRecord) -> None:
-        """The share of a split's chunks done, as ``progress`` of its gather task."""
-        total = len(record.depends_on)
-        done = total - len(record.unmet)
-        progress = ev.Progress(
-            task_id=record.task.id,
-            at=time.time(),
-            region=record.task.region,
-            fraction=done / total,
-            message=f"{done} of {total} chunks done",
-        )
-        await self.recorder.record([progress])
-
-    async def _act(self, waiting: KeyValue, record: WaitingRecord, revision: int) -> None:
-        """Carry out an ended wait: place the released task with its dependencies' results (or
-        fail it when they make it too big), or cancel it; then mark the record acted on."""
-        task = record.task
         now = time.time()
-        event: ev.Event
-        if record.state == CANCELLED and record.split:
-            event = ev.Failed(task_id=task.id, at=now, region=task.region, error=record.reason)
-        elif record.state == CANCELLED:
-            event = ev.Cancelled(task_id=task.id, at=now, region=task.region, reason=record.reason)
-        else:
-            _, _, tasks = await self._open()
-            states = await self._states(tasks, record.depends_on)
+        released = [record for record, _ in ended if record.state == RELEASED]
+        wanted = [d for d in dict.fromkeys(d for record in released for d in record.depends_on) if d not in known]
+        states = {**known, **(await self._states(wanted))} if wanted else known
+        events: list[ev.Event] = []
+        placements: list[ReadyTask] = []
+        for record, _ in ended:
+            task = record.task
+            if record.state == CANCELLED:
+                if record.split:
+                    events.append(ev.Failed(task_id=task.id, at=now, region=task.region, error=record.reason))
+                else:
+                    events.append(ev.Cancelled(task_id=task.id, at=now, region=task.region, reason=record.reason))
+                continue
             results: dict[str, msgspec.Raw | None] = {}
             for dependency in record.depends_on:
                 result = states[dependency].result if dependency in states else msgspec.UNSET
                 results[dependency] = None if isinstance(result, msgspec.UnsetType) else result
-            body = with_results(task.body, results)
             if record.collect:  # a split without a gather type: its result is the chunks' results
                 listed = b"[" + b",".join(b"null" if r is None else bytes(r) for r in results.values()) + b"]"
-                event = ev.Succeeded(task_id=task.id, at=now, region=task.region, result=msgspec.Raw(listed))
-            elif len(body) > self.settings.max_payload_bytes:
+                events.append(ev.Succeeded(task_id=task.id, at=now, region=task.region, result=msgspec.Raw(listed)))
+                continue
+            body = with_results(task.body, results)
+            if len(body) > self.settings.max_payload_bytes:
                 error = f"the results of its dependencies make its body {len(body)} bytes, over max_payload_bytes ({self.settings.max_payload_bytes})"
-                event = ev.Failed(task_id=task.id, at=now, region=task.region, error=error)
+                events.append(ev.Failed(task_id=task.id, at=now, region=task.region, error=error))
+                continue
+            placements.append(msgspec.structs.replace(task, body=body))
+            if task.is_delayed(now):
+                events.append(ev.Waiting(task_id=task.id, at=now, region=task.region, until=task.run_at))
             else:
-                await place(self.bus, [msgspec.structs.replace(task, body=body)], now=now)
-                if task.is_delayed(now):
-                    event = ev.Waiting(task_id=task.id, at=now, region=task.region, until=task.run_at)
-                else:
-                    event = ev.Scheduled(task_id=task.id, at=now, region=task.region, priority=task.priority)
-        await self.recorder.record([event])
-        record.acted = True
-        with contextlib.suppress(KeyWrongLastSequenceError):  # another resolver acted on it too
-            await waiting.update(task.id, msgspec.json.encode(record), last=revision)
-        with contextlib.suppress(Exception):  # best effort: a timeout firing for an ended wait does nothing
-            await self.bus.js.purge_stream(subjects.TIMERS_STREAM, subject=subjects.dependency_timer(task.id))
+                events.append(ev.Scheduled(task_id=task.id, at=now, region=task.region, priority=task.priority))
+        await place(self.bus, placements, now=now)
+        await self.recorder.record(events)
+        marks: list[Publication] = []
+        for record, revision in ended:
+            record.acted = True
+            marks.append((_kv_subject(subjects.WAITING_BUCKET, record.task.id), msgspec.json.encode(record), _CAS % revision))
+            # The timeout schedule goes too: rolled up by an empty message that expires at once.
+            marks.append((subjects.dependency_timer(record.task.id), b"", _UNSCHEDULE))
+        await self._publish(marks)  # a mark that lost to another resolver's is fine: it acted too
 
     # -- timeouts ------------------------------------------------------------------------------
 
     async def run_timeouts(self) -> None:
         """Read the dependency timeouts that fired and cancel the tasks still waiting."""
-        waiting, _, _ = await self._open()
         subscription = await self.bus.js.pull_subscribe_bind(subjects.DEPS_TIMEOUT_CONSUMER, stream=subjects.TIMERS_STREAM)
         try:
             while not self._stopping.is_set():
@@ -397,7 +456,7 @@ class Dependencies:
                     continue
                 for message in messages:
                     try:
-                        await self._time_out(waiting, message.data.decode())
+                        await self._time_out(message.data.decode())
                     except Exception as exc:  # noqa: BLE001 - comes back after a short delay
                         log.warning("dependency timeout of %r not handled yet (%r)", message.data[:200], exc)
                         await message.nak(delay=1.0)
@@ -410,7 +469,7 @@ class Dependencies:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _time_out(self, waiting: KeyValue, task_id: str) -> None:
+    async def _time_out(self, task_id: str) -> None:
         def decide(record: WaitingRecord) -> bool:
             if not record.unmet:
                 return False
@@ -418,4 +477,4 @@ class Dependencies:
             record.reason = f"dependency {', '.join(record.unmet)} not finished within {record.timeout_s:g} s"
             return True
 
-        await self._transition(waiting, task_id, await self._read_record(waiting, task_id), decide)
+        await self._transition(task_id, decide)

@@ -16,6 +16,7 @@ the work queue.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ import msgspec
 
 from .. import subjects
 from ..transport.bus import Bus
+from . import sched_batches
 
 #: The header block of a task on SCHED (without its final empty line: optional headers follow).
 _SCHED_HEADERS = "".join(
@@ -123,12 +125,27 @@ def publication(task: ReadyTask, now: float) -> tuple[str, bytes, bytes]:
 async def place(bus: Bus, tasks: Sequence[ReadyTask], *, now: float | None = None) -> None:
     """Queue (or hold) each task; returns once JetStream stored all of them, raises if any failed.
 
-    Safe to repeat: each publish carries a ``Nats-Msg-Id`` of its task and hop, so a task
-    placed again inside the dedupe window is stored once, and a schedule published again
-    replaces itself (one schedule per subject).
+    The tasks for one SCHED subject travel in SCHED batch messages, as the master's do
+    (:mod:`streamsched.roles.sched_batches`): a regional scheduler then takes a whole
+    release of dependants in a few messages. Safe to repeat: a lone task carries a
+    ``Nats-Msg-Id`` of its task and hop, so placed again inside the dedupe window it is
+    stored once; a task in a batch is stored on WORK once by its own msg id there; a
+    schedule published again replaces itself (one schedule per subject).
     """
+    if not tasks:
+        return
     when = time.time() if now is None else now
-    gathering = await bus.publish_gathered([publication(task, when) for task in tasks])
+    by_subject: dict[str, sched_batches.Entries] = {}
+    for task in tasks:
+        subject, body, headers = publication(task, when)
+        by_subject.setdefault(subject, []).append((headers, body))
+    prefix = f"place:{os.urandom(6).hex()}:"
+    publications: list[tuple[str, bytes, bytes]] = []
+    for subject, parts in by_subject.items():
+        for number, batch in enumerate(sched_batches.batches(parts)):
+            headers, body = sched_batches.message(batch, f"{prefix}{number}")
+            publications.append((subject, body, headers))
+    gathering = await bus.publish_gathered(publications)
     await gathering.done
     for result in gathering.results:
         if isinstance(result, BaseException):

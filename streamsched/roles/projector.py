@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.js.errors import APIError, BadRequestError
@@ -66,8 +68,9 @@ CACHE_SIZE = 50_000
 #: Events that open a task's record. A task whose batch has none and whose state is not
 #: cached has a stored state: it is read before it is written.
 OPENING: frozenset[type] = frozenset({ev.Submitted, ev.Rejected, ev.Waiting})
-#: How long a batch waits for more events before it is folded (projection lag, not task latency).
-COALESCE_S = 0.005
+#: How long a batch waits for more events before it is folded. Projection lag, and also
+#: task latency: a dependant is released only once its dependency's final state is written.
+COALESCE_S = 0.001
 #: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
 _COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d\r\n\r\n"
 #: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
@@ -98,6 +101,11 @@ class _Held:
 
 #: A batch to write: the held events of each task, by task id.
 Batch = dict[str, list[ev.Event]]
+#: A written batch's final states by task id, and its workflow tasks' statuses by workflow.
+_Settled = tuple[dict[str, TaskState], dict[str, dict[str, tuple[Status, float]]]]
+#: Written batches whose dependants are being resolved at once, at most (the next batch
+#: waits for one of them to finish).
+FOLLOW_UPS = 4
 
 
 class Projector:
@@ -130,6 +138,8 @@ class Projector:
         # The completer of dependencies: told of the tasks each batch made final.
         self.dependencies = Dependencies(settings, bus, source="projector") if resolve_dependencies else None
         self.workflows = WorkflowTracker(bus) if resolve_dependencies else None
+        self._follow_ups = asyncio.Semaphore(FOLLOW_UPS)
+        self._following: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     async def run(self) -> None:
         log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
@@ -242,21 +252,45 @@ class Projector:
             batch, messages = self._due()
             if not messages:
                 continue
-            delay = 0.1
-            while not await self._write_logged(batch) or not await self._resolve_logged(batch):
-                # Retry in place: acking later batches meanwhile would reorder nothing, but
-                # a stuck batch must not be silently left to ack_wait while others pass.
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            # One ack per event message, once all its tasks are written. (A cumulative "ack
-            # all" would be cheaper, but with a crashed predecessor or a second projector it
-            # would also ack events that another process received and never folded.)
-            for message in messages:
-                message.unwritten -= 1
-                if message.unwritten == 0:
-                    self._held_msgs -= 1
-                    self.applied += 1
-                    self.settler.settle_reply(message.reply, ACK)
+            await self._retry(functools.partial(self._write_logged, batch))
+            if self.dependencies is None:
+                self._ack(messages)
+                continue
+            # Dependants are resolved beside the next writes, not before them: a release
+            # takes a few round trips, and the next batch's final states must not wait for
+            # them. The messages are acked once their batch is resolved too.
+            await self._follow_ups.acquire()
+            follow_up = asyncio.get_running_loop().create_task(self._resolve_then_ack(self._settled(batch), messages))
+            self._following.add(follow_up)
+            follow_up.add_done_callback(self._following.discard)
+
+    @staticmethod
+    async def _retry(step: Callable[[], Awaitable[bool]]) -> None:
+        """Run ``step`` until it returns True. Retried in place: acking later batches
+        meanwhile would reorder nothing, but a stuck batch must not be silently left to
+        ack_wait while others pass."""
+        delay = 0.1
+        while not await step():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _ack(self, messages: list[_Message]) -> None:
+        """One ack per event message, once all its tasks are written (and resolved). (A
+        cumulative "ack all" would be cheaper, but with a crashed predecessor or a second
+        projector it would also ack events that another process received and never folded.)"""
+        for message in messages:
+            message.unwritten -= 1
+            if message.unwritten == 0:
+                self._held_msgs -= 1
+                self.applied += 1
+                self.settler.settle_reply(message.reply, ACK)
+
+    async def _resolve_then_ack(self, settled: _Settled, messages: list[_Message]) -> None:
+        try:
+            await self._retry(functools.partial(self._resolve_logged, settled))
+        finally:
+            self._follow_ups.release()
+        self._ack(messages)
 
     async def _write_logged(self, batch: dict[str, list[ev.Event]]) -> bool:
         """:meth:`_write`, but a bug in it is logged and retried rather than ending the loop."""
@@ -266,14 +300,11 @@ class Projector:
             log.exception("projecting a batch of %d task(s) failed; retrying", len(batch))
             return False
 
-    async def _resolve_logged(self, batch: Batch) -> bool:
-        """After ``batch`` is written (before its event messages are acked: a crash redoes
-        this), hand its tasks whose state is final to the dependency resolver and the
-        statuses of workflow tasks to the workflow tracker; True when both are done. A plain
-        task costs a cache and a label lookup here; the resolver's edge lookup is one
-        request per batch with final tasks."""
-        if self.dependencies is None or self.workflows is None:
-            return True
+    def _settled(self, batch: Batch) -> _Settled:
+        """What the written ``batch`` means beyond the states: its tasks whose state is final
+        (for the dependency resolver) and the statuses of workflow tasks (for the workflow
+        tracker). Taken from the cache right after the write, before later events change it.
+        A plain task costs a cache and a label lookup here."""
         finished: dict[str, TaskState] = {}
         workflows: dict[str, dict[str, tuple[Status, float]]] = {}
         for task_id in batch:
@@ -286,6 +317,15 @@ class Projector:
             workflow = state.labels.get(WORKFLOW_LABEL) if state.labels else None
             if workflow is not None:
                 workflows.setdefault(workflow, {})[task_id] = (state.status, state.updated_at or 0.0)
+        return finished, workflows
+
+    async def _resolve_logged(self, settled: _Settled) -> bool:
+        """Hand a written batch's final tasks to the dependency resolver (one edge lookup per
+        batch) and its workflow tasks to the workflow tracker, before its event messages are
+        acked (a crash redoes this); True when both are done."""
+        if self.dependencies is None or self.workflows is None:
+            return True
+        finished, workflows = settled
         try:
             await asyncio.gather(self.dependencies.resolve(finished), self.workflows.update(workflows))
         except Exception:

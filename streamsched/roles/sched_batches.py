@@ -49,6 +49,27 @@ def decode(body: bytes) -> Entries:
     return _decoder.decode(body)
 
 
+def message(parts: Entries, msg_id: str) -> tuple[bytes, bytes]:
+    """``(header block, body)`` of a message holding the tasks ``parts`` (one task: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    return _BATCH_HEADERS % (msg_id.encode(), len(parts)), msgspec.msgpack.encode(parts)
+
+
+def batches(parts: Entries) -> list[Entries]:
+    """``parts`` (the tasks for one subject) cut into batches of at most :data:`MAX_TASKS` and :data:`MAX_BYTES`."""
+    out: list[Entries] = [[]]
+    size = 0
+    for headers, body in parts:
+        part_size = len(headers) + len(body) + 8
+        if out[-1] and (len(out[-1]) >= MAX_TASKS or size + part_size > MAX_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append((headers, body))
+        size += part_size
+    return out
+
+
 class TaskBatcher:
     """Publishes a master's tasks to SCHED, those of one loop tick and subject in one message."""
 
@@ -80,10 +101,6 @@ class TaskBatcher:
 
     def _seal(self, subject: str) -> None:
         batch = self._open.pop(subject)
-        if len(batch.parts) == 1:
-            headers, body = batch.parts[0]
-        else:
-            self._count += 1
-            headers = _BATCH_HEADERS % ((self._id_prefix + str(self._count)).encode(), len(batch.parts))
-            body = msgspec.msgpack.encode(batch.parts)
+        self._count += 1
+        headers, body = message(batch.parts, self._id_prefix + str(self._count))
         send(self.bus, subject, body, headers, batch)

@@ -97,6 +97,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
             allow_msg_schedules=True,
             allow_rollup_hdrs=True,  # the server turns it on for schedules; declared so apply sees no change
+            allow_msg_ttl=True,  # a schedule is removed by an empty message that rolls it up and expires
         ),
         StreamConfig(
             name=subjects.WORK_STREAM,

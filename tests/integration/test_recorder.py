@@ -57,6 +57,17 @@ async def test_a_full_message_is_sealed_and_the_rest_goes_in_the_next(bus, monke
     assert [[e.task_id for e in events] for _, events, _ in stored] == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6"]]
 
 
+async def test_more_events_than_a_message_holds_go_into_several_and_land_together(bus, monkeypatch):
+    monkeypatch.setattr(recorder_module, "MAX_EVENTS", 3)
+    recorder = EventRecorder(bus, "test")
+    first = recorder.record([scheduled("t0")])
+    many = recorder.record([scheduled(f"t{i}") for i in range(1, 8)])
+    await asyncio.wait_for(many, timeout=5)
+    assert first.done and many.done and many.error is None
+    stored = await stored_messages(bus)
+    assert [[e.task_id for e in events] for _, events, _ in stored] == [["t0"], ["t1", "t2", "t3"], ["t4", "t5", "t6"], ["t7"]]
+
+
 async def test_a_failed_publish_is_sent_again_under_the_same_msg_id(bus, monkeypatch):
     publish_all = bus.publish_all
     calls: list[dict[str, str]] = []
