@@ -7,13 +7,16 @@ through the durable ``canceller``. The canceller writes the fact to KV ``cancels
 task id, value = reason and time, kept ``cancel_ttl_s``) and then stops what it can reach
 itself:
 
-* a delayed task's message schedule (``timers.at.<id>`` in TIMERS) is purged;
-* a task waiting for its dependencies (KV ``waiting``, when that bucket exists) loses
-  its entry;
+* a delayed task's message schedule (``timers.at.<id>`` in TIMERS) is purged, after its
+  ``cancelled`` is recorded;
+* a task waiting for its dependencies is cancelled through
+  :meth:`~streamsched.roles.dependencies.Dependencies.cancel`: its record in KV ``waiting``
+  is marked cancelled by compare-and-set (never deleted, so a redelivered submission does
+  not register it again), its ``cancelled`` is recorded, and the tasks waiting for it are
+  cancelled in turn as for any dependency that did not succeed.
 
-and records ``cancelled`` for such a task, which never reached a queue. Each step is
-safe to repeat: the event is recorded before the schedule or entry goes, so a request
-redelivered after a crash finds it again and finishes the job.
+Each step is safe to repeat: a request redelivered after a crash finds the schedule or the
+record (marked but not acted on) again and finishes the job.
 
 Queued and running tasks are stopped by the roles that hold them: the regional scheduler
 at dispatch and the worker before it runs a task skip a cancelled one (they record
@@ -35,7 +38,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from .. import subjects
 from ..config import Settings
@@ -44,13 +47,11 @@ from ..transport.bus import ACK, Bus, nak_with_delay, term_with_reason
 from ..transport.pull import Puller
 from ..transport.streams import CANCELLER_WINDOW
 from ..transport.wire import Delivery
+from .dependencies import Dependencies
 from .settle import Settler
 
 log = logging.getLogger("streamsched.cancels")
 
-#: The KV bucket of tasks waiting for dependencies (made by the dependency feature; absent
-#: in a deployment without it).
-WAITING_BUCKET = "waiting"
 #: Cancelled ids a watch keeps at most; past it the oldest are forgotten first. The bucket's
 #: TTL (``cancel_ttl_s``) bounds it too: an expired entry leaves a marker that removes it.
 MAX_WATCHED = 100_000
@@ -93,6 +94,7 @@ class Canceller:
         self.bus = bus
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.CANCELLER_CONSUMER], CANCELLER_WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller, source="canceller")
+        self.dependencies = Dependencies(settings, bus, source="canceller")
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
         self.cancelled = 0
 
@@ -141,20 +143,8 @@ class Canceller:
             await self._record(cancelled)
             await js.purge_stream(subjects.TIMERS_STREAM, subject=schedule)
             stopped = True
-        try:
-            waiting = await js.key_value(WAITING_BUCKET)
-        except BucketNotFoundError:
-            waiting = None
-        if waiting is not None:
-            try:
-                entry = await waiting.get(request.id)
-            except KeyNotFoundError:
-                entry = None
-            if entry is not None:
-                if not stopped:
-                    await self._record(cancelled)
-                await waiting.delete(request.id, last=entry.revision)
-                stopped = True
+        if await self.dependencies.cancel(request.id, request.reason):  # records `cancelled` itself
+            stopped = True
         if stopped:
             self.cancelled += 1
             log.info("cancelled %s before it was queued: %s", request.id, request.reason or "(no reason)")

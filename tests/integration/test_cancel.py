@@ -117,6 +117,31 @@ async def test_a_cancelled_delayed_task_loses_its_schedule_and_never_fires(setti
     assert (state.status, state.error) == (Status.CANCELLED, "not needed any more")
 
 
+async def test_a_task_waiting_for_dependencies_is_cancelled_with_its_dependants_and_stays_so(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    async with running(await all_roles(settings, bus, registry)):
+        await submit(bus, id="waiter", type="echo", payload=1, depends_on=["first"])
+        await submit(bus, id="after-waiter", type="echo", payload=2, depends_on=["waiter"])
+        await wait_status(client, "after-waiter", Status.WAITING)
+        await client.cancel("waiter", reason="plan changed")
+        await events.wait_final("after-waiter")
+        record = msgspec.json.decode((await (await bus.js.key_value(subjects.WAITING_BUCKET)).get("waiter")).value)
+        assert (record["state"], record["reason"], record.get("acted")) == ("cancelled", "plan changed", True)  # marked, not deleted
+        await submit(bus, id="waiter", type="echo", payload=1, depends_on=["first"])  # a redelivered submission
+        await submit(bus, id="first", type="echo", payload=0)  # the dependency comes after all
+        await client.wait("first", timeout_s=10)
+        await events.wait(lambda log: log.kinds_of("waiter").count("submitted") == 2, what="the second submission of waiter")
+        await wait_drained(bus, subjects.SCHED_STREAM)
+        await wait_drained(bus, subjects.WORK_STREAM)
+        state = await client.get("waiter")
+        after = await client.get("after-waiter")
+    assert cancelled_event(events, "waiter").reason == "plan changed"
+    assert cancelled_event(events, "after-waiter").reason == "dependency waiter ended cancelled"
+    assert not {"scheduled", "started"} & set(events.kinds_of("waiter") + events.kinds_of("after-waiter"))
+    assert state is not None and (state.status, state.error) == (Status.CANCELLED, "plan changed")
+    assert after is not None and after.status is Status.CANCELLED
+
+
 async def test_a_task_cancelled_before_dispatch_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
