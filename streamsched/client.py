@@ -192,17 +192,28 @@ class Client:
             raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {first!r}); submit them again")
         return handles
 
-    async def cancel(self, task_id: str, *, reason: str = "") -> TaskState:
-        """Ask for the task to be cancelled; returns its state as it was when asked.
+    async def cancel(self, task_id: str, *, reason: str = "") -> TaskState | WorkflowState:
+        """Ask for the task, or the workflow, to be cancelled; returns its state as it was when
+        asked (a :class:`WorkflowState` when ``task_id`` names a workflow).
 
         Once a master's canceller has the request (stored in JetStream when this returns),
         a delayed, waiting or queued task never starts, and a running one is cancelled (an
         async handler at its next ``await``, a sync one when it checks
         ``current_task().cancelled``). It ends ``cancelled`` with ``reason``: wait for it
-        with :meth:`wait`. Raises :class:`NotFound` for an id without a state and
-        :class:`AlreadyFinished` for a task that had finished (nothing changes then); a
-        task that finishes while the request is on its way keeps its outcome.
+        with :meth:`wait`. A workflow's request cancels each of its tasks that has not
+        finished, so the workflow ends ``cancelled`` (``failed`` if a task of it had failed):
+        wait for it with :meth:`wait_workflow`. Raises :class:`NotFound` for an id without
+        a state and :class:`AlreadyFinished` for a task or workflow that had finished
+        (nothing changes then); a task that finishes while the request is on its way keeps
+        its outcome.
         """
+        workflow = await self.get_workflow(task_id)  # first, as `streamsched status` looks ids up
+        if workflow is not None:
+            if workflow.finished_at is not None:
+                raise AlreadyFinished(f"workflow {task_id} already {workflow.status}", workflow.status)
+            subject, body, headers = request_message(task_id, reason, workflow=True)
+            await self.bus.js.publish(subject, body, headers=headers)
+            return workflow
         state = await self.get(task_id)
         if state is None:
             raise NotFound(f"no task {task_id}")

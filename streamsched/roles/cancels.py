@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -43,12 +43,14 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from .. import subjects
 from ..config import Settings
 from ..eventlog import events as ev
+from ..model import Status
 from ..transport.bus import ACK, Bus, nak_with_delay, term_with_reason
 from ..transport.pull import Puller
 from ..transport.streams import CANCELLER_WINDOW
 from ..transport.wire import Delivery
 from .dependencies import Dependencies
 from .settle import Settler
+from .workflows import WorkflowTracker
 
 log = logging.getLogger("streamsched.cancels")
 
@@ -57,6 +59,8 @@ log = logging.getLogger("streamsched.cancels")
 MAX_WATCHED = 100_000
 #: Seconds a role waits at start for the watch to load the ids cancelled so far.
 LOAD_TIMEOUT_S = 5.0
+#: Tasks of one workflow cancelled at the same time.
+WORKFLOW_FANOUT = 64
 #: Seconds before a cancel request whose steps failed (JetStream unavailable) comes back.
 RETRY_DELAY_S = 1.0
 
@@ -67,6 +71,8 @@ class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     id: str
     reason: str = ""
     at: float = 0.0
+    workflow: bool = False
+    """``id`` names a workflow: each of its tasks that has not finished is cancelled."""
 
 
 class CancelRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,10 +86,11 @@ _decode_request = msgspec.json.Decoder(CancelRequest).decode
 _decode_record = msgspec.json.Decoder(CancelRecord).decode
 
 
-def request_message(task_id: str, reason: str) -> tuple[str, bytes, dict[str, str]]:
-    """``(subject, body, headers)`` of a cancel request."""
-    body = msgspec.json.encode(CancelRequest(id=task_id, reason=reason, at=time.time()))
-    return subjects.CANCEL, body, {subjects.H_MSG_ID: subjects.msg_id(task_id, "cancel")}
+def request_message(task_id: str, reason: str, *, workflow: bool = False) -> tuple[str, bytes, dict[str, str]]:
+    """``(subject, body, headers)`` of a cancel request (of a workflow: ``task_id`` is its id)."""
+    body = msgspec.json.encode(CancelRequest(id=task_id, reason=reason, at=time.time(), workflow=workflow))
+    hop = "cancel-workflow" if workflow else "cancel"  # a task may share its id with a workflow
+    return subjects.CANCEL, body, {subjects.H_MSG_ID: subjects.msg_id(task_id, hop)}
 
 
 class Canceller:
@@ -95,6 +102,7 @@ class Canceller:
         self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.CANCELLER_CONSUMER], CANCELLER_WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller, source="canceller")
         self.dependencies = Dependencies(settings, bus, source="canceller")
+        self.workflows = WorkflowTracker(bus)
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
         self.cancelled = 0
 
@@ -129,30 +137,77 @@ class Canceller:
         self.settler.settle(msg, ACK)
 
     async def cancel(self, request: CancelRequest) -> None:
-        """Record the cancel in KV, then stop the task if it is delayed or waiting."""
-        js = self.bus.js
-        cancels = await js.key_value(subjects.CANCELS_BUCKET)
-        record = msgspec.json.encode(CancelRecord(reason=request.reason, at=request.at or time.time()))
-        with contextlib.suppress(KeyWrongLastSequenceError):  # cancelled before: the first reason stands
-            await cancels.create(subjects.state_key(request.id), record)
+        """Carry out a request: cancel its task, or each unfinished task of its workflow."""
+        at = request.at or time.time()
+        if request.workflow:
+            await self._cancel_workflow(request.id, request.reason, at)
+        else:
+            await self._cancel_task(request.id, request.reason, at)
 
+    async def _cancel_workflow(self, workflow_id: str, reason: str, at: float) -> None:
+        """Cancel every task its workflow record does not show finished (a task that finished
+        since keeps its outcome), at most :data:`WORKFLOW_FANOUT` at a time.
+
+        Every cancel is stored before any task is stopped: cancelling a running task
+        releases its dependants under the ``run`` policy, and the regional scheduler must
+        know them cancelled by then. A task the master has not registered yet is caught the
+        same way: its cancel is in KV ``cancels`` before it reaches a queue, and a dependant
+        registered later finds its dependencies cancelled."""
+        record = await self.workflows.get(workflow_id)
+        if record is None:
+            log.warning("no workflow %s to cancel (expired, or never taken in)", workflow_id)
+            return
+        unfinished = [task_id for task_id, status in record.tasks.items() if not Status(status).is_final]
+        await _each(unfinished, lambda task_id: self._store(task_id, reason, at))
+        await _each(unfinished, lambda task_id: self._stop(task_id, reason))
+        log.info("cancelled workflow %s: %d unfinished task(s)", workflow_id, len(unfinished))
+
+    async def _cancel_task(self, task_id: str, reason: str, at: float) -> None:
+        await self._store(task_id, reason, at)
+        await self._stop(task_id, reason)
+
+    async def _store(self, task_id: str, reason: str, at: float) -> None:
+        """The cancel in KV ``cancels``, which the regional schedulers and workers watch."""
+        cancels = await self.bus.js.key_value(subjects.CANCELS_BUCKET)
+        record = msgspec.json.encode(CancelRecord(reason=reason, at=at))
+        with contextlib.suppress(KeyWrongLastSequenceError):  # cancelled before: the first reason stands
+            await cancels.create(subjects.state_key(task_id), record)
+
+    async def _stop(self, task_id: str, reason: str) -> None:
+        """Stop the task if it is delayed or waiting (what no other role holds)."""
+        js = self.bus.js
         stopped = False
-        cancelled = ev.Cancelled(task_id=request.id, at=time.time(), reason=request.reason)
-        schedule = subjects.delayed(request.id)
+        cancelled = ev.Cancelled(task_id=task_id, at=time.time(), reason=reason)
+        schedule = subjects.delayed(task_id)
         if await _holds(self.bus, subjects.TIMERS_STREAM, schedule):
             await self._record(cancelled)
             await js.purge_stream(subjects.TIMERS_STREAM, subject=schedule)
             stopped = True
-        if await self.dependencies.cancel(request.id, request.reason):  # records `cancelled` itself
+        if await self.dependencies.cancel(task_id, reason):  # records `cancelled` itself
             stopped = True
         if stopped:
             self.cancelled += 1
-            log.info("cancelled %s before it was queued: %s", request.id, request.reason or "(no reason)")
+            log.info("cancelled %s before it was queued: %s", task_id, reason or "(no reason)")
 
     async def _record(self, event: ev.Event) -> None:
         recorder = self.settler.recorder
         assert recorder is not None, "the canceller's settler records events"
         await recorder.record((event,))
+
+
+async def _each(task_ids: list[str], step: Callable[[str], Awaitable[None]]) -> None:
+    """``step`` of every id, at most :data:`WORKFLOW_FANOUT` at a time; raises the first failure
+    once all are done (the request then comes back: every step is safe to repeat)."""
+    limit = asyncio.Semaphore(WORKFLOW_FANOUT)
+
+    async def one(task_id: str) -> None:
+        async with limit:
+            await step(task_id)
+
+    outcomes = await asyncio.gather(*(one(task_id) for task_id in task_ids), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def _holds(bus: Bus, stream: str, subject: str) -> bool:

@@ -142,6 +142,41 @@ async def test_a_task_waiting_for_dependencies_is_cancelled_with_its_dependants_
     assert after is not None and after.status is Status.CANCELLED
 
 
+async def test_cancelling_a_workflow_cancels_its_running_and_waiting_tasks_and_the_workflow_ends_cancelled(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    spec = {
+        "id": "wf-stop",
+        "tasks": [
+            {"id": "long", "type": "test.cancel.async"},
+            {"id": "next", "type": "echo", "depends_on": ["long"]},
+            {"id": "last", "type": "echo", "depends_on": ["next"]},
+            {"id": "anyway", "type": "echo", "depends_on": ["long"], "on_dependency_failure": "run"},
+        ],
+    }
+    waiting = ["wf-stop-next", "wf-stop-last", "wf-stop-anyway"]
+    from .test_cli import cli
+
+    async with running(await all_roles(settings, bus, registry)):
+        await client.submit_workflow(spec)
+        await wait_status(client, "wf-stop-long", Status.RUNNING)
+        for task_id in waiting:
+            await wait_status(client, task_id, Status.WAITING)
+        result = await cli(settings, "cancel", "wf-stop", "--reason", "stop it all", "--wait", "--timeout", "20", check=False)
+        await wait_drained(bus, subjects.SCHED_STREAM)
+        await wait_drained(bus, subjects.WORK_STREAM)
+        state = await client.get_workflow("wf-stop")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "cancel requested for workflow wf-stop (it was running)"
+    assert msgspec.json.decode(lines[1])["status"] == "cancelled"
+    assert state is not None and state.status == "cancelled" and state.counts == {"cancelled": 4}
+    assert seen["wf-stop-long"] == ["started", "cleanup"]
+    assert cancelled_event(events, "wf-stop-long").reason == "stop it all"
+    for task_id in waiting:
+        assert isinstance(await events.wait_final(task_id), ev.Cancelled)
+        assert "started" not in events.kinds_of(task_id), task_id
+
+
 async def test_a_task_cancelled_before_dispatch_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
