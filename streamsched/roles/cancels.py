@@ -23,7 +23,12 @@ at dispatch and the worker before it runs a task skip a cancelled one (they reco
 ``cancelled`` and take it off their stream), and a worker cancels a running one (see
 :mod:`streamsched.roles.worker`). They know the cancelled ids from a :class:`CancelWatch`:
 a mirror of KV ``cancels`` kept current by an ordered consumer, so the check on their
-per-task path is a truth test of a dict, and a lookup only while it holds something.
+per-task path is a truth test of a dict, and a lookup only while it holds something. The
+canceller records a queued task (its state neither final nor ``running``) ``cancelled``
+at once all the same, so its state does not wait for a role to reach it.
+
+A request naming a workflow (``workflow``: true) is expanded here to every task of it not
+yet finished.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from .. import subjects
 from ..config import Settings
 from ..eventlog import events as ev
+from ..eventlog.state import StateStore
 from ..model import Status
 from ..transport.bus import ACK, Bus, nak_with_delay, term_with_reason
 from ..transport.pull import Puller
@@ -103,6 +109,7 @@ class Canceller:
         self.settler = Settler(bus, self.puller, source="canceller")
         self.dependencies = Dependencies(settings, bus, source="canceller")
         self.workflows = WorkflowTracker(bus)
+        self._tasks: StateStore | None = None
         self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
         self.cancelled = 0
 
@@ -174,7 +181,8 @@ class Canceller:
             await cancels.create(subjects.state_key(task_id), record)
 
     async def _stop(self, task_id: str, reason: str) -> None:
-        """Stop the task if it is delayed or waiting (what no other role holds)."""
+        """Stop the task if it is delayed or waiting (what no other role holds); record a
+        queued one cancelled at once (see :meth:`_record_queued`)."""
         js = self.bus.js
         stopped = False
         cancelled = ev.Cancelled(task_id=task_id, at=time.time(), reason=reason)
@@ -188,6 +196,30 @@ class Canceller:
         if stopped:
             self.cancelled += 1
             log.info("cancelled %s before it was queued: %s", task_id, reason or "(no reason)")
+        else:
+            await self._record_queued(task_id, reason)
+
+    async def _record_queued(self, task_id: str, reason: str) -> None:
+        """Record ``cancelled`` for a task whose state is neither final nor ``running``: one
+        queued on SCHED or WORK would otherwise show ``scheduled`` until a role reaches it,
+        which with no worker may be long. That role still skips it (its cancel is in KV
+        already) and records it again: the fold is idempotent.
+
+        The event carries the task's current attempt, so the task shows ``cancelled`` at
+        once, while any outcome of a later attempt outranks it: a task a worker had started
+        already (its state lagging) keeps the outcome that worker records. A running task
+        is left to its worker, an unknown one (not registered yet) to the roles that meet it."""
+        if self._tasks is None:
+            self._tasks = await StateStore.open(self.bus)
+        found = await self._tasks.get(task_id)
+        if found is None:
+            return
+        state = found[0]
+        if state.status.is_final or state.status is Status.RUNNING:
+            return
+        await self._record(ev.Cancelled(task_id=task_id, at=time.time(), attempt=state.attempts, region=state.region or "", reason=reason))
+        self.cancelled += 1
+        log.info("cancelled %s while it was %s: %s", task_id, state.status.value, reason or "(no reason)")
 
     async def _record(self, event: ev.Event) -> None:
         recorder = self.settler.recorder

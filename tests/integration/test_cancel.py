@@ -177,23 +177,25 @@ async def test_cancelling_a_workflow_cancels_its_running_and_waiting_tasks_and_t
         assert "started" not in events.kinds_of(task_id), task_id
 
 
-async def test_a_task_cancelled_before_dispatch_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
+async def test_a_task_cancelled_before_dispatch_shows_cancelled_at_once_and_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, projector]):  # no regional scheduler yet: the task waits on SCHED
         await submit(bus, id="in-sched", type="echo", payload=1)
         await wait_status(client, "in-sched", Status.PENDING)
         await client.cancel("in-sched", reason="changed my mind")
-        await wait_cancel_stored(bus, "in-sched")
+        await wait_status(client, "in-sched", Status.CANCELLED)  # at once, by the canceller
         async with running([regional, worker]):
-            await events.wait_final("in-sched")
+            await events.wait(lambda log: log.kinds_of("in-sched").count("cancelled") == 2, what="the regional scheduler's cancelled")
             await wait_drained(bus, subjects.SCHED_STREAM)
+        state = await client.get("in-sched")
     cancelled = cancelled_event(events, "in-sched")
-    assert (cancelled.reason, cancelled.attempt, cancelled.worker) == ("changed my mind", 0, "")  # by the regional scheduler
+    assert (cancelled.reason, cancelled.attempt, cancelled.worker) == ("changed my mind", 0, "")
     assert not {"dispatched", "started"} & set(events.kinds_of("in-sched"))
+    assert state is not None and (state.status, state.error) == (Status.CANCELLED, "changed my mind")
 
 
-async def test_a_cancelled_queued_task_never_starts_on_a_worker_that_comes_later(settings, bus, events: EventLog, registry):
+async def test_a_cancelled_queued_task_shows_cancelled_at_once_and_never_starts_on_a_worker_that_comes_later(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
@@ -201,9 +203,9 @@ async def test_a_cancelled_queued_task_never_starts_on_a_worker_that_comes_later
         await events.wait(lambda log: "dispatched" in log.kinds_of("queued"), what="queued dispatched")
         await wait_status(client, "queued", Status.SCHEDULED)
         await client.cancel("queued", reason="too late")
-        await wait_cancel_stored(bus, "queued")
+        await wait_status(client, "queued", Status.CANCELLED)  # at once, with no worker
         async with running([worker]):
-            await events.wait_final("queued")
+            await events.wait(lambda log: log.kinds_of("queued").count("cancelled") == 2, what="the worker's cancelled")
             await wait_drained(bus, subjects.WORK_STREAM)  # termed off WORK, not left for ack_wait
         state = await client.wait("queued", timeout_s=5)
     assert cancelled_event(events, "queued").reason == "too late"
