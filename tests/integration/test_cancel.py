@@ -177,7 +177,7 @@ async def test_cancelling_a_workflow_cancels_its_running_and_waiting_tasks_and_t
         assert "started" not in events.kinds_of(task_id), task_id
 
 
-async def test_a_task_cancelled_before_dispatch_shows_cancelled_at_once_and_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
+async def test_a_task_cancelled_on_sched_is_cancelled_at_once_and_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, projector]):  # no regional scheduler yet: the task waits on SCHED
@@ -195,7 +195,7 @@ async def test_a_task_cancelled_before_dispatch_shows_cancelled_at_once_and_is_s
     assert state is not None and (state.status, state.error) == (Status.CANCELLED, "changed my mind")
 
 
-async def test_a_cancelled_queued_task_shows_cancelled_at_once_and_never_starts_on_a_worker_that_comes_later(settings, bus, events: EventLog, registry):
+async def test_a_task_cancelled_on_work_is_cancelled_at_once_and_never_starts_on_a_later_worker(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
