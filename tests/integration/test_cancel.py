@@ -242,6 +242,19 @@ async def test_a_running_sync_handler_sees_the_flag_and_its_task_ends_cancelled(
     assert msgspec.json.decode(state.result) == "stopped early"  # what it returned after the cancel is kept
 
 
+async def test_a_delayed_task_cancelled_right_after_submit_is_cancelled_and_never_starts(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    async with running(await all_roles(settings, bus, registry)):
+        handle = await client.submit("echo", 1, delay_s=2.0)
+        before = await client.cancel(handle.id, reason="right away")  # no state yet: it waits for one
+        state = await client.wait(handle.id, timeout_s=10)
+        await anyio.sleep(max(0.0, before.submitted_at + 3.0 - time.time()))  # past its time: nothing fired
+        await wait_drained(bus, subjects.TIMERS_STREAM)
+    assert before.status is Status.WAITING
+    assert (state.status, state.error) == (Status.CANCELLED, "right away")
+    assert not {"scheduled", "dispatched", "started"} & set(events.kinds_of(handle.id))
+
+
 async def test_cancelling_a_finished_or_unknown_task_changes_nothing(settings, bus, events: EventLog, registry):
     client = await client_of(bus)
     async with running(await all_roles(settings, bus, registry)):
