@@ -17,6 +17,7 @@ from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
 
+
 def _collect(payload: Any) -> Any:
     """Returns its payload and the results of its dependencies, as its handler saw them."""
     return {"payload": payload, "deps": current_task().dependency_results}
