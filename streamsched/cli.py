@@ -27,8 +27,9 @@ from .cli_schedules import schedule_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import AlreadyFinished, NotFound, Unavailable
-from .model import DEFAULT_PRIORITY, Status
+from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
+from .roles.workflows import WorkflowState
 from .supervisor import CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW_S, RESTART_DELAY_MAX_S, RESTART_DELAY_S
 from .transport import streams
 from .transport.bus import Bus
@@ -331,16 +332,16 @@ def status(
     help=(
         "Cancel a task: a delayed, waiting or queued task never starts; a running one is cancelled (an async "
         "handler at its next await, a sync one when it checks current_task().cancelled). It ends `cancelled` "
-        "with the reason.\n\n"
-        f"Exit codes: {Exit.OK:d} requested (with --wait: the task ended cancelled), {Exit.NOT_FOUND:d} no such "
-        f"task, {Exit.ALREADY_FINISHED:d} the task had already finished (nothing changes), {Exit.TASK_FAILED:d} "
+        "with the reason. Given a workflow id, cancel every task of the workflow that has not finished.\n\n"
+        f"Exit codes: {Exit.OK:d} requested (with --wait: the task or workflow ended cancelled), {Exit.NOT_FOUND:d} "
+        f"no such task, {Exit.ALREADY_FINISHED:d} it had already finished (nothing changes), {Exit.TASK_FAILED:d} "
         f"with --wait: it finished otherwise, {Exit.TIMEOUT:d} with --wait: no outcome in time."
     )
 )
 def cancel(
-    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    task_id: Annotated[str, typer.Argument(help="Task id, or workflow id.")],
     reason: Annotated[str, typer.Option(help="Why; recorded with the `cancelled` event.")] = "",
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the task's final state and print it.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the task's (or workflow's) final state and print it.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: seconds to wait.")] = 60.0,
 ) -> None:
     """``streamsched cancel`` (its help is above)."""
@@ -356,6 +357,9 @@ def cancel(
             except AlreadyFinished as exc:
                 typer.echo(f"{exc}: nothing to cancel", err=True)
                 return Exit.ALREADY_FINISHED
+            if isinstance(state, WorkflowState):
+                typer.echo(f"cancel requested for workflow {task_id} (it was {state.status})")
+                return await _print_outcome(client, task_id, timeout, Status.CANCELLED, workflow=True) if wait else Exit.OK
             typer.echo(f"cancel requested for {task_id} (it was {state.status.value})")
             if not wait:
                 return Exit.OK
@@ -427,15 +431,17 @@ def streams_show() -> None:
     anyio.run(go)
 
 
-async def _print_outcome(client: Client, task_id: str, timeout: float, expected: Status) -> int:
-    """Wait for the task's final state and print it; the exit code says whether it is ``expected``."""
+async def _print_outcome(client: Client, task_id: str, timeout: float, expected: Status, *, workflow: bool = False) -> int:
+    """Wait for the task's (or ``workflow``'s) final state and print it; the exit code says
+    whether it is ``expected``."""
+    state: TaskState | WorkflowState
     try:
-        state = await client.wait(task_id, timeout_s=timeout)
+        state = await (client.wait_workflow(task_id, timeout_s=timeout) if workflow else client.wait(task_id, timeout_s=timeout))
     except (TimeoutError, NotFound) as exc:
         typer.echo(f"error: {exc}", err=True)
         return Exit.TIMEOUT
     typer.echo(_encode_state(state))
-    return Exit.OK if state.status is expected else Exit.TASK_FAILED
+    return Exit.OK if state.status == expected else Exit.TASK_FAILED
 
 
 def _check_region(settings: Settings, region: str) -> None:

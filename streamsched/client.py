@@ -38,6 +38,11 @@ from .roles.idempotency import claim
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
 from .transport.bus import Bus
 
+#: Seconds :meth:`Client.cancel` looks for a task (or workflow) without a state yet before
+#: :class:`NotFound`, and how often.
+CANCEL_FIND_S = 2.0
+CANCEL_FIND_POLL_S = 0.05
+
 
 def new_task_id() -> str:
     """A time-sortable, random, ULID-shaped id (26 characters)."""
@@ -192,20 +197,37 @@ class Client:
             raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {first!r}); submit them again")
         return handles
 
-    async def cancel(self, task_id: str, *, reason: str = "") -> TaskState:
-        """Ask for the task to be cancelled; returns its state as it was when asked.
+    async def cancel(self, task_id: str, *, reason: str = "") -> TaskState | WorkflowState:
+        """Ask for the task, or the workflow, to be cancelled; returns its state as it was when
+        asked (a :class:`WorkflowState` when ``task_id`` names a workflow).
 
         Once a master's canceller has the request (stored in JetStream when this returns),
         a delayed, waiting or queued task never starts, and a running one is cancelled (an
         async handler at its next ``await``, a sync one when it checks
         ``current_task().cancelled``). It ends ``cancelled`` with ``reason``: wait for it
-        with :meth:`wait`. Raises :class:`NotFound` for an id without a state and
-        :class:`AlreadyFinished` for a task that had finished (nothing changes then); a
-        task that finishes while the request is on its way keeps its outcome.
+        with :meth:`wait`. A workflow's request cancels each of its tasks that has not
+        finished, so the workflow ends ``cancelled`` (``failed`` if a task of it had failed):
+        wait for it with :meth:`wait_workflow`. Raises :class:`NotFound` for an id without
+        a state after :data:`CANCEL_FIND_S` (a task submitted a moment ago has one once the
+        projector caught up, usually within milliseconds) and :class:`AlreadyFinished` for a
+        task or workflow that had finished (nothing changes then); a task that finishes
+        while the request is on its way keeps its outcome.
         """
-        state = await self.get(task_id)
-        if state is None:
-            raise NotFound(f"no task {task_id}")
+        deadline = time.monotonic() + CANCEL_FIND_S
+        while True:
+            workflow = await self.get_workflow(task_id)  # first, as `streamsched status` looks ids up
+            if workflow is not None:
+                if workflow.finished_at is not None:
+                    raise AlreadyFinished(f"workflow {task_id} already {workflow.status}", workflow.status)
+                subject, body, headers = request_message(task_id, reason, workflow=True)
+                await self.bus.js.publish(subject, body, headers=headers)
+                return workflow
+            state = await self.get(task_id)
+            if state is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise NotFound(f"no task {task_id}")
+            await anyio.sleep(CANCEL_FIND_POLL_S)
         if is_final(state):
             raise AlreadyFinished(f"task {task_id} already {state.status.value}", state.status.value)
         subject, body, headers = request_message(task_id, reason)

@@ -91,15 +91,16 @@ class EventLog:
         await self.wait(lambda log: len(log.of_kind(kind)) >= count, timeout_s=timeout_s, what=f"{count} {kind!r} events")
         return self.of_kind(kind)
 
+    def final(self, task_id: str) -> ev.Event | None:
+        """The task's first final event (any kind of :data:`~streamsched.eventlog.events.FINAL_TYPES`), if any."""
+        return next((e for e in self.of_task(task_id) if type(e) in ev.FINAL_TYPES), None)
+
     async def wait_final(self, task_id: str, *, timeout_s: float = 10.0) -> ev.Event:
-        """Wait until the task has a final event (succeeded, failed, dead, rejected or cancelled)."""
-        final = ("succeeded", "failed", "dead", "rejected", "cancelled")
-
-        def done(log: EventLog) -> bool:
-            return any(k in final for k in log.kinds_of(task_id))
-
-        await self.wait(done, timeout_s=timeout_s, what=f"an outcome of task {task_id}")
-        return next(e for e in self.of_task(task_id) if ev.kind(e) in final)
+        """Wait until the task has a final event (succeeded, failed, dead, rejected or cancelled); returns the first."""
+        await self.wait(lambda log: log.final(task_id) is not None, timeout_s=timeout_s, what=f"an outcome of task {task_id}")
+        final = self.final(task_id)
+        assert final is not None
+        return final
 
 
 async def all_roles(

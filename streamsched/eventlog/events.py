@@ -155,8 +155,9 @@ class Dead(Event, frozen=True, tag="dead"):
 
 class Cancelled(Event, frozen=True, tag="cancelled"):
     """The task was cancelled (``streamsched cancel``): by the canceller before it was
-    queued (delayed, waiting), by the regional scheduler or a worker before it started, or
-    by a worker while it ran. ``result`` holds what a handler returned after its
+    queued (delayed, waiting) or while it was (at once, and again by the role that meets
+    it), by the regional scheduler or a worker before it started, or by a worker while it
+    ran. ``result`` holds what a handler returned after its
     cancellation, if it did."""
 
     reason: str = ""

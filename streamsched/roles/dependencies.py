@@ -439,6 +439,28 @@ class Dependencies:
             marks.append((subjects.dependency_timer(record.task.id), b"", _UNSCHEDULE))
         await self._publish(marks)  # a mark that lost to another resolver's is fine: it acted too
 
+    # -- cancellation (a master's canceller) ------------------------------------------------------
+
+    async def cancel(self, task_id: str, reason: str) -> bool:
+        """Cancel ``task_id`` if it waits for dependencies; True when it was waiting.
+
+        The record is marked (``cancelled``, then acted on: the ``cancelled`` event, whose
+        dependants cascade), never deleted, so a redelivered submission does not register
+        the task again and a resolver racing this one loses its compare-and-set."""
+        waiting, _, _ = await self._open()
+        was_waiting = False
+
+        def decide(record: WaitingRecord) -> bool:
+            nonlocal was_waiting
+            was_waiting = True
+            record.state = CANCELLED
+            record.reason = reason
+            record.split = False  # a split's gather task cancelled on request ends cancelled, not failed
+            return True
+
+        await self._transition(waiting, task_id, await self._read_record(waiting, task_id), decide)
+        return was_waiting
+
     # -- timeouts ------------------------------------------------------------------------------
 
     async def run_timeouts(self) -> None:

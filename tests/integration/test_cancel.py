@@ -117,23 +117,85 @@ async def test_a_cancelled_delayed_task_loses_its_schedule_and_never_fires(setti
     assert (state.status, state.error) == (Status.CANCELLED, "not needed any more")
 
 
-async def test_a_task_cancelled_before_dispatch_is_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
+async def test_a_task_waiting_for_dependencies_is_cancelled_with_its_dependants_and_stays_so(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    async with running(await all_roles(settings, bus, registry)):
+        await submit(bus, id="waiter", type="echo", payload=1, depends_on=["first"])
+        await submit(bus, id="after-waiter", type="echo", payload=2, depends_on=["waiter"])
+        await wait_status(client, "after-waiter", Status.WAITING)
+        await client.cancel("waiter", reason="plan changed")
+        await events.wait_final("after-waiter")
+        record = msgspec.json.decode((await (await bus.js.key_value(subjects.WAITING_BUCKET)).get("waiter")).value)
+        assert (record["state"], record["reason"], record.get("acted")) == ("cancelled", "plan changed", True)  # marked, not deleted
+        await submit(bus, id="waiter", type="echo", payload=1, depends_on=["first"])  # a redelivered submission
+        await submit(bus, id="first", type="echo", payload=0)  # the dependency comes after all
+        await client.wait("first", timeout_s=10)
+        await events.wait(lambda log: log.kinds_of("waiter").count("submitted") == 2, what="the second submission of waiter")
+        await wait_drained(bus, subjects.SCHED_STREAM)
+        await wait_drained(bus, subjects.WORK_STREAM)
+        state = await client.get("waiter")
+        after = await client.get("after-waiter")
+    assert cancelled_event(events, "waiter").reason == "plan changed"
+    assert cancelled_event(events, "after-waiter").reason == "dependency waiter ended cancelled"
+    assert not {"scheduled", "started"} & set(events.kinds_of("waiter") + events.kinds_of("after-waiter"))
+    assert state is not None and (state.status, state.error) == (Status.CANCELLED, "plan changed")
+    assert after is not None and after.status is Status.CANCELLED
+
+
+async def test_cancelling_a_workflow_cancels_its_running_and_waiting_tasks_and_the_workflow_ends_cancelled(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    spec = {
+        "id": "wf-stop",
+        "tasks": [
+            {"id": "long", "type": "test.cancel.async"},
+            {"id": "next", "type": "echo", "depends_on": ["long"]},
+            {"id": "last", "type": "echo", "depends_on": ["next"]},
+            {"id": "anyway", "type": "echo", "depends_on": ["long"], "on_dependency_failure": "run"},
+        ],
+    }
+    waiting = ["wf-stop-next", "wf-stop-last", "wf-stop-anyway"]
+    from .test_cli import cli
+
+    async with running(await all_roles(settings, bus, registry)):
+        await client.submit_workflow(spec)
+        await wait_status(client, "wf-stop-long", Status.RUNNING)
+        for task_id in waiting:
+            await wait_status(client, task_id, Status.WAITING)
+        result = await cli(settings, "cancel", "wf-stop", "--reason", "stop it all", "--wait", "--timeout", "20", check=False)
+        await wait_drained(bus, subjects.SCHED_STREAM)
+        await wait_drained(bus, subjects.WORK_STREAM)
+        state = await client.get_workflow("wf-stop")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "cancel requested for workflow wf-stop (it was running)"
+    assert msgspec.json.decode(lines[1])["status"] == "cancelled"
+    assert state is not None and state.status == "cancelled" and state.counts == {"cancelled": 4}
+    assert seen["wf-stop-long"] == ["started", "cleanup"]
+    assert cancelled_event(events, "wf-stop-long").reason == "stop it all"
+    for task_id in waiting:
+        assert isinstance(await events.wait_final(task_id), ev.Cancelled)
+        assert "started" not in events.kinds_of(task_id), task_id
+
+
+async def test_a_task_cancelled_on_sched_is_cancelled_at_once_and_skipped_by_the_regional_scheduler(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, projector]):  # no regional scheduler yet: the task waits on SCHED
         await submit(bus, id="in-sched", type="echo", payload=1)
         await wait_status(client, "in-sched", Status.PENDING)
         await client.cancel("in-sched", reason="changed my mind")
-        await wait_cancel_stored(bus, "in-sched")
+        await wait_status(client, "in-sched", Status.CANCELLED)  # at once, by the canceller
         async with running([regional, worker]):
-            await events.wait_final("in-sched")
+            await events.wait(lambda log: log.kinds_of("in-sched").count("cancelled") == 2, what="the regional scheduler's cancelled")
             await wait_drained(bus, subjects.SCHED_STREAM)
+        state = await client.get("in-sched")
     cancelled = cancelled_event(events, "in-sched")
-    assert (cancelled.reason, cancelled.attempt, cancelled.worker) == ("changed my mind", 0, "")  # by the regional scheduler
+    assert (cancelled.reason, cancelled.attempt, cancelled.worker) == ("changed my mind", 0, "")
     assert not {"dispatched", "started"} & set(events.kinds_of("in-sched"))
+    assert state is not None and (state.status, state.error) == (Status.CANCELLED, "changed my mind")
 
 
-async def test_a_cancelled_queued_task_never_starts_on_a_worker_that_comes_later(settings, bus, events: EventLog, registry):
+async def test_a_task_cancelled_on_work_is_cancelled_at_once_and_never_starts_on_a_later_worker(settings, bus, events: EventLog, registry):
     master, regional, projector, worker = await all_roles(settings, bus, registry)
     client = await client_of(bus)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
@@ -141,9 +203,9 @@ async def test_a_cancelled_queued_task_never_starts_on_a_worker_that_comes_later
         await events.wait(lambda log: "dispatched" in log.kinds_of("queued"), what="queued dispatched")
         await wait_status(client, "queued", Status.SCHEDULED)
         await client.cancel("queued", reason="too late")
-        await wait_cancel_stored(bus, "queued")
+        await wait_status(client, "queued", Status.CANCELLED)  # at once, with no worker
         async with running([worker]):
-            await events.wait_final("queued")
+            await events.wait(lambda log: log.kinds_of("queued").count("cancelled") == 2, what="the worker's cancelled")
             await wait_drained(bus, subjects.WORK_STREAM)  # termed off WORK, not left for ack_wait
         state = await client.wait("queued", timeout_s=5)
     assert cancelled_event(events, "queued").reason == "too late"
@@ -178,6 +240,19 @@ async def test_a_running_sync_handler_sees_the_flag_and_its_task_ends_cancelled(
     assert seen["sync-run"] == ["started", "saw the flag"]
     assert (state.status, state.error) == (Status.CANCELLED, "enough")
     assert msgspec.json.decode(state.result) == "stopped early"  # what it returned after the cancel is kept
+
+
+async def test_a_delayed_task_cancelled_right_after_submit_is_cancelled_and_never_starts(settings, bus, events: EventLog, registry):
+    client = await client_of(bus)
+    async with running(await all_roles(settings, bus, registry)):
+        handle = await client.submit("echo", 1, delay_s=2.0)
+        before = await client.cancel(handle.id, reason="right away")  # no state yet: it waits for one
+        state = await client.wait(handle.id, timeout_s=10)
+        await anyio.sleep(max(0.0, before.submitted_at + 3.0 - time.time()))  # past its time: nothing fired
+        await wait_drained(bus, subjects.TIMERS_STREAM)
+    assert before.status is Status.WAITING
+    assert (state.status, state.error) == (Status.CANCELLED, "right away")
+    assert not {"scheduled", "dispatched", "started"} & set(events.kinds_of(handle.id))
 
 
 async def test_cancelling_a_finished_or_unknown_task_changes_nothing(settings, bus, events: EventLog, registry):

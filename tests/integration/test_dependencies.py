@@ -17,8 +17,6 @@ from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
 
-FINAL = ("succeeded", "failed", "dead", "cancelled", "rejected")
-
 
 def _collect(payload: Any) -> Any:
     """Returns its payload and the results of its dependencies, as its handler saw them."""
@@ -36,11 +34,7 @@ async def submit(bus: Any, **task: Any) -> None:
 
 
 async def wait_outcomes(events: EventLog, task_ids: list[str], timeout_s: float = 30.0) -> dict[str, str]:
-    def done(log: EventLog) -> bool:
-        return all(any(k in FINAL for k in log.kinds_of(t)) for t in task_ids)
-
-    await events.wait(done, timeout_s=timeout_s, what=f"outcomes of {len(task_ids)} tasks")
-    return {t: next(k for k in events.kinds_of(t) if k in FINAL) for t in task_ids}
+    return {t: ev.kind(await events.wait_final(t, timeout_s=timeout_s)) for t in task_ids}
 
 
 def first_at(events: EventLog, task_id: str, kind: str) -> float:
