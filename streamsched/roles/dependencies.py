@@ -447,19 +447,14 @@ class Dependencies:
         The record is marked (``cancelled``, then acted on: the ``cancelled`` event, whose
         dependants cascade), never deleted, so a redelivered submission does not register
         the task again and a resolver racing this one loses its compare-and-set."""
-        waiting, _, _ = await self._open()
-        was_waiting = False
 
         def decide(record: WaitingRecord) -> bool:
-            nonlocal was_waiting
-            was_waiting = True
             record.state = CANCELLED
             record.reason = reason
             record.split = False  # a split's gather task cancelled on request ends cancelled, not failed
             return True
 
-        await self._transition(waiting, task_id, await self._read_record(waiting, task_id), decide)
-        return was_waiting
+        return await self._transition(task_id, decide)
 
     # -- timeouts ------------------------------------------------------------------------------
 
