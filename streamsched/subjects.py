@@ -22,6 +22,9 @@ WORK_STREAM = "WORK"
 EVENTS_STREAM = "EVENTS"
 DLQ_STREAM = "DLQ"
 TIMERS_STREAM = "TIMERS"
+#: Notices of the tasks the projector wrote final, for the masters' resolvers.
+FINISHED_STREAM = "FINISHED"
+FINISHED = "finished"
 #: KV bucket holding the latest state of every task (a projection of EVENTS).
 STATE_BUCKET = "tasks"
 #: KV bucket of cancelled task ids (key = task id), kept for ``cancel_ttl_s``.
@@ -41,7 +44,9 @@ IDEMPOTENCY_BUCKET = "idempotency"
 MASTER_CONSUMER = "master"
 PROJECTOR_CONSUMER = "projector"
 CANCELLER_CONSUMER = "canceller"
-#: Durable on TIMERS reading the dependency timeouts that fired (next to the projector).
+#: The masters' durable on FINISHED.
+RESOLVER_CONSUMER = "resolver"
+#: Durable on TIMERS reading the dependency timeouts that fired (every master reads it).
 DEPS_TIMEOUT_CONSUMER = "deps-timeouts"
 #: The masters' durable on ``timers.due`` (what TIMERS fires).
 TIMERS_CONSUMER = "master-timers"

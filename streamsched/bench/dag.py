@@ -75,10 +75,11 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
         cpu = meter.stop()
         tasks_per_s = n / (done - began)
         half_graph = _renamed(paced_graph, "h")
-        await _submit_paced(sys_.bus, half_graph, tasks_per_s / 2, seed)
-        await _submit_paced(sys_.bus, paced_graph, PACED_RATE, seed)
-        expected = n + len(half_graph) + len(paced_graph)
-        await wait_until(lambda: _at_least(sys_.bus, base + expected), timeout_s=600)
+        expected = n
+        for graph, rate in ((half_graph, tasks_per_s / 2), (paced_graph, PACED_RATE)):
+            await _submit_paced(sys_.bus, graph, rate, seed)
+            expected += len(graph)
+            await wait_until(lambda: _at_least(sys_.bus, base + expected), timeout_s=600)  # noqa: B023 - awaited here
         at = {kind: await _times(sys_.bus, kind, expected) for kind in ("submitted", "scheduled", "started", "succeeded")}
         result: dict[str, Any] = {
             "scenario": "dag",

@@ -10,10 +10,11 @@ A submission with dependencies is *registered*, not placed (by the master's inta
 3. then it *re-checks*: the dependencies' states are read from KV ``tasks`` and each one
    already final is resolved as below.
 
-The *completer* is the projector: after a write batch has landed, it hands the tasks whose
-state is now final to :meth:`Dependencies.resolve`, which looks up their edges (one
-batched direct get per batch, for every task of it), reads the waiting records the edges
-name (one more), and resolves each edge with a compare-and-set on the record's revision:
+The *completer* is a master's resolver (:mod:`streamsched.roles.resolver`): after a write
+batch has landed, the projector names the tasks whose state is now final in a notice, and
+:meth:`Dependencies.resolve` looks up their edges (one batched direct get per notice),
+reads the waiting records the edges name (one more), and resolves each edge with a
+compare-and-set on the record's revision:
 the dependency leaves ``unmet``; the write that empties it releases the task (placed,
 ``scheduled`` event); a dependency that ended failed, dead, cancelled or rejected cancels
 the task under the ``cancel`` policy (a ``cancelled`` event naming it, whose own
@@ -26,7 +27,7 @@ why every step is idempotent: ``unmet`` is a set, the placement dedupes by ``Nat
 and a record marked done ignores further edges).
 
 Nothing lives in a process: a crash anywhere redoes the step from its un-acked message
-(the submission, or the projector's event message, acked only after resolution landed).
+(the submission, or the notice, acked only after its resolution landed).
 A record is never deleted but marked done, so a redelivered submission finds it and does
 not register the task again; the buckets expire with the events (``events_max_age_s``).
 """
@@ -118,16 +119,16 @@ def _kv_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
-def _decide(record: WaitingRecord, finished: dict[str, TaskState]) -> bool:
+def _decide(record: WaitingRecord, finished: dict[str, Status]) -> bool:
     """Take the ``finished`` dependencies off ``record``; True when that changed it.
 
     A dependency that did not succeed cancels the task under the ``cancel`` policy (a split's
     gather task then fails); the change that leaves nothing unmet releases it."""
-    failing = [d for d in record.unmet if d in finished and finished[d].status is not Status.SUCCEEDED]
+    failing = [d for d in record.unmet if d in finished and finished[d] is not Status.SUCCEEDED]
     if failing and record.policy == "cancel":
         record.state = CANCELLED
         what = "chunk" if record.split else "dependency"
-        record.reason = f"{what} {failing[0]} ended {finished[failing[0]].status.value}"
+        record.reason = f"{what} {failing[0]} ended {finished[failing[0]].value}"
         return True
     unmet = [d for d in record.unmet if d not in finished]
     if unmet == record.unmet:
@@ -230,7 +231,7 @@ class Dependencies:
         # The re-check: a dependency that became final before its edge existed was missed by the completer.
         dependencies = list(dict.fromkeys(d for record in records for d in record.depends_on))
         states = await self._states(dependencies)
-        await self.resolve({d: state for d, state in states.items() if state.status.is_final})
+        await self.resolve({d: state.status for d, state in states.items() if state.status.is_final}, states)
 
     async def _publish(self, publications: Sequence[Publication]) -> list[int | None]:
         """Publish each and wait for all; the stream sequence of each, or ``None`` for a
@@ -260,13 +261,15 @@ class Dependencies:
 
     # -- resolution (the completer, and the registrant's re-check) ------------------------------
 
-    async def resolve(self, finished: dict[str, TaskState]) -> None:
-        """Resolve every edge from the final tasks in ``finished`` (id -> final state): the
+    async def resolve(self, finished: dict[str, Status], known: dict[str, TaskState] | None = None) -> None:
+        """Resolve every edge from the final tasks in ``finished`` (id -> final status): the
         edges found with one lookup, the records read with another, all changes written
         together by compare-and-set (those that lost to another writer read again and
-        decided again), and what ended carried out together."""
+        decided again), and what ended carried out together. The results a released task
+        carries are read while its change is written; ``known`` holds states at hand."""
         if not finished:
             return
+        known = dict(known or {})
         by_dependant: dict[str, list[str]] = defaultdict(list)
         for dependency, dependant in await self._edges(finished):
             by_dependant[dependant].append(dependency)
@@ -288,9 +291,16 @@ class Dependencies:
                     continue
                 if _decide(record, finished):
                     writes.append(entry)
-            sequences = await self._publish(
-                [(_kv_subject(subjects.WAITING_BUCKET, r.task.id), msgspec.json.encode(r), _CAS % rev) for r, rev in writes]
-            )
+            releasing = [r for r, _ in (*writes, *ended) if r.state == RELEASED]
+            wanted = [d for d in dict.fromkeys(d for r in releasing for d in r.depends_on) if d not in known]
+            results = asyncio.ensure_future(self._states(wanted)) if wanted else None
+            try:
+                sequences = await self._publish(
+                    [(_kv_subject(subjects.WAITING_BUCKET, r.task.id), msgspec.json.encode(r), _CAS % rev) for r, rev in writes]
+                )
+            finally:
+                if results is not None:
+                    known.update(await results)
             lost: list[str] = []
             progress: list[ev.Event] = []
             for (record, _), sequence in zip(writes, sequences, strict=True):
@@ -303,7 +313,7 @@ class Dependencies:
                     ended.append((record, sequence))
             if progress:
                 await self.recorder.record(progress)
-            await self._act_all(ended, finished)
+            await self._act_all(ended, known)
             if not lost:
                 return
             by_dependant = {dependant: by_dependant[dependant] for dependant in lost}
@@ -393,8 +403,8 @@ class Dependencies:
     async def _act_all(self, ended: list[tuple[WaitingRecord, int]], known: dict[str, TaskState]) -> None:
         """Carry out ended waits: place the released tasks with their dependencies' results (or
         fail one they make too big), record the cancellations, then mark the records acted on
-        and drop their timeout schedules. ``known`` holds states already at hand (the
-        projector's final states), so only older dependencies' results are read."""
+        and drop their timeout schedules. ``known`` holds states already at hand, so only
+        the other dependencies' results are read."""
         if not ended:
             return
         now = time.time()

@@ -46,6 +46,7 @@ from .cancels import Canceller
 from .checks import check_fields
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
+from .resolver import Resolver
 from .sched_batches import TaskBatcher
 from .settle import Settler
 from .timers import Timers
@@ -65,6 +66,7 @@ class Master:
         self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
         self.timers = Timers(settings, bus)
+        self.resolver = Resolver(bus, self.intake.dependencies)
         self.accepted = 0
         self.rejected = 0
 
@@ -73,6 +75,7 @@ class Master:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.canceller.run)
             tg.start_soon(self.timers.run)
+            tg.start_soon(self.resolver.run)
             await self.puller.run()
             await self.puller.finish()
 
@@ -80,6 +83,7 @@ class Master:
         self.puller.stop()
         await self.canceller.shutdown()
         await self.timers.shutdown()
+        await self.resolver.shutdown()
 
     def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission:
         """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.

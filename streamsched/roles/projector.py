@@ -47,7 +47,7 @@ from ..transport.bus import ACK, Bus
 from ..transport.pull import Puller
 from ..transport.reading import ReadStats
 from ..transport.wire import Delivery
-from .dependencies import Dependencies
+from .resolver import encode_notice
 from .settle import Settler
 from .workflows import WORKFLOW_LABEL, WorkflowTracker
 
@@ -101,10 +101,9 @@ class _Held:
 
 #: A batch to write: the held events of each task, by task id.
 Batch = dict[str, list[ev.Event]]
-#: A written batch's final states by task id, and its workflow tasks' statuses by workflow.
-_Settled = tuple[dict[str, TaskState], dict[str, dict[str, tuple[Status, float]]]]
-#: Written batches whose dependants are being resolved at once, at most (the next batch
-#: waits for one of them to finish).
+#: A written batch's final statuses by task id, and its workflow tasks' statuses by workflow.
+_Settled = tuple[dict[str, Status], dict[str, dict[str, tuple[Status, float]]]]
+#: Written batches being followed up at once, at most (the next batch waits for one).
 FOLLOW_UPS = 4
 
 
@@ -118,10 +117,11 @@ class Projector:
         store: StateStore,
         *,
         consumer: str = subjects.PROJECTOR_CONSUMER,
-        resolve_dependencies: bool = True,
+        follow_up: bool = True,
     ) -> None:
-        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read (a rebuild uses
-        its own, and does not resolve dependencies: the tasks it folds finished long ago)."""
+        """``store`` is the bucket written; ``consumer`` the durable on EVENTS read. A rebuild
+        uses its own, without ``follow_up``: the tasks it folds finished long ago, so it
+        neither tells the resolvers what finished nor updates workflow records."""
         self.settings = settings
         self.bus = bus
         self.store = store
@@ -135,26 +135,19 @@ class Projector:
         self._wake = asyncio.Event()
         self.stats = ReadStats()
         self.applied = 0
-        # The completer of dependencies: told of the tasks each batch made final.
-        self.dependencies = Dependencies(settings, bus, source="projector") if resolve_dependencies else None
-        self.workflows = WorkflowTracker(bus) if resolve_dependencies else None
+        # Told of each written batch: the tasks it made final, the workflow tasks it changed.
+        self.workflows = WorkflowTracker(bus) if follow_up else None
         self._follow_ups = asyncio.Semaphore(FOLLOW_UPS)
         self._following: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     async def run(self) -> None:
         log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
-        loop = asyncio.get_running_loop()
-        flusher = loop.create_task(self._flush_loop())
-        dependencies = self.dependencies
-        timeouts = loop.create_task(dependencies.run_timeouts()) if dependencies else None
+        flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         try:
             await self.puller.run()
             await self.puller.finish()  # the flush loop settles what was received
         finally:
             flusher.cancel()
-            if dependencies is not None and timeouts is not None:
-                dependencies.stop()
-                await timeouts
 
     async def shutdown(self) -> None:
         self.puller.stop()
@@ -253,14 +246,13 @@ class Projector:
             if not messages:
                 continue
             await self._retry(functools.partial(self._write_logged, batch))
-            if self.dependencies is None:
+            if self.workflows is None:
                 self._ack(messages)
                 continue
-            # Dependants are resolved beside the next writes, not before them: a release
-            # takes a few round trips, and the next batch's final states must not wait for
-            # them. The messages are acked once their batch is resolved too.
+            # What follows a write goes beside the next writes, not before them: the next
+            # batch's final states must not wait for it. The messages are acked once it landed too.
             await self._follow_ups.acquire()
-            follow_up = asyncio.get_running_loop().create_task(self._resolve_then_ack(self._settled(batch), messages))
+            follow_up = asyncio.get_running_loop().create_task(self._follow_up_then_ack(self._settled(batch), messages))
             self._following.add(follow_up)
             follow_up.add_done_callback(self._following.discard)
 
@@ -285,9 +277,9 @@ class Projector:
                 self.applied += 1
                 self.settler.settle_reply(message.reply, ACK)
 
-    async def _resolve_then_ack(self, settled: _Settled, messages: list[_Message]) -> None:
+    async def _follow_up_then_ack(self, settled: _Settled, messages: list[_Message]) -> None:
         try:
-            await self._retry(functools.partial(self._resolve_logged, settled))
+            await self._retry(functools.partial(self._follow_up_logged, settled))
         finally:
             self._follow_ups.release()
         self._ack(messages)
@@ -302,10 +294,10 @@ class Projector:
 
     def _settled(self, batch: Batch) -> _Settled:
         """What the written ``batch`` means beyond the states: its tasks whose state is final
-        (for the dependency resolver) and the statuses of workflow tasks (for the workflow
-        tracker). Taken from the cache right after the write, before later events change it.
-        A plain task costs a cache and a label lookup here."""
-        finished: dict[str, TaskState] = {}
+        (for the resolvers) and the statuses of workflow tasks (for the workflow tracker).
+        Taken from the cache right after the write, before later events change it. A plain
+        task costs a cache and a label lookup here."""
+        finished: dict[str, Status] = {}
         workflows: dict[str, dict[str, tuple[Status, float]]] = {}
         for task_id in batch:
             entry = self.cache.get(task_id)
@@ -313,25 +305,29 @@ class Projector:
                 continue
             state = entry[0]
             if state.status.is_final:
-                finished[task_id] = state
+                finished[task_id] = state.status
             workflow = state.labels.get(WORKFLOW_LABEL) if state.labels else None
             if workflow is not None:
                 workflows.setdefault(workflow, {})[task_id] = (state.status, state.updated_at or 0.0)
         return finished, workflows
 
-    async def _resolve_logged(self, settled: _Settled) -> bool:
-        """Hand a written batch's final tasks to the dependency resolver (one edge lookup per
-        batch) and its workflow tasks to the workflow tracker, before its event messages are
-        acked (a crash redoes this); True when both are done."""
-        if self.dependencies is None or self.workflows is None:
+    async def _follow_up_logged(self, settled: _Settled) -> bool:
+        """Publish a written batch's final tasks as one notice for the masters' resolvers
+        (:mod:`streamsched.roles.resolver`), and give its workflow tasks to the workflow
+        tracker, before its event messages are acked (a crash redoes this); True when both landed."""
+        if self.workflows is None:
             return True
         finished, workflows = settled
         try:
-            await asyncio.gather(self.dependencies.resolve(finished), self.workflows.update(workflows))
+            await asyncio.gather(self._notify(finished), self.workflows.update(workflows))
         except Exception:
-            log.exception("resolving the dependants of %d finished task(s) failed; retrying", len(finished))
+            log.exception("following up a batch of %d finished task(s) failed; retrying", len(finished))
             return False
         return True
+
+    async def _notify(self, finished: dict[str, Status]) -> None:
+        if finished:
+            await (await self.bus.publish(subjects.FINISHED, encode_notice(finished)))
 
     async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
         """Fold and write every task of the batch; True when all writes landed."""

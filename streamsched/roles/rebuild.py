@@ -96,7 +96,7 @@ async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, 
             max_ack_pending=streams.PROJECTOR_WINDOW,
         ),
     )
-    projector = Projector(settings, bus, store, consumer=consumer, resolve_dependencies=False)
+    projector = Projector(settings, bus, store, consumer=consumer, follow_up=False)
     try:
         await _run_until_caught_up(bus, projector, consumer, timeout_s)
     finally:

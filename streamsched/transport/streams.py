@@ -7,6 +7,8 @@ Retention follows the role of each stream:
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
   so a full stream refuses publishers with an error instead of dropping old work. SCHED
   allows atomic batches: a batch submission's tasks land all together.
+* FINISHED (work queue): the projector's notices of the tasks it wrote final, for the
+  masters that release what waits for them.
 * TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
   nats-server fires onto ``timers.due`` for the master.
 * EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
@@ -50,6 +52,8 @@ from .bus import Bus
 PROJECTOR_WINDOW = 500
 #: Cancel requests a master's canceller works on at once.
 CANCELLER_WINDOW = 64
+#: Notices of finished tasks a master resolves at once (each names up to a projector batch).
+RESOLVER_WINDOW = 16
 #: What TIMERS fired that the masters hold un-acked at once (their ``master-timers`` consumer).
 TIMERS_WINDOW = 256
 #: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
@@ -85,6 +89,13 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
             allow_atomic=True,  # a batch submission's tasks are stored all together or not at all
+        ),
+        StreamConfig(
+            name=subjects.FINISHED_STREAM,
+            subjects=[subjects.FINISHED],
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+            max_bytes=settings.queue_max_bytes,
         ),
         StreamConfig(
             name=subjects.TIMERS_STREAM,
@@ -211,6 +222,17 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=30.0,
                 max_ack_pending=CANCELLER_WINDOW,
+                max_deliver=-1,
+            ),
+        ),
+        (
+            subjects.FINISHED_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.RESOLVER_CONSUMER,
+                filter_subject=subjects.FINISHED,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30.0,
+                max_ack_pending=RESOLVER_WINDOW,
                 max_deliver=-1,
             ),
         ),
