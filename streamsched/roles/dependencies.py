@@ -175,7 +175,7 @@ def with_results(body: bytes, results: dict[str, msgspec.Raw | None]) -> bytes:
 
 
 class Dependencies:
-    """Registers waiting tasks and resolves their edges; one per master and per projector."""
+    """Registers waiting tasks and resolves their edges; one in each master's intake (its resolver shares it) and one in its canceller."""
 
     def __init__(self, settings: Settings, bus: Bus, *, source: str) -> None:
         self.settings = settings

@@ -81,7 +81,7 @@ async def test_a_diamond_runs_its_join_after_both_branches(settings, bus, events
 
 async def test_a_random_dag_submitted_in_random_order_runs_every_task_after_its_dependencies(settings, bus, events: EventLog):
     rng = random.Random(17)
-    ids = [f"r{i}" for i in range(120)]
+    ids = [f"r{i}" for i in range(200)]
     graph = {task_id: rng.sample(ids[:i], min(i, rng.randint(0, 3))) for i, task_id in enumerate(ids)}
     order = list(ids)
     rng.shuffle(order)
