@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from .. import subjects
-from .harness import CpuMeter, Roles, finished_count, percentiles, read_events, submit, system, wait_until
+from .harness import CpuMeter, Roles, finished_count, percentiles, projector_caught_up, read_events, submit, system, wait_until
 
 #: Dependencies per task at most.
 MAX_DEPENDENCIES = 3
@@ -77,6 +77,9 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
         half_graph = _renamed(paced_graph, "h")
         expected = n
         for graph, rate in ((half_graph, tasks_per_s / 2), (paced_graph, PACED_RATE)):
+            # Each paced run starts once the one before has settled (run, projected, resolved):
+            # its figures are those of the rate, not of catching up with a burst.
+            await wait_until(lambda: _settled(sys_.bus), timeout_s=600)
             await _submit_paced(sys_.bus, graph, rate, seed)
             expected += len(graph)
             await wait_until(lambda: _at_least(sys_.bus, base + expected), timeout_s=600)  # noqa: B023 - awaited here
@@ -155,6 +158,12 @@ async def _split(bus: Any, chunks: int) -> dict[str, Any]:
 
     done = await wait_until(finished, timeout_s=300)
     return {"chunks": chunks, "seconds": done - began, "chunks_per_s": chunks / (done - began)}
+
+
+async def _settled(bus: Any) -> bool:
+    """The projector has folded every event and the resolvers every notice."""
+    resolver = await bus.js.consumer_info(subjects.FINISHED_STREAM, subjects.RESOLVER_CONSUMER)
+    return await projector_caught_up(bus) and resolver.num_pending == 0 and resolver.num_ack_pending == 0
 
 
 async def _at_least(bus: Any, count: int) -> bool:
