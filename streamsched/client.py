@@ -34,7 +34,7 @@ from .model import (
 from .roles import batches, schedules
 from .roles.cancels import request_message
 from .roles.checks import check_fields
-from .roles.idempotency import claim
+from .roles.idempotency import claim, give_back
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
 from .transport.bus import Bus
 
@@ -167,11 +167,17 @@ class Client:
                 "split": dict(split) if split is not None else None,
             }
         )
-        if idempotency_key is not None:
-            holder = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
-            if holder != task_id:
-                return TaskHandle(self, holder)
-        await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+        if idempotency_key is None:
+            await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+            return TaskHandle(self, task_id)
+        taken = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
+        if not taken.taken_now:  # whoever holds it, this one included: nothing is sent again
+            return TaskHandle(self, taken.holder)
+        try:
+            await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+        except BaseException:
+            await give_back(self.bus, idempotency_key, taken)  # else the key would name a task that never came
+            raise
         return TaskHandle(self, task_id)
 
     async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000, atomic: bool = False) -> list[TaskHandle]:

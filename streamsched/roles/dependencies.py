@@ -228,10 +228,13 @@ class Dependencies:
             for dependency in record.depends_on:
                 publications.append((_kv_subject(subjects.DEPENDANTS_BUCKET, subjects.edge_key(dependency, task_id)), b"", None))
         await self._publish(publications)
-        # The re-check: a dependency that became final before its edge existed was missed by the completer.
+        # The re-check: a dependency that became final before its edge existed was missed by
+        # the completer. Only these records' own edges: a hub's other dependants are not ours.
         dependencies = list(dict.fromkeys(d for record in records for d in record.depends_on))
         states = await self._states(dependencies)
-        await self.resolve({d: state.status for d, state in states.items() if state.status.is_final}, states)
+        finished = {d: state.status for d, state in states.items() if state.status.is_final}
+        by_dependant = {r.task.id: [d for d in r.depends_on if d in finished] for r in records}
+        await self._resolve_dependants({t: deps for t, deps in by_dependant.items() if deps}, finished, states)
 
     async def _publish(self, publications: Sequence[Publication]) -> list[int | None]:
         """Publish each and wait for all; the stream sequence of each, or ``None`` for a
@@ -269,12 +272,20 @@ class Dependencies:
         carries are read while its change is written; ``known`` holds states at hand."""
         if not finished:
             return
-        known = dict(known or {})
         by_dependant: dict[str, list[str]] = defaultdict(list)
         for dependency, dependant in await self._edges(finished):
             by_dependant[dependant].append(dependency)
-        if not by_dependant:
-            return
+        await self._resolve_dependants(by_dependant, finished, known or {})
+
+    async def _resolve_dependants(self, by_dependant: dict[str, list[str]], finished: dict[str, Status], known: dict[str, TaskState]) -> None:
+        """Resolve the edges ``by_dependant`` (dependant -> its finished dependencies), at most
+        :data:`MAX_FILTERS` dependants at a time: a record holds its task's body, so a hub
+        with thousands of dependants is not read into memory at once."""
+        items = list(by_dependant.items())
+        for start in range(0, len(items), MAX_FILTERS):
+            await self._resolve_chunk(dict(items[start : start + MAX_FILTERS]), finished, dict(known))
+
+    async def _resolve_chunk(self, by_dependant: dict[str, list[str]], finished: dict[str, Status], known: dict[str, TaskState]) -> None:
         entries: dict[str, tuple[WaitingRecord, int] | None] = dict(await self._records(list(by_dependant)))
         after_conflict = False
         for _ in range(CAS_ROUNDS):
@@ -362,7 +373,9 @@ class Dependencies:
         chunks = [[prefix + task_id for task_id in task_ids[start : start + MAX_FILTERS]] for start in range(0, len(task_ids), MAX_FILTERS)]
         records: dict[str, tuple[WaitingRecord, int]] = {}
         for found in await asyncio.gather(*(last_values(self.bus, stream, chunk) for chunk in chunks)):
-            for subject, revision, data in found or ():
+            if found is None:  # no answer from the bucket (a restart, an election): not "no records"
+                raise RuntimeError(f"stream {stream} answered no direct get; resolving again later")
+            for subject, revision, data in found:
                 records[subject[len(prefix) :]] = (_record_decoder.decode(data), revision)
         return records
 

@@ -31,7 +31,7 @@ from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.wire import Delivery
 from .batches import Gate, events_of, place_atomically, ready_tasks
 from .dependencies import Dependencies
-from .idempotency import claim
+from .idempotency import admits, claim
 from .placement import place
 from .settle import Settler
 from .splits import fan_out
@@ -104,14 +104,14 @@ class Intake:
     def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
         """Start the steps of one task's submission (its id is filled in, its fields checked)."""
         submitted_at = stored_at_ns(msg.reply) / 1e9  # relative times count from here, on every delivery
-        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at), now)
+        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at, msg.stream_seq), now)
 
     def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
         """Start the steps of a workflow or batch message."""
         submitted_at = stored_at_ns(msg.reply) / 1e9
         if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
             fallback_id = wrapper.id
-        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at), now)
+        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq), now)
 
     def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
@@ -130,15 +130,17 @@ class Intake:
             return
         self.settler.forward(msg, (), events=events)
 
-    async def _task_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
-        """Take in one task; returns the events that record it."""
+    async def _task_steps(self, submission: Submission, region: str, now: float, submitted_at: float, sequence: int = 0) -> list[ev.Event]:
+        """Take in one task (``sequence``: its submission's place in TASKS); returns the events that record it."""
         task_id = submission.id
         assert task_id is not None
+        # Checked before a key is taken: a rejected submission must not hold it.
+        task = ready_task(submission, region, submitted_at)
         if submission.idempotency_key is not None:
             key = submission.idempotency_key
-            holder = await claim(self.bus, key, task_id, self.settings.idempotency_ttl_s)
-            if holder != task_id:
-                raise Rejected(f"duplicate of task {holder} (idempotency key {key!r})")
+            taken = await claim(self.bus, key, f"{task_id}@{sequence}", self.settings.idempotency_ttl_s)
+            if not admits(taken, task_id, sequence):
+                raise Rejected(f"duplicate of task {taken.holder} (idempotency key {key!r})")
         submitted = ev.Submitted(
             task_id=task_id,
             at=now,
@@ -149,7 +151,6 @@ class Intake:
         )
         if submission.split is not None:
             return [submitted, *await self._split_steps(submission, region, now, submitted_at)]
-        task = ready_task(submission, region, submitted_at)
         if submission.depends_on:
             return [submitted, *await self.dependencies.register(task, submission, now)]
         await place(self.bus, [task], now=now)
@@ -157,11 +158,13 @@ class Intake:
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
         return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
 
-    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float) -> list[ev.Event]:
-        """Take in a workflow or a batch; returns the events that record its tasks."""
+    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int) -> list[ev.Event]:
+        """Take in a workflow or a batch (``sequence``: its place in TASKS); returns the events that record its tasks."""
         if wrapper.batch is not None:
             tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at)
-            await place_atomically(self.bus, [task for task, _ in tasks], fallback_id, now)
+            # Its messages' ids name this submission, so a batch id used again is a new batch
+            # while a redelivery of this one is a duplicate (stored already).
+            await place_atomically(self.bus, [task for task, _ in tasks], f"{fallback_id}:{sequence}", now)
             return events_of(tasks, now)
         assert wrapper.workflow is not None
         return await self._workflow_steps(wrapper.workflow, now, submitted_at)
@@ -169,6 +172,15 @@ class Intake:
     async def _workflow_steps(self, workflow: dict[str, Any], now: float, submitted_at: float) -> list[ev.Event]:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
         workflow_id, tasks = parse(workflow, self.gate.validate)
+        # Every check before anything is placed: a task that would start after its deadline
+        # rejects the workflow whole, as the other checks do.
+        for task in tasks:
+            try:
+                ready_task(task, task.region or self.gate.pick_region(task.id or ""), submitted_at)
+            except Rejected as exc:
+                rejected = Rejected(f"workflow {workflow_id}: task {task.id}: {exc}")
+                rejected.task_id = workflow_id  # recorded under the workflow's id, as its other checks
+                raise rejected from None
         await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
         return await self._each_task_steps(tasks, None, now, submitted_at)
 

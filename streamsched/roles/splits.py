@@ -88,13 +88,15 @@ def fan_out(submission: Submission, settings: Settings) -> tuple[list[Submission
     assert task_id is not None
     labels = {**submission.labels, SPLIT_LABEL: task_id}
     chunks = [
-        msgspec.structs.replace(submission, id=chunk_id(task_id, i), payload=payload, split=None, labels=labels)
+        # The key is the split's own (taken with its submission), not each chunk's.
+        msgspec.structs.replace(submission, id=chunk_id(task_id, i), payload=payload, split=None, labels=labels, idempotency_key=None)
         for i, payload in enumerate(chunk_payloads(split))
     ]
     gather = msgspec.structs.replace(
         submission,
         type=split.gather or submission.type,
         split=None,
+        idempotency_key=None,
         depends_on=[chunk.id or "" for chunk in chunks],
         on_dependency_failure="cancel",
     )

@@ -35,6 +35,9 @@ from ..transport.bus import Bus
 WORKFLOW_LABEL = "streamsched/workflow"
 #: Most tasks in one workflow.
 MAX_TASKS = 10_000
+#: Largest workflow state record (one KV value holds every task's status): well inside
+#: nats-server's 1 MB message limit.
+MAX_RECORD_BYTES = 800_000
 #: Compare-and-set rounds on one workflow record before the batch is retried.
 CAS_ROUNDS = 20
 #: Statuses of a task that has not begun to run.
@@ -123,10 +126,17 @@ def _checked_tasks(spec: WorkflowSpec, validate: Validate) -> list[Submission]:
         fields["depends_on"] = [global_id(spec.id, d) for d in graph[local]]
         labels = fields.get("labels")
         fields["labels"] = {**(labels if isinstance(labels, dict) else {}), WORKFLOW_LABEL: spec.id}
+        if fields.get("idempotency_key") is not None:
+            raise Rejected(f"workflow {spec.id}: task {local}: `idempotency_key` is not taken inside a workflow (the workflow id names it)")
         try:
             submissions[local] = validate(msgspec.json.encode(fields), functools.partial(str, fields["id"]))
         except Rejected as exc:
             raise Rejected(f"workflow {spec.id}: task {local}: {exc}") from None
+    record_size = sum(len(submission.id or "") + 16 for submission in submissions.values())
+    if record_size > MAX_RECORD_BYTES:
+        raise Rejected(
+            f"workflow {spec.id}: its state record would take about {record_size} bytes, over {MAX_RECORD_BYTES} (use fewer tasks or shorter ids)"
+        )
     return [submissions[local] for local in order]
 
 

@@ -27,6 +27,15 @@ def batch(*tasks: dict[str, object], batch_id: str | None = None) -> bytes:
     return msgspec.json.encode(message)
 
 
+async def test_a_batch_id_used_again_is_a_new_batch(settings, bus, events: EventLog, examples):
+    async with running(await all_roles(settings, bus, examples)):
+        await bus.js.publish(subjects.SUBMIT, batch({"id": "x1", "type": "echo", "payload": 1}, batch_id="nightly"))
+        await events.wait_final("x1")
+        await bus.js.publish(subjects.SUBMIT, batch({"id": "x2", "type": "echo", "payload": 2}, batch_id="nightly"))
+        second = await events.wait_final("x2")
+    assert isinstance(second, ev.Succeeded)  # stored and run, not taken for a redelivery of the first
+
+
 async def test_a_batch_with_one_invalid_task_is_rejected_whole_naming_it(settings, bus, events: EventLog, examples):
     good = [{"id": f"g{i}", "type": "echo", "payload": i} for i in range(5)]
     async with running(await all_roles(settings, bus, examples)):

@@ -10,7 +10,7 @@ from streamsched import subjects
 from streamsched.client import Client
 from streamsched.eventlog import events as ev
 from streamsched.eventlog.state import StateStore
-from streamsched.roles.idempotency import claim, kv_key
+from streamsched.roles.idempotency import admits, claim, kv_key
 from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
@@ -40,14 +40,24 @@ async def test_the_master_rejects_a_raw_duplicate_naming_the_first_task(settings
         await bus.js.publish(subjects.SUBMIT, '{"id":"p3","type":"echo","idempotency_key":"pay 7/€"}'.encode())
         p2, p3 = await events.wait_final("p2"), await events.wait_final("p3")
         await events.wait_final(handle.id)
+        await bus.js.publish(subjects.SUBMIT, b'{"id":"p1","type":"echo","idempotency_key":"k1"}')  # a new submission
+        await events.wait(lambda log: "rejected" in log.kinds_of("p1"), what="p1 submitted again is a duplicate")
     assert isinstance(p2, ev.Rejected) and p2.reason == "duplicate of task p1 (idempotency key 'k1')"
     assert isinstance(p3, ev.Rejected) and p3.reason == f"duplicate of task {handle.id} (idempotency key 'pay 7/€')"
+    # The same id and key published again (a new submission, not a redelivery) is a duplicate too.
+    assert events.kinds_of("p1").count("started") == 1
     assert {e.task_id for e in events.of_kind("started")} == {"p1", handle.id}
 
 
-async def test_a_key_taken_again_by_its_own_task_still_names_it(bus):
-    # A redelivered submission takes its key again: it must not count as its own duplicate.
-    assert await claim(bus, "k", "t1", 60) == "t1"
-    assert await claim(bus, "k", "t1", 60) == "t1"
-    assert await claim(bus, "k", "t2", 60) == "t1"
+async def test_a_key_names_its_submission_so_a_redelivery_goes_on_and_a_resubmission_does_not(bus):
+    first = await claim(bus, "k", "t1@7", 60)
+    assert first.taken_now and first.holder == "t1" and admits(first, "t1", 7)
+    redelivered = await claim(bus, "k", "t1@7", 60)  # the same submission, delivered again
+    assert not redelivered.taken_now and admits(redelivered, "t1", 7)
+    resubmitted = await claim(bus, "k", "t1@9", 60)  # the same id and key, submitted again
+    assert resubmitted.holder == "t1" and not admits(resubmitted, "t1", 9)
+    other = await claim(bus, "k", "t2@8", 60)
+    assert other.holder == "t1" and not admits(other, "t2", 8)
+    by_client = await claim(bus, "c", "t3", 60)  # a client takes it with the id alone
+    assert admits(await claim(bus, "c", "t3@4", 60), "t3", 4) and by_client.holder == "t3"
     assert kv_key("a b") != kv_key("a_b") and kv_key("a_b") == "key.a_b"

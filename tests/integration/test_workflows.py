@@ -81,6 +81,11 @@ async def test_a_failing_workflow_counts_its_dead_and_cancelled_tasks(settings, 
         ([{"id": "a", "type": "echo"}, {"id": "a", "type": "echo"}], "workflow bad: two tasks have the id 'a'"),
         ([{"id": "a", "type": "echo"}, {"id": "b", "type": "echo", "priority": "urgent"}], "workflow bad: task b: unknown priority 'urgent'"),
         ([{"type": "echo"}], "workflow bad: task 0 has no `id`"),
+        (  # found only once times are known: still before anything is placed
+            [{"id": "a", "type": "echo"}, {"id": "z", "type": "echo", "depends_on": ["a"], "delay_s": 10, "deadline_s": 5}],
+            "workflow bad: task bad-z: the task would start (`run_at`/`delay_s`) at or after its deadline",
+        ),
+        ([{"id": "a", "type": "echo", "idempotency_key": "k"}], "workflow bad: task a: `idempotency_key` is not taken inside a workflow"),
     ],
 )
 async def test_an_invalid_workflow_is_rejected_whole_with_the_reason(settings, bus, events: EventLog, examples, tasks, reason):
