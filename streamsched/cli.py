@@ -223,6 +223,13 @@ def submit(
     id: Annotated[str | None, typer.Option(help="Task id (default: generated); with --workflow, the workflow id (default: the file's).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
     depends_on: Annotated[list[str] | None, typer.Option("--depends-on", help="Id of a task that must succeed first (repeatable).")] = None,
+    delay_s: Annotated[float | None, typer.Option("--delay-s", help="Start no earlier than this many seconds from now.")] = None,
+    run_at: Annotated[str | None, typer.Option("--run-at", help="Start no earlier than this RFC 3339 time (with a zone).")] = None,
+    deadline_s: Annotated[float | None, typer.Option("--deadline-s", help="No attempt starts later than this many seconds from now.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="A key that stands for this task for idempotency_ttl_s: a later submit with it prints the first id."),
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(help='Submit the DAG in this JSON or YAML file ({"id": ..., "tasks": [...]}, ids local to it) in one message.'),
@@ -262,7 +269,18 @@ def submit(
 
     async def go() -> int:
         async with await Client.connect(settings.nats_url) as client:
-            handle = await client.submit(type, decoded, id=id, priority=priority, region=region, depends_on=depends_on or [])
+            handle = await client.submit(
+                type,
+                decoded,
+                id=id,
+                priority=priority,
+                region=region,
+                depends_on=depends_on or [],
+                delay_s=delay_s,
+                run_at=run_at,
+                deadline_s=deadline_s,
+                idempotency_key=idempotency_key,
+            )
             typer.echo(handle.id)
             if not wait:
                 return Exit.OK

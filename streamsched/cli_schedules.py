@@ -49,7 +49,9 @@ def _run(work: Callable[[Client], Awaitable[T]]) -> T:
 def _line(schedule: Schedule) -> str:
     zone = f" ({schedule.time_zone})" if schedule.time_zone else ""
     state = "paused" if schedule.paused else "active"
-    return f"{schedule.name:<24} {state:<7} {schedule.cron}{zone}  {bytes(schedule.template).decode()}"
+    # The template's fields that are set (its envelope spells out every default).
+    fields = {k: v for k, v in msgspec.json.decode(schedule.template).items() if v not in (None, [], {})}
+    return f"{schedule.name:<24} {state:<7} {schedule.cron}{zone}  {msgspec.json.encode(fields).decode()}"
 
 
 @schedule_app.command("add")

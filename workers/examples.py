@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from streamsched import Fail, task
+from streamsched import Fail, current_task, task
 
 
 @task("echo")
@@ -21,10 +21,14 @@ async def noop(payload: Any) -> None:
 
 @task("sleep", timeout_s=3600)
 def sleep(payload: dict[str, float] | None) -> float:
-    """Sleeps ``payload["seconds"]`` (default 1) in a thread; returns the seconds slept."""
+    """Sleeps ``payload["seconds"]`` (default 1) in a thread, a tenth of a second at a time so
+    that a cancel stops it (a sync handler checks ``current_task().cancelled`` itself);
+    returns the seconds slept."""
     seconds = float((payload or {}).get("seconds", 1.0))
-    time.sleep(seconds)
-    return seconds
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not current_task().cancelled:
+        time.sleep(min(0.1, left))
+    return seconds - max(0.0, deadline - time.monotonic())
 
 
 @task("fail")

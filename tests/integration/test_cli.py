@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import anyio
 import pytest
@@ -60,6 +61,17 @@ async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(sett
         assert missing.returncode == 3  # Exit.NOT_FOUND
         bad = await cli(settings, "submit", "echo", "--payload", "{not json", check=False)
         assert bad.returncode == 2 and b"not JSON" in bad.stderr
+
+
+async def test_submit_takes_a_delay_a_deadline_and_an_idempotency_key(settings, bus, examples, events):
+    async with running(await all_roles(settings, bus, examples)):
+        before = time.time()
+        await cli(settings, "submit", "echo", "--id", "cli-later", "--delay-s", "30", "--deadline-s", "60")
+        waiting = await events.wait_count("waiting", 1)
+        assert waiting[0].task_id == "cli-later" and 29 < waiting[0].until - before < 31
+        first = (await cli(settings, "submit", "echo", "--idempotency-key", "cli-key")).stdout.strip()
+        again = (await cli(settings, "submit", "echo", "--idempotency-key", "cli-key")).stdout.strip()
+        assert first == again
 
 
 async def test_a_command_gives_up_on_an_unreachable_server_with_one_line(settings, tmp_path):
