@@ -196,9 +196,13 @@ class Dependencies:
 
     # -- registration (the master's intake) ---------------------------------------------------
 
-    async def register(self, task: ReadyTask, envelope: Envelope, now: float, *, split: bool = False, collect: bool = False) -> list[ev.Event]:
+    async def register(
+        self, task: ReadyTask, envelope: Envelope, now: float, *, since: float | None = None, split: bool = False, collect: bool = False
+    ) -> list[ev.Event]:
         """Register ``task`` as waiting for ``envelope.depends_on``; returns its ``waiting`` event
         (its release or cancellation, when the re-check finds it due, is recorded separately).
+        ``since`` is when the wait began, from which the timeout counts (the submission's
+        stored time, so a redelivery does not push it back; ``now`` when not given).
         ``split`` and ``collect`` mark the gather task of a split (see :class:`WaitingRecord`).
         The registrations of one loop tick are written and re-checked together."""
         depends_on = list(dict.fromkeys(envelope.depends_on))
@@ -209,7 +213,7 @@ class Dependencies:
             unmet=depends_on,
             policy=envelope.on_dependency_failure,
             timeout_s=timeout,
-            since=now,
+            since=now if since is None else since,
             split=split,
             collect=collect,
         )

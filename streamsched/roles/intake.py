@@ -152,7 +152,7 @@ class Intake:
         if submission.split is not None:
             return [submitted, *await self._split_steps(submission, region, now, submitted_at)]
         if submission.depends_on:
-            return [submitted, *await self.dependencies.register(task, submission, now)]
+            return [submitted, *await self.dependencies.register(task, submission, now, since=submitted_at)]
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
@@ -188,7 +188,7 @@ class Intake:
         """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
         chunks, gather, collect = fan_out(submission, self.settings)
         gathering = ready_task(gather, region, submitted_at)
-        waiting = await self.dependencies.register(gathering, gather, now, split=True, collect=collect)
+        waiting = await self.dependencies.register(gathering, gather, now, since=submitted_at, split=True, collect=collect)
         return waiting + await self._each_task_steps(chunks, region, now, submitted_at)
 
     async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float, submitted_at: float) -> list[ev.Event]:
