@@ -66,6 +66,13 @@ def examples() -> Registry:
     return Registry.from_modules(["workers.examples"])
 
 
+@pytest.fixture
+def registry(examples: Registry, request: pytest.FixtureRequest) -> Registry:
+    """The example handlers plus the ones the requesting test module defines."""
+    examples.add_module(request.module)
+    return examples
+
+
 def subprocess_env(settings: Settings) -> dict[str, str]:
     """Environment for role subprocesses started by e2e tests."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCHED_")}

@@ -25,6 +25,11 @@ from . import events as ev
 
 #: Header for compare-and-set writes to the KV stream.
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+#: Headers of a compare-and-set write, pre-encoded: it lands only if the key's last revision
+#: is ``%d`` (0: only if the key does not exist).
+COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d\r\n\r\n"
+#: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
+WRONG_LAST_SEQUENCE = 10071
 
 
 def fold(state: TaskState | None, event: ev.Event) -> TaskState:

@@ -50,7 +50,7 @@ from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.state import StateStore
 from ..model import Status
-from ..transport.bus import ACK, Bus, nak_with_delay, term_with_reason
+from ..transport.bus import Bus, term_with_reason
 from ..transport.pull import Puller
 from ..transport.streams import CANCELLER_WINDOW
 from ..transport.wire import Delivery
@@ -67,8 +67,6 @@ MAX_WATCHED = 100_000
 LOAD_TIMEOUT_S = 5.0
 #: Tasks of one workflow cancelled at the same time.
 WORKFLOW_FANOUT = 64
-#: Seconds before a cancel request whose steps failed (JetStream unavailable) comes back.
-RETRY_DELAY_S = 1.0
 
 
 class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -110,7 +108,6 @@ class Canceller:
         self.dependencies = Dependencies(settings, bus, source="canceller")
         self.workflows = WorkflowTracker(bus)
         self._tasks: StateStore | None = None
-        self._running: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
         self.cancelled = 0
 
     async def run(self) -> None:
@@ -130,18 +127,7 @@ class Canceller:
         if not subjects.is_token(request.id):
             self.settler.settle(msg, term_with_reason(f"invalid task id {request.id!r}"))
             return
-        task = asyncio.get_running_loop().create_task(self._apply(msg, request))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-
-    async def _apply(self, msg: Delivery, request: CancelRequest) -> None:
-        try:
-            await self.cancel(request)
-        except Exception as exc:  # noqa: BLE001 - JetStream failed a step: the request comes back
-            log.warning("cancel of %s not done yet (%r); it comes back in %.1fs", request.id, exc, RETRY_DELAY_S)
-            self.settler.settle(msg, nak_with_delay(RETRY_DELAY_S))
-            return
-        self.settler.settle(msg, ACK)
+        self.settler.settle_after(msg, self.cancel(request), f"cancel of {request.id}")
 
     async def cancel(self, request: CancelRequest) -> None:
         """Carry out a request: cancel its task, or each unfinished task of its workflow."""

@@ -35,26 +35,24 @@ not register the task again; the buckets expire with the events (``events_max_ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
-from nats.js.errors import APIError, NotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import APIError
 
 from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..eventlog.recorder import EventRecorder
-from ..eventlog.state import MAX_GET_MANY, StateStore, last_values
+from ..eventlog.state import COMPARE_AND_SET, MAX_GET_MANY, WRONG_LAST_SEQUENCE, StateStore, last_values
 from ..model import Envelope, Status, TaskState
 from ..transport.bus import Bus
 from ..transport.reading import Since, read
-from .placement import ReadyTask, place, rfc3339
+from .placement import ReadyTask, at_schedule, place
 from .ticks import TickBatch
 
 log = logging.getLogger("streamsched.dependencies")
@@ -102,13 +100,6 @@ _record_decoder = msgspec.json.Decoder(WaitingRecord)
 
 #: ``(subject, body, header block)`` of a raw publish.
 Publication = tuple[str, bytes, bytes | None]
-#: JetStream's error code for a failed ``Nats-Expected-Last-Subject-Sequence`` check.
-WRONG_LAST_SEQUENCE = 10071
-#: Headers of a compare-and-set write: it lands only if the key's last revision is ``%d``
-#: (0: only if the key does not exist).
-_CAS = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: %d\r\n\r\n"
-#: Headers of a one-shot message schedule at ``%s`` onto ``%s``.
-_SCHEDULE = b"NATS/1.0\r\nNats-Schedule: @at %s\r\nNats-Schedule-Target: %s\r\n\r\n"
 #: Headers that remove a schedule: an empty message rolls up its subject (the schedule goes)
 #: and expires itself a second later. A purge request per task would cost about three
 #: times the server's CPU, and a request's round trip.
@@ -181,18 +172,13 @@ class Dependencies:
         self.settings = settings
         self.bus = bus
         self.recorder = EventRecorder(bus, source)
-        self._waiting: KeyValue | None = None
-        self._dependants: KeyValue | None = None
         self._tasks: StateStore | None = None
-        self._stopping = asyncio.Event()
         self._registrations = TickBatch(self._register_all, max_items=REGISTRATIONS_AT_ONCE)
 
-    async def _open(self) -> tuple[KeyValue, KeyValue, StateStore]:
-        if self._waiting is None or self._dependants is None or self._tasks is None:
-            self._waiting = await self.bus.js.key_value(subjects.WAITING_BUCKET)
-            self._dependants = await self.bus.js.key_value(subjects.DEPENDANTS_BUCKET)
+    async def _task_states(self) -> StateStore:
+        if self._tasks is None:
             self._tasks = await StateStore.open(self.bus)
-        return self._waiting, self._dependants, self._tasks
+        return self._tasks
 
     # -- registration (the master's intake) ---------------------------------------------------
 
@@ -226,8 +212,8 @@ class Dependencies:
         for record in records:
             task_id = record.task.id
             # Created only if absent: one already there is a redelivered submission's, and goes on.
-            publications.append((_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), _CAS % 0))
-            timeout = _SCHEDULE % (rfc3339(record.since + record.timeout_s).encode(), subjects.DEPS_DUE.encode())
+            publications.append((_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), COMPARE_AND_SET % 0))
+            timeout = b"NATS/1.0\r\n" + at_schedule(record.since + record.timeout_s, subjects.DEPS_DUE) + b"\r\n"
             publications.append((subjects.dependency_timer(task_id), task_id.encode(), timeout))
             for dependency in record.depends_on:
                 publications.append((_kv_subject(subjects.DEPENDANTS_BUCKET, subjects.edge_key(dependency, task_id)), b"", None))
@@ -259,7 +245,7 @@ class Dependencies:
         return sequences
 
     async def _states(self, task_ids: Sequence[str]) -> dict[str, TaskState]:
-        _, _, tasks = await self._open()
+        tasks = await self._task_states()
         chunks = [task_ids[start : start + MAX_GET_MANY] for start in range(0, len(task_ids), MAX_GET_MANY)]
         found: dict[str, TaskState] = {}
         for got in await asyncio.gather(*(tasks.get_many(self.bus, chunk) for chunk in chunks)):
@@ -311,7 +297,7 @@ class Dependencies:
             results = asyncio.ensure_future(self._states(wanted)) if wanted else None
             try:
                 sequences = await self._publish(
-                    [(_kv_subject(subjects.WAITING_BUCKET, r.task.id), msgspec.json.encode(r), _CAS % rev) for r, rev in writes]
+                    [(_kv_subject(subjects.WAITING_BUCKET, r.task.id), msgspec.json.encode(r), COMPARE_AND_SET % rev) for r, rev in writes]
                 )
             finally:
                 if results is not None:
@@ -383,22 +369,12 @@ class Dependencies:
                 records[subject[len(prefix) :]] = (_record_decoder.decode(data), revision)
         return records
 
-    async def _read_record(self, waiting: KeyValue, task_id: str) -> tuple[WaitingRecord, int] | None:
-        try:
-            entry = await waiting.get(task_id)
-        except (NotFoundError, KeyError):
-            return None
-        if entry.value is None:
-            return None
-        return _record_decoder.decode(entry.value), entry.revision or 0
-
     async def _transition(self, task_id: str, decide: Callable[[WaitingRecord], bool]) -> bool:
         """Change one waiting record with ``decide`` (True when it changed it) by compare-and-set,
         re-reading on a conflict, and carry it out once it stops waiting; True when this call
         ended the wait. (A timeout or a cancel: one task at a time.)"""
-        waiting, _, _ = await self._open()
         for _ in range(CAS_ROUNDS):
-            entry = await self._read_record(waiting, task_id)
+            entry = (await self._records([task_id])).get(task_id)
             if entry is None:
                 return False
             record, revision = entry
@@ -408,7 +384,8 @@ class Dependencies:
                 return False
             if not decide(record):
                 return False
-            (sequence,) = await self._publish([(_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), _CAS % revision)])
+            write = (_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), COMPARE_AND_SET % revision)
+            (sequence,) = await self._publish([write])
             if sequence is None:
                 continue
             if record.state != WAITING:
@@ -461,7 +438,7 @@ class Dependencies:
         marks: list[Publication] = []
         for record, revision in ended:
             record.acted = True
-            marks.append((_kv_subject(subjects.WAITING_BUCKET, record.task.id), msgspec.json.encode(record), _CAS % revision))
+            marks.append((_kv_subject(subjects.WAITING_BUCKET, record.task.id), msgspec.json.encode(record), COMPARE_AND_SET % revision))
             # The timeout schedule goes too: rolled up by an empty message that expires at once.
             marks.append((subjects.dependency_timer(record.task.id), b"", _UNSCHEDULE))
         await self._publish(marks)  # a mark that lost to another resolver's is fine: it acted too
@@ -485,35 +462,9 @@ class Dependencies:
 
     # -- timeouts ------------------------------------------------------------------------------
 
-    async def run_timeouts(self) -> None:
-        """Read the dependency timeouts that fired and cancel the tasks still waiting."""
-        subscription = await self.bus.js.pull_subscribe_bind(subjects.DEPS_TIMEOUT_CONSUMER, stream=subjects.TIMERS_STREAM)
-        try:
-            while not self._stopping.is_set():
-                try:
-                    messages = await subscription.fetch(32, timeout=0.5)
-                except TimeoutError:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a broker outage: the next fetch retries
-                    log.debug("fetching dependency timeouts failed: %r", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for message in messages:
-                    try:
-                        await self._time_out(message.data.decode())
-                    except Exception as exc:  # noqa: BLE001 - comes back after a short delay
-                        log.warning("dependency timeout of %r not handled yet (%r)", message.data[:200], exc)
-                        await message.nak(delay=1.0)
-                        continue
-                    await message.ack()
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+    async def time_out(self, task_id: str) -> None:
+        """The dependency timeout of ``task_id`` fired: cancel it if it still waits (a late fire does nothing)."""
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def _time_out(self, task_id: str) -> None:
         def decide(record: WaitingRecord) -> bool:
             if not record.unmet:
                 return False

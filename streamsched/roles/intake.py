@@ -44,8 +44,6 @@ log = logging.getLogger("streamsched.master")
 STEPS_AT_ONCE = 256
 #: Longest batch id taken as given: ``<id>-<index>`` must still be a task id.
 BATCH_ID_MAX = 100
-#: Seconds before a submission whose steps failed (JetStream unavailable) comes back.
-RETRY_DELAY_S = 1.0
 
 
 def needs_intake(submission: Submission) -> bool:
@@ -125,8 +123,8 @@ class Intake:
             self.reject(msg, exc.task_id or task_id, str(exc), now)
             return
         except Exception as exc:  # noqa: BLE001 - JetStream failed a step: the submission comes back
-            log.warning("submission %s not taken in yet (%r); it comes back in %.1fs", task_id, exc, RETRY_DELAY_S)
-            self.settler.settle(msg, nak_with_delay(RETRY_DELAY_S))
+            log.warning("submission %s not taken in yet (%r); it comes back in %.1fs", task_id, exc, self.settler.retry_delay_s)
+            self.settler.settle(msg, nak_with_delay(self.settler.retry_delay_s))
             return
         self.settler.forward(msg, (), events=events)
 

@@ -43,8 +43,12 @@ _SCHED_HEADERS = "".join(
         ),
     )
 ).encode()
-#: Headers that make a message in SCHED a schedule (added to the task's own).
-_SCHEDULE_HEADERS = b"Nats-Schedule: @at %s\r\nNats-Schedule-Target: %s\r\n"
+
+
+def at_schedule(at: float, target: str) -> bytes:
+    """The header lines that make a message a one-shot message schedule firing onto
+    ``target`` at ``at`` (Unix seconds); the target must be a subject of the same stream."""
+    return b"Nats-Schedule: @at %s\r\nNats-Schedule-Target: %s\r\n" % (rfc3339(at).encode(), target.encode())
 
 
 def sched_headers(
@@ -118,7 +122,7 @@ def publication(task: ReadyTask, now: float) -> tuple[str, bytes, bytes]:
     if not delayed:
         return subjects.sched(task.region, task.priority), task.body, headers
     assert task.run_at is not None
-    schedule = _SCHEDULE_HEADERS % (rfc3339(task.run_at).encode(), subjects.TIMERS_DUE.encode())
+    schedule = at_schedule(task.run_at, subjects.TIMERS_DUE)
     return subjects.delayed(task.id), task.body, headers[:-2] + schedule + b"\r\n"
 
 

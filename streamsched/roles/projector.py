@@ -35,8 +35,9 @@ from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.reader import decode
 from ..eventlog.state import (
-    EXPECTED_LAST_SUBJECT_SEQ,
+    COMPARE_AND_SET,
     MAX_GET_MANY,
+    WRONG_LAST_SEQUENCE,
     StateStore,
     encode_state,
     fold,
@@ -71,10 +72,6 @@ OPENING: frozenset[type] = frozenset({ev.Submitted, ev.Rejected, ev.Waiting})
 #: How long a batch waits for more events before it is folded. Projection lag, and also
 #: task latency: a dependant is released only once its dependency's final state is written.
 COALESCE_S = 0.001
-#: Headers of a state write, pre-encoded: it succeeds only if the key's last revision is ``%d``.
-_COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d\r\n\r\n"
-#: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
-WRONG_LAST_SEQUENCE = 10071
 
 
 class _Message:
@@ -407,7 +404,7 @@ class Projector:
 
     def _write_of(self, task_id: str, state: TaskState, revision: int) -> tuple[str, bytes, bytes]:
         """The publish that writes ``state`` if the key's last revision is ``revision``."""
-        return self.store.put_subject(task_id), encode_state(state), _COMPARE_AND_SET % revision
+        return self.store.put_subject(task_id), encode_state(state), COMPARE_AND_SET % revision
 
     def _remember(self, task_id: str, entry: tuple[TaskState, int] | None) -> None:
         if entry is None:

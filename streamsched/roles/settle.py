@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from ..eventlog import events as ev
 from ..eventlog.recorder import EventRecorder, Recording
@@ -54,7 +55,7 @@ class Settler:
         self.recorder = EventRecorder(bus, source) if source else None
         self.batcher = batcher
         self.retry_delay_s = retry_delay_s
-        self._republishing: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     def forward(
         self,
@@ -104,8 +105,7 @@ class Settler:
             self.settle_reply(msg.reply, forward.reply, forward.settled)
         elif round_ < len(REPUBLISH_DELAYS_S):
             task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
-            self._republishing.add(task)
-            task.add_done_callback(self._republishing.discard)
+            self._keep(task)
         else:
             log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
             self.settle_reply(msg.reply, nak_with_delay(self.retry_delay_s), forward.settled)
@@ -113,6 +113,26 @@ class Settler:
     async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
         self._attempt(msg, forward, (), round_ + 1)
+
+    def settle_after(self, msg: Delivery, step: Coroutine[Any, Any, object], what: str) -> None:
+        """Run ``step``, an asynchronous hop for ``msg`` (its own asyncio task), then ack
+        ``msg``; nak it to come back after ``retry_delay_s`` if the step raised (JetStream
+        failed one of its round trips: each such hop is safe to repeat). ``what`` names
+        the hop in the log line."""
+        self._keep(asyncio.get_running_loop().create_task(self._settle_after(msg, step, what)))
+
+    async def _settle_after(self, msg: Delivery, step: Coroutine[Any, Any, object], what: str) -> None:
+        try:
+            await step
+        except Exception as exc:  # noqa: BLE001 - every failed step comes back
+            log.warning("%s not done yet (%r); it comes back in %.1fs", what, exc, self.retry_delay_s)
+            self.settle(msg, nak_with_delay(self.retry_delay_s))
+            return
+        self.settle(msg, ACK)
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def settle(self, msg: Delivery, reply: bytes) -> None:
         """Send ``reply`` (ACK, NAK, TERM…) for ``msg`` and release its credit.

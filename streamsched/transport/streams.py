@@ -54,6 +54,8 @@ PROJECTOR_WINDOW = 500
 CANCELLER_WINDOW = 64
 #: Notices of finished tasks a master resolves at once (each names up to a projector batch).
 RESOLVER_WINDOW = 16
+#: Dependency timeouts that fired a master handles at once.
+DEPS_TIMEOUT_WINDOW = 64
 #: What TIMERS fired that the masters hold un-acked at once (their ``master-timers`` consumer).
 TIMERS_WINDOW = 256
 #: Tasks in one SCHED batch at most: a regional scheduler's window (``regional_window``
@@ -198,92 +200,33 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     return [kv_config(settings), *own, cancels, *schedules_and_keys]
 
 
+def _role_consumer(name: str, filter_subject: str, window: int, **more: Any) -> ConsumerConfig:
+    """A durable of a role that never fails on bad input, only on outages: it retries without limit."""
+    return ConsumerConfig(
+        durable_name=name,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_ack_pending=window,
+        max_deliver=-1,
+        **more,
+    )
+
+
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
     """``(stream, config)`` of every durable pull consumer."""
     out: list[tuple[str, ConsumerConfig]] = [
-        (
-            subjects.TASKS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.MASTER_CONSUMER,
-                filter_subject=subjects.SUBMIT,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=settings.master_window,
-                # These roles never fail on bad input, only on outages: retry without limit.
-                max_deliver=-1,
-                max_waiting=512,
-            ),
-        ),
-        (
-            subjects.TASKS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.CANCELLER_CONSUMER,
-                filter_subject=subjects.CANCEL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=CANCELLER_WINDOW,
-                max_deliver=-1,
-            ),
-        ),
-        (
-            subjects.FINISHED_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.RESOLVER_CONSUMER,
-                filter_subject=subjects.FINISHED,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=RESOLVER_WINDOW,
-                max_deliver=-1,
-            ),
-        ),
-        (
-            subjects.TIMERS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.TIMERS_CONSUMER,
-                filter_subject=subjects.TIMERS_DUE,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=TIMERS_WINDOW,
-                max_deliver=-1,
-            ),
-        ),
-        (
-            subjects.EVENTS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.PROJECTOR_CONSUMER,
-                filter_subject=subjects.EVENTS_ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_ack_pending=PROJECTOR_WINDOW,
-                max_deliver=-1,
-            ),
-        ),
-        (
-            subjects.TIMERS_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.DEPS_TIMEOUT_CONSUMER,
-                filter_subject=subjects.DEPS_DUE,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=30.0,
-                max_deliver=-1,
-            ),
-        ),
+        (subjects.TASKS_STREAM, _role_consumer(subjects.MASTER_CONSUMER, subjects.SUBMIT, settings.master_window, max_waiting=512)),
+        (subjects.TASKS_STREAM, _role_consumer(subjects.CANCELLER_CONSUMER, subjects.CANCEL, CANCELLER_WINDOW)),
+        (subjects.FINISHED_STREAM, _role_consumer(subjects.RESOLVER_CONSUMER, subjects.FINISHED, RESOLVER_WINDOW)),
+        (subjects.TIMERS_STREAM, _role_consumer(subjects.TIMERS_CONSUMER, subjects.TIMERS_DUE, TIMERS_WINDOW)),
+        (subjects.TIMERS_STREAM, _role_consumer(subjects.DEPS_TIMEOUT_CONSUMER, subjects.DEPS_DUE, DEPS_TIMEOUT_WINDOW)),
+        (subjects.EVENTS_STREAM, _role_consumer(subjects.PROJECTOR_CONSUMER, subjects.EVENTS_ALL, PROJECTOR_WINDOW)),
     ]
     for region in settings.regions:
         for priority in settings.priorities:
-            out.append(
-                (
-                    subjects.SCHED_STREAM,
-                    ConsumerConfig(
-                        durable_name=subjects.sched_consumer(region, priority),
-                        filter_subject=subjects.sched(region, priority),
-                        ack_policy=AckPolicy.EXPLICIT,
-                        ack_wait=30.0,
-                        max_ack_pending=sched_window_messages(settings.regional_window, len(settings.priorities)),
-                        max_deliver=-1,
-                    ),
-                )
-            )
+            window = sched_window_messages(settings.regional_window, len(settings.priorities))
+            out.append((subjects.SCHED_STREAM, _role_consumer(subjects.sched_consumer(region, priority), subjects.sched(region, priority), window)))
             out.append(
                 (
                     subjects.WORK_STREAM,

@@ -3,7 +3,6 @@ retried on its own."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import msgspec
@@ -12,7 +11,6 @@ import pytest
 from streamsched import current_batch, subjects, task
 from streamsched.client import Client
 from streamsched.eventlog.state import StateStore
-from streamsched.registry import Registry
 from streamsched.testing import EventLog, all_roles, running, wait_drained
 
 pytestmark = pytest.mark.anyio
@@ -34,12 +32,6 @@ async def double_all(payloads: list[int]) -> list[Any]:
 def broken(payloads: list[int]) -> list[int]:
     """A sync batch handler that raises: every task of the call is retried, then dead."""
     raise RuntimeError(f"down for {len(payloads)}")
-
-
-@pytest.fixture
-def registry(examples: Registry) -> Registry:
-    examples.add_module(sys.modules[__name__])
-    return examples
 
 
 async def test_a_burst_is_handled_in_batches_and_each_task_ends_with_its_own_result(settings, bus, events: EventLog, registry):

@@ -4,7 +4,6 @@ with the reason and never run (on); a finished task is left alone."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
@@ -18,7 +17,6 @@ from streamsched.errors import AlreadyFinished, NotFound
 from streamsched.eventlog import events as ev
 from streamsched.eventlog.state import StateStore
 from streamsched.model import Status
-from streamsched.registry import Registry
 from streamsched.roles.cancels import CancelWatch
 from streamsched.roles.placement import ReadyTask, place
 from streamsched.roles.worker import Worker
@@ -53,12 +51,6 @@ def long_sync(payload: Any) -> str:
         time.sleep(0.01)
     seen[context.id].append("saw the flag" if context.cancelled else "gave up")
     return "stopped early"
-
-
-@pytest.fixture
-def registry(examples: Registry) -> Registry:
-    examples.add_module(sys.modules[__name__])
-    return examples
 
 
 async def client_of(bus: Bus) -> Client:

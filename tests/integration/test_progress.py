@@ -3,7 +3,6 @@ folded into the state and shown by `task history`."""
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any
 
@@ -16,7 +15,7 @@ from streamsched.eventlog import events as ev
 from streamsched.eventlog import reader as eventlog
 from streamsched.eventlog.state import StateStore
 from streamsched.model import Status
-from streamsched.registry import Registry, TaskContext
+from streamsched.registry import TaskContext
 from streamsched.testing import EventLog, all_roles, running
 
 pytestmark = pytest.mark.anyio
@@ -43,12 +42,6 @@ async def steps(payload: Any) -> str:
     context.progress(None, "only a message")
     await anyio.sleep(0.7)
     return "done"
-
-
-@pytest.fixture
-def registry(examples: Registry) -> Registry:
-    examples.add_module(sys.modules[__name__])
-    return examples
 
 
 async def test_a_burst_of_reports_records_a_few_events_and_the_state_shows_the_latest(settings, bus, events: EventLog, registry):

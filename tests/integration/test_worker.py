@@ -8,7 +8,6 @@ in production; the projector runs where a test reads the KV state.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +22,6 @@ from streamsched.eventlog import events as ev
 from streamsched.eventlog import reader as eventlog
 from streamsched.eventlog.state import StateStore
 from streamsched.model import Status, TaskState
-from streamsched.registry import Registry
 from streamsched.roles.master import Master
 from streamsched.roles.projector import Projector
 from streamsched.roles.regional import Regional
@@ -50,13 +48,6 @@ def flaky(payload: Any) -> dict[str, int]:
 async def nap(payload: dict[str, float]) -> None:
     """Sleeps on the event loop (the async counterpart of the example `sleep`)."""
     await anyio.sleep(payload["seconds"])
-
-
-@pytest.fixture
-def registry(examples: Registry) -> Registry:
-    """The example handlers plus the ones defined in this module."""
-    examples.add_module(sys.modules[__name__])
-    return examples
 
 
 async def submit(bus: Bus, **fields: Any) -> bytes:
