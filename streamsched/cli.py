@@ -391,7 +391,7 @@ def bench(
     scenario: Annotated[
         str,
         typer.Argument(
-            help="throughput, latency, priority, ingress, backlog, ceiling, dag (a random 10,000-task DAG and a "
+            help="throughput, latency, priority, ingress, backlog, ceiling, dag (a random 10,000-task DAG, small DAGs at 250 tasks/s and a "
             "1,000-chunk split), peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all."
         ),
     ],

@@ -169,6 +169,7 @@ def report(results: dict[str, Any]) -> str:
             *([f"  CPU µs/task        {sum(cpu.values()):>10.0f} total: {_cpu(cpu)}"] if (cpu := d.get("cpu_us_per_task")) else []),
             *_edge_lines("at full speed", d),
             *(line for k in ("half_speed", "paced") if k in d for line in _edge_lines(f"{d[k]['n']} more at {d[k]['rate_per_s']:.0f} tasks/s", d[k])),
+            *(_edge_lines(f"{w['n']} more at {w['rate_per_s']:.0f} tasks/s as {w['size']}-task DAGs", w) if (w := d.get("workflows")) else []),
         ]
         if "split" in d:
             sp = d["split"]
@@ -189,7 +190,8 @@ def _edge_lines(label: str, figures: dict[str, Any]) -> list[str]:
     e, r, q = figures["edge_latency_ms"], figures["release_ms"], figures["release_to_start_ms"]
     return [
         f"  {label}: dependency's success -> dependant's start   p50 {e['p50']:.2f}  p95 {e['p95']:.2f}  p99 {e['p99']:.2f}  max {e['max']:.2f} ms",
-        f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms",
+        f"    of which: until released p50 {r['p50']:.2f} p99 {r['p99']:.2f}, then to start p50 {q['p50']:.2f} p99 {q['p99']:.2f} ms;"
+        f" largest burst: {figures['largest_burst']} tasks ready within {1000 * dag_mod.BURST_WINDOW_S:.0f} ms",
     ]
 
 

@@ -6,10 +6,17 @@ dependencies exist. Reported: tasks/s from the first submission to the last succ
 the latency of a dependency edge, from the success of a task's last dependency (or its
 own submission, when that came later) to its own start (each event's ``at``, written by
 the same host's clock). At full speed every role is busy and an edge's latency is mostly
-queueing, so two more DAGs, each a fifth the size, are submitted at a steady rate: one
-at half the full speed (as ``bench latency`` measures plain tasks at half their maximum
-rate), one at 250 tasks/s, the rate of the plain latency target, whose edges the target
-judges.
+queueing, so more tasks follow at a steady rate, each run once the one before has settled:
+
+* a DAG a fifth the size at half the full speed (as ``bench latency`` measures plain
+  tasks at half their maximum rate), and one at 250 tasks/s, the rate of the plain
+  latency target. Both are one graph in random order: the tasks submitted last complete
+  the ancestry of hundreds of others, which then become ready within a few milliseconds
+  of each other (the *largest burst* reported), so their edges wait in queues too;
+* as many tasks at 250 tasks/s as ten-task random DAGs, each submitted in random order
+  (the workload of many small workflows): every dependant is registered before its
+  dependencies run and at most a few become ready at once. The target judges these
+  edges: the latency the dependency machinery adds where queues do not dominate.
 
 The split: one task fanned out into ``chunks`` chunk tasks whose gather receives every
 result; reported: its time from submission to the parent's success, and chunks/s.
@@ -32,8 +39,12 @@ MAX_DEPENDENCIES = 3
 #: Target: a dependant starts within this long of its last dependency's success, p99 (ms),
 #: judged at :data:`PACED_RATE`.
 EDGE_P99_MS = 20.0
-#: Tasks/s of the DAG whose edges the target judges: the rate of the plain latency target.
+#: Tasks/s of the paced runs: the rate of the plain latency target.
 PACED_RATE = 250.0
+#: Tasks in each of the small DAGs whose edges the target judges.
+WORKFLOW_SIZE = 10
+#: Tasks that become ready within this long of each other count as one burst (s).
+BURST_WINDOW_S = 0.010
 
 
 def random_dag(n: int, seed: int) -> dict[str, list[str]]:
@@ -43,6 +54,15 @@ def random_dag(n: int, seed: int) -> dict[str, list[str]]:
     for i in range(n):
         count = min(i, rng.randint(0, MAX_DEPENDENCIES))
         graph[f"d{i}"] = [f"d{j}" for j in rng.sample(range(i), count)]
+    return graph
+
+
+def small_dags(n: int, size: int, seed: int) -> dict[str, list[str]]:
+    """``n // size`` independent random DAGs of ``size`` tasks each (ids ``w<k>_<i>``)."""
+    graph: dict[str, list[str]] = {}
+    for k in range(n // size):
+        for task, deps in random_dag(size, seed + k).items():
+            graph[f"w{k}_{task[1:]}"] = [f"w{k}_{d[1:]}" for d in deps]
     return graph
 
 
@@ -60,11 +80,13 @@ def latencies_ms(ready: dict[str, float], later: dict[str, float]) -> list[float
 
 async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, seed: int = 1) -> dict[str, Any]:
     """The DAG at full speed (tasks/s; its edges wait in queues, since it keeps every role
-    busy), then two a fifth its size at half that rate and at 250 tasks/s (the edges the
-    target judges: the latency a dependency adds where queues do not dominate), then the split."""
+    busy), then two a fifth its size at half that rate and at 250 tasks/s, then as many
+    tasks at 250 tasks/s as small DAGs (the edges the target judges: the latency a
+    dependency adds where queues do not dominate), then the split."""
     roles = (roles or Roles()).resolved()
     full_graph = random_dag(n, seed)
     paced_graph = _renamed(random_dag(max(1, n // 5), seed + 2), "p")
+    workflows_graph = small_dags(max(WORKFLOW_SIZE, n // 5), WORKFLOW_SIZE, seed + 3)
     async with system() as sys_:
         sys_.start_roles(roles)
         base = await finished_count(sys_.bus)
@@ -76,11 +98,12 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
         tasks_per_s = n / (done - began)
         half_graph = _renamed(paced_graph, "h")
         expected = n
-        for graph, rate in ((half_graph, tasks_per_s / 2), (paced_graph, PACED_RATE)):
+        runs = ((half_graph, tasks_per_s / 2, None), (paced_graph, PACED_RATE, None), (workflows_graph, PACED_RATE, WORKFLOW_SIZE))
+        for graph, rate, block in runs:
             # Each paced run starts once the one before has settled (run, projected, resolved):
             # its figures are those of the rate, not of catching up with a burst.
             await wait_until(lambda: _settled(sys_.bus), timeout_s=600)
-            await _submit_paced(sys_.bus, graph, rate, seed)
+            await _submit_paced(sys_.bus, _bodies(graph, seed, block), rate)
             expected += len(graph)
             await wait_until(lambda: _at_least(sys_.bus, base + expected), timeout_s=600)  # noqa: B023 - awaited here
         at = {kind: await _times(sys_.bus, kind, expected) for kind in ("submitted", "scheduled", "started", "succeeded")}
@@ -95,6 +118,7 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
             **_edge_figures(full_graph, at),
             "half_speed": {"n": len(half_graph), "rate_per_s": tasks_per_s / 2, **_edge_figures(half_graph, at)},
             "paced": {"n": len(paced_graph), "rate_per_s": PACED_RATE, **_edge_figures(paced_graph, at)},
+            "workflows": {"n": len(workflows_graph), "size": WORKFLOW_SIZE, "rate_per_s": PACED_RATE, **_edge_figures(workflows_graph, at)},
             "edge_target_ms": EDGE_P99_MS,
         }
         if chunks:
@@ -106,20 +130,26 @@ def _renamed(graph: dict[str, list[str]], prefix: str) -> dict[str, list[str]]:
     return {prefix + task[1:]: [prefix + d[1:] for d in deps] for task, deps in graph.items()}
 
 
-async def _submit_paced(bus: Any, graph: dict[str, list[str]], rate: float, seed: int) -> None:
-    """Submit the graph in random order at ``rate`` tasks/s (open loop: each at its time, whatever came before)."""
+async def _submit_paced(bus: Any, bodies: list[bytes], rate: float) -> None:
+    """Submit ``bodies`` at ``rate`` tasks/s (open loop: each at its time, whatever came before)."""
     slot = time.monotonic()
-    for i, body in enumerate(_bodies(graph, seed)):
+    for i, body in enumerate(bodies):
         delay = slot + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         await bus.publish(subjects.SUBMIT, body)
 
 
-def _bodies(graph: dict[str, list[str]], seed: int) -> list[bytes]:
-    """The graph's submissions in random order: most dependants come before their dependencies."""
-    order = list(graph)
-    random.Random(seed + 1).shuffle(order)
+def _bodies(graph: dict[str, list[str]], seed: int, block: int | None = None) -> list[bytes]:
+    """The graph's submissions in random order (within each run of ``block`` tasks, when
+    given: one small DAG after another): most dependants come before their dependencies."""
+    rng = random.Random(seed + 1)
+    tasks = list(graph)
+    order: list[str] = []
+    for start in range(0, len(tasks), block or len(tasks) or 1):
+        part = tasks[start : start + (block or len(tasks))]
+        rng.shuffle(part)
+        order += part
     return [msgspec.json.encode({"id": task, "type": "noop", "depends_on": graph[task]}) for task in order]
 
 
@@ -137,10 +167,22 @@ def _edge_figures(graph: dict[str, list[str]], at: dict[str, dict[str, float]]) 
     ready = ready_at(graph, at["submitted"], at["succeeded"])
     started, scheduled = at["started"], at["scheduled"]
     return {
+        "largest_burst": largest_burst(list(ready.values()), BURST_WINDOW_S),
         "edge_latency_ms": percentiles(latencies_ms(ready, started)),
         "release_ms": percentiles(latencies_ms(ready, scheduled)),
         "release_to_start_ms": percentiles([1000 * (started[t] - scheduled[t]) for t in ready if t in started and t in scheduled]),
     }
+
+
+def largest_burst(times: list[float], window_s: float) -> int:
+    """Most of ``times`` within ``window_s`` of each other."""
+    ordered = sorted(times)
+    most, first = 0, 0
+    for last, at in enumerate(ordered):
+        while at - ordered[first] > window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 async def _split(bus: Any, chunks: int) -> dict[str, Any]:
