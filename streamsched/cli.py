@@ -190,6 +190,9 @@ def worker(
     settings = load_or_exit()
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
+    if not registry.names():
+        typer.echo(f"no @task handlers in {', '.join(modules)}: a worker fetches only the types it has handlers for", err=True)
+        raise typer.Exit(2)
 
     async def build(bus: Bus) -> list[Worker]:
         return [Worker(settings, bus, registry, region=region, concurrency=concurrency, prefetch=prefetch)]

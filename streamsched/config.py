@@ -53,7 +53,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Tasks a regional scheduler holds un-acked at once, across its priorities (its SCHED
     consumers' ``max_ack_pending`` is this in messages of up to ``streams.SCHED_BATCH_MAX_TASKS``)."""
     work_max_ack_pending: int = 20_000
-    """Cap on un-acked WORK messages per region and priority across all workers."""
+    """Cap on un-acked WORK messages per region, priority and task type across all workers."""
     worker_finish_window: int = 512
     """Outcomes a worker may have on their way at once (events being recorded, acks being
     sent) besides its running and waiting tasks. A handler's slot is free when it returns;

@@ -20,6 +20,8 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from . import subjects
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "__streamsched_task__"
@@ -80,6 +82,9 @@ def task(
     """
     if batch_size is not None and batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if name is not None and not subjects.is_type(name):
+        # A worker fetches each type from a WORK subject named after it.
+        raise ValueError(f"task type {name!r} is not valid: words of A-Z a-z 0-9 _ - : / joined by single dots, 200 characters at most")
 
     def mark(fn: F) -> F:
         setattr(fn, _MARK, TaskDef(name or fn.__name__, fn, timeout_s, max_attempts, batch_size, batch_wait_s))

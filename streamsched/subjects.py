@@ -6,6 +6,7 @@ rename happens here once (the idea of arq's ``constants.py``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 #: Ingress: anyone publishes a JSON task here (``nats pub tasks.submit '{...}'``).
@@ -80,6 +81,18 @@ def is_token(value: str) -> bool:
     return TOKEN_RE.fullmatch(value) is not None
 
 
+#: A task type is the tail of its WORK subject: dot-separated words of A-Z a-z 0-9 _ - : /
+#: (``emails.send``), so no empty word and no wildcard.
+TYPE_RE = re.compile(r"[A-Za-z0-9_:/-]+(?:\.[A-Za-z0-9_:/-]+)*")
+#: Longest task type.
+MAX_TYPE_CHARS = 200
+
+
+def is_type(value: str) -> bool:
+    """True when ``value`` is a valid task type (see :data:`TYPE_RE`)."""
+    return len(value) <= MAX_TYPE_CHARS and TYPE_RE.fullmatch(value) is not None
+
+
 def sched(region: str, priority: str) -> str:
     """The SCHED subject a master publishes to for one region and priority."""
     return f"sched.{region}.{priority}"
@@ -115,9 +128,22 @@ def edge_key(dependency: str, dependant: str) -> str:
 TIMERS_ALL = "timers.>"
 
 
-def work(region: str, priority: str) -> str:
-    """The WORK subject a regional scheduler releases work onto."""
-    return f"work.{region}.{priority}"
+def work(region: str, priority: str, task_type: str) -> str:
+    """The WORK subject a regional scheduler releases a task of ``task_type`` onto: the type
+    is in the subject so that a worker fetches only the types it has handlers for."""
+    return f"work.{region}.{priority}.{task_type}"
+
+
+#: Every WORK subject.
+WORK_ALL = "work.>"
+
+
+def parse_work(subject: str) -> tuple[str, str, str] | None:
+    """``(region, priority, type)`` of a WORK subject; None for another subject."""
+    parts = subject.split(".", 3)
+    if len(parts) != 4 or parts[0] != "work":
+        return None
+    return parts[1], parts[2], parts[3]
 
 
 def events(source: str) -> str:
@@ -144,9 +170,14 @@ def sched_consumer(region: str, priority: str) -> str:
     return f"regional-{region}-{priority}"
 
 
-def work_consumer(region: str, priority: str) -> str:
-    """Durable on WORK shared by every worker of ``region``."""
-    return f"worker-{region}-{priority}"
+def work_consumer(region: str, priority: str, task_type: str) -> str:
+    """Durable on WORK of one task type and priority, shared by every worker of ``region``
+    that handles the type. A consumer name takes no dots or slashes, so the type is spelled
+    with those replaced and followed by a digest of its exact spelling (``a.b`` and ``a_b``
+    stay apart)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", task_type)[:48]
+    digest = hashlib.blake2s(task_type.encode(), digest_size=4).hexdigest()
+    return f"worker-{region}-{priority}-{readable}-{digest}"
 
 
 def state_key(task_id: str) -> str:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import re
-
 from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
@@ -12,14 +10,14 @@ from ..model import Envelope
 from . import dependencies, splits
 from .timing import check_times, has_times
 
-#: Handler names travel in a header, so they must not contain spaces or control characters.
-TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+#: What :func:`streamsched.subjects.is_type` admits, for error messages.
+TYPE_RULE = "1-200 characters of A-Z a-z 0-9 _ - : / in words joined by single dots"
 
 
 def check_fields(envelope: Envelope, settings: Settings) -> None:
     """The master's checks of a decoded task's fields; raises :class:`Rejected` with the reason."""
-    if not TYPE_RE.fullmatch(envelope.type):
-        raise Rejected(f"type {envelope.type!r} is not a valid handler name (1-200 characters of A-Z a-z 0-9 _ - . : /)")
+    if not subjects.is_type(envelope.type):
+        raise Rejected(f"type {envelope.type!r} is not a valid handler name ({TYPE_RULE})")
     if envelope.priority not in settings.priorities:
         raise Rejected(f"unknown priority {envelope.priority!r} (expected one of {', '.join(settings.priorities)})")
     if envelope.id is not None and not subjects.is_token(envelope.id):

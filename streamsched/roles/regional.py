@@ -4,7 +4,8 @@ It reads ``sched.<region>.<priority>`` through one durable consumer per priority
 :class:`~streamsched.transport.pull.Puller`, so a high task never waits behind a low backlog and
 lower levels keep a small share. A SCHED message holds one task or a batch of them
 (:mod:`streamsched.roles.sched_batches`). Each task is republished byte for byte to
-``work.<region>.<priority>`` as its own message (routing data stays in the headers, with
+``work.<region>.<priority>.<type>`` as its own message, where only workers with a handler
+for its type fetch it (routing data stays in the headers, with
 the msg id ``<task>:work:0`` that makes a second copy harmless) with a ``dispatched``
 event (on ``events.regional``), and the SCHED message is acked only when all of them landed.
 A cancelled task (:mod:`streamsched.roles.cancels`) is not released: it gets a ``cancelled``
@@ -45,7 +46,6 @@ class Regional:
         self.bus = bus
         self.region = region
         self.priorities = settings.priorities
-        self.work_subjects = [subjects.work(region, p) for p in self.priorities]
         consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
         window = streams.sched_window_messages(settings.regional_window, len(self.priorities))
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
@@ -76,20 +76,26 @@ class Regional:
                 return
         else:
             entries = [(raw or b"", msg.data)]
-        work_subject, priority, now = self.work_subjects[level], self.priorities[level], time.time()
+        priority, now = self.priorities[level], time.time()
         publications: list[Publication] = []
         dispatched: list[ev.Event] = []
         cancelled = self.cancels.ids
         for headers, data in entries:
             task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
-            if task_id is None:  # not published by a master: nothing to route it by (TASKS keeps the submission)
-                log.error("SCHED task without %s on %s (seq %d); dropping it", subjects.H_TASK_ID, msg.subject, msg.stream_seq)
+            if task_id is None or not subjects.is_token(task_id):
+                # Not published by a master: nothing to route it by (TASKS keeps the submission).
+                log.error("SCHED task without a valid %s (%r) on %s (seq %d); dropping it", subjects.H_TASK_ID, task_id, msg.subject, msg.stream_seq)
                 continue
             if cancelled and task_id in cancelled:
                 dispatched.append(ev.Cancelled(task_id=task_id, at=now, region=self.region, reason=cancelled[task_id]))
                 continue
+            task_type = wire.header_value(headers, subjects.H_TYPE)
+            if task_type is None or not subjects.is_type(task_type):  # a master sends only valid types
+                log.error("SCHED task %s without a valid %s (%r) on %s; dropping it", task_id, subjects.H_TYPE, task_type, msg.subject)
+                continue
             # The header block goes on as it came, with the msg id of this hop: a quarter of
             # this role's CPU went into parsing it into a dict and encoding it again.
+            work_subject = subjects.work(self.region, priority, task_type)
             publications.append((work_subject, data, wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))))
             dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
         if not dispatched:

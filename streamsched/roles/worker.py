@@ -2,8 +2,10 @@
 
 Life of one delivery:
 
-1. The :class:`~streamsched.transport.pull.Puller` hands over messages, highest priority
-   first, up to ``concurrency`` handler slots plus ``prefetch`` more. A message that finds
+1. The :class:`~streamsched.transport.pull.Puller` hands over messages from the WORK
+   durables of the types this worker has handlers for (one per type and priority, which
+   every worker of the region loading that type shares), so it never takes a task it
+   cannot run; highest priority first, up to ``concurrency`` handler slots plus ``prefetch`` more. A message that finds
    every slot busy waits here (its ack_wait kept alive like a running task's) and starts,
    highest priority first, when a slot frees: so the next task is already here when a
    handler returns, instead of a pull request's round trip away. ``prefetch`` 0 leaves
@@ -74,7 +76,7 @@ from ..eventlog import events as ev
 from ..eventlog.recorder import Recording
 from ..model import decode_submission
 from ..registry import Registry, TaskContext, TaskDef, _current
-from ..transport import wire
+from ..transport import streams, wire
 from ..transport.bus import (
     ACK,
     Bus,
@@ -148,9 +150,15 @@ class Worker:
         self.region = region
         self.concurrency = concurrency
         self.id = f"{socket.gethostname()}-{os.getpid()}"
-        consumers = [subjects.work_consumer(region, p) for p in settings.priorities]
+        self.types = registry.names()
+        if not self.types:
+            raise ValueError("a worker needs at least one @task handler")
+        # One durable per priority and type (highest priority first): the worker fetches
+        # only the types it has handlers for. Its levels of one priority share that rank.
+        consumers = [subjects.work_consumer(region, p, t) for p in settings.priorities for t in self.types]
+        self._priority_of = [level for level in range(len(settings.priorities)) for _ in self.types]
         self.prefetch = PREFETCH_PER_SLOT * concurrency if prefetch is None else prefetch
-        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency + self.prefetch, self._on_message)
+        self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency + self.prefetch, self._on_message, ranks=self._priority_of)
         self.settler = Settler(bus, self.puller, source="worker")
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
@@ -182,6 +190,7 @@ class Worker:
             ", ".join(self.registry.names()) or "(none)",
         )
         self.progress = ProgressReports(self._loop, self._record_progress, self._is_running)
+        await streams.ensure_work_consumers(self.bus, self.settings, self.region, self.types)
         await self.cancels.start()
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -231,7 +240,8 @@ class Worker:
             while self.puller.held > 0 or self.finishing > 0:
                 await anyio.sleep(0.01)
 
-    def _on_message(self, level: int, msg: Delivery) -> None:
+    def _on_message(self, index: int, msg: Delivery) -> None:
+        level = self._priority_of[index]
         if self._draining or self._tg is None:
             # Arrived while stopping: hand it back, with a delay so it cannot bounce back here.
             self.settler.settle(msg, NAK_WHILE_DRAINING)

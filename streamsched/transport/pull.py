@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import nats.errors
 
 from . import wire
@@ -58,7 +59,9 @@ class Puller:
     to ``on_message(level, msg)`` and counts against ``capacity`` until the holder calls
     :meth:`release`. Free capacity goes to the highest level that has a backlog, except
     that every ``share_every``-th allocation starts at a lower level, so lower levels
-    keep a small share and never starve. Levels without a backlog keep a long-poll
+    keep a small share and never starve. Consumers of equal priority (a worker reads one
+    durable per task type and priority) are given the same ``ranks`` entry: the levels of
+    a rank with a backlog share its credit. Levels without a backlog keep a long-poll
     request open, so a new task anywhere is seen at once: of one message, or of a few
     when capacity allows (together at most a quarter of it, see :data:`IDLE_SHARE`). With
     less capacity than levels they are polled in turn instead (:meth:`_allocate_scarce`).
@@ -83,6 +86,7 @@ class Puller:
         on_message: Callable[[int, Delivery], None],
         *,
         share_every: int = 8,
+        ranks: Sequence[int] | None = None,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -91,6 +95,9 @@ class Puller:
         self.share_every = share_every
         prefix = bus.nc.new_inbox()
         self.levels = [_Level(name, f"{prefix}.{i}") for i, name in enumerate(consumers)]
+        # Levels of one rank (a priority, over several consumers) share free credit.
+        ranks = list(range(len(consumers))) if ranks is None else list(ranks)
+        self._peers = [[self.levels[j] for j, r in enumerate(ranks) if r == rank] for rank in ranks]
         self.held = 0
         self._rounds = 0
         self._handed = 0
@@ -132,6 +139,7 @@ class Puller:
             level.sub = await self.bus.subscribe(level.inbox, self._handler(index))
         # A timeout on each wait below would cost a task and a timer per loop turn.
         watchdog = self._loop.create_task(self._watch_requests())
+        probe = self._loop.create_task(self._probe_levels()) if self.capacity < len(self.levels) else None
         try:
             while not self._stopped:
                 for subject, body, inbox in self._allocate():
@@ -146,6 +154,8 @@ class Puller:
         finally:
             self._stopped = True
             watchdog.cancel()
+            if probe is not None:
+                probe.cancel()
 
     async def finish(self, timeout_s: float = 10.0) -> None:
         """After :meth:`stop`: wait until held messages are settled, then unsubscribe.
@@ -257,9 +267,12 @@ class Puller:
                 break
             level = self.levels[index]
             if level.hot:
-                if level.outstanding == 0 or free >= max(1, self.capacity // 4):
-                    requests.append(self._request(level, free, SHORT_POLL_S))
-                # Either way the credit is kept for the highest level with a backlog.
+                # The credit goes to the highest rank with a backlog, shared by its levels that have one.
+                hot = [peer for peer in self._peers[index] if peer.hot]
+                share = max(1, free // len(hot))
+                for peer in hot:
+                    if peer.outstanding == 0 or share >= max(1, self.capacity // (4 * len(hot))):
+                        requests.append(self._request(peer, share, SHORT_POLL_S))
                 free = 0
             elif level.outstanding == 0:
                 # More than one message when there is room: under a moderate load a level is
@@ -296,6 +309,30 @@ class Puller:
         body = b'{"batch":%d,"expires":%d}' % (batch, int(expires_s * 1e9))
         return f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{level.consumer}", body, level.inbox
 
+    async def _probe_levels(self) -> None:
+        """With less credit than levels, the brief polls go round them slowly (a worker with
+        one slot and twenty task types reads sixty levels). So while none is known to have
+        a backlog, every :data:`SCARCE_POLL_S` one request lists the stream's consumers with
+        their pending counts (:meth:`probe`)."""
+        while True:
+            await asyncio.sleep(SCARCE_POLL_S)
+            if self._stopped or self.free <= 0 or any(level.hot for level in self.levels):
+                continue
+            try:
+                if await self.probe():
+                    self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - disconnected or slow: the brief polls go on meanwhile
+                log.debug("listing the consumers of %s failed: %r", self.stream, exc)
+
+    async def probe(self) -> bool:
+        """Mark the levels whose consumers have messages to deliver; True when any has."""
+        found = False
+        pending = await _pending_by_consumer(self.bus, self.stream)
+        for level in self.levels:
+            if pending.get(level.consumer, 0) > 0:
+                level.hot = found = True
+        return found
+
     async def _watch_requests(self) -> None:
         """Once a second: a request the server never answered (restart, lost connection)
         frees its credit."""
@@ -308,3 +345,29 @@ class Puller:
                     level.outstanding = 0
                     level.hot = True
                     self._wake.set()
+
+
+class _ConsumerPending(msgspec.Struct):
+    name: str
+    num_pending: int = 0
+
+
+class _ConsumerList(msgspec.Struct):
+    consumers: list[_ConsumerPending] | None = None
+    total: int = 0
+    limit: int = 0
+
+
+_decode_consumer_list = msgspec.json.Decoder(_ConsumerList).decode
+
+
+async def _pending_by_consumer(bus: Bus, stream: str) -> dict[str, int]:
+    """Every consumer of ``stream`` with the messages it could deliver now (page by page)."""
+    pending: dict[str, int] = {}
+    while True:
+        reply = await bus.nc.request(f"$JS.API.CONSUMER.LIST.{stream}", b'{"offset":%d}' % len(pending), timeout=2.0)
+        page = _decode_consumer_list(reply.data)
+        for consumer in page.consumers or ():
+            pending[consumer.name] = consumer.num_pending
+        if not page.consumers or len(pending) >= page.total:
+            return pending

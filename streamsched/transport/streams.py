@@ -24,6 +24,7 @@ Retention follows the role of each stream:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -114,7 +115,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.WORK_STREAM,
-            subjects=["work.*.*"],
+            subjects=[subjects.WORK_ALL],
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
@@ -227,20 +228,53 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
         for priority in settings.priorities:
             window = sched_window_messages(settings.regional_window, len(settings.priorities))
             out.append((subjects.SCHED_STREAM, _role_consumer(subjects.sched_consumer(region, priority), subjects.sched(region, priority), window)))
-            out.append(
-                (
-                    subjects.WORK_STREAM,
-                    ConsumerConfig(
-                        durable_name=subjects.work_consumer(region, priority),
-                        filter_subject=subjects.work(region, priority),
-                        ack_policy=AckPolicy.EXPLICIT,
-                        ack_wait=settings.ack_wait_s,
-                        max_ack_pending=settings.work_max_ack_pending,
-                        max_deliver=settings.max_deliver,
-                    ),
-                )
-            )
     return out
+
+
+def work_consumer_config(settings: Settings, region: str, priority: str, task_type: str) -> ConsumerConfig:
+    """The durable on WORK of one region, priority and task type. Workers create it for the
+    types they load (:func:`ensure_work_consumers`): the types are known only to them."""
+    return ConsumerConfig(
+        durable_name=subjects.work_consumer(region, priority, task_type),
+        filter_subject=subjects.work(region, priority, task_type),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_ack_pending=settings.work_max_ack_pending,
+        max_deliver=settings.max_deliver,
+    )
+
+
+async def _work_consumer_configs(bus: Bus, settings: Settings) -> list[tuple[str, ConsumerConfig]]:
+    """The configs, from ``settings``, of the WORK durables workers have made (``apply`` brings
+    them up to date: a changed ``ack_wait_s`` reaches them without restarting every worker)."""
+    existing: list[Any] = []
+    try:
+        while page := await bus.js.consumers_info(subjects.WORK_STREAM, offset=len(existing)):
+            existing += page
+    except NotFoundError:
+        return []
+    out: list[tuple[str, ConsumerConfig]] = []
+    for info in existing:
+        parsed = subjects.parse_work(info.config.filter_subject or "")
+        if parsed is None:
+            continue
+        region, priority, task_type = parsed
+        if region in settings.regions and priority in settings.priorities and info.name == subjects.work_consumer(region, priority, task_type):
+            out.append((subjects.WORK_STREAM, work_consumer_config(settings, region, priority, task_type)))
+    return out
+
+
+async def ensure_work_consumers(bus: Bus, settings: Settings, region: str, task_types: Sequence[str]) -> list[str]:
+    """Create (or bring up to date) the WORK durables of ``task_types`` in ``region``, every
+    priority; their names, highest priority first and the types in the order given."""
+    names: list[str] = []
+    for priority in settings.priorities:
+        for task_type in task_types:
+            config = work_consumer_config(settings, region, priority, task_type)
+            await bus.js.add_consumer(subjects.WORK_STREAM, config)  # creates, or updates in place
+            assert config.durable_name is not None
+            names.append(config.durable_name)
+    return names
 
 
 @dataclass(frozen=True)
@@ -287,7 +321,7 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
             await js.create_key_value(kv)
             changes.append(Change("kv", kv.bucket, "created"))
 
-    for stream, consumer in consumer_configs(settings):
+    for stream, consumer in [*consumer_configs(settings), *await _work_consumer_configs(bus, settings)]:
         name = consumer.durable_name
         assert name is not None
         try:

@@ -288,7 +288,7 @@ async def test_a_worker_sent_sigterm_runs_the_tasks_it_prefetched_within_the_gra
     await client.submit("sleep", {"seconds": 0.1}, id="prefetched-at-sigterm")
 
     async def ack_pending() -> int:
-        return (await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer("default", "medium"))).num_ack_pending
+        return (await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer("default", "medium", "sleep"))).num_ack_pending
 
     with anyio.fail_after(10):
         while await ack_pending() != 2:  # one running, one waiting in the worker for the slot

@@ -9,6 +9,7 @@ import time
 import anyio
 import pytest
 
+from streamsched import subjects
 from streamsched.config import Settings
 from streamsched.testing import all_roles, running
 from streamsched.transport import streams
@@ -28,20 +29,23 @@ async def cli(settings: Settings, *args: str, check: bool = True) -> anyio.abc.P
 async def test_streams_apply_is_idempotent_and_reports_what_changed(settings, bus):
     # The bus fixture already applied the defaults once.
     assert {change.action for change in await streams.apply(bus, settings)} == {"unchanged"}
+    # A worker loading "echo" made its WORK durables; apply brings them up to date too.
+    (echo_high, *_) = await streams.ensure_work_consumers(bus, settings, "default", ["echo"])
     more = Settings.load({}, nats_url=settings.nats_url, regions=("default", "eu"), ack_wait_s=9.0)
     changes = {str(c.name): c for c in await streams.apply(bus, more)}
-    assert changes["WORK/worker-eu-high"].action == "created"
-    assert changes["WORK/worker-default-high"].action == "updated"
-    assert "ack_wait" in changes["WORK/worker-default-high"].detail
+    assert changes["SCHED/regional-eu-high"].action == "created"
+    assert changes[f"WORK/{echo_high}"].action == "updated"
+    assert "ack_wait" in changes[f"WORK/{echo_high}"].detail
     assert changes["TASKS"].action == "unchanged"
-    assert (await bus.js.consumer_info("WORK", "worker-default-high")).config.ack_wait == 9.0
+    assert (await bus.js.consumer_info("WORK", echo_high)).config.ack_wait == 9.0
 
 
 async def test_streams_show_prints_depth_per_subject_and_consumers(settings, bus):
-    await bus.js.publish("work.default.low", b"x", headers={"Streamsched-Task-Id": "x"})
+    (_, _, echo_low) = await streams.ensure_work_consumers(bus, settings, "default", ["echo"])
+    await bus.js.publish(subjects.work("default", "low", "echo"), b"x", headers={"Streamsched-Task-Id": "x"})
     out = (await cli(settings, "streams", "show")).stdout.decode()
-    assert "work.default.low" in out
-    assert "consumer worker-default-low" in out and "pending=1" in out
+    assert "work.default.low.echo" in out
+    assert f"consumer {echo_low}" in out and "pending=1" in out
 
 
 async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(settings, bus, examples):

@@ -162,7 +162,11 @@ def stream_garbage(rng: random.Random) -> list[tuple[str, bytes, bytes | None, s
     out: list[tuple[str, bytes, bytes | None, str | None]] = []
     for n in range(300):
         where = rng.choice(["sched", "work", "events"])
-        subject = subjects.events(f"fuzz{n % 3}") if where == "events" else f"{where}.default.{rng.choice(('high', 'medium', 'low'))}"
+        priority = rng.choice(("high", "medium", "low"))
+        if where == "events":
+            subject = subjects.events(f"fuzz{n % 3}")
+        else:  # onto WORK where a worker reads it: that of a type it handles
+            subject = subjects.sched("default", priority) if where == "sched" else subjects.work("default", priority, "echo")
         if where == "events":
             body = rng.choice(
                 [

@@ -8,12 +8,14 @@ in production; the projector runs where a test reads the KV state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import msgspec
 import pytest
+from nats.js.errors import NotFoundError
 
 from streamsched import current_task, subjects, task
 from streamsched.client import Client
@@ -81,8 +83,21 @@ def of(events: EventLog, task_id: str, kind: str) -> list[ev.Event]:
     return [e for e in events.of_task(task_id) if ev.kind(e) == kind]
 
 
-async def work_consumers(bus: Bus, settings: Settings) -> list:
-    return [await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(REGION, p)) for p in settings.priorities]
+async def _ack_wait_is(bus: Bus, consumer: str, seconds: float) -> bool:
+    try:
+        return (await bus.js.consumer_info(subjects.WORK_STREAM, consumer)).config.ack_wait == seconds
+    except NotFoundError:
+        return False
+
+
+async def work_consumers(bus: Bus, settings: Settings, task_type: str) -> list:
+    """The WORK durables of ``task_type``, one per priority, once they exist (the first worker
+    that loads the type makes them)."""
+    found = []
+    for priority in settings.priorities:
+        with contextlib.suppress(NotFoundError):
+            found.append(await bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(REGION, priority, task_type)))
+    return found
 
 
 async def test_high_priority_tasks_overtake_a_backlog_of_low_ones(settings, bus, events: EventLog, registry):
@@ -94,7 +109,7 @@ async def test_high_priority_tasks_overtake_a_backlog_of_low_ones(settings, bus,
                 await submit(bus, id=task_id, type="sleep", priority=priority, payload={"seconds": 0.01})
 
         async def all_waiting_on_work() -> bool:
-            return sum(c.num_pending for c in await work_consumers(bus, settings)) == 40
+            return (await bus.js.stream_info(subjects.WORK_STREAM)).state.messages == 40
 
         await eventually(all_waiting_on_work, what="40 tasks on WORK")
         assert not events.of_kind("started")
@@ -145,7 +160,7 @@ async def test_a_worker_runs_at_most_concurrency_handlers_and_holds_at_most_its_
         over: list[list[tuple[str, int]]] = []
         with anyio.fail_after(12):
             while len(events.of_kind("succeeded")) < 8:
-                consumers = await work_consumers(bus, settings)
+                consumers = await work_consumers(bus, settings, "test.counted_nap")
                 ack_pending = sum(c.num_ack_pending for c in consumers)
                 # Two running and one outcome on its way: 3. The consumers are read one after
                 # another, so a task that ends between two reads and its successor can both be
@@ -191,7 +206,7 @@ async def test_a_handler_slot_is_free_while_its_outcome_is_on_its_way_up_to_the_
         await eventually(five_held, what="five outcomes held")
         assert worker.finishing == 5
         assert worker.puller.free <= 0  # no credit: nothing more is asked for
-        consumers = await work_consumers(bus, settings)
+        consumers = await work_consumers(bus, settings, "echo")
         assert sum(c.num_ack_pending for c in consumers) == 5
         assert not events.of_kind("succeeded")
         # Let them land: the waiting slots come back and the other five run.
@@ -379,12 +394,13 @@ async def test_a_permanent_failure_is_not_retried(settings, bus, events: EventLo
 async def test_a_task_running_three_times_longer_than_ack_wait_completes_exactly_once(settings, bus, events: EventLog, registry):
     short = msgspec.structs.replace(settings, ack_wait_s=1.0)
     await streams.apply(bus, short)
-    consumer = subjects.work_consumer(REGION, "medium")
-    assert (await bus.js.consumer_info(subjects.WORK_STREAM, consumer)).config.ack_wait == 1.0
+    consumer = subjects.work_consumer(REGION, "medium", "sleep")
     # Concurrency 4 keeps pull requests open, so a redelivery would be taken and started again.
     worker = Worker(short, bus, registry, region=REGION, concurrency=4)
     most_redelivered = 0
     async with running([*await routing(short, bus), worker]):
+        # The worker made its durables with its own ack_wait.
+        await eventually(lambda: _ack_wait_is(bus, consumer, 1.0), what="the worker's durable with ack_wait 1 s")
         await submit(bus, id="long", type="sleep", payload={"seconds": 3.5})
         with anyio.fail_after(10):
             while "succeeded" not in events.kinds_of("long"):

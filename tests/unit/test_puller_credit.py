@@ -145,3 +145,13 @@ async def test_a_handler_that_fails_gives_its_credit_back(caplog):
     deliver(p, 0, 1)  # one level: handed over at once, from the read loop
     assert p.held == 0 and p.free == 4  # not settled (it comes back after ack_wait), but not leaked
     assert "handler bug" in caplog.text and "comes back after ack_wait" in caplog.text
+
+
+def test_levels_of_one_rank_share_the_credit_of_their_backlogs():
+    # A worker's levels: two task types at each of two priorities.
+    p = Puller(_NoNetwork(), "WORK", ["h-a", "h-b", "l-a", "l-b"], 10, lambda level, msg: None, ranks=[0, 0, 1, 1])
+    assert requests(p) == [("h-a", 5), ("h-b", 5)]  # both high types have a backlog: half each
+    p = Puller(_NoNetwork(), "WORK", ["h-a", "h-b", "l-a", "l-b"], 12, lambda level, msg: None, ranks=[0, 0, 1, 1])
+    p.levels[0].hot = False
+    # The idle high type keeps a one-message long poll; the other gets the rest, the lows nothing.
+    assert requests(p) == [("h-a", 1), ("h-b", 11)]

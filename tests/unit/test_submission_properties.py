@@ -82,7 +82,7 @@ payloads = json_values | st.integers(MAX_PAYLOAD_DEPTH - 2, MAX_PAYLOAD_DEPTH + 
 tokens = st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True)
 
 valid_envelopes = st.fixed_dictionaries(
-    {"type": st.from_regex(r"[A-Za-z0-9_.:/-]{1,40}", fullmatch=True)},
+    {"type": st.from_regex(r"[A-Za-z0-9_:/-]{1,20}(\.[A-Za-z0-9_:/-]{1,20})?", fullmatch=True)},
     optional={
         "id": tokens,
         "payload": payloads,
