@@ -77,8 +77,9 @@ async def test_a_task_of_a_type_no_worker_loads_waits_and_runs_when_its_worker_s
         await submit(bus, "after", "billing.charge")
         # The task submitted after it ran: the worker that cannot run the orphan never took it.
         await events.wait(lambda log: "succeeded" in log.kinds_of("after"), what="the billing task's success")
-        info = await bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.work(REGION, "medium", "reports.build"))
-        assert info.state.messages == 1
+        waiting_on = subjects.work(REGION, "medium", "reports.build")
+        info = await bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=waiting_on)
+        assert info.state.subjects == {waiting_on: 1}
         assert events.kinds_of("orphan") == ["submitted", "scheduled", "dispatched"]
         late = Worker(settings, bus, pool(ran, "reports.build"), region=REGION, concurrency=4)
         async with running([late]):
