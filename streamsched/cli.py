@@ -24,6 +24,7 @@ from .cli_events import (
 )
 from .cli_files import MAX_BATCH_TASKS, submit_file
 from .cli_schedules import schedule_app
+from .cli_workers import workers_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
 from .errors import AlreadyFinished, NotFound, Unavailable
@@ -68,6 +69,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(replay_app, name="replay")
 app.add_typer(schema_app, name="schema")
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(workers_app, name="workers")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 
@@ -81,8 +83,9 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
         "Start the whole system on this machine: embedded nats-server, streams, master, regional schedulers, "
         "projector, workers.\n\n"
         f"A role process that exits is restarted (after {RESTART_DELAY_S:g} s, doubling up to {RESTART_DELAY_MAX_S:g} s); "
-        f"one that exits {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
-        f"{Exit.ERROR:d}. Ctrl-C or SIGTERM stops everything in order: workers drain first, then the schedulers, "
+        f"one that fails {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
+        f"{Exit.ERROR:d} (a clean exit, code 0, as of a worker drained by `workers drain`, is restarted and is no failure). "
+        "Ctrl-C or SIGTERM stops everything in order: workers drain first, then the schedulers, "
         f"the projector and nats-server; a second Ctrl-C kills at once. A taken port gives exit code {Exit.USAGE:d}."
     )
 )

@@ -31,7 +31,7 @@ from .model import (
     raw_value,
     state_decoder,
 )
-from .roles import batches, schedules
+from .roles import batches, schedules, worker_registry
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
@@ -310,6 +310,23 @@ class Client:
 
     async def resume_schedule(self, name: str) -> schedules.Schedule:
         return await schedules.set_paused(self.bus, name, False)
+
+    async def workers(self) -> list[worker_registry.WorkerInfo]:
+        """The live workers (their entries in KV ``workers``), by region and id."""
+        return await worker_registry.live_workers(self.bus)
+
+    async def drain_worker(self, worker_id: str, *, timeout_s: float | None = None) -> worker_registry.WorkerInfo:
+        """Ask a worker to drain: it fetches nothing more, finishes what it holds within its
+        ``grace_s``, deregisters and exits. Returns its entry as it answered (``draining``).
+
+        With ``timeout_s``, also waits until it has deregistered, raising :class:`TimeoutError`
+        if it has not by then. Raises :class:`~streamsched.errors.NotFound` when no live
+        worker has that id.
+        """
+        info = await worker_registry.request_drain(self.bus, worker_id)
+        if timeout_s is not None and not await worker_registry.wait_gone(self.bus, worker_id, timeout_s=timeout_s):
+            raise TimeoutError(f"worker {worker_id} still registered after {timeout_s}s")
+        return info
 
     async def _submit_batch(self, submissions: list[tuple[str, bytes]]) -> list[TaskHandle]:
         if len(submissions) > batches.MAX_TASKS:

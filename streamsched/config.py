@@ -60,6 +60,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     past this many unsettled outcomes the worker fetches nothing more until one lands. A
     worker holds at most ``concurrency + prefetch`` plus this many un-acked messages, within
     ``work_max_ack_pending``."""
+    worker_heartbeat_s: float = 2.0
+    """How often a worker puts its entry (id, region, handler types, load) in KV ``workers``.
+    Entries expire after three heartbeats, so a worker that vanished (SIGKILL, lost host)
+    leaves ``streamsched workers list`` within that; the bucket's TTL follows this setting
+    (``streams apply`` updates it). At least 0.1 s."""
     ack_wait_s: float = 30.0
     """A worker that stops heartbeating for this long loses its task to another worker."""
     max_deliver: int = 100
@@ -154,6 +159,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")
         if self.idempotency_ttl_s < 1:
             raise ConfigError(f"idempotency_ttl_s must be at least 1 (second), not {self.idempotency_ttl_s}")
+        if not self.worker_heartbeat_s >= 0.1:  # also refuses NaN; three of them are the bucket's TTL, which the server wants >= 100 ms
+            raise ConfigError(f"worker_heartbeat_s must be at least 0.1 (seconds), not {self.worker_heartbeat_s}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
 

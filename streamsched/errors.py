@@ -24,7 +24,7 @@ class Unavailable(StreamschedError):
 
 
 class NotFound(StreamschedError):
-    """No task with that id (or no schedule with that name)."""
+    """No task with that id (or no schedule with that name, no live worker with that id)."""
 
 
 class AlreadyFinished(StreamschedError):

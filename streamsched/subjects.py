@@ -40,6 +40,8 @@ WORKFLOWS_BUCKET = "workflows"
 SCHEDULES_BUCKET = "schedules"
 #: KV bucket of idempotency keys (value = the id of the task that took the key), each with a TTL.
 IDEMPOTENCY_BUCKET = "idempotency"
+#: KV bucket of the live workers (key = :func:`worker_key`; see :mod:`streamsched.roles.worker_registry`).
+WORKERS_BUCKET = "workers"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
@@ -183,6 +185,21 @@ def work_consumer(region: str, priority: str, task_type: str) -> str:
 def state_key(task_id: str) -> str:
     """KV key of one task's state (the id itself; kept as a function for one place to change)."""
     return task_id
+
+
+#: What a worker id may not hold in a KV key or a subject token (a host name may have dots).
+_NOT_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def worker_key(worker_id: str) -> str:
+    """KV ``workers`` key (and subject token) of a worker: its id with every character a
+    token may not hold (dots of a host name, say) as ``_``. Applying it twice changes nothing."""
+    return _NOT_IN_TOKEN.sub("_", worker_id)
+
+
+def worker_drain(worker_id: str) -> str:
+    """Core NATS subject on which one worker answers a drain request (no stream stores it)."""
+    return f"streamsched.workers.{worker_key(worker_id)}.drain"
 
 
 def msg_id(task_id: str, hop: str, attempt: int = 0) -> str:

@@ -1,8 +1,10 @@
 """Keeps the role processes of ``streamsched up`` running, for a laptop or a demo.
 
 Deliberately small: a role that exits is started again with the same command and
-environment after a capped, doubling delay; a role that keeps exiting stops the whole
-thing; stopping goes in stages. Production runs each role on its own under whatever
+environment after a capped, doubling delay; a role that keeps failing stops the whole
+thing; stopping goes in stages. A clean exit (code 0) is a worker drained by
+``streamsched workers drain`` (roles exit 0 on their own only when told to stop): it is
+restarted after the first delay, as a graceful restart, and not counted as a failure. Production runs each role on its own under whatever
 already restarts processes there (systemd, Kubernetes), so nothing more belongs here.
 """
 
@@ -25,7 +27,7 @@ RESTART_DELAY_MAX_S = 15.0
 #: A role that stayed up this long was healthy: its next exit restarts it after
 #: :data:`RESTART_DELAY_S` again instead of the doubled delay.
 STABLE_AFTER_S = 30.0
-#: A role that exits this many times within :data:`CRASH_LOOP_WINDOW_S` is crash-looping
+#: A role that fails (exits non-zero or by a signal) this many times within :data:`CRASH_LOOP_WINDOW_S` is crash-looping
 #: (it fails at start, say an import error): restarting it cannot help, so ``up`` stops.
 CRASH_LOOP_EXITS = 5
 #: The window over which :data:`CRASH_LOOP_EXITS` are counted.
@@ -43,7 +45,7 @@ class RestartPolicy:
     stable_after_s: float = STABLE_AFTER_S
     """Uptime after which an exit counts as the first again (the delay resets)."""
     crash_loop_exits: int = CRASH_LOOP_EXITS
-    """Exits within ``crash_loop_window_s`` that make a role crash-looping."""
+    """Failures (exits but clean ones) within ``crash_loop_window_s`` that make a role crash-looping."""
     crash_loop_window_s: float = CRASH_LOOP_WINDOW_S
     """Window over which exits are counted."""
 
@@ -81,7 +83,7 @@ class RoleProcess:
     restart_at: float | None = None
     next_delay_s: float = 0.0
     exits: list[tuple[float, str]] = field(default_factory=list)
-    """(when, how) of the exits within the crash-loop window, oldest first."""
+    """(when, how) of the failures within the crash-loop window, oldest first."""
 
     def start(self, now: float) -> subprocess.Popen[bytes]:
         # Its own process group: a terminal's Ctrl-C goes to the foreground group only, so
@@ -103,13 +105,18 @@ class RoleProcess:
         how = describe_exit(returncode)
         uptime = now - self.started_at
         self.process = None
-        self.exits = [(t, h) for t, h in self.exits if now - t < self.policy.crash_loop_window_s] + [(now, how)]
-        if len(self.exits) >= self.policy.crash_loop_exits:
-            return False
-        if uptime >= self.policy.stable_after_s or not self.next_delay_s:
+        clean = returncode == 0  # drained (`workers drain`): restarted, no failure
+        if not clean:
+            self.exits = [(t, h) for t, h in self.exits if now - t < self.policy.crash_loop_window_s] + [(now, how)]
+            if len(self.exits) >= self.policy.crash_loop_exits:
+                return False
+        if clean or uptime >= self.policy.stable_after_s or not self.next_delay_s:
             self.next_delay_s = self.policy.delay_s
         self.restart_at = now + self.next_delay_s
-        log.warning("%s exited with %s after %.1f s up; restarting it in %.1f s", self.role.name, how, uptime, self.next_delay_s)
+        if clean:
+            log.info("%s exited cleanly after %.1f s up (drained); starting it again in %.1f s", self.role.name, uptime, self.next_delay_s)
+        else:
+            log.warning("%s exited with %s after %.1f s up; restarting it in %.1f s", self.role.name, how, uptime, self.next_delay_s)
         self.next_delay_s = min(self.next_delay_s * 2, self.policy.max_delay_s)
         return True
 

@@ -176,7 +176,8 @@ or with the CLI:
   streamsched submit echo --payload '{{"hello":"world"}}' --wait
 
 Roles are restarted if they exit (after {policy.delay_s:g}s, doubling up to {policy.max_delay_s:g}s);
-one that exits {policy.crash_loop_exits} times within {policy.crash_loop_window_s:g}s stops everything.
+one that fails {policy.crash_loop_exits} times within {policy.crash_loop_window_s:g}s stops everything.
+A worker drained by `streamsched workers drain` exits cleanly and is replaced.
 Ctrl-C stops everything in order: workers first (running tasks get {settings.grace_s:.0f}s
 to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at once.
 """,

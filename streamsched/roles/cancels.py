@@ -38,11 +38,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
-import nats.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from .. import subjects
@@ -51,6 +48,7 @@ from ..eventlog import events as ev
 from ..eventlog.state import StateStore
 from ..model import Status
 from ..transport.bus import Bus, term_with_reason
+from ..transport.kv_watch import BucketWatch
 from ..transport.pull import Puller
 from ..transport.streams import CANCELLER_WINDOW
 from ..transport.wire import Delivery
@@ -238,7 +236,7 @@ async def _holds(bus: Bus, stream: str, subject: str) -> bool:
 
 
 class CancelWatch:
-    """The ids in KV ``cancels`` (task id -> reason), kept current by an ordered consumer.
+    """The ids in KV ``cancels`` (task id -> reason), kept current by a :class:`BucketWatch`.
 
     ``ids`` is a plain dict so the roles' per-task check is ``if ids and task_id in ids``:
     nothing but a truth test while no task is cancelled. ``on_cancel(task_id, reason)`` is
@@ -246,48 +244,28 @@ class CancelWatch:
     """
 
     def __init__(self, bus: Bus, on_cancel: Callable[[str, str], None] | None = None, *, limit: int = MAX_WATCHED) -> None:
-        self.bus = bus
         self.on_cancel = on_cancel
         self.limit = limit
         self.ids: dict[str, str] = {}
-        self._prefix = f"$KV.{subjects.CANCELS_BUCKET}."
-        self._loaded = asyncio.Event()
-        self._load_until = 0
-        self._sub: Any = None
+        self._watch = BucketWatch(bus, subjects.CANCELS_BUCKET, self._on_change)
 
     async def start(self) -> None:
         """Subscribe and wait (up to :data:`LOAD_TIMEOUT_S`) until the ids cancelled so far are in."""
-        stream = f"KV_{subjects.CANCELS_BUCKET}"
-        state = (await self.bus.js.stream_info(stream)).state
-        self._load_until = state.last_seq if state.messages else 0
-        if self._load_until == 0:
-            self._loaded.set()
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        self._sub = await self.bus.js.subscribe(self._prefix + ">", stream=stream, ordered_consumer=True, config=config, cb=self._on_entry)
-        try:
-            await asyncio.wait_for(self._loaded.wait(), LOAD_TIMEOUT_S)
-        except TimeoutError:
+        if not await self._watch.start(LOAD_TIMEOUT_S):
             log.warning("cancelled ids not all loaded after %.0fs; going on, the rest follow", LOAD_TIMEOUT_S)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):  # the connection is already gone
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self._watch.stop()
 
-    async def _on_entry(self, msg: Any) -> None:
-        task_id = msg.subject[len(self._prefix) :]
-        headers = msg.headers or {}
-        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers or not msg.data:
+    def _on_change(self, task_id: str, value: bytes | None) -> None:
+        if value is None:
             self.ids.pop(task_id, None)  # deleted, or expired after cancel_ttl_s
-        else:
-            try:
-                reason = _decode_record(msg.data).reason
-            except msgspec.DecodeError:
-                reason = ""
-            self.add(task_id, reason)
-        if not self._loaded.is_set() and msg.metadata.sequence.stream >= self._load_until:
-            self._loaded.set()
+            return
+        try:
+            reason = _decode_record(value).reason
+        except msgspec.DecodeError:
+            reason = ""
+        self.add(task_id, reason)
 
     def add(self, task_id: str, reason: str) -> None:
         """Remember ``task_id`` as cancelled (forgetting the oldest past ``limit``) and tell ``on_cancel``."""
@@ -296,5 +274,5 @@ class CancelWatch:
         self.ids[task_id] = reason
         if len(self.ids) > self.limit:
             del self.ids[next(iter(self.ids))]
-        if self.on_cancel is not None and self._loaded.is_set():
+        if self.on_cancel is not None and self._watch.loaded:
             self.on_cancel(task_id, reason)

@@ -46,9 +46,11 @@ Whatever the handler then does, the attempt ends ``cancelled`` (with its result,
 returned one), is not retried, and is termed. Handlers report progress through
 :mod:`streamsched.roles.progress`.
 
-On shutdown the worker stops asking for messages, naks any that still arrive, gives
-running and waiting tasks ``grace_s`` to finish (a waiting task handed back would count a
-delivery it never ran), then cancels and naks the rest.
+On shutdown (a signal, or ``streamsched workers drain``) the worker stops asking for
+messages, naks any that still arrive, gives running and waiting tasks ``grace_s`` to finish
+(a waiting task handed back would count a delivery it never ran), then cancels and naks the
+rest. While it runs, its entry in KV ``workers`` says who it is and how busy
+(:mod:`streamsched.roles.worker_registry`); it deletes the entry once it has drained.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import asyncio
 import collections
 import datetime
 import functools
+import itertools
 import logging
 import os
 import random
@@ -91,6 +94,7 @@ from .cancels import CancelWatch
 from .progress import ProgressReports
 from .settle import Publication, Settler
 from .threads import HandlerThreads
+from .worker_registry import Presence
 
 log = logging.getLogger("streamsched.worker")
 
@@ -105,6 +109,8 @@ NAK_WHILE_DRAINING = nak_with_delay(0.5)
 #: A task running longer than this gets its ``started`` event on its own; quicker ones
 #: publish it with their outcome. Its ``at`` is the start either way.
 STARTED_HOLD_S = 0.1
+#: Workers made in this process so far (numbers their ids after the first).
+_WORKERS_MADE = itertools.count(1)
 
 
 class _Running:
@@ -149,7 +155,9 @@ class Worker:
         self.registry = registry
         self.region = region
         self.concurrency = concurrency
-        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        # host-pid, and a number for a second worker of one process: each its own registry entry.
+        number = next(_WORKERS_MADE)
+        self.id = f"{socket.gethostname()}-{os.getpid()}" + (f"-{number}" if number > 1 else "")
         self.types = registry.names()
         if not self.types:
             raise ValueError("a worker needs at least one @task handler")
@@ -179,6 +187,7 @@ class Worker:
         # Given explicitly where asyncio would look it up: on Python 3.11 each lookup of
         # the running loop costs a getpid() system call (about three per task here).
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.presence = Presence(bus, settings, self)  # its entry in KV workers, its drain subject
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -195,6 +204,7 @@ class Worker:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._heartbeat)
+            tg.start_soon(self.presence.run)
             tg.start_soon(self._announce_started)
             await self.puller.run()  # returns once shutdown() stopped it
             # Drop interest at once: the server then skips this worker's open pull requests,
@@ -210,6 +220,11 @@ class Worker:
         """Stop fetching; :meth:`run` then drains and returns."""
         self._draining = True
         self.puller.stop()
+        await self.presence.draining()
+
+    def load(self) -> tuple[int, int]:
+        """Tasks in handlers now, and tasks waiting here for a slot (for the registry's heartbeats)."""
+        return len(self._tasks), sum(map(len, self._waiting))
 
     async def _drain(self) -> None:
         self._draining = True

@@ -316,7 +316,8 @@ class Puller:
         their pending counts (:meth:`probe`)."""
         while True:
             await asyncio.sleep(SCARCE_POLL_S)
-            if self._stopped or self.free <= 0 or any(level.hot for level in self.levels):
+            # Credit in brief polls still counts as free here: they expire within SCARCE_POLL_S.
+            if self._stopped or self.held >= self.capacity or any(level.hot for level in self.levels):
                 continue
             try:
                 if await self.probe():

@@ -20,6 +20,8 @@ Retention follows the role of each stream:
   dependency edges, workflow states (see :mod:`streamsched.roles.dependencies`).
 * KV ``schedules``: cron schedule definitions; KV ``idempotency``: idempotency keys, each
   with its own TTL.
+* KV ``workers``: the live workers, each entry put again every ``worker_heartbeat_s`` and
+  expiring three heartbeats after its last put (see :mod:`streamsched.roles.worker_registry`).
 """
 
 from __future__ import annotations
@@ -151,9 +153,11 @@ def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamCon
     )
 
 
-#: Seconds a KV ``cancels`` expiry leaves its marker (the minimum): the marker is what tells
-#: the roles' watches to forget the id.
-CANCEL_MARKER_TTL_S = 1.0
+#: Seconds a KV ``cancels`` or ``workers`` expiry leaves its marker (the minimum): the marker
+#: is what tells the roles' watches to forget the id or the worker.
+EXPIRY_MARKER_TTL_S = 1.0
+#: A worker's entry in KV ``workers`` expires this many heartbeats after its last put.
+WORKER_HEARTBEATS_TO_LIVE = 3
 
 
 def kv_config(settings: Settings) -> KeyValueConfig:
@@ -172,8 +176,9 @@ def kv_config(settings: Settings) -> KeyValueConfig:
 def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     """Every bucket: ``tasks``, then the dependency and workflow buckets (these expire with
     the events too, from their last write, so a dependency timeout may not be longer), then
-    the cancelled ids (kept ``cancel_ttl_s``), the cron schedules and the idempotency keys
-    (each key with its own TTL, which nats-py's bucket streams allow)."""
+    the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
+    (each key with its own TTL, which nats-py's bucket streams allow) and the live workers
+    (kept three heartbeats)."""
     own = [
         KeyValueConfig(
             bucket=bucket,
@@ -192,13 +197,22 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
         storage=StorageType.FILE,
         replicas=settings.replicas,
         direct=True,
-        limit_marker_ttl=CANCEL_MARKER_TTL_S,
+        limit_marker_ttl=EXPIRY_MARKER_TTL_S,
+    )
+    workers = KeyValueConfig(
+        bucket=subjects.WORKERS_BUCKET,
+        history=1,
+        ttl=WORKER_HEARTBEATS_TO_LIVE * settings.worker_heartbeat_s,
+        storage=StorageType.MEMORY,  # a few live entries, rewritten every heartbeat: nothing to keep across a restart
+        replicas=settings.replicas,
+        direct=True,
+        limit_marker_ttl=EXPIRY_MARKER_TTL_S,
     )
     schedules_and_keys = [
         KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
         for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET)
     ]
-    return [kv_config(settings), *own, cancels, *schedules_and_keys]
+    return [kv_config(settings), *own, cancels, *schedules_and_keys, workers]
 
 
 def _role_consumer(name: str, filter_subject: str, window: int, **more: Any) -> ConsumerConfig:
@@ -277,6 +291,12 @@ async def ensure_work_consumers(bus: Bus, settings: Settings, region: str, task_
     return names
 
 
+#: The dedupe window nats-py gives a bucket (or its TTL, if shorter).
+KV_DUPLICATE_WINDOW_S = 120.0
+#: TTLs closer than this are the same (the server keeps nanoseconds, the config float seconds).
+TTL_TOLERANCE_S = 0.001
+
+
 @dataclass(frozen=True)
 class Change:
     """One line of what ``streams apply`` did."""
@@ -315,11 +335,19 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
 
     for kv in kv_configs(settings):
         try:
-            await js.key_value(kv.bucket)
-            changes.append(Change("kv", kv.bucket, "unchanged"))
-        except NotFoundError:  # BucketNotFoundError is one
+            current = (await js.stream_info(f"KV_{kv.bucket}")).config
+        except NotFoundError:
             await js.create_key_value(kv)
             changes.append(Change("kv", kv.bucket, "created"))
+            continue
+        # The TTL follows settings that may change (worker_heartbeat_s, cancel_ttl_s ...);
+        # the dedupe window may not be longer, as nats-py makes it for a new bucket.
+        if abs((current.max_age or 0.0) - (kv.ttl or 0.0)) > TTL_TOLERANCE_S:
+            window = min(KV_DUPLICATE_WINDOW_S, kv.ttl) if kv.ttl else KV_DUPLICATE_WINDOW_S
+            await js.update_stream(replace(current, max_age=kv.ttl or 0.0, duplicate_window=window))
+            changes.append(Change("kv", kv.bucket, "updated", "ttl"))
+        else:
+            changes.append(Change("kv", kv.bucket, "unchanged"))
 
     for stream, consumer in [*consumer_configs(settings), *await _work_consumer_configs(bus, settings)]:
         name = consumer.durable_name

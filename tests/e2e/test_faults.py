@@ -1,7 +1,8 @@
 """Faults through every role, with workers (and, for restarts, every role) as real subprocesses.
 
-A worker SIGKILLed mid-task, a worker drained by SIGTERM, and nats-server stopped and
-restarted on the same port and store while workers are idle and while they are busy.
+A worker SIGKILLed mid-task (and dropped from the worker registry), a worker drained by
+SIGTERM, and nats-server stopped and restarted on the same port and store while workers
+are idle and while they are busy.
 The broker is never mocked; every process is stopped by its PID at teardown.
 """
 
@@ -10,12 +11,8 @@ from __future__ import annotations
 import collections
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -26,19 +23,16 @@ import pytest
 
 from streamsched import subjects
 from streamsched.client import Client
-from streamsched.config import Settings
 from streamsched.eventlog import events as ev
 from streamsched.eventlog import reader as eventlog
-from streamsched.eventlog.state import StateStore, is_final
+from streamsched.eventlog.state import is_final
 from streamsched.model import Status, TaskState
-from streamsched.roles.master import Master
-from streamsched.roles.projector import Projector
-from streamsched.roles.regional import Regional
-from streamsched.testing import EventLog, running, wait_drained
+from streamsched.roles.worker_registry import live_workers
+from streamsched.testing import EventLog, wait_drained
 from streamsched.transport.bus import Bus
 from streamsched.transport.server import NatsServer
 
-from ..conftest import subprocess_env
+from .conftest import Processes, wait_exit, worker_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -81,61 +75,6 @@ class RestartableServer:
         self.server.stop()
 
 
-class Processes:
-    """Role subprocesses of one test, each logging to its own file; stopped by PID at the end."""
-
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.env = subprocess_env(settings)
-        self.grace_s = settings.grace_s
-        self.log_dir = log_dir
-        self.started: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"{name}.log", "wb") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
-                env=self.env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        self.started[name] = process
-        return process
-
-    def worker(self, name: str, *, concurrency: int, prefetch: int | None = None) -> subprocess.Popen[bytes]:
-        more = [] if prefetch is None else ["--prefetch", str(prefetch)]
-        return self.start(name, "worker", "workers.examples", "--region", "default", "--concurrency", str(concurrency), *more)
-
-    def schedulers(self) -> None:
-        """Master, the default region's scheduler and the projector, one process each."""
-        self.start("master", "master")
-        self.start("regional", "regional", "--region", "default")
-        self.start("projector", "projector")
-
-    def alive(self) -> list[str]:
-        return [name for name, process in self.started.items() if process.poll() is None]
-
-    def logs(self) -> str:
-        """The tail of every role's log, for assertion messages."""
-        tails = []
-        for name in self.started:
-            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
-            tails.append(f"--- {name} ---\n" + "\n".join(lines[-25:]))
-        return "\n".join(tails)
-
-    def stop_all(self) -> None:
-        """SIGTERM every process still running, then SIGKILL those that outlive the grace period."""
-        for process in self.started.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s + 5
-        for process in self.started.values():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture
 def restartable_server(server: NatsServer) -> Iterator[RestartableServer]:
     restartable = RestartableServer(server)
@@ -143,43 +82,6 @@ def restartable_server(server: NatsServer) -> Iterator[RestartableServer]:
         yield restartable
     finally:
         restartable.stop()  # the replacement, if any; the fixture `server` stops the first
-
-
-@pytest.fixture
-def processes(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(settings, tmp_path)
-    try:
-        yield started
-    finally:
-        started.stop_all()
-
-
-@pytest.fixture
-async def client(bus: Bus) -> Client:
-    return Client(bus, await StateStore.open(bus))
-
-
-@pytest.fixture
-async def schedulers(settings: Settings, bus: Bus) -> AsyncIterator[None]:
-    """Master, regional scheduler and projector in this process (for the worker fault tests)."""
-    roles = [Master(settings, bus), Regional(settings, bus, "default"), Projector(settings, bus, await StateStore.open(bus))]
-    async with running(roles):
-        yield
-
-
-def worker_id(process: subprocess.Popen[bytes]) -> str:
-    """The id a worker process puts in its ``started`` events."""
-    return f"{socket.gethostname()}-{process.pid}"
-
-
-async def wait_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:
-    """The process's exit code; fails if it is still running after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while process.poll() is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"process {process.pid} still running after {timeout_s}s")
-        await anyio.sleep(0.02)
-    return process.returncode
 
 
 async def submit(client: Client, task_type: str, payload: Any, *, id: str, timeout_s: float = 15.0) -> None:
@@ -218,6 +120,11 @@ async def final_states(client: Client, task_ids: Sequence[str], *, timeout_s: fl
         await anyio.sleep(0.1)
 
 
+async def live_ids(bus: Bus) -> set[str]:
+    """The ids of the workers the registry lists as live."""
+    return {info.id for info in await live_workers(bus)}
+
+
 async def event_counts(bus: Bus, kind: str) -> dict[str, int]:
     """Events of ``kind`` per task id, read from the EVENTS stream (not from a live subscription)."""
     counts: collections.Counter[str] = collections.Counter()
@@ -229,11 +136,19 @@ async def event_counts(bus: Bus, kind: str) -> dict[str, int]:
 async def test_a_task_whose_worker_is_sigkilled_mid_run_is_redelivered_and_succeeds_on_another_worker(
     settings, bus, events: EventLog, client: Client, schedulers, processes: Processes
 ):
+    heartbeat_s = 0.3
+    processes.env["STREAMSCHED_WORKER_HEARTBEAT_S"] = str(heartbeat_s)
     first = processes.worker("worker-a", concurrency=1)
     await client.submit("sleep", {"seconds": 2.0}, id="killed-mid-run")
     await events.wait(lambda log: "started" in log.kinds_of("killed-mid-run"), timeout_s=20, what="the first start")
+    assert worker_id(first) in await live_ids(bus)
     first.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     assert await wait_exit(first, timeout_s=5) == -signal.SIGKILL
+    # Its registry entry was put at most one heartbeat before the kill, and counts for three.
+    while worker_id(first) in await live_ids(bus):
+        assert time.monotonic() - killed < 3 * heartbeat_s + 0.5, "the killed worker is still listed"
+        await anyio.sleep(0.02)
 
     second = processes.worker("worker-b", concurrency=1)
     # A's heartbeats stopped with it: after ack_wait the task goes to B, which runs it again.

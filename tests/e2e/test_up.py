@@ -186,6 +186,26 @@ async def test_a_killed_worker_is_restarted_and_the_next_tasks_succeed(tmp_path:
     assert up.popen.returncode == 0, up.output[-3000:]
 
 
+async def test_a_worker_drained_under_up_exits_cleanly_and_up_starts_a_new_one_in_its_place(tmp_path: Path):
+    with running_up(tmp_path) as (up, port):
+        up.wait_for_line(lambda line: "streamsched.worker: worker" in line and "handlers echo" in line)
+        [worker] = up.roles("worker")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCHED_")} | {"NATS_URL": f"nats://127.0.0.1:{port}"}
+        worker_id = f"{socket.gethostname()}-{worker.pid}"
+        listed = await anyio.run_process([sys.executable, "-m", "streamsched", "workers", "list", "--json"], env=env)
+        assert worker_id in [json.loads(line)["id"] for line in listed.stdout.decode().splitlines()]
+
+        drained = await anyio.run_process([sys.executable, "-m", "streamsched", "workers", "drain", worker_id], env=env, check=False)
+        assert drained.returncode == 0, drained.stderr.decode()
+        assert up.wait_for_line(lambda line: "worker default#1 exited" in line).rstrip().endswith("(drained); starting it again in 0.5 s")
+        up.wait_for_line(lambda line: "worker default#1 restarted" in line)
+        [replacement] = up.roles("worker")
+        assert replacement.pid != worker.pid
+        outcomes = await submit_and_wait(port, echo_tasks("after-drain-", 10))
+        assert list(outcomes.values()).count("succeeded") == 10, outcomes
+    assert up.popen.returncode == 0, up.output[-3000:]
+
+
 async def test_a_second_ctrl_c_kills_at_once(tmp_path: Path):
     with running_up(tmp_path) as (up, port):
         long_task = json.dumps({"id": "long", "type": "sleep", "payload": {"seconds": 600}}).encode()

@@ -70,6 +70,20 @@ def test_five_exits_within_the_window_are_a_crash_loop_but_spread_out_they_are_n
     assert exit_at(spread, 120.0) is not None
 
 
+def test_a_clean_exit_a_drained_worker_is_restarted_after_the_first_delay_and_is_no_crash():
+    drained = RoleProcess(Role("worker default#1", ["sh", "-c", "exit 0"], stop_stage=0), {"PATH": "/usr/bin:/bin"}, POLICY)
+    drained.start(0.0)
+    now = 0.0
+    for _ in range(POLICY.crash_loop_exits * 2):  # twice as many as a crash loop, within the window
+        delay = exit_at(drained, now)
+        assert delay == POLICY.delay_s
+        now += delay
+        restart_at(drained, now)
+    assert drained.exits == []
+    assert drained.process is not None
+    drained.process.wait()
+
+
 def test_exits_are_described_by_signal_name_or_exit_code():
     assert describe_exit(-9) == "SIGKILL"
     assert describe_exit(-15) == "SIGTERM"

@@ -1,0 +1,120 @@
+"""What the e2e tests share: role subprocesses stopped by PID, the schedulers in the test's
+process, a client, and waiting for a process to exit."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from streamsched.client import Client
+from streamsched.config import Settings
+from streamsched.eventlog.state import StateStore
+from streamsched.roles.master import Master
+from streamsched.roles.projector import Projector
+from streamsched.roles.regional import Regional
+from streamsched.testing import running
+from streamsched.transport.bus import Bus
+
+from ..conftest import subprocess_env
+
+
+class Processes:
+    """Role subprocesses of one test, each logging to its own file; stopped by PID at the end."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.env = subprocess_env(settings)
+        self.grace_s = settings.grace_s
+        self.log_dir = log_dir
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / f"{name}.log", "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        self.started[name] = process
+        return process
+
+    def worker(self, name: str, *, concurrency: int, prefetch: int | None = None) -> subprocess.Popen[bytes]:
+        more = [] if prefetch is None else ["--prefetch", str(prefetch)]
+        return self.start(name, "worker", "workers.examples", "--region", "default", "--concurrency", str(concurrency), *more)
+
+    def schedulers(self) -> None:
+        """Master, the default region's scheduler and the projector, one process each."""
+        self.start("master", "master")
+        self.start("regional", "regional", "--region", "default")
+        self.start("projector", "projector")
+
+    def alive(self) -> list[str]:
+        return [name for name, process in self.started.items() if process.poll() is None]
+
+    def logs(self) -> str:
+        """The tail of every role's log, for assertion messages."""
+        tails = []
+        for name in self.started:
+            lines = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+            tails.append(f"--- {name} ---\n" + "\n".join(lines[-25:]))
+        return "\n".join(tails)
+
+    def stop_all(self) -> None:
+        """SIGTERM every process still running, then SIGKILL those that outlive the grace period."""
+        for process in self.started.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 5
+        for process in self.started.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def processes(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(settings, tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+@pytest.fixture
+async def client(bus: Bus) -> Client:
+    return Client(bus, await StateStore.open(bus))
+
+
+@pytest.fixture
+async def schedulers(settings: Settings, bus: Bus) -> AsyncIterator[None]:
+    """Master, regional scheduler and projector in this process (for the worker fault tests)."""
+    roles = [Master(settings, bus), Regional(settings, bus, "default"), Projector(settings, bus, await StateStore.open(bus))]
+    async with running(roles):
+        yield
+
+
+def worker_id(process: subprocess.Popen[bytes]) -> str:
+    """The id a worker process puts in its ``started`` events."""
+    return f"{socket.gethostname()}-{process.pid}"
+
+
+async def wait_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> int:
+    """The process's exit code; fails if it is still running after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {process.pid} still running after {timeout_s}s")
+        await anyio.sleep(0.02)
+    return process.returncode
+
+
