@@ -136,7 +136,7 @@ def up(
 
 @app.command()
 def master(log_level: LogLevel = "INFO") -> None:
-    """Run a master scheduler (validates tasks.submit, routes to regions; takes cancel requests)."""
+    """Run a master scheduler (validates tasks.submit and tasks.submit.<priority>, the higher first; routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
     configure_logging(log_level)
@@ -225,7 +225,10 @@ def projector(log_level: LogLevel = "INFO") -> None:
 def submit(
     type: Annotated[str | None, typer.Argument(help="Task type (handler name); not with --workflow or --file.")] = None,
     payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
-    priority: Annotated[str, typer.Option(help="high, medium or low.")] = DEFAULT_PRIORITY,
+    priority: Annotated[
+        str,
+        typer.Option(help="high, medium or low (the configured ones); sent on tasks.submit.<priority>, which the master reads before lower ones."),
+    ] = DEFAULT_PRIORITY,
     id: Annotated[str | None, typer.Option(help="Task id (default: generated); with --workflow, the workflow id (default: the file's).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
     depends_on: Annotated[list[str] | None, typer.Option("--depends-on", help="Id of a task that must succeed first (repeatable).")] = None,
@@ -274,7 +277,7 @@ def submit(
         raise typer.Exit(Exit.USAGE) from None
 
     async def go() -> int:
-        async with await Client.connect(settings.nats_url) as client:
+        async with await Client.connect(settings.nats_url, settings=settings) as client:
             handle = await client.submit(
                 type,
                 decoded,
@@ -309,7 +312,7 @@ async def _submit_workflow(settings: Settings, path: Path, workflow_id: str | No
         return Exit.USAGE
     if workflow_id is not None:
         spec["id"] = workflow_id
-    async with await Client.connect(settings.nats_url) as client:
+    async with await Client.connect(settings.nats_url, settings=settings) as client:
         handle = await client.submit_workflow(spec)
         typer.echo(handle.id)
         if not wait:
@@ -425,7 +428,7 @@ def bench(
 def streams_apply(
     regions: Annotated[str | None, typer.Option(help="Comma-separated regions (default: $STREAMSCHED_REGIONS or default).")] = None,
 ) -> None:
-    """Create or update every stream, consumer and KV bucket; prints what changed."""
+    """Create or update every stream, consumer and KV bucket in place (a new priority gets its tasks.submit.<priority>); prints what changed."""
     settings = load_or_exit(regions=_regions(regions))
 
     async def go() -> None:

@@ -258,5 +258,5 @@ def replay_submissions_cmd(
 
 async def _count(bus: Bus) -> int:
     """Submissions in TASKS: the progress bar's length (an upper bound for a window)."""
-    info: StreamInfo = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.SUBMIT)
-    return (info.state.subjects or {}).get(subjects.SUBMIT, 0)
+    info: StreamInfo = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=">")
+    return sum(count for subject, count in (info.state.subjects or {}).items() if subjects.is_submit(subject))

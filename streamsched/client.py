@@ -1,9 +1,13 @@
 """The Python client: submit tasks, read their state, wait for their outcome.
 
 Async (``async with await Client.connect(url) as client``; nats-py is asyncio-only).
-A submission is a JetStream publish to ``tasks.submit`` carrying
+A submission is a JetStream publish to ``tasks.submit.<priority>`` carrying
 the task id as ``Nats-Msg-Id``, so a retried submit inside the dedupe window is stored
 once. The id is chosen here when the caller gives none, so the handle exists at once.
+The subject names the priority so that the masters take a high task in ahead of a burst
+of low ones already waiting (see :mod:`streamsched.roles.master`); a message whose tasks
+are of several priorities (a workflow, a batch), or of a priority the client's settings do
+not list, goes to plain ``tasks.submit``, where the master reads each task's own.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ def _submission(spec: Mapping[str, Any], *, with_id: bool = True) -> tuple[str, 
     except TypeError as exc:  # a misspelt or missing argument
         raise TypeError(f"not a task's arguments ({', '.join(map(str, spec))}): {exc}") from None
     return task_id, msgspec.json.encode(envelope)
+
+
+def _priority_of(spec: Mapping[str, Any]) -> str | None:
+    """The priority a task's arguments (or a workflow's task) give it: the default when none."""
+    priority = spec.get("priority")
+    return DEFAULT_PRIORITY if priority is None else priority if isinstance(priority, str) else None
 
 
 def prepare(spec: Mapping[str, Any], settings: Settings) -> tuple[str, bytes]:
@@ -167,14 +177,15 @@ class Client:
                 "split": dict(split) if split is not None else None,
             }
         )
+        subject = self.submit_subject((priority,))
         if idempotency_key is None:
-            await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+            await self.bus.js.publish(subject, body, headers={subjects.H_MSG_ID: task_id})
             return TaskHandle(self, task_id)
         taken = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
         if not taken.taken_now:  # whoever holds it, this one included: nothing is sent again
             return TaskHandle(self, taken.holder)
         try:
-            await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+            await self.bus.js.publish(subject, body, headers={subjects.H_MSG_ID: task_id})
         except BaseException:
             await give_back(self.bus, idempotency_key, taken)  # else the key would name a task that never came
             raise
@@ -193,10 +204,13 @@ class Client:
         :class:`TypeError` before anything is published.
         """
         # Encoded first, so that a misspelt argument stops the group before any of it is sent.
-        submissions = [_submission(spec) for spec in tasks]
+        specs = list(tasks)
+        submissions = [_submission(spec) for spec in specs]
+        priorities = [_priority_of(spec) for spec in specs]
         if atomic:
-            return await self._submit_batch(submissions)
-        publications = ((subjects.SUBMIT, body, {subjects.H_MSG_ID: task_id}) for task_id, body in submissions)
+            return await self._submit_batch(submissions, self.submit_subject(priorities))
+        each = [self.submit_subject((priority,)) for priority in priorities]
+        publications = ((subject, body, {subjects.H_MSG_ID: task_id}) for (task_id, body), subject in zip(submissions, each, strict=True))
         handles = [TaskHandle(self, task_id) for task_id, _ in submissions]
         failed, first = await self.bus.publish_many(publications, window=window)
         if failed:
@@ -250,7 +264,9 @@ class Client:
         body = msgspec.json.encode({"workflow": spec})
         # Deduped by content, not only id: a corrected workflow sent again under its id is taken.
         msg_id = f"workflow:{workflow_id}:{zlib.crc32(body):08x}"
-        await self.bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: msg_id})
+        tasks = spec.get("tasks")
+        priorities = [_priority_of(task) if isinstance(task, Mapping) else None for task in tasks] if isinstance(tasks, list) else [None]
+        await self.bus.js.publish(self.submit_subject(priorities), body, headers={subjects.H_MSG_ID: msg_id})
         return WorkflowHandle(self, workflow_id)
 
     async def get_workflow(self, workflow_id: str) -> WorkflowState | None:
@@ -328,7 +344,13 @@ class Client:
             raise TimeoutError(f"worker {worker_id} still registered after {timeout_s}s")
         return info
 
-    async def _submit_batch(self, submissions: list[tuple[str, bytes]]) -> list[TaskHandle]:
+    def submit_subject(self, priorities: Iterable[str | None]) -> str:
+        """Where a message holding tasks of ``priorities`` goes: ``tasks.submit.<p>`` when they
+        are all of one priority ``p`` that the settings list, else plain ``tasks.submit``."""
+        found = set(priorities)
+        return subjects.submit_for(found.pop(), self.settings.priorities) if len(found) == 1 else subjects.SUBMIT
+
+    async def _submit_batch(self, submissions: list[tuple[str, bytes]], subject: str) -> list[TaskHandle]:
         if len(submissions) > batches.MAX_TASKS:
             raise ValueError(f"an atomic batch holds at most {batches.MAX_TASKS} tasks, not {len(submissions)}")
         for index, (task_id, body) in enumerate(submissions):
@@ -338,7 +360,7 @@ class Client:
                 raise Rejected(f"batch rejected: task {index} (id {task_id!r}) is invalid: {exc}") from None
         batch_id = new_task_id()
         message = b'{"id":"%s","batch":[%s]}' % (batch_id.encode(), b",".join(body for _, body in submissions))
-        await self.bus.js.publish(subjects.SUBMIT, message, headers={subjects.H_MSG_ID: batch_id})
+        await self.bus.js.publish(subject, message, headers={subjects.H_MSG_ID: batch_id})
         return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
-#: Ingress: anyone publishes a JSON task here (``nats pub tasks.submit '{...}'``).
+#: Ingress: anyone publishes a JSON task here (``nats pub tasks.submit '{...}'``); its
+#: priority is read from its body. :func:`submit` names the priority in the subject instead.
 SUBMIT = "tasks.submit"
 #: Invalid submissions, with the original bytes as body and the reason in a header.
 REJECTED = "tasks.rejected"
@@ -93,6 +95,33 @@ MAX_TYPE_CHARS = 200
 def is_type(value: str) -> bool:
     """True when ``value`` is a valid task type (see :data:`TYPE_RE`)."""
     return len(value) <= MAX_TYPE_CHARS and TYPE_RE.fullmatch(value) is not None
+
+
+def submit(priority: str) -> str:
+    """The ingress subject of one priority, ``tasks.submit.<priority>``: the master drains
+    these highest first, so a submission here does not wait behind lower ones at the door."""
+    return f"{SUBMIT}.{priority}"
+
+
+def submit_for(priority: str | None, priorities: Sequence[str]) -> str:
+    """Where a message of tasks of ``priority`` goes: its :func:`submit` subject when it is one
+    of ``priorities`` (the deployment's; TASKS takes no other), else plain ``tasks.submit``,
+    where the master reads each task's own and rejects one it does not know, with the reason."""
+    return submit(priority) if priority is not None and priority in priorities else SUBMIT
+
+
+#: Consumer filters over every ingress subject, plain and per priority (to read them all back).
+SUBMIT_ALL = (SUBMIT, f"{SUBMIT}.*")
+
+
+def is_submit(subject: str) -> bool:
+    """True for ``tasks.submit`` and ``tasks.submit.<priority>``."""
+    return subject == SUBMIT or (subject.startswith(SUBMIT + ".") and subject.count(".") == SUBMIT.count(".") + 1)
+
+
+def master_consumer(priority: str) -> str:
+    """The masters' durable on ``tasks.submit.<priority>`` (``master`` reads plain ``tasks.submit``)."""
+    return f"{MASTER_CONSUMER}-{priority}"
 
 
 def sched(region: str, priority: str) -> str:

@@ -179,10 +179,10 @@ def envelope(task_id: str, task_type: str = "noop", priority: str = "medium", pa
     return msgspec.json.encode({"id": task_id, "type": task_type, "priority": priority, "payload": payload})
 
 
-async def submit(bus: Bus, bodies: Iterable[bytes], *, window: int = 4000) -> float:
-    """JetStream-publish every body to ``tasks.submit`` with at most ``window`` in flight; returns seconds."""
+async def submit(bus: Bus, bodies: Iterable[bytes], *, window: int = 4000, subject: str = subjects.SUBMIT) -> float:
+    """JetStream-publish every body to ``subject`` (plain ``tasks.submit``) with at most ``window`` in flight; returns seconds."""
     began = time.monotonic()
-    failed, first = await bus.publish_many(((subjects.SUBMIT, body, None) for body in bodies), window=window)
+    failed, first = await bus.publish_many(((subject, body, None) for body in bodies), window=window)
     if failed:
         raise RuntimeError(f"{failed} submissions failed, first: {first!r}")
     return time.monotonic() - began

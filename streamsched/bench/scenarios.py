@@ -11,6 +11,7 @@ from nats.js.api import ConsumerInfo, StreamInfo
 from .. import subjects
 from ..eventlog import events as ev
 from ..transport.bus import Bus
+from ..transport.reading import Since, read
 from .harness import (
     CpuMeter,
     Roles,
@@ -30,6 +31,12 @@ from .harness import (
 WARMUP = 500
 #: Worker slots in ``priority`` unless ``--concurrency`` is given (see there).
 PRIORITY_CONCURRENCY = 16
+#: Lows ahead of the high task in ``priority``'s trial at the door, and how long each runs.
+#: 16 slots run 160 of them a second: slow enough that the lows finished while the burst
+#: itself is being published (about a second) stay well under 1 %, fast enough that a high
+#: task waiting for the master to read the whole burst (20,000 at 8,000/s) would see more.
+DOOR_LOWS = 20_000
+DOOR_LOW_S = 0.1
 
 
 async def _warm_up(bus: Any, prefix: str = "warm") -> int:
@@ -106,8 +113,58 @@ async def latency(rate: float = 250.0, n: int = 2000, roles: Roles | None = None
         }
 
 
-async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01, roles: Roles | None = None) -> dict[str, Any]:
-    """A queued backlog of low tasks (``low_s`` each), then high tasks one at a time."""
+async def at_the_door(lows: int = DOOR_LOWS, low_s: float = DOOR_LOW_S, roles: Roles | None = None) -> dict[str, Any]:
+    """A high task published on ``tasks.submit.high`` right after ``lows`` low ones on
+    ``tasks.submit.low``, every role running: how many lows had finished when it started."""
+    roles = (roles or Roles()).resolved(PRIORITY_CONCURRENCY)
+    async with system() as sys_:
+        sys_.start_roles(roles)
+        await _warm_up(sys_.bus)
+        started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+        async def record(msg: Any) -> None:
+            if b"door-high" in msg.data and not started.done():  # decode only the high's messages
+                for event in ev.decode_all(msg.data):
+                    if event.task_id == "door-high" and ev.kind(event) == "started":
+                        started.set_result(event.at)
+
+        sub = await sys_.bus.nc.subscribe(subjects.EVENTS_ALL, cb=record)
+        await sys_.bus.nc.flush()
+        bodies = (envelope(f"door-low{i}", "sleep", "low", {"seconds": low_s}) for i in range(lows))
+        publish_s = await submit(sys_.bus, bodies, subject=subjects.submit("low"))
+        sent = time.time()
+        await (await sys_.bus.publish(subjects.submit("high"), envelope("door-high", "echo", "high")))
+        async with asyncio.timeout(600):
+            high_started = await started
+        await sub.unsubscribe()
+        await asyncio.sleep(1.0)  # the events of the lows that finished before it are recorded by now
+        finished = [event.at for event in await _events_so_far(sys_.bus, "succeeded") if event.task_id.startswith("door-low")]
+        done = sum(1 for at in finished if at <= high_started)
+        return {
+            "lows": lows,
+            "low_task_ms": 1000 * low_s,
+            "publish_s": publish_s,
+            "high_wait_to_start_ms": 1000 * (high_started - sent),
+            "lows_done_at_start": done,
+            "lows_done_while_it_waited": done - sum(1 for at in finished if at <= sent),
+            "share_done_at_start": done / lows,
+        }
+
+
+async def _events_so_far(bus: Bus, kind: str) -> list[ev.Event]:
+    """Every event of ``kind`` in EVENTS up to its last message now."""
+    found: list[ev.Event] = []
+    async for stored in read(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, Since(seq=1)):
+        found += (event for event in ev.decode_all(stored.data) if ev.kind(event) == kind)
+    return found
+
+
+async def priority(
+    backlog: int = 100_000, trials: int = 20, low_s: float = 0.01, roles: Roles | None = None, door_lows: int = DOOR_LOWS
+) -> dict[str, Any]:
+    """First :func:`at_the_door` (its own server), then a queued backlog of low tasks
+    (``low_s`` each) and high tasks one at a time."""
+    door = await at_the_door(door_lows, roles=roles)
     # 16 slots run the lows at 1,600/s. With 64 the worker would run 6,400 lows/s, about all
     # the whole pipeline carries on two cores (no-op tasks with their events), and the figure
     # would measure CPU saturation, not how a high task passes a queue.
@@ -162,6 +219,7 @@ async def priority(backlog: int = 100_000, trials: int = 20, low_s: float = 0.01
             "hops_ms": {hop: percentiles(values) for hop, values in hops.items()},
             "target_ms": 1000 * low_s + 10,
             "settle_s": settle_s,
+            "door": door,
         }
 
 

@@ -16,6 +16,8 @@ PEER_RATIO = 2.0
 #: submit -> started at 250 tasks/s, ms.
 LATENCY_P50_MS, LATENCY_P99_MS = 2.0, 8.0
 INGRESS_PER_S = 8000.0
+#: A high task published right after a burst of low ones starts before this share of them finished.
+DOOR_SHARE = 0.01
 BACKLOG_RSS_MB = 150.0
 BACKLOG_BYTES_PER_TASK = 1024.0
 #: "Flat while the backlog grows": no role grows by more than this share of its size over the
@@ -50,6 +52,11 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     if priority:
         p99 = priority["high_wait_to_start_ms"]["p99"]
         rows.append((f"priority: p99 <= {priority['target_ms']:.0f} ms", f"{p99:.2f} ms", p99 <= priority["target_ms"]))
+        door = priority.get("door")
+        if door:
+            share = door["share_done_at_start"]
+            name = f"priority at the door: a high after {door['lows']} lows starts before {DOOR_SHARE:.0%} of them finished"
+            rows.append((name, f"{share:.2%} ({door['lows_done_at_start']})", share < DOOR_SHARE))
     ingress = results.get("ingress")
     if ingress:
         rate = ingress["master_drain_per_s"]

@@ -3,7 +3,9 @@ another deployment, rate-limited.
 
 Each copy carries the id the source gave the task, and the target's dedupe plus a check
 of its KV make a repeated or resumed replay skip what already arrived. Nothing runs
-again in the source.
+again in the source. A submission goes to the subject it came in on, plain
+``tasks.submit`` or ``tasks.submit.<priority>`` (which the target must take: a priority
+it does not have is refused).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ async def replay_submissions(
     target_store = await StateStore.open(target) if target is not None else None
     began = time.monotonic()
     stats = ReadStats()
-    async for stored in read(source, subjects.TASKS_STREAM, subjects.SUBMIT, since, stats=stats):
+    async for stored in read(source, subjects.TASKS_STREAM, subjects.SUBMIT_ALL, since, stats=stats):
         seq, stored_ns, data = stored.seq, stored.stored_ns, stored.data
         if until is not None and stored_ns / 1e9 > until.timestamp():
             break
@@ -76,7 +78,8 @@ async def replay_submissions(
             report.already_there += 1
         else:
             body = data if envelope.id else msgspec.json.encode(msgspec.structs.replace(envelope, id=task_id))
-            ack = await target.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: task_id})
+            # On the subject it came in on: one of a priority also gives that priority to a body that names none.
+            ack = await target.js.publish(stored.subject, body, headers={subjects.H_MSG_ID: task_id})
             if ack.duplicate:  # sent by an earlier (interrupted) run, inside the dedupe window
                 report.already_there += 1
             else:

@@ -1,4 +1,5 @@
-"""Batch submissions: ``{"batch": [task, ...]}`` on ``tasks.submit``, taken all or nothing.
+"""Batch submissions: ``{"batch": [task, ...]}`` on ``tasks.submit``, taken all or nothing
+(on ``tasks.submit.<priority>`` too, where each task gets that priority or must name it).
 
 Every task is checked first, as the master checks one (and ids must differ); one invalid
 task rejects the whole batch with a reason naming it (its index and id). Otherwise the
@@ -43,7 +44,7 @@ _NOT_IN_A_BATCH = ("idempotency_key", "depends_on", "split")
 class Gate(Protocol):
     """What the master decides about one task: the :class:`~streamsched.roles.master.Master`."""
 
-    def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission: ...
+    def validate(self, data: bytes, task_id_if_missing: Callable[[], str], priority: str | None = None) -> Submission: ...
 
     def pick_region(self, task_id: str) -> str: ...
 
@@ -57,9 +58,12 @@ def _nth_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index}"
 
 
-def ready_tasks(items: Sequence[object], gate: Gate, batch_id: str, submitted_at: float) -> list[tuple[ReadyTask, dict[str, str]]]:
+def ready_tasks(
+    items: Sequence[object], gate: Gate, batch_id: str, submitted_at: float, priority: str | None = None
+) -> list[tuple[ReadyTask, dict[str, str]]]:
     """Each task of a batch with its labels, all checked; raises :class:`Rejected` naming
-    the first invalid one."""
+    the first invalid one. ``priority``: the one the batch's subject names, as for a task
+    published there (see :meth:`Gate.validate`)."""
     if not items:
         raise Rejected("the batch holds no task")
     if len(items) > MAX_TASKS:
@@ -69,7 +73,7 @@ def ready_tasks(items: Sequence[object], gate: Gate, batch_id: str, submitted_at
     for index, item in enumerate(items):
         try:
             # A task without an id gets one from the batch's, stable across redeliveries.
-            submission = gate.validate(msgspec.json.encode(item), functools.partial(_nth_id, batch_id, index))
+            submission = gate.validate(msgspec.json.encode(item), functools.partial(_nth_id, batch_id, index), priority)
             for field in _NOT_IN_A_BATCH:
                 if getattr(submission, field):
                     raise Rejected(f"`{field}` is not taken inside a batch; submit that task on its own")

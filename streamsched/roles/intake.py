@@ -16,6 +16,7 @@ publishes deduplicated by ``Nats-Msg-Id``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -104,12 +105,13 @@ class Intake:
         submitted_at = stored_at_ns(msg.reply) / 1e9  # relative times count from here, on every delivery
         self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at, msg.stream_seq), now)
 
-    def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float) -> None:
-        """Start the steps of a workflow or batch message."""
+    def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float, priority: str | None = None) -> None:
+        """Start the steps of a workflow or batch message (``priority``: the one its subject
+        names, which each of its tasks gets or must name, as a task on that subject)."""
         submitted_at = stored_at_ns(msg.reply) / 1e9
         if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
             fallback_id = wrapper.id
-        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq), now)
+        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq, priority), now)
 
     def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
@@ -156,20 +158,22 @@ class Intake:
             return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
         return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
 
-    async def _wrapper_steps(self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int) -> list[ev.Event]:
+    async def _wrapper_steps(
+        self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int, priority: str | None
+    ) -> list[ev.Event]:
         """Take in a workflow or a batch (``sequence``: its place in TASKS); returns the events that record its tasks."""
         if wrapper.batch is not None:
-            tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at)
+            tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at, priority)
             # Its messages' ids name this submission, so a batch id used again is a new batch
             # while a redelivery of this one is a duplicate (stored already).
             await place_atomically(self.bus, [task for task, _ in tasks], f"{fallback_id}:{sequence}", now)
             return events_of(tasks, now)
         assert wrapper.workflow is not None
-        return await self._workflow_steps(wrapper.workflow, now, submitted_at)
+        return await self._workflow_steps(wrapper.workflow, now, submitted_at, priority)
 
-    async def _workflow_steps(self, workflow: dict[str, Any], now: float, submitted_at: float) -> list[ev.Event]:
+    async def _workflow_steps(self, workflow: dict[str, Any], now: float, submitted_at: float, priority: str | None) -> list[ev.Event]:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
-        workflow_id, tasks = parse(workflow, self.gate.validate)
+        workflow_id, tasks = parse(workflow, functools.partial(self.gate.validate, priority=priority))
         # Every check before anything is placed: a task that would start after its deadline
         # rejects the workflow whole, as the other checks do.
         for task in tasks:

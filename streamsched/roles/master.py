@@ -1,5 +1,16 @@
 """The master scheduler: validates submissions from ``tasks.submit`` and routes them to regions.
 
+Submissions arrive on plain ``tasks.submit`` (the priority in the body, default medium) or
+on ``tasks.submit.<priority>``, each subject read through its own durable consumer
+(:func:`ingress_levels`). The master drains them highest first with the credit puller, so
+a high task published behind a burst of low ones overtakes the burst at the door instead
+of waiting in TASKS until the master has read every low one. On ``tasks.submit.<p>`` a
+task whose body names no priority gets ``<p>`` (and is handed on with it written in its
+body); one whose body names another priority is rejected, since the submitter said two
+different things and either choice would run it against half of what they meant. A
+workflow or a batch there is held to the same rule task by task. A subject of a priority
+that is not configured is not taken by TASKS at all (see :mod:`streamsched.transport.streams`).
+
 For each submission it either
 
 * accepts it: picks an id (the submitter's, or one derived from the message's place in
@@ -34,6 +45,7 @@ from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
 from ..model import (
+    DEFAULT_PRIORITY,
     Envelope,
     Submission,
     decode_submission,
@@ -55,13 +67,56 @@ from .timing import deadline_at
 log = logging.getLogger("streamsched.master")
 
 
+def ingress_levels(settings: Settings) -> list[tuple[str, str | None]]:
+    """The master's consumers on TASKS in the order it drains them, each with the priority
+    its subject names (``None``: plain ``tasks.submit``, whose bodies name their own).
+
+    ``tasks.submit.<priority>`` come highest first. Plain ``tasks.submit`` comes right after
+    the default priority's subject: what arrives there mostly names no priority, so it is of
+    the default one, and a priority a body names is known only once the master has read it
+    (too late to pass anything at the door). It comes after that subject and not before,
+    since a submission there is known to be of the default priority while a plain one may be
+    of a lower one. Without the default among the priorities (a plain submission must then
+    name one) it comes last.
+    """
+    levels: list[tuple[str, str | None]] = []
+    for priority in settings.priorities:
+        levels.append((subjects.master_consumer(priority), priority))
+        if priority == DEFAULT_PRIORITY:
+            levels.append((subjects.MASTER_CONSUMER, None))
+    if DEFAULT_PRIORITY not in settings.priorities:
+        levels.append((subjects.MASTER_CONSUMER, None))
+    return levels
+
+
+class _NamedPriority(msgspec.Struct, gc=False):
+    priority: str | None = None
+
+
+_named_priority_decoder = msgspec.json.Decoder(_NamedPriority)
+
+
+def with_subject_priority(submission: Submission, data: bytes, priority: str) -> Submission:
+    """``submission`` (decoded from ``data``) as taken in on ``tasks.submit.<priority>``, when
+    its decoded priority is another: it names none (the decoder filled in the default), so it
+    gets ``priority``; raises :class:`Rejected` when it names another itself."""
+    named = _named_priority_decoder.decode(data).priority
+    if named is not None:
+        subject = subjects.submit(priority)
+        raise Rejected(f"priority {named!r} in the body does not match subject {subject} (priority {priority!r}): name one, or the same in both")
+    return msgspec.structs.replace(submission, priority=priority)
+
+
 class Master:
-    """Consumes TASKS through the durable ``master`` and publishes to SCHED."""
+    """Consumes TASKS through the durables ``master`` and ``master-<priority>`` and publishes to SCHED."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.MASTER_CONSUMER], settings.master_window, self._on_message)
+        levels = ingress_levels(settings)
+        #: The priority the subject of each puller level names (``None``: plain ``tasks.submit``).
+        self.subject_priorities = tuple(priority for _, priority in levels)
+        self.puller = Puller(bus, subjects.TASKS_STREAM, [name for name, _ in levels], settings.master_window, self._on_message)
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
         self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
@@ -85,16 +140,27 @@ class Master:
         await self.timers.shutdown()
         await self.resolver.shutdown()
 
-    def validate(self, data: bytes, task_id_if_missing: Callable[[], str]) -> Submission:
+    def validate(self, data: bytes, task_id_if_missing: Callable[[], str], priority: str | None = None) -> Submission:
         """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.
 
         It is decoded as the worker will decode it (:func:`~streamsched.model.decode_submission`),
         so an accepted task never fails there for its bytes. The rejection carries the
         submitter's id when it is usable (``Rejected.task_id``), so they can look up why;
-        otherwise the id derived from the message.
+        otherwise the id derived from the message. ``priority``: the one its subject names
+        (``tasks.submit.<priority>``), see :func:`with_subject_priority`.
         """
+        return self._validated(data, task_id_if_missing, priority)[0]
+
+    def _validated(self, data: bytes, task_id_if_missing: Callable[[], str], priority: str | None) -> tuple[Submission, bytes]:
+        """:meth:`validate`, and the bytes to hand on: ``data``, or the submission encoded
+        when it got its subject's priority, so that its body names it (what the worker, a
+        dead-letter entry and a re-drive read)."""
         submission = decode_submission(data, max_bytes=self.settings.max_payload_bytes)
+        given = priority is None or submission.priority == priority  # the common case: the body names it
         try:
+            if not given:
+                assert priority is not None
+                submission = with_subject_priority(submission, data, priority)
             self._check(submission)
         except Rejected as exc:
             if submission.id is not None and subjects.is_token(submission.id):
@@ -102,7 +168,7 @@ class Master:
             raise
         if submission.id is None:
             submission = msgspec.structs.replace(submission, id=task_id_if_missing())
-        return submission
+        return submission, (data if given else msgspec.json.encode(submission))
 
     def _check(self, envelope: Envelope) -> None:
         check_fields(envelope, self.settings)
@@ -112,17 +178,19 @@ class Master:
         regions = self.settings.regions
         return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
 
-    def _on_message(self, _level: int, msg: Delivery) -> None:
+    def _on_message(self, level: int, msg: Delivery) -> None:
         def fallback_id() -> str:  # only for submissions without a usable id: not per message
+            # The TASKS sequence is unique across the ingress subjects, so ids stay unique too.
             return derive_task_id(stored_at_ns(msg.reply), msg.stream_seq)
 
         now = time.time()
+        priority = self.subject_priorities[level]
         try:
-            envelope = self.validate(msg.data, fallback_id)
+            envelope, body = self._validated(msg.data, fallback_id, priority)
         except Rejected as exc:
             wrapper = decode_wrapper(msg.data)
             if wrapper is not None:  # a workflow or a batch: many tasks in one message
-                self.intake.accept_wrapper(msg, wrapper, fallback_id(), now)
+                self.intake.accept_wrapper(msg, wrapper, fallback_id(), now, priority)
             else:
                 self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
             return
@@ -130,9 +198,9 @@ class Master:
             assert envelope.id is not None
             self.intake.accept(msg, envelope, envelope.region or self.pick_region(envelope.id), now)
             return
-        self._route(msg, envelope, now)
+        self._route(msg, envelope, body, now)
 
-    def _route(self, msg: Delivery, envelope: Envelope, now: float) -> None:
+    def _route(self, msg: Delivery, envelope: Envelope, body: bytes, now: float) -> None:
         task_id = envelope.id
         assert task_id is not None
         region = envelope.region or self.pick_region(task_id)
@@ -151,7 +219,7 @@ class Master:
         )
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
-        self.settler.forward(msg, (), events=(submitted, scheduled), handoff=(subjects.sched(region, priority), msg.data, headers))
+        self.settler.forward(msg, (), events=(submitted, scheduled), handoff=(subjects.sched(region, priority), body, headers))
         self.accepted += 1
 
     def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:

@@ -119,16 +119,16 @@ def slot_task_id(name: str, fired_at: float) -> str:
     return f"{name}-{slot:%Y%m%dT%H%M%SZ}"
 
 
-def slot_submission(name: str, template: bytes, fired_at: float) -> tuple[str, bytes] | None:
-    """``(task id, submission)`` of one slot, labelled ``schedule=<name>``; ``None`` if the
-    template is not a task."""
+def slot_submission(name: str, template: bytes, fired_at: float) -> tuple[str, str, bytes] | None:
+    """``(task id, priority, submission)`` of one slot, labelled ``schedule=<name>``; ``None``
+    if the template is not a task."""
     try:
         envelope = envelope_decoder.decode(template)
     except msgspec.DecodeError:
         return None
     task_id = slot_task_id(name, fired_at)
     task = msgspec.structs.replace(envelope, id=task_id, labels={**envelope.labels, "schedule": name})
-    return task_id, msgspec.json.encode(task)
+    return task_id, task.priority, msgspec.json.encode(task)
 
 
 def _live_headers(schedule: Schedule) -> dict[str, str]:

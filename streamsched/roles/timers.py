@@ -10,7 +10,8 @@ stored while no master runs waits there) and settles each firing publish-before-
   goes to ``sched.<region>.<priority>`` (``Nats-Msg-Id: <id>:sched:0``) with a
   ``scheduled`` event;
 * a cron slot (fired from ``timers.cron.<name>``) carries the schedule's task template:
-  it becomes a new submission on ``tasks.submit`` under an id made of the schedule's name
+  it becomes a new submission on ``tasks.submit.<priority>`` (its template's priority, so
+  it passes lower submissions waiting for the master) under an id made of the schedule's name
   and the slot's time, which is also its ``Nats-Msg-Id``, so a redelivered firing makes
   no second task.
 """
@@ -73,8 +74,8 @@ class Timers:
             log.error("cron schedule %s fired a template that is not a task; dropping the slot", name)
             self.settler.settle(msg, ACK)
             return
-        task_id, body = made
-        self.settler.forward(msg, [(subjects.SUBMIT, body, {subjects.H_MSG_ID: task_id})])
+        task_id, priority, body = made
+        self.settler.forward(msg, [(subjects.submit_for(priority, self.settings.priorities), body, {subjects.H_MSG_ID: task_id})])
 
 
 def sched_block(fired: bytes, task_id: str) -> bytes:

@@ -1,4 +1,5 @@
-"""Whole DAGs in one message: ``{"workflow": {"id": W, "tasks": [...]}}`` on ``tasks.submit``.
+"""Whole DAGs in one message: ``{"workflow": {"id": W, "tasks": [...]}}`` on ``tasks.submit``
+(or ``tasks.submit.<priority>``, where each task gets that priority or must name it).
 
 Ids in a workflow are *local*: each task names itself (``id``, required) and its
 dependencies (``depends_on``) by ids inside the workflow, and runs as ``<W>-<local id>``.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -69,14 +69,16 @@ class ReadStats:
 async def read(
     bus: Bus,
     stream: str,
-    subject: str,
+    subject: str | Sequence[str],
     since: Since,
     *,
     follow: bool = False,
     stats: ReadStats | None = None,
     batch: int = 1000,
 ) -> AsyncIterator[Stored]:
-    """Every message on ``subject`` from ``since`` (up to the last one at the start, unless ``follow``)."""
+    """Every message on ``subject`` (or on any of several filters that do not overlap) from
+    ``since`` (up to the last one at the start, unless ``follow``)."""
+    filters = [subject] if isinstance(subject, str) else list(subject)
     stats = stats if stats is not None else ReadStats()
     info = await bus.js.stream_info(stream)
     end_seq = info.state.last_seq
@@ -89,7 +91,9 @@ async def read(
     else:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = max(1, since.seq or 1)
-    psub = await bus.js.pull_subscribe(subject, durable=None, stream=stream, config=config)
+    if len(filters) > 1:
+        config.filter_subjects = filters  # nats-py then leaves filter_subject unset
+    psub = await bus.js.pull_subscribe(filters[0], durable=None, stream=stream, config=config)
     try:
         while True:
             try:

@@ -3,7 +3,11 @@
 Retention follows the role of each stream:
 
 * TASKS (limits): every submission, every rejection and every cancel request, kept for
-  replay and inspection.
+  replay and inspection. Submissions arrive on ``tasks.submit`` (priority in the body)
+  or on ``tasks.submit.<priority>`` for each configured priority, and only those: a
+  publish to another priority's subject is refused (no stream takes it) rather than
+  stored where no master reads it. ``apply`` adds the subjects of new priorities to an
+  existing TASKS in place.
 * SCHED, WORK (work queue): a task sits here until the next hop acks it. ``discard new``
   so a full stream refuses publishers with an error instead of dropping old work. SCHED
   allows atomic batches: a batch submission's tasks land all together.
@@ -80,7 +84,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     own = [
         StreamConfig(
             name=subjects.TASKS_STREAM,
-            subjects=[subjects.SUBMIT, subjects.REJECTED, subjects.CANCEL],
+            subjects=[subjects.SUBMIT, *map(subjects.submit, settings.priorities), subjects.REJECTED, subjects.CANCEL],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW,
             max_age=settings.tasks_max_age_s,
@@ -228,10 +232,20 @@ def _role_consumer(name: str, filter_subject: str, window: int, **more: Any) -> 
     )
 
 
+def ingress_consumers(settings: Settings) -> list[tuple[str, str]]:
+    """``(durable, filter)`` of the masters' consumers on TASKS: ``master`` on plain
+    ``tasks.submit`` (its name kept, so a deployment keeps its place there), then
+    ``master-<priority>`` on each ``tasks.submit.<priority>``, highest first."""
+    return [(subjects.MASTER_CONSUMER, subjects.SUBMIT), *((subjects.master_consumer(p), subjects.submit(p)) for p in settings.priorities)]
+
+
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
     """``(stream, config)`` of every durable pull consumer."""
     out: list[tuple[str, ConsumerConfig]] = [
-        (subjects.TASKS_STREAM, _role_consumer(subjects.MASTER_CONSUMER, subjects.SUBMIT, settings.master_window, max_waiting=512)),
+        *(
+            (subjects.TASKS_STREAM, _role_consumer(name, subject, settings.master_window, max_waiting=512))
+            for name, subject in ingress_consumers(settings)
+        ),
         (subjects.TASKS_STREAM, _role_consumer(subjects.CANCELLER_CONSUMER, subjects.CANCEL, CANCELLER_WINDOW)),
         (subjects.FINISHED_STREAM, _role_consumer(subjects.RESOLVER_CONSUMER, subjects.FINISHED, RESOLVER_WINDOW)),
         (subjects.TIMERS_STREAM, _role_consumer(subjects.TIMERS_CONSUMER, subjects.TIMERS_DUE, TIMERS_WINDOW)),

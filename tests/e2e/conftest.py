@@ -116,5 +116,3 @@ async def wait_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> in
             raise AssertionError(f"process {process.pid} still running after {timeout_s}s")
         await anyio.sleep(0.02)
     return process.returncode
-
-

@@ -55,6 +55,8 @@ async def test_submit_wait_prints_the_outcome_and_status_json_reads_it_back(sett
         assert lines[0] == "cli-1"
         outcome = json.loads(lines[1])
         assert (outcome["status"], outcome["result"], outcome["priority"]) == ("succeeded", {"n": 7}, "high")
+        on_tasks = await bus.js.stream_info("TASKS", subjects_filter="tasks.submit.*")
+        assert on_tasks.state.subjects == {"tasks.submit.high": 1}  # on its priority's subject
 
         shown = json.loads((await cli(settings, "status", "cli-1", "--json")).stdout)
         assert shown["status"] == "succeeded" and shown["attempts"] == 1

@@ -26,8 +26,8 @@ async def test_the_client_gets_the_first_task_for_a_taken_key_and_only_it_runs(s
         assert await first.result(timeout_s=10) == 1
         assert await other.result(timeout_s=10) == 3
     assert len(events.of_kind("started")) == 2
-    submitted = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.SUBMIT)
-    assert submitted.state.subjects == {subjects.SUBMIT: 2}  # the repeat was never sent
+    submitted = await bus.js.stream_info(subjects.TASKS_STREAM, subjects_filter=subjects.submit("medium"))
+    assert submitted.state.subjects == {subjects.submit("medium"): 2}  # the repeat was never sent
 
 
 async def test_the_master_rejects_a_raw_duplicate_naming_the_first_task(settings, bus, events: EventLog, examples):

@@ -71,8 +71,9 @@ async def test_submit_many_stores_every_task_once_and_returns_their_handles(sett
         assert second is not None and second.priority == "low"
         # The same tasks again: each carries its id as Nats-Msg-Id, so none is stored twice.
         await client.submit_many([{**spec, "id": h.id} for spec, h in zip(specs, handles, strict=True)])
-    info = await bus.js.stream_info("TASKS", subjects_filter="tasks.submit")
-    assert info.state.subjects == {"tasks.submit": 251}
+    # Each on its priority's subject (the named one names none: medium).
+    info = await bus.js.stream_info("TASKS", subjects_filter="tasks.submit.*")
+    assert info.state.subjects == {"tasks.submit.high": 125, "tasks.submit.low": 125, "tasks.submit.medium": 1}
 
 
 async def test_submit_many_says_when_submissions_were_not_stored(settings, bus):

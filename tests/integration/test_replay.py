@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from nats.js.api import KeyValueConfig
 
-from streamsched import Retry, current_task, task
+from streamsched import Retry, current_task, subjects, task
 from streamsched.config import Settings
 from streamsched.eventlog import dlq as dlq_mod
 from streamsched.eventlog import events as ev
@@ -334,6 +334,7 @@ async def test_replaying_a_window_reproduces_its_submissions_in_another_deployme
         await bus.js.publish("tasks.submit", b'{"id":"r%d","type":"echo","payload":%d}' % (i, i))
     await bus.js.publish("tasks.submit", b'{"type":"noop"}')  # no id: replayed under the id the source gave it
     await bus.js.publish("tasks.submit", b"garbage")  # rejected in the source: not replayed
+    await bus.js.publish("tasks.submit.high", b'{"id":"hi","type":"echo"}')  # its priority is its subject's
 
     with nats_server(tmp_path / "target") as target_server:
         target_settings = Settings.load({}, nats_url=target_server.url)
@@ -346,10 +347,11 @@ async def test_replaying_a_window_reproduces_its_submissions_in_another_deployme
         finally:
             await target.close()
 
-    assert (first.sent, first.skipped_invalid) == (21, 1)
-    assert again.sent == 0 and again.already_there == 21
-    ids = {msgspec.json.decode(body)["id"] for body in stored}
-    assert {f"r{i}" for i in range(20)} <= ids and len(ids) == len(stored) == 21
+    assert (first.sent, first.skipped_invalid) == (22, 1)
+    assert again.sent == 0 and again.already_there == 22
+    ids = {msgspec.json.decode(body)["id"]: subject for subject, body in stored}
+    assert {f"r{i}" for i in range(20)} <= ids.keys() and len(ids) == len(stored) == 22
+    assert ids["hi"] == "tasks.submit.high" and ids["r0"] == "tasks.submit"  # each on the subject it came in on
 
 
 async def test_a_dry_run_replay_sends_nothing(settings, bus):
@@ -361,8 +363,8 @@ async def test_a_dry_run_replay_sends_nothing(settings, bus):
 async def _submissions(bus: Bus):
     from streamsched.transport.reading import read
 
-    async for stored in read(bus, "TASKS", "tasks.submit", Since(seq=1)):
-        yield stored.data
+    async for stored in read(bus, "TASKS", subjects.SUBMIT_ALL, Since(seq=1)):
+        yield stored.subject, stored.data
 
 
 async def test_tail_with_follow_keeps_delivering_new_events(bus):

@@ -172,3 +172,32 @@ def test_the_dag_report_and_its_target() -> None:
     # one-graph 15 ms are not what it judges).
     judged = [(name, met) for name, _, met in targets.judge(results)]
     assert judged == [("dag, 10-task DAGs at 250/s: dependency -> dependant p99 <= 20 ms", False)]
+
+
+def _door(done: int, lows: int = 20_000) -> dict:
+    return {
+        "lows": lows,
+        "low_task_ms": 100.0,
+        "publish_s": 0.8,
+        "high_wait_to_start_ms": 12.5,
+        "lows_done_at_start": done,
+        "lows_done_while_it_waited": 3,
+        "share_done_at_start": done / lows,
+    }
+
+
+def test_the_door_target_wants_the_high_task_started_before_1_percent_of_the_lows_finished() -> None:
+    priority = {"high_wait_to_start_ms": {"p99": 15.0}, "target_ms": 20.0}
+    rows = {name: (figure, met) for name, figure, met in targets.judge({"priority": {**priority, "door": _door(120)}})}
+    assert rows["priority at the door: a high after 20000 lows starts before 1% of them finished"] == ("0.60% (120)", True)
+    rows = {name: (figure, met) for name, figure, met in targets.judge({"priority": {**priority, "door": _door(200)}})}
+    assert rows["priority at the door: a high after 20000 lows starts before 1% of them finished"] == ("1.00% (200)", False)
+    # Results saved before the trial existed are judged on what they have.
+    assert [name for name, _, _ in targets.judge({"priority": priority})] == ["priority: p99 <= 20 ms"]
+
+
+def test_the_priority_report_shows_the_trial_at_the_door() -> None:
+    lines = bench._door_lines(_door(120))
+    assert "right after 20000 lows of 100 ms" in lines[0] and "started 12.5 ms after it was sent" in lines[0]
+    assert lines[1].split() == ["when", "120", "lows", "had", "finished", "(0.60%;", "3", "while", "it", "waited)", "(target", "<", "1%)"]
+    assert bench._door_lines(None) == []
