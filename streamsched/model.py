@@ -131,6 +131,8 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """While ``waiting``: the dependencies it waits for (as recorded when it began to wait)."""
     not_before: float | None = None
     """While ``waiting``: the time it is held until (``run_at``, ``delay_s``)."""
+    waiting_reason: str | None = None
+    """Why it waited on WORK, when it did (no live worker of its region handles its type)."""
     labels: dict[str, str] = {}
     submitted_at: float | None = None
     scheduled_at: float | None = None

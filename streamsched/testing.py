@@ -133,13 +133,42 @@ async def wait_drained(bus: Bus, stream: str, *, timeout_s: float = 10.0) -> Non
         await anyio.sleep(0.05)
 
 
+#: Longest :func:`running` waits for its roles to be ready before its block goes on regardless.
+READY_TIMEOUT_S = 10.0
+
+
+async def _ready(roles: Sequence[Role]) -> None:
+    from .roles.regional import Regional
+    from .roles.worker import Worker
+
+    workers = [role for role in roles if isinstance(role, Worker)]
+    regionals = [role for role in roles if isinstance(role, Regional)]
+
+    def aware(regional: Regional) -> bool:
+        handled = regional.workers.handled(regional.region)
+        return all(set(w.types) <= handled for w in workers if w.region == regional.region)
+
+    with anyio.move_on_after(READY_TIMEOUT_S):
+        for worker in workers:
+            await worker.ready.wait()
+        for regional in regionals:
+            await regional.ready.wait()
+        while not all(aware(regional) for regional in regionals):
+            await anyio.sleep(0.005)
+
+
 @contextlib.asynccontextmanager
 async def running(roles: Sequence[Role]) -> AsyncIterator[None]:
-    """Run ``roles`` in the background of the block; shut them down (and wait) at its end."""
+    """Run ``roles`` in the background of the block; shut them down (and wait) at its end.
+
+    The block starts once they are ready (up to :data:`READY_TIMEOUT_S`): each worker
+    registered, and each regional scheduler aware of the workers of its region started
+    here, so a task submitted first thing is ``dispatched`` to them rather than ``held``."""
     async with anyio.create_task_group() as tg:
         for role in roles:
             tg.start_soon(role.run)
         try:
+            await _ready(roles)
             yield
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):

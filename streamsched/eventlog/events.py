@@ -105,6 +105,17 @@ class Dispatched(Event, frozen=True, tag="dispatched"):
     order = 4
 
 
+class Held(Event, frozen=True, tag="held"):
+    """The regional scheduler released the task onto WORK, where nothing takes it yet: no live
+    worker of its region handles its type (``reason`` says so). It starts, and moves on to
+    ``started``, as soon as such a worker appears. Takes the place of ``dispatched``."""
+
+    priority: str
+    reason: str
+    status = Status.WAITING
+    order = 4
+
+
 class Started(Event, frozen=True, tag="started"):
     """A worker began an attempt."""
 
@@ -178,7 +189,20 @@ class Reprioritized(Event, frozen=True, tag="reprioritized"):
 
 
 AnyEvent = (
-    Submitted | Rejected | Waiting | Scheduled | Dispatched | Started | Progress | Retrying | Succeeded | Failed | Dead | Cancelled | Reprioritized
+    Submitted
+    | Rejected
+    | Waiting
+    | Scheduled
+    | Dispatched
+    | Held
+    | Started
+    | Progress
+    | Retrying
+    | Succeeded
+    | Failed
+    | Dead
+    | Cancelled
+    | Reprioritized
 )
 
 _KIND_OF: dict[type[Event], str] = {cls: cls.__struct_config__.tag for cls in AnyEvent.__args__}

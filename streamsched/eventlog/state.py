@@ -63,15 +63,20 @@ def _submitted(state: TaskState, event: ev.Submitted, _newer: bool) -> None:
     state.submitted_at = event.at
 
 
-def _scheduled(state: TaskState, event: ev.Scheduled | ev.Dispatched, _newer: bool) -> None:
+def _scheduled(state: TaskState, event: ev.Scheduled | ev.Dispatched | ev.Held, _newer: bool) -> None:
     state.region = event.region
     if state.priority_changed_at is None:
         state.priority = event.priority
 
 
-def _dispatched(state: TaskState, event: ev.Dispatched, newer: bool) -> None:
+def _dispatched(state: TaskState, event: ev.Dispatched | ev.Held, newer: bool) -> None:
     _scheduled(state, event, newer)
     state.scheduled_at = event.at
+
+
+def _held(state: TaskState, event: ev.Held, newer: bool) -> None:
+    _dispatched(state, event, newer)
+    state.waiting_reason = event.reason
 
 
 def _started(state: TaskState, event: ev.Started, _newer: bool) -> None:
@@ -140,6 +145,7 @@ _FACTS: dict[type, Callable[[TaskState, Any, bool], None]] = {
     ev.Waiting: _waiting,
     ev.Scheduled: _scheduled,
     ev.Dispatched: _dispatched,
+    ev.Held: _held,
     ev.Started: _started,
     ev.Progress: _progress,
     ev.Retrying: _retrying,

@@ -8,6 +8,9 @@ lower levels keep a small share. A SCHED message holds one task or a batch of th
 for its type fetch it (routing data stays in the headers, with
 the msg id ``<task>:work:0`` that makes a second copy harmless) with a ``dispatched``
 event (on ``events.regional``), and the SCHED message is acked only when all of them landed.
+When no live worker of the region handles the task's type (:class:`~streamsched.roles.worker_registry.LiveWorkers`,
+a mirror of KV ``workers``), the task still goes onto WORK, where it waits for one, and
+its event is ``held``, with that reason, in place of ``dispatched``.
 A cancelled task (:mod:`streamsched.roles.cancels`) is not released: it gets a ``cancelled``
 event instead, and leaves SCHED with the ack.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 
+import anyio
 import msgspec
 
 from .. import subjects
@@ -34,6 +38,7 @@ from ..transport.wire import Delivery
 from . import sched_batches
 from .cancels import CancelWatch
 from .settle import Publication, Settler
+from .worker_registry import LiveWorkers
 
 log = logging.getLogger("streamsched.regional")
 
@@ -51,16 +56,22 @@ class Regional:
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
         self.settler = Settler(bus, self.puller, source="regional")
         self.cancels = CancelWatch(bus)
+        self.workers = LiveWorkers(bus)
+        self.ready = anyio.Event()
+        """Set once it knows the cancelled tasks and the live workers, as it starts releasing."""
         self.released = 0
 
     async def run(self) -> None:
         log.info("regional scheduler for region %s", self.region)
         await self.cancels.start()
+        await self.workers.start()
+        self.ready.set()
         try:
             await self.puller.run()
             await self.puller.finish()
         finally:
             await self.cancels.stop()
+            await self.workers.stop()
 
     async def shutdown(self) -> None:
         self.puller.stop()
@@ -80,6 +91,7 @@ class Regional:
         publications: list[Publication] = []
         dispatched: list[ev.Event] = []
         cancelled = self.cancels.ids
+        handled = self.workers.handled(self.region)
         for headers, data in entries:
             task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
             if task_id is None or not subjects.is_token(task_id):
@@ -97,7 +109,11 @@ class Regional:
             # this role's CPU went into parsing it into a dict and encoding it again.
             work_subject = subjects.work(self.region, priority, task_type)
             publications.append((work_subject, data, wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))))
-            dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
+            if task_type in handled:
+                dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
+            else:  # it waits on WORK, visibly, until a worker that handles its type starts
+                reason = f"no worker for type {task_type} in region {self.region}"
+                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason))
         if not dispatched:
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return

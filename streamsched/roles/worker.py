@@ -182,6 +182,8 @@ class Worker:
         self.progress: ProgressReports | None = None
         self.batches: dict[str, Batches] = {}  # of batch handlers, made at their first task
         self._draining = False
+        self.ready = anyio.Event()
+        """Set once it is registered with its durables made: it takes tasks from then on."""
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         # Given explicitly where asyncio would look it up: on Python 3.11 each lookup of
@@ -206,6 +208,8 @@ class Worker:
             tg.start_soon(self._heartbeat)
             tg.start_soon(self.presence.run)
             tg.start_soon(self._announce_started)
+            await self.presence.registered.wait()  # the regional schedulers now know its types
+            self.ready.set()
             await self.puller.run()  # returns once shutdown() stopped it
             # Drop interest at once: the server then skips this worker's open pull requests,
             # so nothing more arrives here to be nak'ed (each nak would count as an attempt).

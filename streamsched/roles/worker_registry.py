@@ -154,6 +154,7 @@ class Presence:
         self.state: WorkerState = "running"
         self.started_at = time.time()
         self._kv: KeyValue | None = None  # set while registered
+        self.registered = anyio.Event()  # the first entry is in KV
         self._failing = False  # the last put failed (said once, not every heartbeat)
 
     def info(self) -> WorkerInfo:
@@ -193,6 +194,7 @@ class Presence:
         try:
             while True:
                 await self._put()
+                self.registered.set()
                 await anyio.sleep(self.heartbeat_s)
         finally:
             self._kv = None  # no put after the delete
@@ -326,6 +328,11 @@ class LiveWorkers:
     def handles(self, region: str, task_type: str) -> bool:
         """True when a live, running worker of ``region`` has a handler for ``task_type``."""
         return task_type in self._by_region().get(region, frozenset())
+
+    def handled(self, region: str) -> frozenset[str]:
+        """The task types the live, running workers of ``region`` handle, as held (not copied):
+        for a caller that asks about many tasks at once."""
+        return self._by_region().get(region, frozenset())
 
     def types_in(self, region: str) -> set[str]:
         """The task types the live, running workers of ``region`` handle."""

@@ -192,8 +192,8 @@ async def test_a_task_cancelled_on_work_is_cancelled_at_once_and_never_starts_on
     client = await client_of(bus)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
         await submit(bus, id="queued", type="echo", payload=1)
-        await events.wait(lambda log: "dispatched" in log.kinds_of("queued"), what="queued dispatched")
-        await wait_status(client, "queued", Status.SCHEDULED)
+        await events.wait(lambda log: "held" in log.kinds_of("queued"), what="queued held (no worker for echo)")
+        await wait_status(client, "queued", Status.WAITING)
         await client.cancel("queued", reason="too late")
         await wait_status(client, "queued", Status.CANCELLED)  # at once, with no worker
         async with running([worker]):
@@ -298,7 +298,7 @@ async def test_the_cancel_command_says_what_happened_with_its_exit_code(settings
             await client.wait("cli-done", timeout_s=10)
             await client.wait("cli-queued", timeout_s=10)
         await submit(bus, id="cli-later", type="echo", payload=3)
-        await wait_status(client, "cli-later", Status.SCHEDULED)
+        await wait_status(client, "cli-later", Status.WAITING)  # held on WORK: no worker for echo
         finished = await cli(settings, "cancel", "cli-done", check=False)
         unknown = await cli(settings, "cancel", "nobody", check=False)
         requested = cli(settings, "cancel", "cli-later", "--reason", "from the shell", "--wait", "--timeout", "20", check=False)
@@ -318,6 +318,6 @@ async def test_the_cancel_command_says_what_happened_with_its_exit_code(settings
     assert (unknown.returncode, unknown.stderr.decode().strip()) == (3, "error: no task nobody")
     assert results[0].returncode == 0, results[0].stderr.decode()
     lines = results[0].stdout.decode().splitlines()
-    assert lines[0] == "cancel requested for cli-later (it was scheduled)"
+    assert lines[0] == "cancel requested for cli-later (it was waiting)"
     final = msgspec.json.decode(lines[1])
     assert (final["status"], final["error"]) == ("cancelled", "from the shell")

@@ -31,7 +31,7 @@ async def test_a_task_queued_past_its_deadline_never_starts(settings, bus, event
     past = datetime.datetime.fromtimestamp(time.time() + 1, datetime.UTC).isoformat()
     async with running([master, regional, projector]):  # no worker yet: the task waits in WORK
         await bus.js.publish(subjects.SUBMIT, b'{"id":"late","type":"echo","deadline":"%s"}' % past.encode())
-        await events.wait(lambda log: "dispatched" in log.kinds_of("late"), what="late dispatched")
+        await events.wait(lambda log: "held" in log.kinds_of("late"), what="late held on WORK")
         await events.wait(lambda _log: time.time() > datetime.datetime.fromisoformat(past).timestamp(), timeout_s=3, what="the deadline")
         async with running([worker]):
             final = await events.wait_final("late")

@@ -50,7 +50,7 @@ async def test_wait_says_whether_the_task_is_unknown_or_not_done_yet(settings, b
         await client.wait("ghost", timeout_s=0.3)
     async with running([master, regional, projector]):  # no worker: the task waits on WORK
         await bus.nc.publish("tasks.submit", b'{"id":"queued","type":"echo"}')
-        with pytest.raises(TimeoutError, match=r"task queued still (pending|scheduled) after"):
+        with pytest.raises(TimeoutError, match=r"task queued still (pending|waiting) after"):
             await client.wait("queued", timeout_s=3.0)  # a pending state is written after projector.HOLD_S
 
 

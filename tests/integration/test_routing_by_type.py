@@ -80,7 +80,9 @@ async def test_a_task_of_a_type_no_worker_loads_waits_and_runs_when_its_worker_s
         waiting_on = subjects.work(REGION, "medium", "reports.build")
         info = await bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=waiting_on)
         assert info.state.subjects == {waiting_on: 1}
-        assert events.kinds_of("orphan") == ["submitted", "scheduled", "dispatched"]
+        assert events.kinds_of("orphan") == ["submitted", "scheduled", "held"]
+        (held,) = events.of_kind("held")
+        assert held.reason == "no worker for type reports.build in region default"
         late = Worker(settings, bus, pool(ran, "reports.build"), region=REGION, concurrency=4)
         async with running([late]):
             await events.wait(lambda log: "succeeded" in log.kinds_of("orphan"), what="the orphan's success once its worker started")
