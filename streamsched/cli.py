@@ -27,7 +27,7 @@ from .cli_schedules import schedule_app
 from .cli_workers import workers_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, Settings
-from .errors import AlreadyFinished, NotFound, Unavailable
+from .errors import AlreadyFinished, NotFound, Overloaded, Unavailable
 from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
 from .roles.workflows import WorkflowState
@@ -46,6 +46,9 @@ class Exit(enum.IntEnum):
     TASK_FAILED = 4
     TIMEOUT = 5
     ALREADY_FINISHED = 6
+    #: A full stream refused what the command sent, for all of ``submit_retry_budget_s``:
+    #: nothing of it was stored, and sending it again later is safe.
+    OVERLOADED = 7
 
 
 app = typer.Typer(
@@ -55,7 +58,9 @@ app = typer.Typer(
         "  streamsched up                                  # everything on this machine\n\n"
         "  streamsched submit echo --payload '{\"a\": 1}' --wait\n\n"
         "  streamsched worker workers.examples --region default --concurrency 32\n\n"
-        "Every command but `up` connects to $NATS_URL (default nats://127.0.0.1:4222)."
+        "Every command but `up` connects to $NATS_URL (default nats://127.0.0.1:4222). One whose publish a full "
+        "stream refuses for all of $STREAMSCHED_SUBMIT_RETRY_BUDGET_S (default 5 s; tried again with backoff meanwhile) "
+        f"prints the limit in one line and exits {Exit.OVERLOADED:d}."
     ),
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -258,6 +263,12 @@ def submit(
     (and with --wait, the outcome).
 
     A file is checked whole first: every bad line is reported with its number and nothing is sent.
+
+    When the TASKS stream is full the submission is tried again with backoff for
+    $STREAMSCHED_SUBMIT_RETRY_BUDGET_S (default 5 s); if it stays full, one line names the
+    limit and the exit code is 7: nothing of it was stored (with --file, the ids of the tasks
+    stored before are printed). Other exit codes: 1 NATS unreachable, 2 bad input, 4 with
+    --wait: the task did not succeed, 5 with --wait: no outcome in time.
     """
     settings = load_or_exit()
     if workflow is not None and file is not None:
@@ -362,7 +373,8 @@ def status(
         "with the reason. Given a workflow id, cancel every task of the workflow that has not finished.\n\n"
         f"Exit codes: {Exit.OK:d} requested (with --wait: the task or workflow ended cancelled), {Exit.NOT_FOUND:d} "
         f"no such task, {Exit.ALREADY_FINISHED:d} it had already finished (nothing changes), {Exit.TASK_FAILED:d} "
-        f"with --wait: it finished otherwise, {Exit.TIMEOUT:d} with --wait: no outcome in time."
+        f"with --wait: it finished otherwise, {Exit.TIMEOUT:d} with --wait: no outcome in time, "
+        f"{Exit.OVERLOADED:d} the TASKS stream stayed full (the request was not stored)."
     )
 )
 def cancel(
@@ -375,7 +387,7 @@ def cancel(
     settings = load_or_exit()
 
     async def go() -> int:
-        async with await Client.connect(settings.nats_url) as client:
+        async with await Client.connect(settings.nats_url, settings=settings) as client:
             try:
                 state = await client.cancel(task_id, reason=reason)
             except NotFound as exc:
@@ -494,5 +506,8 @@ def main() -> None:
     except Unavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(Exit.ERROR)
+    except Overloaded as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(Exit.OVERLOADED)
     except KeyboardInterrupt:
         sys.exit(130)

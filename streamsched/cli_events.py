@@ -181,7 +181,7 @@ def dlq_redrive(
         if not dead:
             return dlq_mod.RedriveReport()
         with typer.progressbar(length=len(dead), label="re-driving", file=None) as bar:
-            return await dlq_mod.redrive(bus, dead, dry_run=dry_run, progress=bar.update)
+            return await dlq_mod.redrive(bus, dead, dry_run=dry_run, progress=bar.update, retry_budget_s=settings.submit_retry_budget_s)
 
     report = _with_bus(settings, work)
     verb = "would re-drive" if dry_run else "re-drove"
@@ -244,7 +244,16 @@ def replay_submissions_cmd(
         try:
             total = await _count(source)
             with typer.progressbar(length=total, label="replaying") as bar:
-                return await replay_submissions(source, target, since=start, until=end, task_type=task_type, rate_per_s=rate, progress=bar.update)
+                return await replay_submissions(
+                    source,
+                    target,
+                    since=start,
+                    until=end,
+                    task_type=task_type,
+                    rate_per_s=rate,
+                    progress=bar.update,
+                    retry_budget_s=settings.submit_retry_budget_s,
+                )
         finally:
             if target is not None:
                 await target.close()

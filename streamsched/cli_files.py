@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from .client import Client, prepare
+from .client import Client, TaskHandle, prepare
 from .config import Settings
-from .errors import Rejected
+from .errors import Overloaded, Rejected
 from .roles.batches import MAX_TASKS as MAX_BATCH_TASKS
 
 __all__ = ["MAX_BATCH_TASKS", "submit_file"]
@@ -26,7 +26,7 @@ __all__ = ["MAX_BATCH_TASKS", "submit_file"]
 #: Tasks sent between two updates of the progress bar.
 CHUNK = 500
 #: Exit codes (the same numbers as :class:`streamsched.cli.Exit`).
-_OK, _USAGE = 0, 2
+_OK, _USAGE, _OVERLOADED = 0, 2, 7
 
 
 def read_tasks(path: Path, settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
@@ -65,19 +65,30 @@ def submit_file(settings: Settings, path: Path, *, atomic: bool) -> int:
         typer.echo(f"error: --atomic takes at most {MAX_BATCH_TASKS} tasks, the file holds {len(tasks)}", err=True)
         return _USAGE
 
+    handles: list[TaskHandle] = []
+
     async def go() -> None:
         async with await Client.connect(settings.nats_url, name="streamsched-cli", settings=settings) as client:
             if atomic:
-                handles = await client.submit_many(tasks, atomic=True)
-            else:
-                handles = []
-                with Progress(transient=True, console=Console(stderr=True)) as progress:  # stdout is for the ids
-                    bar = progress.add_task("submitting", total=len(tasks))
-                    for start in range(0, len(tasks), CHUNK):
-                        handles += await client.submit_many(tasks[start : start + CHUNK])
-                        progress.advance(bar, min(CHUNK, len(tasks) - start))
-        for handle in handles:
-            typer.echo(handle.id)
+                handles.extend(await client.submit_many(tasks, atomic=True))
+                return
+            with Progress(transient=True, console=Console(stderr=True)) as progress:  # stdout is for the ids
+                bar = progress.add_task("submitting", total=len(tasks))
+                for start in range(0, len(tasks), CHUNK):
+                    handles.extend(await client.submit_many(tasks[start : start + CHUNK]))
+                    progress.advance(bar, min(CHUNK, len(tasks) - start))
 
-    anyio.run(go)
-    return _OK
+    refused: Overloaded | None = None
+    try:
+        anyio.run(go)
+    except Overloaded as exc:  # the chunks before it were stored: theirs are the ids printed
+        refused = exc
+    for handle in handles:
+        typer.echo(handle.id)
+    if refused is None:
+        return _OK
+    typer.echo(f"error: {refused}", err=True)
+    if not atomic:  # a batch is stored whole or not at all
+        known, rest = len(handles), len(tasks) - len(handles)
+        typer.echo(f"error: {known} of {len(tasks)} tasks are known to be stored (ids printed); some of the other {rest} may be too", err=True)
+    return _OVERLOADED

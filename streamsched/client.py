@@ -4,6 +4,9 @@ Async (``async with await Client.connect(url) as client``; nats-py is asyncio-on
 A submission is a JetStream publish to ``tasks.submit.<priority>`` carrying
 the task id as ``Nats-Msg-Id``, so a retried submit inside the dedupe window is stored
 once. The id is chosen here when the caller gives none, so the handle exists at once.
+A publish that a full stream refuses is sent again, with the same ``Nats-Msg-Id``, with
+backoff for up to ``submit_retry_budget_s``, then :class:`~streamsched.errors.Overloaded`
+names the limit (see :mod:`streamsched.transport.overload`); other errors are raised as they come.
 The subject names the priority so that the masters take a high task in ahead of a burst
 of low ones already waiting (see :mod:`streamsched.roles.master`); a message whose tasks
 are of several priorities (a workflow, a batch), or of a priority the client's settings do
@@ -15,8 +18,8 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -40,7 +43,12 @@ from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
-from .transport.bus import Bus
+from .transport import overload
+from .transport.bus import Bus, explain
+
+T = TypeVar("T")
+#: ``(subject, body, headers)`` of one publish.
+Publication = tuple[str, bytes, dict[str, str] | bytes | None]
 
 #: Seconds :meth:`Client.cancel` looks for a task (or workflow) without a state yet before
 #: :class:`NotFound`, and how often.
@@ -155,6 +163,9 @@ class Client:
         nothing is submitted and the handle is that first task's. ``depends_on`` names tasks
         that must succeed first (they may be submitted later); ``split`` fans the task out
         into chunks (see the README).
+
+        Raises :class:`~streamsched.errors.Overloaded` when TASKS stayed full for
+        ``submit_retry_budget_s`` (nothing was stored; an idempotency key taken is given back).
         """
         task_id, body = _submission(
             {
@@ -179,13 +190,13 @@ class Client:
         )
         subject = self.submit_subject((priority,))
         if idempotency_key is None:
-            await self.bus.js.publish(subject, body, headers={subjects.H_MSG_ID: task_id})
+            await self._publish(subject, body, {subjects.H_MSG_ID: task_id})
             return TaskHandle(self, task_id)
         taken = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
         if not taken.taken_now:  # whoever holds it, this one included: nothing is sent again
             return TaskHandle(self, taken.holder)
         try:
-            await self.bus.js.publish(subject, body, headers={subjects.H_MSG_ID: task_id})
+            await self._publish(subject, body, {subjects.H_MSG_ID: task_id})
         except BaseException:
             await give_back(self.bus, idempotency_key, taken)  # else the key would name a task that never came
             raise
@@ -198,10 +209,12 @@ class Client:
         ``window`` submissions wait for their PubAck at a time, and every hundred share one
         landing: about 16 µs of this process's CPU per task, envelope included, against
         150–190 µs for a loop of ``submit``, which waits for each PubAck in turn. Returns
-        the handles once JetStream has stored every task. If any publish failed it raises
-        :class:`ConnectionError`; submitting the same tasks again (with the same ids) is
-        safe, since each carries its id as ``Nats-Msg-Id``. A misspelt argument raises
-        :class:`TypeError` before anything is published.
+        the handles once JetStream has stored every task. Publishes a full TASKS refused
+        are sent again (those chunks only) with backoff for up to ``submit_retry_budget_s``,
+        then it raises :class:`~streamsched.errors.Overloaded`; if a publish failed otherwise
+        it raises :class:`ConnectionError`. Either way, submitting the same tasks again (with
+        the same ids) is safe, since each carries its id as ``Nats-Msg-Id``. A misspelt
+        argument raises :class:`TypeError` before anything is published.
         """
         # Encoded first, so that a misspelt argument stops the group before any of it is sent.
         specs = list(tasks)
@@ -212,9 +225,19 @@ class Client:
         each = [self.submit_subject((priority,)) for priority in priorities]
         publications = ((subject, body, {subjects.H_MSG_ID: task_id}) for (task_id, body), subject in zip(submissions, each, strict=True))
         handles = [TaskHandle(self, task_id) for task_id, _ in submissions]
-        failed, first = await self.bus.publish_many(publications, window=window)
-        if failed:
-            raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {first!r}); submit them again")
+        unstored: list[Publication] = []
+        failed, first = await self.bus.publish_many(publications, window=window, unstored=unstored)
+        backoff: overload.Backoff | None = None
+        while failed:
+            if not overload.is_full(first):
+                raise ConnectionError(f"{failed} of {len(handles)} submissions were not stored (first error: {explain(first)}); submit them again")
+            backoff = backoff or overload.Backoff(self.settings.submit_retry_budget_s)
+            if not await backoff.wait():
+                unsent = f"{failed} of {len(handles)} submissions are not known to be stored"
+                detail = f"{unsent}, {backoff.spent()}; submitting the same tasks again (same ids) is safe"
+                raise await overload.overloaded(self.bus, first or ConnectionError(), unstored[0][0], detail=detail)
+            again, unstored = unstored, []
+            failed, first = await self.bus.publish_many(again, window=window, unstored=unstored)
         return handles
 
     async def cancel(self, task_id: str, *, reason: str = "") -> TaskState | WorkflowState:
@@ -231,7 +254,9 @@ class Client:
         a state after :data:`CANCEL_FIND_S` (a task submitted a moment ago has one once the
         projector caught up, usually within milliseconds) and :class:`AlreadyFinished` for a
         task or workflow that had finished (nothing changes then); a task that finishes
-        while the request is on its way keeps its outcome.
+        while the request is on its way keeps its outcome. Raises
+        :class:`~streamsched.errors.Overloaded` when TASKS stayed full for
+        ``submit_retry_budget_s`` (the request was not stored).
         """
         deadline = time.monotonic() + CANCEL_FIND_S
         while True:
@@ -239,8 +264,7 @@ class Client:
             if workflow is not None:
                 if workflow.finished_at is not None:
                     raise AlreadyFinished(f"workflow {task_id} already {workflow.status}", workflow.status)
-                subject, body, headers = request_message(task_id, reason, workflow=True)
-                await self.bus.js.publish(subject, body, headers=headers)
+                await self._publish(*request_message(task_id, reason, workflow=True))
                 return workflow
             state = await self.get(task_id)
             if state is not None:
@@ -250,8 +274,7 @@ class Client:
             await anyio.sleep(CANCEL_FIND_POLL_S)
         if is_final(state):
             raise AlreadyFinished(f"task {task_id} already {state.status.value}", state.status.value)
-        subject, body, headers = request_message(task_id, reason)
-        await self.bus.js.publish(subject, body, headers=headers)
+        await self._publish(*request_message(task_id, reason))
         return state
 
     async def submit_workflow(self, workflow: Workflow | Mapping[str, Any]) -> WorkflowHandle:
@@ -266,7 +289,7 @@ class Client:
         msg_id = f"workflow:{workflow_id}:{zlib.crc32(body):08x}"
         tasks = spec.get("tasks")
         priorities = [_priority_of(task) if isinstance(task, Mapping) else None for task in tasks] if isinstance(tasks, list) else [None]
-        await self.bus.js.publish(self.submit_subject(priorities), body, headers={subjects.H_MSG_ID: msg_id})
+        await self._publish(self.submit_subject(priorities), body, {subjects.H_MSG_ID: msg_id})
         return WorkflowHandle(self, workflow_id)
 
     async def get_workflow(self, workflow_id: str) -> WorkflowState | None:
@@ -305,11 +328,13 @@ class Client:
 
         Raises :class:`~streamsched.errors.Rejected` with the reason, storing nothing, when
         the schedule cannot be honoured (a 5-field pattern, ``@every`` under 1 s, an unknown
-        zone, a task the master would reject) or the name is taken.
+        zone, a task the master would reject) or the name is taken, and
+        :class:`~streamsched.errors.Overloaded` when the server's JetStream storage stayed
+        full for ``submit_retry_budget_s`` (as do the other schedule methods).
         """
         _, body = _submission({"type": type, "payload": payload, **task, "id": None}, with_id=False)
         schedule = schedules.Schedule(name=name, cron=cron, template=msgspec.Raw(body), time_zone=time_zone, paused=paused)
-        await schedules.add(self.bus, schedule, self.settings)
+        await self._while_full(lambda: schedules.add(self.bus, schedule, self.settings))
         return schedule
 
     async def list_schedules(self) -> list[schedules.Schedule]:
@@ -318,14 +343,14 @@ class Client:
 
     async def remove_schedule(self, name: str) -> None:
         """Stop a schedule and delete it; :class:`~streamsched.errors.NotFound` if there is none."""
-        await schedules.remove(self.bus, name)
+        await self._while_full(lambda: schedules.remove(self.bus, name))
 
     async def pause_schedule(self, name: str) -> schedules.Schedule:
         """Stop making tasks until :meth:`resume_schedule`; the definition is kept."""
-        return await schedules.set_paused(self.bus, name, True)
+        return await self._while_full(lambda: schedules.set_paused(self.bus, name, True))
 
     async def resume_schedule(self, name: str) -> schedules.Schedule:
-        return await schedules.set_paused(self.bus, name, False)
+        return await self._while_full(lambda: schedules.set_paused(self.bus, name, False))
 
     async def workers(self) -> list[worker_registry.WorkerInfo]:
         """The live workers (their entries in KV ``workers``), by region and id."""
@@ -344,6 +369,16 @@ class Client:
             raise TimeoutError(f"worker {worker_id} still registered after {timeout_s}s")
         return info
 
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Publish and await the PubAck, sent again while a full stream refuses it (every
+        caller's ``headers`` carry a ``Nats-Msg-Id``, kept on each try)."""
+        await overload.publish(self.bus, subject, body, headers, self.settings.submit_retry_budget_s)
+
+    async def _while_full(self, step: Callable[[], Awaitable[T]]) -> T:
+        """``step`` (a schedule's writes to TIMERS and KV, each safe to repeat), again while
+        the server's storage is full; those streams have no limit of their own."""
+        return await overload.retry_while_full(self.bus, self.settings.submit_retry_budget_s, step, None)
+
     def submit_subject(self, priorities: Iterable[str | None]) -> str:
         """Where a message holding tasks of ``priorities`` goes: ``tasks.submit.<p>`` when they
         are all of one priority ``p`` that the settings list, else plain ``tasks.submit``."""
@@ -360,7 +395,7 @@ class Client:
                 raise Rejected(f"batch rejected: task {index} (id {task_id!r}) is invalid: {exc}") from None
         batch_id = new_task_id()
         message = b'{"id":"%s","batch":[%s]}' % (batch_id.encode(), b",".join(body for _, body in submissions))
-        await self.bus.js.publish(subject, message, headers={subjects.H_MSG_ID: batch_id})
+        await self._publish(subject, message, {subjects.H_MSG_ID: batch_id})
         return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:

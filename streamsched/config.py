@@ -81,7 +81,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tasks_max_age_s: float = 7 * 24 * 3600.0
     """How long TASKS keeps submissions (for replay)."""
     tasks_max_bytes: int = 2 * GIB
-    """Disk limit of TASKS; when full, new submissions are refused (discard new)."""
+    """Disk limit of TASKS; when full, new submissions are refused (discard new). TASKS keeps
+    every submission for ``tasks_max_age_s`` whether or not it has run, so this bounds what
+    may be submitted within that time, not only what waits."""
+    submit_retry_budget_s: float = 5.0
+    """How long the client keeps trying a publish that a full stream refused (submissions,
+    cancel requests, schedules), with exponential backoff and jitter, before it raises
+    :class:`~streamsched.errors.Overloaded` naming the limit. 0: raise at the first refusal."""
     queue_max_bytes: int = 2 * GIB
     """Disk limit of SCHED and of WORK each; when full, publishers are refused and retry."""
     events_max_age_s: float = 7 * 24 * 3600.0
@@ -161,6 +167,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"idempotency_ttl_s must be at least 1 (second), not {self.idempotency_ttl_s}")
         if not self.worker_heartbeat_s >= 0.1:  # also refuses NaN; three of them are the bucket's TTL, which the server wants >= 100 ms
             raise ConfigError(f"worker_heartbeat_s must be at least 0.1 (seconds), not {self.worker_heartbeat_s}")
+        if not self.submit_retry_budget_s >= 0:  # also refuses NaN
+            raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
 

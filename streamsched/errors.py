@@ -23,6 +23,43 @@ class Unavailable(StreamschedError):
     """NATS could not be reached (a command gives up; a role keeps waiting)."""
 
 
+#: :attr:`Overloaded.limit` when the server, not the stream, ran out of room.
+SERVER_STORAGE = "server storage"
+
+
+class Overloaded(StreamschedError):
+    """A stream was full, so JetStream refused a publish (after the client's retries, within
+    ``submit_retry_budget_s``): nothing of it was stored, and sending it again later (with
+    the same ids) is safe. ``str()`` names the stream, the limit and the setting that sets
+    it: ``stream TASKS is full: max_bytes 2147483648 (tasks_max_bytes)``.
+    """
+
+    def __init__(
+        self,
+        stream: str | None,
+        limit: str,
+        *,
+        value: int | None = None,
+        setting: str | None = None,
+        detail: str = "",
+    ) -> None:
+        """``limit`` is the stream's config field that refused the message (``max_bytes``,
+        ``max_msgs``, ``max_msgs_per_subject``), or :data:`SERVER_STORAGE` when the
+        server's (or the account's) JetStream storage had no room, whatever the stream's
+        own limits; ``value`` its value, ``setting`` the streamsched setting it comes from."""
+        self.stream = stream
+        self.limit = limit
+        self.value = value
+        self.setting = setting
+        if limit == SERVER_STORAGE:
+            message = "the server's JetStream storage is full (its max_file_store, or the account's limit)"
+            message += f": stream {stream} cannot grow" if stream else ""
+        else:
+            message = f"stream {stream} is full: {limit}" if stream else f"a stream is full: {limit}"
+            message += (f" {value}" if value is not None else "") + (f" ({setting})" if setting else "")
+        super().__init__(f"{message}; {detail}" if detail else message)
+
+
 class NotFound(StreamschedError):
     """No task with that id (or no schedule with that name, no live worker with that id)."""
 

@@ -22,6 +22,7 @@ from nats.js.errors import APIError, NotFoundError
 from .. import subjects
 from ..errors import Rejected
 from ..model import decode_submission
+from ..transport import overload
 from ..transport.bus import Bus
 from ..transport.reading import ReadStats, Since, read
 from .state import StateStore
@@ -91,8 +92,11 @@ async def redrive(
     *,
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
+    retry_budget_s: float = 0.0,
 ) -> RedriveReport:
-    """Submit each dead task again as a new task; see the module docstring."""
+    """Submit each dead task again as a new task; see the module docstring. A submission a
+    full TASKS refuses is tried again for ``retry_budget_s``, then
+    :class:`~streamsched.errors.Overloaded` is raised (running it again later is safe)."""
     report = RedriveReport()
     store = await StateStore.open(bus)
     for entry in dead:
@@ -107,7 +111,7 @@ async def redrive(
         elif not dry_run:
             labels = {**envelope.labels, "redrive_of": entry.task_id}
             body = msgspec.json.encode(msgspec.structs.replace(envelope, id=new_id, labels=labels))
-            await bus.js.publish(subjects.SUBMIT, body, headers={subjects.H_MSG_ID: new_id})
+            await overload.publish(bus, subjects.SUBMIT, body, {subjects.H_MSG_ID: new_id}, retry_budget_s)
             report.redriven.append(new_id)
         else:
             report.redriven.append(new_id)

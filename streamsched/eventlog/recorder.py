@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from .. import subjects
-from ..transport.bus import REPUBLISH_DELAYS_S, Bus
+from ..transport.bus import REPUBLISH_DELAYS_S, Bus, explain
 from . import events as ev
 
 log = logging.getLogger("streamsched.recorder")
@@ -167,7 +167,7 @@ def send(bus: Bus, subject: str, body: bytes, headers: dict[str, str] | bytes, r
         elif attempt < len(REPUBLISH_DELAYS_S):
             asyncio.get_running_loop().call_later(REPUBLISH_DELAYS_S[attempt], send, bus, subject, body, headers, recording, attempt + 1)
         else:
-            log.warning("%s not published after %d tries (%r); its hops are redelivered", subject, attempt + 1, error)
+            log.warning("%s not published after %d tries (%s); its hops are redelivered", subject, attempt + 1, explain(error))
             recording._finish(error)
 
     try:

@@ -22,6 +22,7 @@ import msgspec
 from .. import subjects
 from ..errors import Rejected
 from ..model import decode_submission, derive_task_id
+from ..transport import overload
 from ..transport.bus import Bus
 from ..transport.reading import ReadStats, Since, read
 from .state import StateStore
@@ -50,8 +51,11 @@ async def replay_submissions(
     task_type: str | None = None,
     rate_per_s: float | None = None,
     progress: Progress | None = None,
+    retry_budget_s: float = 0.0,
 ) -> ReplayReport:
-    """Send the window's original submissions to ``target`` (``None``: dry run, count only)."""
+    """Send the window's original submissions to ``target`` (``None``: dry run, count only).
+    A submission the target's full TASKS refuses is tried again for ``retry_budget_s``, then
+    :class:`~streamsched.errors.Overloaded` is raised (replaying again skips what arrived)."""
     report = ReplayReport()
     target_store = await StateStore.open(target) if target is not None else None
     began = time.monotonic()
@@ -79,7 +83,7 @@ async def replay_submissions(
         else:
             body = data if envelope.id else msgspec.json.encode(msgspec.structs.replace(envelope, id=task_id))
             # On the subject it came in on: one of a priority also gives that priority to a body that names none.
-            ack = await target.js.publish(stored.subject, body, headers={subjects.H_MSG_ID: task_id})
+            ack = await overload.publish(target, stored.subject, body, {subjects.H_MSG_ID: task_id}, retry_budget_s)
             if ack.duplicate:  # sent by an earlier (interrupted) run, inside the dedupe window
                 report.already_there += 1
             else:

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from ..eventlog import events as ev
 from ..eventlog.recorder import EventRecorder, Recording
-from ..transport.bus import ACK, REPUBLISH_DELAYS_S, Bus, Pending, nak_with_delay
+from ..transport.bus import ACK, REPUBLISH_DELAYS_S, Bus, Pending, explain, nak_with_delay
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from .sched_batches import TaskBatcher
 
 log = logging.getLogger("streamsched.settle")
 
+#: Seconds between two warnings of one settler that messages come back.
+WARN_EVERY_S = 5.0
 #: ``(subject, body, headers)`` of one downstream publish.
 Publication = tuple[str, bytes, dict[str, str] | bytes | None]
 
@@ -56,6 +59,8 @@ class Settler:
         self.batcher = batcher
         self.retry_delay_s = retry_delay_s
         self._tasks: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self._next_warning = 0.0
+        self._unwarned = 0
 
     def forward(
         self,
@@ -77,7 +82,8 @@ class Settler:
 
         A failed publish (a lost PubAck in a reconnect, an election) is sent again with
         the same ``Nats-Msg-Id``, so it is never stored twice, after each of
-        :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later.
+        :data:`REPUBLISH_DELAYS_S`; only then is ``msg`` nak'ed to come back later (at once
+        when the hand-off's SCHED batch failed after retries of its own).
         Events (and a hand-off) are added again only if their message failed for good. ``also`` (e.g. a
         ``started`` event already in flight) is waited for once. Nothing here waits, so a
         handler can call it from the read loop (see :class:`Puller`).
@@ -103,12 +109,23 @@ class Settler:
     def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:
         if error is None:
             self.settle_reply(msg.reply, forward.reply, forward.settled)
-        elif round_ < len(REPUBLISH_DELAYS_S):
+        elif round_ < len(REPUBLISH_DELAYS_S) and not _failed_for_good(forward.handed):
             task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
             self._keep(task)
         else:
-            log.warning("downstream publish failed (%r); %s comes back in %.1fs", error, msg.subject, self.retry_delay_s)
+            self._warn_comes_back(msg, error)
             self.settle_reply(msg.reply, nak_with_delay(self.retry_delay_s), forward.settled)
+
+    def _warn_comes_back(self, msg: Delivery, error: BaseException) -> None:
+        """Log that ``msg`` comes back, at most once per :data:`WARN_EVERY_S` with a count
+        of the others: a full stream refuses every message a role holds, for as long as it stays full."""
+        now = time.monotonic()
+        if now < self._next_warning:
+            self._unwarned += 1
+            return
+        more = f" (and {self._unwarned} more since the last warning)" if self._unwarned else ""
+        log.warning("downstream publish failed (%s); %s comes back in %.1fs%s", explain(error), msg.subject, self.retry_delay_s, more)
+        self._next_warning, self._unwarned = now + WARN_EVERY_S, 0
 
     async def _republish(self, msg: Delivery, forward: _Forward, round_: int) -> None:
         await asyncio.sleep(REPUBLISH_DELAYS_S[round_])
@@ -153,6 +170,14 @@ class Settler:
             self.puller.release()
         else:
             settled()
+
+
+def _failed_for_good(handed: Recording | None) -> bool:
+    """True when the hand-off's SCHED batch failed after its own retries (a full SCHED
+    refuses it for all of them): the message comes back at once instead of after as many
+    rounds again, which would hold it past its consumer's ack_wait and have JetStream
+    deliver it a second time meanwhile, a second copy for SCHED."""
+    return handed is not None and handed.done and handed.error is not None
 
 
 def _needs_another(message: Recording | None) -> bool:

@@ -32,6 +32,14 @@ FIRST_CONNECT_ATTEMPTS = 10
 REPUBLISH_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+def explain(error: BaseException | None) -> str:
+    """``error`` for a message or log line: a JetStream error with its code and description
+    (``ServiceUnavailableError 10077: maximum bytes exceeded``), which its repr leaves out."""
+    if isinstance(error, nats.js.errors.APIError):
+        return f"{type(error).__name__} {error.err_code}: {error.description}"
+    return repr(error)
+
+
 class PublishLost(ConnectionError):
     """The connection dropped while a publish waited for its PubAck."""
 
@@ -247,6 +255,7 @@ class Bus:
         *,
         window: int = 4000,
         chunk: int = 100,
+        unstored: list[tuple[str, bytes, dict[str, str] | bytes | None]] | None = None,
     ) -> tuple[int, BaseException | None]:
         """Publish ``(subject, body, headers)`` each, with at most ``window`` awaiting their
         PubAck; returns ``(publishes that failed, first error)`` once all landed.
@@ -254,20 +263,23 @@ class Bus:
         For a burst: the publishes of each ``chunk`` share one landing (:meth:`publish_all`),
         so a publish costs no future, and the loop gets a turn after each chunk so that
         writes go out as they are made. A failed publish fails its whole chunk: publishing
-        it again is safe where each message carries a ``Nats-Msg-Id``.
+        it again is safe where each message carries a ``Nats-Msg-Id``. The publications
+        of failed chunks are appended to ``unstored`` when it is given, to be sent again.
         """
         failed = 0
         first: BaseException | None = None
         in_flight = 0
         room = asyncio.Event()
 
-        def landing(size: int) -> Callable[[BaseException | None], None]:
+        def landing(batch: list[tuple[str, bytes, dict[str, str] | bytes | None]]) -> Callable[[BaseException | None], None]:
             def landed(error: BaseException | None) -> None:
                 nonlocal in_flight, failed, first
-                in_flight -= size
+                in_flight -= len(batch)
                 if error is not None:
-                    failed += size
+                    failed += len(batch)
                     first = first or error
+                    if unstored is not None:
+                        unstored.extend(batch)
                 room.set()
 
             return landed
@@ -278,7 +290,7 @@ class Bus:
                 room.clear()
                 await room.wait()
             in_flight += len(batch)
-            self.publish_all(batch, landing(len(batch)))
+            self.publish_all(batch, landing(batch))
             await asyncio.sleep(0)
 
         batch: list[tuple[str, bytes, dict[str, str] | bytes | None]] = []

@@ -2,8 +2,9 @@
 
 Retention follows the role of each stream:
 
-* TASKS (limits): every submission, every rejection and every cancel request, kept for
-  replay and inspection. Submissions arrive on ``tasks.submit`` (priority in the body)
+* TASKS (limits, discard new): every submission, every rejection and every cancel
+  request, kept ``tasks_max_age_s`` for replay and inspection; at ``tasks_max_bytes`` it
+  refuses new ones (see :mod:`streamsched.transport.overload`). Submissions arrive on ``tasks.submit`` (priority in the body)
   or on ``tasks.submit.<priority>`` for each configured priority, and only those: a
   publish to another priority's subject is refused (no stream takes it) rather than
   stored where no master reads it. ``apply`` adds the subjects of new priorities to an
@@ -144,6 +145,18 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
     ]
     return [_with_shared_settings(config, settings) for config in own]
+
+
+#: The setting behind each limit at which a stream refuses publishes (discard new), so that
+#: :class:`~streamsched.errors.Overloaded` can name it. EVENTS and DLQ discard their oldest
+#: messages at their limits instead, and TIMERS has none.
+LIMIT_SETTINGS: dict[tuple[str, str], str] = {
+    (subjects.TASKS_STREAM, "max_bytes"): "tasks_max_bytes",
+    (subjects.SCHED_STREAM, "max_bytes"): "queue_max_bytes",
+    (subjects.FINISHED_STREAM, "max_bytes"): "queue_max_bytes",
+    (subjects.WORK_STREAM, "max_bytes"): "queue_max_bytes",
+    (f"KV_{subjects.STATE_BUCKET}", "max_bytes"): "state_max_bytes",
+}
 
 
 def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamConfig:
