@@ -77,6 +77,8 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(workers_app, name="workers")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+#: The settings' defaults, for help texts.
+_DEFAULTS = Settings()
 
 
 def _regions(value: str | None) -> tuple[str, ...] | None:
@@ -91,14 +93,31 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
         f"one that fails {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
         f"{Exit.ERROR:d} (a clean exit, code 0, as of a worker drained by `workers drain`, is restarted and is no failure). "
         "Ctrl-C or SIGTERM stops everything in order: workers drain first, then the schedulers, "
-        f"the projector and nats-server; a second Ctrl-C kills at once. A taken port gives exit code {Exit.USAGE:d}."
-    )
+        f"the projector and nats-server; a second Ctrl-C kills at once. A taken port gives exit code {Exit.USAGE:d}.\n\n"
+        "--autoscale MIN:MAX runs MIN to MAX workers per region instead of --workers. Every autoscale_tick_s "
+        f"({_DEFAULTS.autoscale_tick_s:g} s) it sums the region's WORK consumers' num_pending (queued tasks) and "
+        "num_ack_pending (held by workers) and compares them with the slots (workers x --concurrency): "
+        f"autoscale_up_ticks ({_DEFAULTS.autoscale_up_ticks}) samples in a row with more than autoscale_busy_load "
+        f"({_DEFAULTS.autoscale_busy_load:g}) tasks per slot add workers, at most autoscale_up_step "
+        f"({_DEFAULTS.autoscale_up_step}) at once; autoscale_idle_s ({_DEFAULTS.autoscale_idle_s:g} s) with nothing "
+        f"queued and the held tasks within autoscale_idle_load ({_DEFAULTS.autoscale_idle_load:g}) of the slots of one "
+        "worker fewer drain one worker (it finishes what it holds and exits; it is not restarted). Set them as "
+        "STREAMSCHED_AUTOSCALE_* variables."
+    ),
+    epilog=(
+        "Examples:\n\n  streamsched up\n\n  streamsched up --autoscale 1:4 --concurrency 8\n\n"
+        "  STREAMSCHED_AUTOSCALE_IDLE_S=10 streamsched up --autoscale 2:6"
+    ),
 )
 def up(
     port: Annotated[int, typer.Option(help="Port of the embedded nats-server (taken: an error, since clients are told this address).")] = 4222,
     data_dir: Annotated[Path, typer.Option(help="Where the embedded server keeps its JetStream store.")] = Path(".streamsched"),
     regions: Annotated[str, typer.Option(help="Comma-separated regions.")] = "default",
-    workers: Annotated[int, typer.Option(help="Worker processes per region.")] = 1,
+    workers: Annotated[int | None, typer.Option(help="Worker processes per region [default: 1].")] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(metavar="MIN:MAX", help="Run MIN to MAX worker processes per region, as many as the backlog needs (not with --workers)."),
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers each worker process runs at once.")] = DEFAULT_CONCURRENCY,
     handlers: Annotated[str, typer.Option(help="Module with the @task handlers the workers load.")] = "workers.examples",
     nats_url: Annotated[str | None, typer.Option(help="Use this server instead of embedding one.")] = None,
@@ -112,15 +131,25 @@ def up(
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
+    from .autoscaler import parse_bounds
     from .transport.server import PortInUse, ServerStartError
     from .up import DEFAULT_MONITOR_PORT, UpOptions, run
 
+    bounds = None
+    if autoscale is not None:
+        if workers is not None:
+            raise typer.BadParameter("give --workers or --autoscale, not both", param_hint="'--autoscale'")
+        try:
+            bounds = parse_bounds(autoscale)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--autoscale'") from None
     configure_logging(log_level)
     settings = load_or_exit(regions=_regions(regions))
     options = UpOptions(
         port=port,
         data_dir=data_dir,
-        workers=workers,
+        workers=1 if workers is None else workers,
+        autoscale=bounds,
         concurrency=concurrency,
         handlers=handlers,
         nats_url=nats_url,

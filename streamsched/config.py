@@ -121,6 +121,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
     Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first
     and the state view catches up after a burst. 0 keeps it level with the other roles."""
+    autoscale_tick_s: float = 2.0
+    """How often ``up --autoscale`` samples its regions' WORK consumers (one consumer
+    listing per sample) and decides the worker count."""
+    autoscale_up_ticks: int = 2
+    """Consecutive busy samples before ``up --autoscale`` adds workers: a busy sample has
+    more tasks queued and held (``num_pending + num_ack_pending`` of the region's WORK
+    durables) than ``autoscale_busy_load`` times the slots (workers x concurrency)."""
+    autoscale_busy_load: float = 1.0
+    """Tasks per handler slot above which a sample is busy: at 1.0, as soon as some task
+    waits for a slot."""
+    autoscale_up_step: int = 2
+    """Workers added at most per decision (as many as the queued and held tasks fill, up to this)."""
+    autoscale_idle_load: float = 0.5
+    """A sample is idle when no task is queued and the tasks held would fill at most this
+    share of the slots left after one worker fewer. Below ``autoscale_busy_load``, so that a
+    count just changed is not changed back by the same load."""
+    autoscale_idle_s: float = 30.0
+    """Seconds of idle samples only before ``up --autoscale`` drains one worker (and again
+    as long before the next)."""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -171,6 +190,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
+        self._check_autoscale()
+
+    def _check_autoscale(self) -> None:
+        if not self.autoscale_tick_s >= 0.1:  # also refuses NaN
+            raise ConfigError(f"autoscale_tick_s must be at least 0.1 (seconds), not {self.autoscale_tick_s}")
+        if self.autoscale_up_ticks < 1 or self.autoscale_up_step < 1:
+            raise ConfigError("autoscale_up_ticks and autoscale_up_step must be at least 1")
+        if not 0 <= self.autoscale_idle_load < self.autoscale_busy_load:
+            raise ConfigError(
+                "autoscale_idle_load must be at least 0 and below autoscale_busy_load "
+                f"(not {self.autoscale_idle_load} and {self.autoscale_busy_load}): the gap keeps the count from flapping"
+            )
+        if not self.autoscale_idle_s >= 0:
+            raise ConfigError(f"autoscale_idle_s must be at least 0, not {self.autoscale_idle_s}")
 
 
 def _parse_env(value: str, default: Any) -> Any:

@@ -4,8 +4,12 @@ Deliberately small: a role that exits is started again with the same command and
 environment after a capped, doubling delay; a role that keeps failing stops the whole
 thing; stopping goes in stages. A clean exit (code 0) is a worker drained by
 ``streamsched workers drain`` (roles exit 0 on their own only when told to stop): it is
-restarted after the first delay, as a graceful restart, and not counted as a failure. Production runs each role on its own under whatever
-already restarts processes there (systemd, Kubernetes), so nothing more belongs here.
+restarted after the first delay, as a graceful restart, and not counted as a failure.
+A role can also be added while running and *retired* (``up --autoscale`` does both with
+workers): a retired role is drained by whoever retired it, gets SIGTERM when the drain has
+not ended it in time and SIGKILL only when it outlives SIGTERM too, and is not restarted
+when it exits. Production runs each role on its own under whatever already restarts
+processes there (systemd, Kubernetes), so nothing more belongs here.
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ def describe_exit(returncode: int) -> str:
 
 
 @dataclass
+class Retirement:
+    """A role on its way out: it is not restarted, and is signalled if it lingers."""
+
+    since: float
+    term_at: float
+    """SIGTERM if it still runs then (the drain did not end it)."""
+    kill_at: float
+    """SIGKILL if it still runs then: it ignores SIGTERM."""
+    termed: bool = False
+
+
+@dataclass
 class RoleProcess:
     """A role's current process (``None`` while it waits to be restarted) and its recent exits."""
 
@@ -84,6 +100,9 @@ class RoleProcess:
     next_delay_s: float = 0.0
     exits: list[tuple[float, str]] = field(default_factory=list)
     """(when, how) of the failures within the crash-loop window, oldest first."""
+    retirement: Retirement | None = None
+    gone: bool = False
+    """Retired and exited: the supervisor forgets it."""
 
     def start(self, now: float) -> subprocess.Popen[bytes]:
         # Its own process group: a terminal's Ctrl-C goes to the foreground group only, so
@@ -95,6 +114,9 @@ class RoleProcess:
 
     def check(self, now: float) -> bool:
         """Notice an exit and schedule the restart, or restart when due. False: crash-looping."""
+        if self.retirement is not None:
+            self._check_retiring(now, self.retirement)
+            return True
         if self.process is None:
             if self.restart_at is not None and now >= self.restart_at:
                 log.info("%s restarted (pid %d)", self.role.name, self.start(now).pid)
@@ -120,11 +142,49 @@ class RoleProcess:
         self.next_delay_s = min(self.next_delay_s * 2, self.policy.max_delay_s)
         return True
 
+    def retire(self, now: float, drain_s: float, term_s: float) -> int | None:
+        """Stop restarting it; SIGTERM after ``drain_s`` if it still runs, SIGKILL ``term_s``
+        after that. The pid to drain, or None when it is not running (it is gone at once)."""
+        self.retirement = Retirement(since=now, term_at=now + drain_s, kill_at=now + drain_s + term_s)
+        if self.process is None:
+            self.gone = True
+            return None
+        return self.process.pid
+
+    def terminate(self) -> None:
+        """SIGTERM a retiring role now (asking it to drain failed; a worker drains on SIGTERM too)."""
+        if self.retirement is not None and self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.retirement.termed = True
+
+    def _check_retiring(self, now: float, retirement: Retirement) -> None:
+        process = self.process
+        if process is None:
+            self.gone = True
+            return
+        returncode = process.poll()
+        if returncode is not None:
+            self.process = None
+            self.gone = True
+            if returncode == 0:
+                log.info("%s retired: exited cleanly after %.1f s up", self.role.name, now - self.started_at)
+            else:
+                log.warning("%s retired: exited with %s", self.role.name, describe_exit(returncode))
+        elif now >= retirement.kill_at:
+            log.warning("%s still running %.0f s after it was retired, SIGTERM included; killing it", self.role.name, now - retirement.since)
+            process.kill()
+            process.wait()
+        elif now >= retirement.term_at and not retirement.termed:
+            log.warning("%s still running %.0f s after it was asked to drain; sending SIGTERM", self.role.name, retirement.term_at - retirement.since)
+            self.terminate()
+
 
 class Supervisor:
     """Starts the roles, restarts those that exit, stops them all in stages."""
 
     def __init__(self, roles: Sequence[Role], env: Mapping[str, str], policy: RestartPolicy) -> None:
+        self.env = env
+        self.policy = policy
         self.processes = [RoleProcess(role, env, policy) for role in roles]
 
     def start(self) -> None:
@@ -132,12 +192,22 @@ class Supervisor:
         for process in self.processes:
             process.start(now)
 
+    def add(self, role: Role) -> RoleProcess:
+        """Start one more role process, kept running like the others."""
+        process = RoleProcess(role, self.env, self.policy)
+        log.info("%s started (pid %d)", role.name, process.start(time.monotonic()).pid)
+        self.processes.append(process)
+        return process
+
     def check(self) -> RoleProcess | None:
-        """Restart what is due; the first crash-looping role, if any (it is not restarted)."""
+        """Restart what is due, forget retired roles that exited; the first crash-looping
+        role, if any (it is not restarted)."""
         now = time.monotonic()
         for process in self.processes:
             if not process.check(now):
                 return process
+        if any(process.gone for process in self.processes):
+            self.processes = [process for process in self.processes if not process.gone]
         return None
 
     def stop(self, timeout_s: float, hurry: Callable[[], bool]) -> None:

@@ -4,8 +4,10 @@ Starts an embedded nats-server (unless given ``--nats-url``), applies the stream
 launches one plain subprocess per role (``streamsched master``, ``regional``,
 ``projector``, ``worker``) so both cores work, and keeps them running: a role that exits
 is restarted with backoff, and one that crash-loops stops everything (see
-:mod:`streamsched.supervisor`). Stopping goes in order: workers drain first, then the
-schedulers, the projector, and nats-server last. Production runs each role on its own.
+:mod:`streamsched.supervisor`). With ``--autoscale MIN:MAX`` the workers of each region
+follow the WORK backlog instead of a fixed count (see :mod:`streamsched.autoscaler`).
+Stopping goes in order: workers drain first, then the schedulers, the projector, and
+nats-server last. Production runs each role on its own.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import logging
 import os
 import signal
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import msgspec
 
+from .autoscaler import Autoscaler, ScaleRule
 from .config import DEFAULT_CONCURRENCY, Settings
 from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
 from .transport import streams
@@ -33,6 +36,8 @@ log = logging.getLogger("streamsched.up")
 DEFAULT_MONITOR_PORT = 8222
 #: Role processes get SIGTERM, then this long beyond ``grace_s`` before SIGKILL.
 STOP_MARGIN_S = 10.0
+#: How often the supervisor looks at its processes: a signal or an exit is seen within this.
+POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class UpOptions:
     """Client port of the embedded nats-server; no fallback when taken, since clients are told this address."""
     data_dir: Path = Path(".streamsched")
     workers: int = 1
+    """Worker processes per region, unless ``autoscale``."""
+    autoscale: tuple[int, int] | None = None
+    """(MIN, MAX) worker processes per region, as many as the WORK backlog needs."""
     concurrency: int = DEFAULT_CONCURRENCY
     handlers: str = "workers.examples"
     nats_url: str | None = None
@@ -56,16 +64,24 @@ class UpOptions:
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
 
 
+ME = [sys.executable, "-m", "streamsched"]
+
+
 def roles(settings: Settings, options: UpOptions) -> list[Role]:
-    """One role process each; workers stop first, then the schedulers, then the projector."""
-    me = [sys.executable, "-m", "streamsched"]
-    found = [Role("master", [*me, "master"], stop_stage=1), Role("projector", [*me, "projector"], stop_stage=2)]
+    """One role process each; workers stop first, then the schedulers, then the projector.
+    Autoscaled workers are not among them: the autoscaler starts them."""
+    found = [Role("master", [*ME, "master"], stop_stage=1), Role("projector", [*ME, "projector"], stop_stage=2)]
     for region in settings.regions:
-        found.append(Role(f"regional {region}", [*me, "regional", "--region", region], stop_stage=1))
-        for n in range(1, options.workers + 1):
-            command = [*me, "worker", options.handlers, "--region", region, "--concurrency", str(options.concurrency)]
-            found.append(Role(f"worker {region}#{n}", command, stop_stage=0))
+        found.append(Role(f"regional {region}", [*ME, "regional", "--region", region], stop_stage=1))
+        if options.autoscale is None:
+            found.extend(worker_role(options, region, n) for n in range(1, options.workers + 1))
     return found
+
+
+def worker_role(options: UpOptions, region: str, n: int) -> Role:
+    """The ``n``-th worker process of ``region``."""
+    command = [*ME, "worker", options.handlers, "--region", region, "--concurrency", str(options.concurrency)]
+    return Role(f"worker {region}#{n}", command, stop_stage=0)
 
 
 def run(settings: Settings, options: UpOptions) -> bool:
@@ -81,6 +97,10 @@ def run(settings: Settings, options: UpOptions) -> bool:
     settings = msgspec.structs.replace(settings, nats_url=url)
     env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions))
     supervisor = Supervisor(roles(settings, options), env, options.restarts)
+    autoscaler = None
+    if options.autoscale is not None:
+        rule = ScaleRule.of(settings, options.autoscale, options.concurrency)
+        autoscaler = Autoscaler(supervisor, settings, dict.fromkeys(settings.regions, rule), lambda region, n: worker_role(options, region, n))
     stopping = hurry = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -101,16 +121,12 @@ def run(settings: Settings, options: UpOptions) -> bool:
             log.info("%s", change)
         if not stopping:
             supervisor.start()
+            if autoscaler is not None:
+                autoscaler.start()
             _banner(url, settings, options, server)
-        # Polling is the supervisor's clock: it notices exits and restarts what is due, and
-        # a signal is seen within one tick.
-        while not stopping:
-            looping = supervisor.check()
-            if looping is not None:
-                _report_crash_loop(looping)
-                stopping = True
-            else:
-                time.sleep(0.2)
+        looping = anyio.run(_keep_running, supervisor, autoscaler, lambda: stopping)
+        if looping is not None:
+            _report_crash_loop(looping)
     finally:
         stopping = True
         supervisor.stop(settings.grace_s + STOP_MARGIN_S, lambda: hurry)
@@ -120,6 +136,23 @@ def run(settings: Settings, options: UpOptions) -> bool:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return looping is None
+
+
+async def _keep_running(supervisor: Supervisor, autoscaler: Autoscaler | None, stopping: Callable[[], bool]) -> RoleProcess | None:
+    """Until ``stopping()``: poll the supervisor, the clock by which it notices exits and
+    restarts what is due (a signal's handler sets the flag, seen within one poll); the
+    autoscaler runs beside it and stops with it. The first crash-looping role, if any."""
+    async with anyio.create_task_group() as tg:
+        if autoscaler is not None:
+            tg.start_soon(autoscaler.run)
+        try:
+            while not stopping():
+                if (looping := supervisor.check()) is not None:
+                    return looping
+                await anyio.sleep(POLL_S)
+        finally:
+            tg.cancel_scope.cancel()
+    return None
 
 
 def _embedded_server(options: UpOptions) -> NatsServer:
@@ -167,7 +200,7 @@ def _banner(url: str, settings: Settings, options: UpOptions, server: NatsServer
         f"""
 streamsched is up
   NATS:        {url}   ({where}){monitor}
-  regions:     {", ".join(settings.regions)}   workers per region: {options.workers} x {options.concurrency} slots
+  regions:     {", ".join(settings.regions)}   workers per region: {_worker_count(options)} x {options.concurrency} slots
   handlers:    {options.handlers}
 
 Submit a task from any NATS client:
@@ -177,9 +210,26 @@ or with the CLI:
 
 Roles are restarted if they exit (after {policy.delay_s:g}s, doubling up to {policy.max_delay_s:g}s);
 one that fails {policy.crash_loop_exits} times within {policy.crash_loop_window_s:g}s stops everything.
-A worker drained by `streamsched workers drain` exits cleanly and is replaced.
+A worker drained by `streamsched workers drain` exits cleanly and is replaced.{_autoscale_note(settings, options)}
 Ctrl-C stops everything in order: workers first (running tasks get {settings.grace_s:.0f}s
 to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at once.
 """,
         flush=True,
+    )
+
+
+def _worker_count(options: UpOptions) -> str:
+    if options.autoscale is None:
+        return str(options.workers)
+    low, high = options.autoscale
+    return f"{low} to {high} (autoscaled)"
+
+
+def _autoscale_note(settings: Settings, options: UpOptions) -> str:
+    if options.autoscale is None:
+        return ""
+    return (
+        f"\nWorkers are added after {settings.autoscale_up_ticks} samples ({settings.autoscale_tick_s:g}s apart) with more tasks "
+        f"queued and held than {settings.autoscale_busy_load:g} per slot,\nand drained one at a time after "
+        f"{settings.autoscale_idle_s:g}s with none queued (autoscale_* settings)."
     )

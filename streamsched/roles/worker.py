@@ -63,7 +63,6 @@ import itertools
 import logging
 import os
 import random
-import socket
 import time
 import traceback
 from collections.abc import Sequence
@@ -94,7 +93,7 @@ from .cancels import CancelWatch
 from .progress import ProgressReports
 from .settle import Publication, Settler
 from .threads import HandlerThreads
-from .worker_registry import Presence
+from .worker_registry import Presence, worker_id
 
 log = logging.getLogger("streamsched.worker")
 
@@ -155,9 +154,8 @@ class Worker:
         self.registry = registry
         self.region = region
         self.concurrency = concurrency
-        # host-pid, and a number for a second worker of one process: each its own registry entry.
-        number = next(_WORKERS_MADE)
-        self.id = f"{socket.gethostname()}-{os.getpid()}" + (f"-{number}" if number > 1 else "")
+        # A second worker of one process gets a number: each its own registry entry.
+        self.id = worker_id(os.getpid(), next(_WORKERS_MADE))
         self.types = registry.names()
         if not self.types:
             raise ValueError("a worker needs at least one @task handler")

@@ -60,6 +60,12 @@ GONE_POLL_S = 0.1
 WorkerState = Literal["running", "draining"]
 
 
+def worker_id(pid: int, number: int = 1) -> str:
+    """The id of the ``number``-th worker made by process ``pid`` of this host: ``<host>-<pid>``,
+    and ``-<number>`` after it from the second on."""
+    return f"{socket.gethostname()}-{pid}" + (f"-{number}" if number > 1 else "")
+
+
 def _package_version() -> str:
     try:
         return importlib.metadata.version("streamsched")

@@ -348,13 +348,27 @@ class Puller:
                     self._wake.set()
 
 
-class _ConsumerPending(msgspec.Struct):
+class _ConsumerFilter(msgspec.Struct, frozen=True):
+    filter_subject: str = ""
+
+
+class ConsumerLoad(msgspec.Struct, frozen=True):
+    """One consumer's counts, as ``$JS.API.CONSUMER.LIST`` gives them."""
+
     name: str
     num_pending: int = 0
+    """Messages it could deliver now."""
+    num_ack_pending: int = 0
+    """Messages delivered and not acked yet."""
+    config: _ConsumerFilter = msgspec.field(default_factory=_ConsumerFilter)
+
+    @property
+    def filter_subject(self) -> str:
+        return self.config.filter_subject
 
 
 class _ConsumerList(msgspec.Struct):
-    consumers: list[_ConsumerPending] | None = None
+    consumers: list[ConsumerLoad] | None = None
     total: int = 0
     limit: int = 0
 
@@ -362,13 +376,18 @@ class _ConsumerList(msgspec.Struct):
 _decode_consumer_list = msgspec.json.Decoder(_ConsumerList).decode
 
 
-async def _pending_by_consumer(bus: Bus, stream: str) -> dict[str, int]:
-    """Every consumer of ``stream`` with the messages it could deliver now (page by page)."""
-    pending: dict[str, int] = {}
+async def consumer_loads(bus: Bus, stream: str) -> list[ConsumerLoad]:
+    """Every consumer of ``stream`` with its counts (page by page: one request per 256)."""
+    found: dict[str, ConsumerLoad] = {}
     while True:
-        reply = await bus.nc.request(f"$JS.API.CONSUMER.LIST.{stream}", b'{"offset":%d}' % len(pending), timeout=2.0)
+        reply = await bus.nc.request(f"$JS.API.CONSUMER.LIST.{stream}", b'{"offset":%d}' % len(found), timeout=2.0)
         page = _decode_consumer_list(reply.data)
         for consumer in page.consumers or ():
-            pending[consumer.name] = consumer.num_pending
-        if not page.consumers or len(pending) >= page.total:
-            return pending
+            found[consumer.name] = consumer
+        if not page.consumers or len(found) >= page.total:
+            return list(found.values())
+
+
+async def _pending_by_consumer(bus: Bus, stream: str) -> dict[str, int]:
+    """Every consumer of ``stream`` with the messages it could deliver now."""
+    return {consumer.name: consumer.num_pending for consumer in await consumer_loads(bus, stream)}

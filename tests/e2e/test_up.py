@@ -47,8 +47,8 @@ UP = [sys.executable, "-m", "streamsched", "up"]
 class UpProcess:
     """A ``streamsched up`` child; a thread collects its output line by line as it comes."""
 
-    def __init__(self, args: list[str]) -> None:
-        self.popen = subprocess.Popen([*UP, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen([*UP, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -99,10 +99,10 @@ class UpProcess:
 
 
 @contextmanager
-def running_up(tmp_path: Path, *args: str) -> Iterator[tuple[UpProcess, int]]:
+def running_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[UpProcess, int]]:
     """``up`` on a free port, without monitoring; stopped (SIGINT) on the way out. Yields it and its port."""
     port = free_port()
-    up = UpProcess(["--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data"), *args])
+    up = UpProcess(["--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data"), *args], env)
     try:
         yield up, port
     finally:
