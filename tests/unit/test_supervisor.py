@@ -94,7 +94,6 @@ def test_exits_are_described_by_signal_name_or_exit_code():
     assert describe_exit(1) == "exit code 1"
 
 
-
 def check_until_gone(role: RoleProcess, now: float, timeout_s: float = 10.0) -> None:
     """Check the retired role at ``now`` until it has exited (the process runs in real time)."""
     deadline = time.monotonic() + timeout_s
