@@ -436,6 +436,41 @@ def cancel(
     raise typer.Exit(anyio.run(go))
 
 
+@app.command(
+    help=(
+        "Change the priority of a task that has not started: a master moves it to the new level where it waits "
+        "(queued on WORK: ahead of its old level's backlog; waiting for dependencies: released at the new level). "
+        "It runs once, at the new level; a task that starts meanwhile runs at its old one.\n\n"
+        f"Exit codes: {Exit.OK:d} requested, {Exit.USAGE:d} unknown priority, {Exit.NOT_FOUND:d} no such task, "
+        f"{Exit.ALREADY_FINISHED:d} it had already finished, {Exit.OVERLOADED:d} the TASKS stream stayed full."
+    )
+)
+def reprioritize(
+    task_id: Annotated[str, typer.Argument(help="Task id.")],
+    priority: Annotated[str, typer.Argument(help="The new priority (one of the settings' priorities, e.g. high).")],
+) -> None:
+    """``streamsched reprioritize`` (its help is above)."""
+    settings = load_or_exit()
+
+    async def go() -> int:
+        async with await Client.connect(settings.nats_url, settings=settings) as client:
+            try:
+                state = await client.reprioritize(task_id, priority)
+            except ValueError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return Exit.USAGE
+            except NotFound as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return Exit.NOT_FOUND
+            except AlreadyFinished as exc:
+                typer.echo(f"{exc}: its priority stays", err=True)
+                return Exit.ALREADY_FINISHED
+            typer.echo(f"reprioritize requested for {task_id}: {state.priority} -> {priority} (it was {state.status.value})")
+            return Exit.OK
+
+    raise typer.Exit(anyio.run(go))
+
+
 @app.command()
 def bench(
     scenario: Annotated[

@@ -38,7 +38,7 @@ from .model import (
     raw_value,
     state_decoder,
 )
-from .roles import batches, schedules, worker_registry
+from .roles import batches, reprioritize, schedules, worker_registry
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
@@ -275,6 +275,30 @@ class Client:
         if is_final(state):
             raise AlreadyFinished(f"task {task_id} already {state.status.value}", state.status.value)
         await self._publish(*request_message(task_id, reason))
+        return state
+
+    async def reprioritize(self, task_id: str, priority: str) -> TaskState:
+        """Ask for a task that has not started to run at ``priority``; returns its state as it
+        was when asked.
+
+        A master moves it to the new level where it waits (on WORK, ahead of the backlog of
+        its old level; waiting for dependencies: it is released at the new level), and a
+        ``reprioritized`` event records it; it runs once, at the new level. Raises
+        :class:`NotFound` for an id without a state after :data:`CANCEL_FIND_S`,
+        :class:`AlreadyFinished` for a finished task, :class:`ValueError` for a priority the
+        settings do not list; a task that starts while the request is on its way runs at its
+        old priority. Raises :class:`~streamsched.errors.Overloaded` when TASKS stayed full.
+        """
+        if priority not in self.settings.priorities:
+            raise ValueError(f"unknown priority {priority!r} (expected one of {', '.join(self.settings.priorities)})")
+        deadline = time.monotonic() + CANCEL_FIND_S
+        while (state := await self.get(task_id)) is None:
+            if time.monotonic() >= deadline:
+                raise NotFound(f"no task {task_id}")
+            await anyio.sleep(CANCEL_FIND_POLL_S)
+        if is_final(state):
+            raise AlreadyFinished(f"task {task_id} already {state.status.value}", state.status.value)
+        await self._publish(*reprioritize.request_message(task_id, priority))
         return state
 
     async def submit_workflow(self, workflow: Workflow | Mapping[str, Any]) -> WorkflowHandle:

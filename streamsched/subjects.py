@@ -17,6 +17,8 @@ SUBMIT = "tasks.submit"
 REJECTED = "tasks.rejected"
 #: Requests to cancel a task (``streamsched cancel``), read by the masters' cancellers.
 CANCEL = "tasks.cancel"
+#: Requests to change a queued task's priority (``streamsched reprioritize``), read by the masters.
+REPRIORITIZE = "tasks.reprioritize"
 
 #: Stream names.
 TASKS_STREAM = "TASKS"
@@ -40,6 +42,8 @@ DEPENDANTS_BUCKET = "dependants"
 WORKFLOWS_BUCKET = "workflows"
 #: KV bucket of cron schedule definitions (key = schedule name).
 SCHEDULES_BUCKET = "schedules"
+#: KV bucket of priority overrides (key = task id; see :mod:`streamsched.roles.reprioritize`).
+PRIORITIES_BUCKET = "priorities"
 #: KV bucket of idempotency keys (value = the id of the task that took the key), each with a TTL.
 IDEMPOTENCY_BUCKET = "idempotency"
 #: KV bucket of the live workers (key = :func:`worker_key`; see :mod:`streamsched.roles.worker_registry`).
@@ -49,6 +53,8 @@ WORKERS_BUCKET = "workers"
 MASTER_CONSUMER = "master"
 PROJECTOR_CONSUMER = "projector"
 CANCELLER_CONSUMER = "canceller"
+#: The masters' durable on ``tasks.reprioritize`` (one request at a time, cluster-wide).
+REPRIORITIZER_CONSUMER = "reprioritizer"
 #: The masters' durable on FINISHED.
 RESOLVER_CONSUMER = "resolver"
 #: Durable on TIMERS reading the dependency timeouts that fired (every master reads it).
@@ -73,6 +79,8 @@ H_DEADLINE = "Streamsched-Deadline"
 H_SCHEDULE = "Streamsched-Schedule"
 #: Set by nats-server on what a message schedule fired: the schedule's subject.
 H_SCHEDULER = "Nats-Scheduler"
+#: On a task moved to another priority: the override it was moved by (see :mod:`streamsched.roles.reprioritize`).
+H_GENERATION = "Streamsched-Generation"
 #: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
 

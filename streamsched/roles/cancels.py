@@ -49,11 +49,10 @@ from ..eventlog.state import StateStore
 from ..model import Status
 from ..transport.bus import Bus, term_with_reason
 from ..transport.kv_watch import BucketWatch
-from ..transport.pull import Puller
 from ..transport.streams import CANCELLER_WINDOW
 from ..transport.wire import Delivery
 from .dependencies import Dependencies
-from .settle import Settler
+from .durable_reader import DurableReader
 from .workflows import WorkflowTracker
 
 log = logging.getLogger("streamsched.cancels")
@@ -95,25 +94,16 @@ def request_message(task_id: str, reason: str, *, workflow: bool = False) -> tup
     return subjects.CANCEL, body, {subjects.H_MSG_ID: subjects.msg_id(task_id, hop)}
 
 
-class Canceller:
+class Canceller(DurableReader):
     """A master's consumer of cancel requests: records the fact, stops what is not queued yet."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
+        super().__init__(bus, subjects.TASKS_STREAM, subjects.CANCELLER_CONSUMER, CANCELLER_WINDOW, source="canceller")
         self.settings = settings
-        self.bus = bus
-        self.puller = Puller(bus, subjects.TASKS_STREAM, [subjects.CANCELLER_CONSUMER], CANCELLER_WINDOW, self._on_message)
-        self.settler = Settler(bus, self.puller, source="canceller")
         self.dependencies = Dependencies(settings, bus, source="canceller")
         self.workflows = WorkflowTracker(bus)
         self._tasks: StateStore | None = None
         self.cancelled = 0
-
-    async def run(self) -> None:
-        await self.puller.run()
-        await self.puller.finish()
-
-    async def shutdown(self) -> None:
-        self.puller.stop()
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
         try:

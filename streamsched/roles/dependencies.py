@@ -460,6 +460,24 @@ class Dependencies:
 
         return await self._transition(task_id, decide)
 
+    # -- priority ------------------------------------------------------------------------------
+
+    async def set_priority(self, task_id: str, priority: str, generation: int) -> bool:
+        """Give a task waiting for its dependencies the new ``priority`` it is released at (by
+        compare-and-set on its record); True when it was waiting."""
+        waits = False
+
+        def decide(record: WaitingRecord) -> bool:
+            nonlocal waits
+            waits = True
+            if record.task.priority == priority and record.task.generation >= generation:
+                return False
+            record.task = msgspec.structs.replace(record.task, priority=priority, generation=generation)
+            return True
+
+        await self._transition(task_id, decide)
+        return waits
+
     # -- timeouts ------------------------------------------------------------------------------
 
     async def time_out(self, task_id: str) -> None:

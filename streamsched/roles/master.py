@@ -58,6 +58,7 @@ from .cancels import Canceller
 from .checks import check_fields
 from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
+from .reprioritize import Reprioritizer
 from .resolver import Resolver
 from .sched_batches import TaskBatcher
 from .settle import Settler
@@ -120,6 +121,7 @@ class Master:
         self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
         self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
+        self.reprioritizer = Reprioritizer(settings, bus, self.canceller.dependencies)
         self.timers = Timers(settings, bus)
         self.resolver = Resolver(bus, self.intake.dependencies)
         self.accepted = 0
@@ -129,6 +131,7 @@ class Master:
         log.info("master routing to regions %s", ", ".join(self.settings.regions))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.canceller.run)
+            tg.start_soon(self.reprioritizer.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.resolver.run)
             await self.puller.run()
@@ -137,6 +140,7 @@ class Master:
     async def shutdown(self) -> None:
         self.puller.stop()
         await self.canceller.shutdown()
+        await self.reprioritizer.shutdown()
         await self.timers.shutdown()
         await self.resolver.shutdown()
 

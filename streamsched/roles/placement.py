@@ -60,6 +60,7 @@ def sched_headers(
     max_attempts: int | None = None,
     timeout_s: float | None = None,
     deadline_at: float | None = None,
+    generation: int = 0,
     hop: str = "sched",
 ) -> bytes:
     """The header block of a task on SCHED (routing data travels in headers, so the body
@@ -78,6 +79,8 @@ def sched_headers(
         headers += b"%s: %s\r\n" % (subjects.H_TIMEOUT.encode(), repr(timeout_s).encode())
     if deadline_at is not None:
         headers += b"%s: %s\r\n" % (subjects.H_DEADLINE.encode(), repr(deadline_at).encode())
+    if generation:
+        headers += b"%s: %d\r\n" % (subjects.H_GENERATION.encode(), generation)
     return headers + b"\r\n"
 
 
@@ -95,6 +98,8 @@ class ReadyTask(msgspec.Struct, frozen=True, kw_only=True):
     deadline_at: float | None = None
     run_at: float | None = None
     """Held until this time (Unix seconds), when in the future."""
+    generation: int = 0
+    """The priority override it was last moved by (:mod:`streamsched.roles.reprioritize`), if any."""
 
     def is_delayed(self, now: float) -> bool:
         return self.run_at is not None and self.run_at > now
@@ -117,6 +122,7 @@ def publication(task: ReadyTask, now: float) -> tuple[str, bytes, bytes]:
         max_attempts=task.max_attempts,
         timeout_s=task.timeout_s,
         deadline_at=task.deadline_at,
+        generation=task.generation,
         hop="delayed" if delayed else "sched",
     )
     if not delayed:

@@ -26,28 +26,19 @@ from ..config import Settings
 from ..eventlog import events as ev
 from ..transport import streams, wire
 from ..transport.bus import ACK, Bus, stored_at_ns
-from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .durable_reader import DurableReader
 from .schedules import slot_submission
-from .settle import Settler
 
 log = logging.getLogger("streamsched.timers")
 
 
-class Timers:
+class Timers(DurableReader):
     """Consumes ``timers.due`` through the durable ``master-timers``; runs inside each master."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
+        super().__init__(bus, subjects.TIMERS_STREAM, subjects.TIMERS_CONSUMER, streams.TIMERS_WINDOW, source="timers")
         self.settings = settings
-        self.puller = Puller(bus, subjects.TIMERS_STREAM, [subjects.TIMERS_CONSUMER], streams.TIMERS_WINDOW, self._on_message)
-        self.settler = Settler(bus, self.puller, source="timers")
-
-    async def run(self) -> None:
-        await self.puller.run()
-        await self.puller.finish()
-
-    async def shutdown(self) -> None:
-        self.puller.stop()
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
         headers = wire.parse_headers(msg.raw_headers) if msg.raw_headers else {}

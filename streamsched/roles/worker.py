@@ -91,6 +91,7 @@ from ..transport.wire import Delivery
 from .batching import Batches
 from .cancels import CancelWatch
 from .progress import ProgressReports
+from .reprioritize import Override, PriorityOverrides, moved_headers
 from .settle import Publication, Settler
 from .threads import HandlerThreads
 from .worker_registry import Presence, worker_id
@@ -177,6 +178,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0, "cancelled": 0}
         self.cancels = CancelWatch(bus, self._cancel_running)
+        self.priorities = PriorityOverrides(bus)
         self.progress: ProgressReports | None = None
         self.batches: dict[str, Batches] = {}  # of batch handlers, made at their first task
         self._draining = False
@@ -201,6 +203,7 @@ class Worker:
         self.progress = ProgressReports(self._loop, self._record_progress, self._is_running)
         await streams.ensure_work_consumers(self.bus, self.settings, self.region, self.types)
         await self.cancels.start()
+        await self.priorities.start()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._heartbeat)
@@ -215,6 +218,7 @@ class Worker:
             await self._drain()
             self.threads.close()
             await self.cancels.stop()
+            await self.priorities.stop()
             tg.cancel_scope.cancel()
         log.info("worker %s stopped: %s", self.id, ", ".join(f"{k} {v}" for k, v in self.counts.items()))
 
@@ -349,6 +353,12 @@ class Worker:
             reason = cancelled[task_id]
             self._cancelled(msg, ev.Cancelled(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, reason=reason))
             return
+        overrides = self.priorities.overrides
+        if overrides and task_id in overrides:  # nothing but a truth test while no task was reprioritized
+            override = overrides[task_id]
+            if override.generation > (_int(wire.header_value(raw, subjects.H_GENERATION)) or 0):
+                self._move(msg, raw, task_id, task_type, override)
+                return
         definition = self.registry.get(task_type)
         max_attempts = _int(wire.header_value(raw, subjects.H_MAX_ATTEMPTS)) or (
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
@@ -443,6 +453,14 @@ class Worker:
             task_id=running.task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, reason=reason, result=encoded
         )
         self._cancelled(running.msg, cancelled, running.unpublished(), running.landing())
+
+    def _move(self, msg: Delivery, raw: bytes, task_id: str, task_type: str, override: Override) -> None:
+        """Hand a task reprioritized after this copy was made to its new priority instead of
+        running it (see :mod:`streamsched.roles.reprioritize`): the copy, then the ack."""
+        log.info("task %s moves to priority %s (reprioritized) instead of running here", task_id, override.priority)
+        headers = moved_headers(raw, task_id, override.priority, override.generation)
+        moved = (subjects.work(self.region, override.priority, task_type), msg.data, headers)
+        self._finish(msg, [moved], (), ACK, ())
 
     def _cancelled(self, msg: Delivery, cancelled: ev.Cancelled, before: Sequence[ev.Event] = (), extra: Sequence[Pending] = ()) -> None:
         """Record ``cancelled`` and term the task off WORK: it is not retried."""

@@ -23,6 +23,7 @@ Retention follows the role of each stream:
 * KV ``cancels``: the ids of cancelled tasks, each for ``cancel_ttl_s``.
 * KV ``waiting``, ``dependants``, ``workflows``: tasks waiting for dependencies, the
   dependency edges, workflow states (see :mod:`streamsched.roles.dependencies`).
+* KV ``priorities``: priority overrides of queued tasks (see :mod:`streamsched.roles.reprioritize`).
 * KV ``schedules``: cron schedule definitions; KV ``idempotency``: idempotency keys, each
   with its own TTL.
 * KV ``workers``: the live workers, each entry put again every ``worker_heartbeat_s`` and
@@ -85,7 +86,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     own = [
         StreamConfig(
             name=subjects.TASKS_STREAM,
-            subjects=[subjects.SUBMIT, *map(subjects.submit, settings.priorities), subjects.REJECTED, subjects.CANCEL],
+            subjects=[subjects.SUBMIT, *map(subjects.submit, settings.priorities), subjects.REJECTED, subjects.CANCEL, subjects.REPRIORITIZE],
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.NEW,
             max_age=settings.tasks_max_age_s,
@@ -191,7 +192,7 @@ def kv_config(settings: Settings) -> KeyValueConfig:
 
 
 def kv_configs(settings: Settings) -> list[KeyValueConfig]:
-    """Every bucket: ``tasks``, then the dependency and workflow buckets (these expire with
+    """Every bucket: ``tasks``, then the dependency, workflow and priority-override buckets (these expire with
     the events too, from their last write, so a dependency timeout may not be longer), then
     the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
     (each key with its own TTL, which nats-py's bucket streams allow) and the live workers
@@ -205,7 +206,7 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
             replicas=settings.replicas,
             direct=True,
         )
-        for bucket in (subjects.WAITING_BUCKET, subjects.DEPENDANTS_BUCKET, subjects.WORKFLOWS_BUCKET)
+        for bucket in (subjects.WAITING_BUCKET, subjects.DEPENDANTS_BUCKET, subjects.WORKFLOWS_BUCKET, subjects.PRIORITIES_BUCKET)
     ]
     cancels = KeyValueConfig(
         bucket=subjects.CANCELS_BUCKET,
@@ -260,6 +261,8 @@ def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
             for name, subject in ingress_consumers(settings)
         ),
         (subjects.TASKS_STREAM, _role_consumer(subjects.CANCELLER_CONSUMER, subjects.CANCEL, CANCELLER_WINDOW)),
+        # One request at a time across every master: a move pauses a WORK durable and must not overlap another.
+        (subjects.TASKS_STREAM, _role_consumer(subjects.REPRIORITIZER_CONSUMER, subjects.REPRIORITIZE, 1)),
         (subjects.FINISHED_STREAM, _role_consumer(subjects.RESOLVER_CONSUMER, subjects.FINISHED, RESOLVER_WINDOW)),
         (subjects.TIMERS_STREAM, _role_consumer(subjects.TIMERS_CONSUMER, subjects.TIMERS_DUE, TIMERS_WINDOW)),
         (subjects.TIMERS_STREAM, _role_consumer(subjects.DEPS_TIMEOUT_CONSUMER, subjects.DEPS_DUE, DEPS_TIMEOUT_WINDOW)),

@@ -21,8 +21,9 @@ def test_the_master_drains_the_priority_subjects_highest_first_with_plain_submit
 def test_tasks_takes_plain_submit_and_the_configured_priority_subjects_only() -> None:
     settings = Settings(priorities=("p0", "p1"))
     tasks = next(config for config in streams.stream_configs(settings) if config.name == subjects.TASKS_STREAM)
-    assert tasks.subjects == ["tasks.submit", "tasks.submit.p0", "tasks.submit.p1", "tasks.rejected", "tasks.cancel"]
-    on_tasks = [config for stream, config in streams.consumer_configs(settings) if stream == "TASKS" and config.durable_name != "canceller"]
+    assert tasks.subjects == ["tasks.submit", "tasks.submit.p0", "tasks.submit.p1", "tasks.rejected", "tasks.cancel", "tasks.reprioritize"]
+    requests = ("canceller", "reprioritizer")
+    on_tasks = [config for stream, config in streams.consumer_configs(settings) if stream == "TASKS" and config.durable_name not in requests]
     ingress = {config.durable_name: config.filter_subject for config in on_tasks}
     assert ingress == {"master": "tasks.submit", "master-p0": "tasks.submit.p0", "master-p1": "tasks.submit.p1"}
 
