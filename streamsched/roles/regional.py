@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 
+import anyio
 import msgspec
 
 from .. import subjects
@@ -33,6 +34,7 @@ from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from . import sched_batches
 from .cancels import CancelWatch
+from .region_registry import RegionPresence
 from .settle import Publication, Settler
 
 log = logging.getLogger("streamsched.regional")
@@ -51,19 +53,24 @@ class Regional:
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
         self.settler = Settler(bus, self.puller, source="regional")
         self.cancels = CancelWatch(bus)
+        self.presence = RegionPresence(bus, settings, region)  # its entry in KV regions: alive, and the region's headroom
         self.released = 0
 
     async def run(self) -> None:
         log.info("regional scheduler for region %s", self.region)
         await self.cancels.start()
         try:
-            await self.puller.run()
-            await self.puller.finish()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.presence.run)
+                await self.puller.run()
+                await self.puller.finish()
+                self.presence.shutdown()
         finally:
             await self.cancels.stop()
 
     async def shutdown(self) -> None:
         self.puller.stop()
+        self.presence.shutdown()
 
     def _on_message(self, level: int, msg: Delivery) -> None:
         raw = msg.raw_headers

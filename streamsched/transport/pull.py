@@ -348,13 +348,27 @@ class Puller:
                     self._wake.set()
 
 
-class _ConsumerPending(msgspec.Struct):
+class _FilterConfig(msgspec.Struct):
+    filter_subject: str = ""
+
+
+class ConsumerCounts(msgspec.Struct):
+    """A consumer as ``$JS.API.CONSUMER.LIST`` lists it, with only what the roles read."""
+
     name: str
     num_pending: int = 0
+    """Messages it could deliver now."""
+    num_ack_pending: int = 0
+    """Messages delivered and not acked yet."""
+    config: _FilterConfig = msgspec.field(default_factory=_FilterConfig)
+
+    @property
+    def filter_subject(self) -> str:
+        return self.config.filter_subject
 
 
 class _ConsumerList(msgspec.Struct):
-    consumers: list[_ConsumerPending] | None = None
+    consumers: list[ConsumerCounts] | None = None
     total: int = 0
     limit: int = 0
 
@@ -362,13 +376,17 @@ class _ConsumerList(msgspec.Struct):
 _decode_consumer_list = msgspec.json.Decoder(_ConsumerList).decode
 
 
-async def _pending_by_consumer(bus: Bus, stream: str) -> dict[str, int]:
-    """Every consumer of ``stream`` with the messages it could deliver now (page by page)."""
-    pending: dict[str, int] = {}
+async def list_consumers(bus: Bus, stream: str, *, timeout_s: float = 2.0) -> list[ConsumerCounts]:
+    """Every consumer of ``stream`` with its counts, one request per page (256 consumers)."""
+    found: list[ConsumerCounts] = []
     while True:
-        reply = await bus.nc.request(f"$JS.API.CONSUMER.LIST.{stream}", b'{"offset":%d}' % len(pending), timeout=2.0)
+        reply = await bus.nc.request(f"$JS.API.CONSUMER.LIST.{stream}", b'{"offset":%d}' % len(found), timeout=timeout_s)
         page = _decode_consumer_list(reply.data)
-        for consumer in page.consumers or ():
-            pending[consumer.name] = consumer.num_pending
-        if not page.consumers or len(pending) >= page.total:
-            return pending
+        found += page.consumers or ()
+        if not page.consumers or len(found) >= page.total:
+            return found
+
+
+async def _pending_by_consumer(bus: Bus, stream: str) -> dict[str, int]:
+    """Every consumer of ``stream`` with the messages it could deliver now."""
+    return {consumer.name: consumer.num_pending for consumer in await list_consumers(bus, stream)}
