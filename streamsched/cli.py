@@ -23,6 +23,7 @@ from .cli_events import (
     task_app,
 )
 from .cli_files import MAX_BATCH_TASKS, submit_file
+from .cli_regions import regions_app
 from .cli_schedules import schedule_app
 from .cli_workers import workers_app
 from .client import Client
@@ -75,6 +76,7 @@ app.add_typer(replay_app, name="replay")
 app.add_typer(schema_app, name="schema")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(workers_app, name="workers")
+app.add_typer(regions_app, name="regions")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 #: The settings' defaults, for help texts.
@@ -265,6 +267,14 @@ def submit(
     ] = DEFAULT_PRIORITY,
     id: Annotated[str | None, typer.Option(help="Task id (default: generated); with --workflow, the workflow id (default: the file's).")] = None,
     region: Annotated[str | None, typer.Option(help="Region affinity.")] = None,
+    region_failover: Annotated[
+        str | None,
+        typer.Option(
+            "--region-failover",
+            help="With --region: while that region has no live scheduler or worker, `wait` there or go to `any` healthy region "
+            "[default: the region_failover setting, wait].",
+        ),
+    ] = None,
     depends_on: Annotated[list[str] | None, typer.Option("--depends-on", help="Id of a task that must succeed first (repeatable).")] = None,
     delay_s: Annotated[float | None, typer.Option("--delay-s", help="Start no earlier than this many seconds from now.")] = None,
     run_at: Annotated[str | None, typer.Option("--run-at", help="Start no earlier than this RFC 3339 time (with a zone).")] = None,
@@ -324,6 +334,7 @@ def submit(
                 id=id,
                 priority=priority,
                 region=region,
+                region_failover=region_failover,
                 depends_on=depends_on or [],
                 delay_s=delay_s,
                 run_at=run_at,

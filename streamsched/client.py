@@ -38,7 +38,7 @@ from .model import (
     raw_value,
     state_decoder,
 )
-from .roles import batches, reprioritize, schedules, worker_registry
+from .roles import batches, region_registry, reprioritize, routing, schedules, worker_registry
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
@@ -144,6 +144,7 @@ class Client:
         id: str | None = None,
         priority: str = DEFAULT_PRIORITY,
         region: str | None = None,
+        region_failover: str | None = None,
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         labels: Mapping[str, str] | None = None,
@@ -162,7 +163,8 @@ class Client:
         With ``idempotency_key``: if a task took that key within ``idempotency_ttl_s``,
         nothing is submitted and the handle is that first task's. ``depends_on`` names tasks
         that must succeed first (they may be submitted later); ``split`` fans the task out
-        into chunks (see the README).
+        into chunks (see the README). ``region_failover`` (``wait`` or ``any``): what a task
+        pinned to ``region`` does while that region has no live scheduler or worker.
 
         Raises :class:`~streamsched.errors.Overloaded` when TASKS stayed full for
         ``submit_retry_budget_s`` (nothing was stored; an idempotency key taken is given back).
@@ -174,6 +176,7 @@ class Client:
                 "id": id,
                 "priority": priority,
                 "region": region,
+                "region_failover": region_failover,
                 "timeout_s": timeout_s,
                 "max_attempts": max_attempts,
                 "labels": labels,
@@ -379,6 +382,11 @@ class Client:
     async def workers(self) -> list[worker_registry.WorkerInfo]:
         """The live workers (their entries in KV ``workers``), by region and id."""
         return await worker_registry.live_workers(self.bus)
+
+    async def regions(self) -> list[routing.RegionHealth]:
+        """Each region as the masters' routing sees it: the configured ones first, then any
+        other that a live regional scheduler serves (see :mod:`streamsched.roles.routing`)."""
+        return routing.region_health(self.settings.regions, await region_registry.live_regions(self.bus))
 
     async def drain_worker(self, worker_id: str, *, timeout_s: float | None = None) -> worker_registry.WorkerInfo:
         """Ask a worker to drain: it fetches nothing more, finishes what it holds within its

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigError
-from .model import PRIORITIES
+from .model import PRIORITIES, REGION_FAILOVER
 
 ENV_PREFIX = "STREAMSCHED_"
 #: A switch of the process, not a setting: which per-message path each NATS connection
@@ -61,10 +61,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     worker holds at most ``concurrency + prefetch`` plus this many un-acked messages, within
     ``work_max_ack_pending``."""
     worker_heartbeat_s: float = 2.0
-    """How often a worker puts its entry (id, region, handler types, load) in KV ``workers``.
-    Entries expire after three heartbeats, so a worker that vanished (SIGKILL, lost host)
-    leaves ``streamsched workers list`` within that; the bucket's TTL follows this setting
-    (``streams apply`` updates it). At least 0.1 s."""
+    """How often a worker puts its entry (id, region, handler types, load) in KV ``workers``,
+    and a regional scheduler its own (its region's backlog and worker capacity) in KV
+    ``regions``. Entries expire after three heartbeats, so a worker or scheduler that
+    vanished (SIGKILL, lost host) leaves ``workers list`` / ``regions list``, and the
+    master stops routing to a region left without either, within that; the buckets' TTL
+    follows this setting (``streams apply`` updates it). At least 0.1 s."""
+    region_failover: str = "wait"
+    """What a task pinned to a region (``region``) does when that region has no live
+    regional scheduler or worker, unless it says itself (its ``region_failover``): ``wait``
+    there (it is queued in the region all the same, and its state says why it waits), or
+    go to ``any`` healthy region instead."""
     ack_wait_s: float = 30.0
     """A worker that stops heartbeating for this long loses its task to another worker."""
     max_deliver: int = 100
@@ -188,6 +195,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"worker_heartbeat_s must be at least 0.1 (seconds), not {self.worker_heartbeat_s}")
         if not self.submit_retry_budget_s >= 0:  # also refuses NaN
             raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
+        if self.region_failover not in REGION_FAILOVER:
+            raise ConfigError(f"region_failover must be one of {', '.join(REGION_FAILOVER)}, not {self.region_failover!r}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
         self._check_autoscale()

@@ -35,6 +35,9 @@ def raw_value(raw: MaybeRaw) -> Any:
 #: Priority levels, highest first. Each is its own subject and durable consumer.
 PRIORITIES: tuple[str, ...] = ("high", "medium", "low")
 DEFAULT_PRIORITY = "medium"
+#: What a task pinned to a region that has no live scheduler or worker does (``region_failover``):
+#: wait there, or go to any healthy region.
+REGION_FAILOVER: tuple[str, ...] = ("wait", "any")
 
 
 class Status(enum.StrEnum):
@@ -76,6 +79,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """One of :data:`PRIORITIES`."""
     region: str | None = None
     """Region affinity; the master chooses when missing."""
+    region_failover: str | None = None
+    """When ``region`` has no live regional scheduler or worker: ``wait`` there, or go to
+    ``any`` healthy region (default: the ``region_failover`` setting)."""
     timeout_s: float | None = None
     """Per-attempt time limit in seconds; the handler's default when missing."""
     max_attempts: int | None = None
@@ -127,6 +133,11 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     progress: float | None = None
     """Last reported progress of the running attempt (0..1)."""
     progress_message: str | None = None
+    stranded: str | None = None
+    """Why it waits in its region although queued: the region has no live regional scheduler
+    or worker (recorded by the master as it queued it; cleared once an attempt starts)."""
+    rerouted: str | None = None
+    """Why it runs in another region than the one it named (``region_failover: any``)."""
     waiting_on: list[str] = []
     """While ``waiting``: the dependencies it waits for (as recorded when it began to wait)."""
     not_before: float | None = None

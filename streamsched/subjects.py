@@ -48,6 +48,9 @@ PRIORITIES_BUCKET = "priorities"
 IDEMPOTENCY_BUCKET = "idempotency"
 #: KV bucket of the live workers (key = :func:`worker_key`; see :mod:`streamsched.roles.worker_registry`).
 WORKERS_BUCKET = "workers"
+#: KV bucket of the live regional schedulers and their regions' headroom (key = :func:`region_key`;
+#: see :mod:`streamsched.roles.region_registry`).
+REGIONS_BUCKET = "regions"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
@@ -232,6 +235,12 @@ def worker_key(worker_id: str) -> str:
     """KV ``workers`` key (and subject token) of a worker: its id with every character a
     token may not hold (dots of a host name, say) as ``_``. Applying it twice changes nothing."""
     return _NOT_IN_TOKEN.sub("_", worker_id)
+
+
+def region_key(region: str, scheduler_id: str) -> str:
+    """KV ``regions`` key of one regional scheduler: ``<region>.<scheduler key>`` (the
+    scheduler id made a token as :func:`worker_key` does), so ``<region>.*`` finds a region's."""
+    return f"{region}.{worker_key(scheduler_id)}"
 
 
 def worker_drain(worker_id: str) -> str:

@@ -97,6 +97,28 @@ class Scheduled(Event, frozen=True, tag="scheduled"):
     order = 3
 
 
+class Stranded(Event, frozen=True, tag="stranded"):
+    """The master queued the task in its region although that region has no live regional
+    scheduler or worker now (a task pinned there with ``region_failover: wait``): it waits
+    there for one, and ``reason`` says why. Order 0, as ``reprioritized``: a note beside
+    the life of the task, it never moves the status."""
+
+    reason: str
+    status = Status.PENDING
+    order = 0
+
+
+class Rerouted(Event, frozen=True, tag="rerouted"):
+    """The task named a region (``requested``) that has no live regional scheduler or
+    worker, and may run anywhere (``region_failover: any``): the master queued it in
+    ``region`` instead, for ``reason``. Never moves the status (order 0)."""
+
+    requested: str
+    reason: str
+    status = Status.PENDING
+    order = 0
+
+
 class Dispatched(Event, frozen=True, tag="dispatched"):
     """The regional scheduler released the task onto WORK for workers to fetch."""
 
@@ -193,6 +215,8 @@ AnyEvent = (
     | Rejected
     | Waiting
     | Scheduled
+    | Stranded
+    | Rerouted
     | Dispatched
     | Held
     | Started

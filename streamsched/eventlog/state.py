@@ -83,6 +83,16 @@ def _started(state: TaskState, event: ev.Started, _newer: bool) -> None:
     if event.attempt >= state.attempts:  # of the newest attempt (fold counted it already)
         state.started_at = event.at
         state.worker = event.worker
+    state.stranded = None  # it found a worker: whatever it waited for is over
+
+
+def _stranded(state: TaskState, event: ev.Stranded, _newer: bool) -> None:
+    if state.started_at is None:  # a note folded after the start (out of order) is over already
+        state.stranded = event.reason
+
+
+def _rerouted(state: TaskState, event: ev.Rerouted, _newer: bool) -> None:
+    state.rerouted = event.reason
 
 
 def _succeeded(state: TaskState, event: ev.Succeeded, _newer: bool) -> None:
@@ -144,6 +154,8 @@ _FACTS: dict[type, Callable[[TaskState, Any, bool], None]] = {
     ev.Rejected: _rejected,
     ev.Waiting: _waiting,
     ev.Scheduled: _scheduled,
+    ev.Stranded: _stranded,
+    ev.Rerouted: _rerouted,
     ev.Dispatched: _dispatched,
     ev.Held: _held,
     ev.Started: _started,

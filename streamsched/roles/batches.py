@@ -48,6 +48,8 @@ class Gate(Protocol):
 
     def pick_region(self, task_id: str) -> str: ...
 
+    async def recorded_regions(self, task_ids: Sequence[str]) -> dict[str, str]: ...
+
 
 def _named(index: int, item: object) -> str:
     task_id = item.get("id") if isinstance(item, dict) else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
-from ..model import Envelope
+from ..model import REGION_FAILOVER, Envelope
 from . import dependencies, splits
 from .timing import check_times, has_times
 
@@ -24,6 +24,8 @@ def check_fields(envelope: Envelope, settings: Settings) -> None:
         raise Rejected(f"id {envelope.id!r} is not subject-safe (1-128 characters of A-Z a-z 0-9 _ -)")
     if envelope.region is not None and envelope.region not in settings.regions:
         raise Rejected(f"unknown region {envelope.region!r} (expected one of {', '.join(settings.regions)})")
+    if envelope.region_failover is not None and envelope.region_failover not in REGION_FAILOVER:
+        raise Rejected(f"unknown region_failover {envelope.region_failover!r} (expected one of {', '.join(REGION_FAILOVER)})")
     if envelope.max_attempts is not None and not 1 <= envelope.max_attempts <= settings.max_deliver:
         raise Rejected(f"`max_attempts` must be between 1 and {settings.max_deliver}")
     if envelope.timeout_s is not None and envelope.timeout_s <= 0:

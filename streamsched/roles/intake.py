@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import msgspec
@@ -111,7 +111,8 @@ class Intake:
         submitted_at = stored_at_ns(msg.reply) / 1e9
         if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
             fallback_id = wrapper.id
-        self._spawn(msg, fallback_id, self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq, priority), now)
+        steps = self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq, priority, redelivered=msg.num_delivered > 1)
+        self._spawn(msg, fallback_id, steps, now)
 
     def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
@@ -159,7 +160,7 @@ class Intake:
         return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
 
     async def _wrapper_steps(
-        self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int, priority: str | None
+        self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int, priority: str | None, *, redelivered: bool
     ) -> list[ev.Event]:
         """Take in a workflow or a batch (``sequence``: its place in TASKS); returns the events that record its tasks."""
         if wrapper.batch is not None:
@@ -169,9 +170,11 @@ class Intake:
             await place_atomically(self.bus, [task for task, _ in tasks], f"{fallback_id}:{sequence}", now)
             return events_of(tasks, now)
         assert wrapper.workflow is not None
-        return await self._workflow_steps(wrapper.workflow, now, submitted_at, priority)
+        return await self._workflow_steps(wrapper.workflow, now, submitted_at, priority, redelivered)
 
-    async def _workflow_steps(self, workflow: dict[str, Any], now: float, submitted_at: float, priority: str | None) -> list[ev.Event]:
+    async def _workflow_steps(
+        self, workflow: dict[str, Any], now: float, submitted_at: float, priority: str | None, redelivered: bool
+    ) -> list[ev.Event]:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
         workflow_id, tasks = parse(workflow, functools.partial(self.gate.validate, priority=priority))
         # Every check before anything is placed: a task that would start after its deadline
@@ -184,7 +187,9 @@ class Intake:
                 rejected.task_id = workflow_id  # recorded under the workflow's id, as its other checks
                 raise rejected from None
         await self.workflows.create(workflow_id, (task.id or "" for task in tasks), now)
-        return await self._each_task_steps(tasks, None, now, submitted_at)
+        # Placed again, its tasks go where they went the first time (the routing may have changed since).
+        recorded = await self.gate.recorded_regions([task.id or "" for task in tasks]) if redelivered else {}
+        return await self._each_task_steps(tasks, None, now, submitted_at, recorded)
 
     async def _split_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
@@ -193,14 +198,19 @@ class Intake:
         waiting = await self.dependencies.register(gathering, gather, now, since=submitted_at, split=True, collect=collect)
         return waiting + await self._each_task_steps(chunks, region, now, submitted_at)
 
-    async def _each_task_steps(self, tasks: list[Submission], region: str | None, now: float, submitted_at: float) -> list[ev.Event]:
-        """:meth:`_task_steps` of every task, :data:`STEPS_AT_ONCE` at a time (in ``region``, or each its own)."""
+    async def _each_task_steps(
+        self, tasks: list[Submission], region: str | None, now: float, submitted_at: float, recorded: Mapping[str, str] | None = None
+    ) -> list[ev.Event]:
+        """:meth:`_task_steps` of every task, :data:`STEPS_AT_ONCE` at a time (in ``region``, or each its
+        own: the one it names, the one ``recorded`` for it, or the routing's)."""
+        recorded = recorded or {}
+
+        def region_of(task: Submission) -> str:
+            return region or task.region or recorded.get(task.id or "") or self.gate.pick_region(task.id or "")
+
         events: list[ev.Event] = []
         for start in range(0, len(tasks), STEPS_AT_ONCE):
-            steps = [
-                self._task_steps(task, region or task.region or self.gate.pick_region(task.id or ""), now, submitted_at)
-                for task in tasks[start : start + STEPS_AT_ONCE]
-            ]
+            steps = [self._task_steps(task, region_of(task), now, submitted_at) for task in tasks[start : start + STEPS_AT_ONCE]]
             for task_events in await asyncio.gather(*steps):
                 events += task_events
         return events

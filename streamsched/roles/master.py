@@ -14,8 +14,10 @@ that is not configured is not taken by TASKS at all (see :mod:`streamsched.trans
 For each submission it either
 
 * accepts it: picks an id (the submitter's, or one derived from the message's place in
-  TASKS so a redelivery gets the same one), a region and a priority, hands the original
-  bytes to ``sched.<region>.<priority>`` with routing data in headers (in one message
+  TASKS so a redelivery gets the same one), a region (the task's own, or a healthy one with
+  room: :mod:`streamsched.roles.routing`; a redelivery where its first copy went) and a
+  priority, hands the original bytes to ``sched.<region>.<priority>`` with routing data
+  in headers (in one message
   with the other tasks of the loop tick for that subject, :mod:`streamsched.roles.sched_batches`),
   and records ``submitted`` and ``scheduled`` events (on ``events.master``, with those of
   the other submissions it handled in the same loop tick); or
@@ -34,8 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -51,7 +52,7 @@ from ..model import (
     decode_submission,
     derive_task_id,
 )
-from ..transport.bus import Bus, stored_at_ns
+from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from .cancels import Canceller
@@ -60,6 +61,7 @@ from .intake import Intake, decode_wrapper, needs_intake
 from .placement import sched_headers
 from .reprioritize import Reprioritizer
 from .resolver import Resolver
+from .routing import Router
 from .sched_batches import TaskBatcher
 from .settle import Settler
 from .timers import Timers
@@ -124,6 +126,7 @@ class Master:
         self.reprioritizer = Reprioritizer(settings, bus, self.canceller.dependencies)
         self.timers = Timers(settings, bus)
         self.resolver = Resolver(bus, self.intake.dependencies)
+        self.router = Router(settings, bus)
         self.accepted = 0
         self.rejected = 0
 
@@ -134,6 +137,7 @@ class Master:
             tg.start_soon(self.reprioritizer.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.resolver.run)
+            tg.start_soon(self.router.run)
             await self.puller.run()
             await self.puller.finish()
 
@@ -143,6 +147,7 @@ class Master:
         await self.reprioritizer.shutdown()
         await self.timers.shutdown()
         await self.resolver.shutdown()
+        self.router.shutdown()
 
     def validate(self, data: bytes, task_id_if_missing: Callable[[], str], priority: str | None = None) -> Submission:
         """The decoded submission, with its id filled in; raises :class:`Rejected` with a reason.
@@ -178,9 +183,12 @@ class Master:
         check_fields(envelope, self.settings)
 
     def pick_region(self, task_id: str) -> str:
-        """Deterministic, so a redelivered submission goes where its first copy went."""
-        regions = self.settings.regions
-        return regions[0] if len(regions) == 1 else regions[zlib.crc32(task_id.encode()) % len(regions)]
+        """The region of a task that names none: a healthy one with room (:mod:`streamsched.roles.routing`)."""
+        return self.router.pick(task_id)
+
+    async def recorded_regions(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Where the tasks of a redelivered submission went the first time (those whose state says)."""
+        return await self.router.recorded_regions(task_ids) if self.router.moves else {}
 
     def _on_message(self, level: int, msg: Delivery) -> None:
         def fallback_id() -> str:  # only for submissions without a usable id: not per message
@@ -198,16 +206,42 @@ class Master:
             else:
                 self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
             return
+        if msg.num_delivered > 1 and self.router.moves:
+            self._route_again(msg, envelope, body, now)
+            return
         if needs_intake(envelope):
             assert envelope.id is not None
             self.intake.accept(msg, envelope, envelope.region or self.pick_region(envelope.id), now)
             return
         self._route(msg, envelope, body, now)
 
-    def _route(self, msg: Delivery, envelope: Envelope, body: bytes, now: float) -> None:
+    def _route_again(self, msg: Delivery, envelope: Submission, body: bytes, now: float) -> None:
+        """A redelivered submission goes where its first copy went, whatever the routing table
+        says now: two copies in two regions are not always caught by the dedupe."""
+        assert envelope.id is not None
+
+        def then(recorded: str | None) -> None:
+            if needs_intake(envelope):
+                self.intake.accept(msg, envelope, recorded or envelope.region or self.pick_region(envelope.id or ""), now)
+            else:
+                self._route(msg, envelope, body, now, recorded)
+
+        def failed(exc: BaseException) -> None:
+            log.warning("state of redelivered task %s not read (%r); it comes back in %.1fs", envelope.id, exc, self.settler.retry_delay_s)
+            self.settler.settle(msg, nak_with_delay(self.settler.retry_delay_s))
+
+        self.router.after_lookup(envelope.id, then, failed)
+
+    def _route(self, msg: Delivery, envelope: Envelope, body: bytes, now: float, recorded: str | None = None) -> None:
+        """Hand the task to SCHED (``recorded``: the region its first copy went to, for a redelivery)."""
         task_id = envelope.id
         assert task_id is not None
-        region = envelope.region or self.pick_region(task_id)
+        region = recorded or envelope.region
+        note = None
+        if region is None:
+            region = self.router.pick(task_id)
+        elif self.router.unhealthy and recorded is None:
+            region, note = self.router.pinned(task_id, region, envelope.region_failover, now)
         priority = envelope.priority
         deadline = None
         if envelope.deadline is not None or envelope.deadline_s is not None:  # read only when set
@@ -223,7 +257,8 @@ class Master:
         )
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
-        self.settler.forward(msg, (), events=(submitted, scheduled), handoff=(subjects.sched(region, priority), body, headers))
+        events = (submitted, scheduled) if note is None else (submitted, scheduled, note)
+        self.settler.forward(msg, (), events=events, handoff=(subjects.sched(region, priority), body, headers))
         self.accepted += 1
 
     def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:

@@ -37,6 +37,7 @@ from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from . import sched_batches
 from .cancels import CancelWatch
+from .region_registry import RegionPresence
 from .settle import Publication, Settler
 from .worker_registry import LiveWorkers
 
@@ -59,6 +60,7 @@ class Regional:
         self.workers = LiveWorkers(bus)
         self.ready = anyio.Event()
         """Set once it knows the cancelled tasks and the live workers, as it starts releasing."""
+        self.presence = RegionPresence(bus, settings, region, self.workers)  # its entry in KV regions: alive, and the region's headroom
         self.released = 0
 
     async def run(self) -> None:
@@ -67,14 +69,18 @@ class Regional:
         await self.workers.start()
         self.ready.set()
         try:
-            await self.puller.run()
-            await self.puller.finish()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.presence.run)
+                await self.puller.run()
+                await self.puller.finish()
+                self.presence.shutdown()
         finally:
             await self.cancels.stop()
             await self.workers.stop()
 
     async def shutdown(self) -> None:
         self.puller.stop()
+        self.presence.shutdown()
 
     def _on_message(self, level: int, msg: Delivery) -> None:
         raw = msg.raw_headers

@@ -39,8 +39,7 @@ from ..config import Settings
 from ..errors import NotFound
 from ..registry import Registry
 from ..transport.bus import Bus
-from ..transport.kv_watch import BucketWatch, is_removal
-from ..transport.reading import Since, read
+from ..transport.kv_watch import BucketWatch, bucket_values
 
 log = logging.getLogger("streamsched.workers")
 
@@ -257,16 +256,9 @@ class Presence:
 
 async def live_workers(bus: Bus, *, now: float | None = None) -> list[WorkerInfo]:
     """Every worker whose entry is in KV ``workers`` and not stale, by region and id."""
-    prefix = f"$KV.{subjects.WORKERS_BUCKET}."
-    entries: dict[str, WorkerInfo] = {}
-    async for stored in read(bus, f"KV_{subjects.WORKERS_BUCKET}", prefix + ">", Since(seq=1)):
-        key = stored.subject[len(prefix) :]
-        info = None if is_removal(stored.headers, stored.data) else _decode(stored.data)
-        if info is None:
-            entries.pop(key, None)
-        else:
-            entries[key] = info
-    return _live(entries.values(), time.time() if now is None else now)
+    values = await bucket_values(bus, subjects.WORKERS_BUCKET)
+    entries = [info for info in map(_decode, values.values()) if info is not None]
+    return _live(entries, time.time() if now is None else now)
 
 
 def _live(infos: Iterable[WorkerInfo], now: float) -> list[WorkerInfo]:

@@ -5,7 +5,8 @@ nats-py has it) from its first message, and counts the entries held at the start
 once it has seen the stream's last sequence of that moment, or caught up with the stream
 (that message may have expired since): nats-py's own watcher signals "no more values" by a
 marker that can come before the values. The roles' in-memory mirrors
-(cancelled ids, live workers) are built on it.
+(cancelled ids, live workers, live regional schedulers) are built on it.
+:func:`bucket_values` reads what a bucket holds once, for the commands that list it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,26 @@ import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .bus import Bus
+from .reading import Since, read
 
 
 def is_removal(headers: dict[str, str], data: bytes) -> bool:
     """True for a KV message that removes its key: a delete or purge, or the marker the
     server leaves when the key expires (a bucket with ``limit_marker_ttl``)."""
     return headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers or not data
+
+
+async def bucket_values(bus: Bus, bucket: str) -> dict[str, bytes]:
+    """The value of every key ``bucket`` holds now, read once from its stream (removed keys left out)."""
+    prefix = f"$KV.{bucket}."
+    values: dict[str, bytes] = {}
+    async for stored in read(bus, f"KV_{bucket}", prefix + ">", Since(seq=1)):
+        key = stored.subject[len(prefix) :]
+        if is_removal(stored.headers, stored.data):
+            values.pop(key, None)
+        else:
+            values[key] = stored.data
+    return values
 
 
 class BucketWatch:

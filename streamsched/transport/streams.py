@@ -28,6 +28,8 @@ Retention follows the role of each stream:
   with its own TTL.
 * KV ``workers``: the live workers, each entry put again every ``worker_heartbeat_s`` and
   expiring three heartbeats after its last put (see :mod:`streamsched.roles.worker_registry`).
+* KV ``regions``: the live regional schedulers with their regions' headroom, kept the same
+  way (see :mod:`streamsched.roles.region_registry`).
 """
 
 from __future__ import annotations
@@ -171,10 +173,11 @@ def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamCon
     )
 
 
-#: Seconds a KV ``cancels`` or ``workers`` expiry leaves its marker (the minimum): the marker
-#: is what tells the roles' watches to forget the id or the worker.
+#: Seconds a KV ``cancels``, ``workers`` or ``regions`` expiry leaves its marker (the minimum):
+#: the marker is what tells the roles' watches to forget the id, the worker or the scheduler.
 EXPIRY_MARKER_TTL_S = 1.0
-#: A worker's entry in KV ``workers`` expires this many heartbeats after its last put.
+#: A worker's entry in KV ``workers`` (and a regional scheduler's in ``regions``) expires
+#: this many heartbeats after its last put.
 WORKER_HEARTBEATS_TO_LIVE = 3
 
 
@@ -195,8 +198,8 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     """Every bucket: ``tasks``, then the dependency, workflow and priority-override buckets (these expire with
     the events too, from their last write, so a dependency timeout may not be longer), then
     the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
-    (each key with its own TTL, which nats-py's bucket streams allow) and the live workers
-    (kept three heartbeats)."""
+    (each key with its own TTL, which nats-py's bucket streams allow), the live workers and
+    the live regional schedulers (kept three heartbeats)."""
     own = [
         KeyValueConfig(
             bucket=bucket,
@@ -217,20 +220,24 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
         direct=True,
         limit_marker_ttl=EXPIRY_MARKER_TTL_S,
     )
-    workers = KeyValueConfig(
-        bucket=subjects.WORKERS_BUCKET,
-        history=1,
-        ttl=WORKER_HEARTBEATS_TO_LIVE * settings.worker_heartbeat_s,
-        storage=StorageType.MEMORY,  # a few live entries, rewritten every heartbeat: nothing to keep across a restart
-        replicas=settings.replicas,
-        direct=True,
-        limit_marker_ttl=EXPIRY_MARKER_TTL_S,
+    # A few live entries each, rewritten every heartbeat: nothing to keep across a restart.
+    workers, regions = (
+        KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            ttl=WORKER_HEARTBEATS_TO_LIVE * settings.worker_heartbeat_s,
+            storage=StorageType.MEMORY,
+            replicas=settings.replicas,
+            direct=True,
+            limit_marker_ttl=EXPIRY_MARKER_TTL_S,
+        )
+        for bucket in (subjects.WORKERS_BUCKET, subjects.REGIONS_BUCKET)
     )
     schedules_and_keys = [
         KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
         for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET)
     ]
-    return [kv_config(settings), *own, cancels, *schedules_and_keys, workers]
+    return [kv_config(settings), *own, cancels, *schedules_and_keys, workers, regions]
 
 
 def _role_consumer(name: str, filter_subject: str, window: int, **more: Any) -> ConsumerConfig:

@@ -155,13 +155,15 @@ async def test_drain_lets_the_running_task_finish_then_the_worker_deregisters_an
     assert await live_workers(bus) == []
 
 
-async def test_streams_apply_keeps_the_workers_bucket_ttl_at_three_heartbeats(settings, bus):
-    kv = await bus.js.key_value(subjects.WORKERS_BUCKET)
-    assert (await kv.status()).ttl == 3 * settings.worker_heartbeat_s
+async def test_streams_apply_keeps_the_workers_and_regions_buckets_ttl_at_three_heartbeats(settings, bus):
+    heartbeats = (subjects.WORKERS_BUCKET, subjects.REGIONS_BUCKET)
+    for bucket in heartbeats:
+        assert (await (await bus.js.key_value(bucket)).status()).ttl == 3 * settings.worker_heartbeat_s
     changes = {c.name: c for c in await streams.apply(bus, msgspec.structs.replace(settings, worker_heartbeat_s=0.5)) if c.kind == "kv"}
-    assert (changes["workers"].action, changes["workers"].detail) == ("updated", "ttl")
-    assert {c.action for name, c in changes.items() if name != "workers"} == {"unchanged"}
-    assert (await kv.status()).ttl == 1.5
+    for bucket in heartbeats:
+        assert (changes[bucket].action, changes[bucket].detail) == ("updated", "ttl")
+        assert (await (await bus.js.key_value(bucket)).status()).ttl == 1.5
+    assert {c.action for name, c in changes.items() if name not in heartbeats} == {"unchanged"}
 
 
 async def test_the_cli_says_when_no_worker_is_live_or_none_has_the_id_to_drain(settings, bus):
