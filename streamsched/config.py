@@ -91,6 +91,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Disk limit of TASKS; when full, new submissions are refused (discard new). TASKS keeps
     every submission for ``tasks_max_age_s`` whether or not it has run, so this bounds what
     may be submitted within that time, not only what waits."""
+    aging_s: float = 0.0
+    """Priority aging: a task queued on WORK rises one priority level each time it has waited
+    this long (its ``reprioritized`` events say so), so a steady flood of higher tasks delays
+    it by a bounded time. 0 (the default): off."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
     cancel requests, schedules), with exponential backoff and jitter, before it raises
@@ -193,6 +197,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"idempotency_ttl_s must be at least 1 (second), not {self.idempotency_ttl_s}")
         if not self.worker_heartbeat_s >= 0.1:  # also refuses NaN; three of them are the bucket's TTL, which the server wants >= 100 ms
             raise ConfigError(f"worker_heartbeat_s must be at least 0.1 (seconds), not {self.worker_heartbeat_s}")
+        if not (self.aging_s == 0 or self.aging_s >= 0.1):  # also refuses NaN
+            raise ConfigError(f"aging_s must be 0 (off) or at least 0.1 (seconds), not {self.aging_s}")
         if not self.submit_retry_budget_s >= 0:  # also refuses NaN
             raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
         if self.region_failover not in REGION_FAILOVER:

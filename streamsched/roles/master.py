@@ -55,6 +55,7 @@ from ..model import (
 from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from .aging import Ager
 from .cancels import Canceller
 from .checks import check_fields
 from .intake import Intake, decode_wrapper, needs_intake
@@ -124,6 +125,7 @@ class Master:
         self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
         self.reprioritizer = Reprioritizer(settings, bus, self.canceller.dependencies)
+        self.ager = Ager(settings, bus) if settings.aging_s else None
         self.timers = Timers(settings, bus)
         self.resolver = Resolver(bus, self.intake.dependencies)
         self.router = Router(settings, bus)
@@ -135,6 +137,8 @@ class Master:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.canceller.run)
             tg.start_soon(self.reprioritizer.run)
+            if self.ager is not None:
+                tg.start_soon(self.ager.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.resolver.run)
             tg.start_soon(self.router.run)
@@ -145,6 +149,8 @@ class Master:
         self.puller.stop()
         await self.canceller.shutdown()
         await self.reprioritizer.shutdown()
+        if self.ager is not None:
+            await self.ager.shutdown()
         await self.timers.shutdown()
         await self.resolver.shutdown()
         self.router.shutdown()

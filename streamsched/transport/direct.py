@@ -8,6 +8,7 @@ messages (a task to move to another priority) without a consumer.
 from __future__ import annotations
 
 import asyncio
+import datetime
 from dataclasses import dataclass
 
 import msgspec
@@ -22,12 +23,14 @@ SERVER_HEADERS = ("Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Sta
 
 @dataclass(frozen=True)
 class Found:
-    """One stored message: its subject, stream sequence, own header block and body."""
+    """One stored message: its subject, stream sequence, own header block, body and the time
+    it was stored (Unix seconds)."""
 
     subject: str
     seq: int
     headers: bytes
     data: bytes
+    stored_at: float
 
 
 async def next_on_subject(bus: Bus, stream: str, subject: str, start_seq: int, batch: int, *, timeout_s: float = 5.0) -> list[Found]:
@@ -47,7 +50,8 @@ async def next_on_subject(bus: Bus, stream: str, subject: str, start_seq: int, b
                     done.set_exception(APIError(code=int(status), description=headers.get("Description", "")))
             return
         try:  # this runs in the connection's read loop: nothing may escape it
-            found.append(Found(wire.header_value(raw, "Nats-Subject") or "", int(wire.header_value(raw, "Nats-Sequence") or 0), _own(raw), data))
+            subject, seq = wire.header_value(raw, "Nats-Subject") or "", int(wire.header_value(raw, "Nats-Sequence") or 0)
+            found.append(Found(subject, seq, _own(raw), data, _unix(wire.header_value(raw, "Nats-Time-Stamp") or "")))
         except ValueError as exc:
             if not done.done():
                 done.set_exception(exc)
@@ -61,6 +65,15 @@ async def next_on_subject(bus: Bus, stream: str, subject: str, start_seq: int, b
     finally:
         await wire.unsubscribe(bus.nc, subscription)
     return found
+
+
+def _unix(stamp: str) -> float:
+    """An RFC 3339 time as the server writes it (nanoseconds, ``Z``) in Unix seconds; 0 if absent."""
+    if not stamp:
+        return 0.0
+    whole, _, rest = stamp.rstrip("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
+    return moment.timestamp() + (float("0." + rest) if rest else 0.0)
 
 
 def _own(raw: bytes) -> bytes:

@@ -117,3 +117,24 @@ async def test_reprioritize_refuses_unknown_tasks_finished_tasks_and_unknown_pri
 def _as_dict(headers: bytes) -> dict[str, str]:
     lines = headers.decode().split("\r\n")[1:]
     return dict(line.split(": ", 1) for line in lines if line)
+
+
+async def test_with_aging_a_queued_low_task_rises_a_level_each_aging_s_and_runs_once_at_the_top(settings, bus, events: EventLog):
+    aging = msgspec.structs.replace(settings, aging_s=0.4)
+    ran: dict[str, list[str]] = {}
+    async with running(await routing(aging, bus)):  # no worker yet: the task waits on WORK
+        await bus.js.publish(subjects.submit("low"), body("patient"))
+        await events.wait(lambda log: "held" in log.kinds_of("patient"), what="the low task on WORK")
+        queued = max(e.at for e in events.of_task("patient") if ev.kind(e) == "held")
+        await events.wait(
+            lambda log: [e.priority for e in log.of_task("patient") if isinstance(e, ev.Reprioritized)] == ["medium", "high"],
+            timeout_s=10,
+            what="two reprioritized events, to medium then to high",
+        )
+        rises = [e for e in events.of_task("patient") if isinstance(e, ev.Reprioritized)]
+        # Each rise after it had waited aging_s at its level (and within a few passes of it).
+        assert rises[0].at - queued >= aging.aging_s and rises[1].at - rises[0].at >= aging.aging_s
+        async with running([Worker(aging, bus, recording(ran), region=REGION, concurrency=2)]):
+            await events.wait(lambda log: "succeeded" in log.kinds_of("patient"), what="the aged task's success")
+    assert ran["patient"] == ["high"]
+    await wait_drained(bus, subjects.WORK_STREAM)
