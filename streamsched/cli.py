@@ -14,6 +14,7 @@ import msgspec
 import typer
 import yaml
 
+from .cli_breakers import breakers_app
 from .cli_events import (
     dlq_app,
     events_app,
@@ -77,6 +78,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(workers_app, name="workers")
 app.add_typer(regions_app, name="regions")
+app.add_typer(breakers_app, name="breakers")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 #: The settings' defaults, for help texts.

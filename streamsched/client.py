@@ -39,6 +39,7 @@ from .model import (
     state_decoder,
 )
 from .roles import batches, region_registry, reprioritize, routing, schedules, worker_registry
+from .roles.breakers import Breaker, force, read_breakers
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
@@ -387,6 +388,23 @@ class Client:
         """Each region as the masters' routing sees it: the configured ones first, then any
         other that a live regional scheduler serves (see :mod:`streamsched.roles.routing`)."""
         return routing.region_health(self.settings.regions, await region_registry.live_regions(self.bus))
+
+    async def breakers(self) -> list[Breaker]:
+        """Every circuit breaker that ever opened, by region and type (see :mod:`streamsched.roles.breakers`)."""
+        return await read_breakers(self.bus)
+
+    async def open_breaker(self, task_type: str, *, region: str | None = None, for_s: float | None = None) -> list[Breaker]:
+        """Force the breaker of ``task_type`` open in ``region`` (every configured region if
+        None): its tasks wait on WORK, undelivered. With ``for_s`` it half-opens after that
+        (and closes on a probe's success); without, it stays open until :meth:`close_breaker`."""
+        regions = [region] if region is not None else list(self.settings.regions)
+        return [await force(self.bus, self.settings, name, task_type, "open", for_s) for name in regions]
+
+    async def close_breaker(self, task_type: str, *, region: str | None = None) -> list[Breaker]:
+        """Force the breaker of ``task_type`` closed in ``region`` (every configured region if
+        None): its tasks flow again, and the rules count its failures afresh."""
+        regions = [region] if region is not None else list(self.settings.regions)
+        return [await force(self.bus, self.settings, name, task_type, "closed") for name in regions]
 
     async def drain_worker(self, worker_id: str, *, timeout_s: float | None = None) -> worker_registry.WorkerInfo:
         """Ask a worker to drain: it fetches nothing more, finishes what it holds within its

@@ -95,6 +95,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Priority aging: a task queued on WORK rises one priority level each time it has waited
     this long (its ``reprioritized`` events say so), so a steady flood of higher tasks delays
     it by a bounded time. 0 (the default): off."""
+    breaker_failures_in_row: int = 0
+    """Circuit breakers: a task type's breaker in a region opens after this many failed
+    attempts (``retrying``, ``failed``, ``dead``) with no success between them, as the
+    masters see them in the workers' heartbeats. While open, nothing of that type is
+    delivered there (its tasks wait on WORK); other types keep flowing. 0 (the default): off."""
+    breaker_failure_rate: float = 0.0
+    """Circuit breakers: a breaker also opens when this share (0 to 1) of the attempts of its
+    type and region that finished within ``breaker_window_s`` failed, once at least
+    ``breaker_min_tasks`` finished there. 0 (the default): off."""
+    breaker_min_tasks: int = 20
+    """Finished attempts ``breaker_failure_rate`` needs in its window before it may open a breaker."""
+    breaker_window_s: float = 60.0
+    """The window ``breaker_failure_rate`` is measured over (seconds)."""
+    breaker_cooldown_s: float = 30.0
+    """How long an open breaker holds its type back before it half-opens and lets probes through.
+    Keep it several ``worker_heartbeat_s``: the masters hear of outcomes one heartbeat late."""
+    breaker_probes: int = 1
+    """Tasks of a half-open breaker's type delivered at once per priority (the WORK durables'
+    ``max_ack_pending`` while half-open). A success closes the breaker, a failure opens it again."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
     cancel requests, schedules), with exponential backoff and jitter, before it raises
@@ -199,6 +218,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"worker_heartbeat_s must be at least 0.1 (seconds), not {self.worker_heartbeat_s}")
         if not (self.aging_s == 0 or self.aging_s >= 0.1):  # also refuses NaN
             raise ConfigError(f"aging_s must be 0 (off) or at least 0.1 (seconds), not {self.aging_s}")
+        self._check_breakers()
         if not self.submit_retry_budget_s >= 0:  # also refuses NaN
             raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
         if self.region_failover not in REGION_FAILOVER:
@@ -206,6 +226,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
         self._check_autoscale()
+
+    def _check_breakers(self) -> None:
+        if self.breaker_failures_in_row < 0:
+            raise ConfigError(f"breaker_failures_in_row must be at least 0 (0: off), not {self.breaker_failures_in_row}")
+        if not 0 <= self.breaker_failure_rate <= 1:  # also refuses NaN
+            raise ConfigError(f"breaker_failure_rate must be 0 (off) to 1, not {self.breaker_failure_rate}")
+        if self.breaker_min_tasks < 1 or self.breaker_probes < 1:
+            raise ConfigError("breaker_min_tasks and breaker_probes must be at least 1")
+        if not (self.breaker_window_s > 0 and self.breaker_cooldown_s > 0):  # also refuses NaN
+            raise ConfigError("breaker_window_s and breaker_cooldown_s must be above 0 (seconds)")
 
     def _check_autoscale(self) -> None:
         if not self.autoscale_tick_s >= 0.1:  # also refuses NaN

@@ -51,6 +51,9 @@ WORKERS_BUCKET = "workers"
 #: KV bucket of the live regional schedulers and their regions' headroom (key = :func:`region_key`;
 #: see :mod:`streamsched.roles.region_registry`).
 REGIONS_BUCKET = "regions"
+#: KV bucket of the circuit breakers, one per region and task type (key = :func:`breaker_key`;
+#: see :mod:`streamsched.roles.breakers`).
+BREAKERS_BUCKET = "breakers"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
@@ -229,6 +232,7 @@ def state_key(task_id: str) -> str:
 
 #: What a worker id may not hold in a KV key or a subject token (a host name may have dots).
 _NOT_IN_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+_NOT_IN_KV_KEY = re.compile(r"[^A-Za-z0-9_=/.-]")
 
 
 def worker_key(worker_id: str) -> str:
@@ -241,6 +245,16 @@ def region_key(region: str, scheduler_id: str) -> str:
     """KV ``regions`` key of one regional scheduler: ``<region>.<scheduler key>`` (the
     scheduler id made a token as :func:`worker_key` does), so ``<region>.*`` finds a region's."""
     return f"{region}.{worker_key(scheduler_id)}"
+
+
+def breaker_key(region: str, task_type: str) -> str:
+    """KV ``breakers`` key of the breaker of ``task_type`` in ``region``: ``<region>.<type>``,
+    the type as it is when a KV key may hold it, else with the other characters as ``_`` and
+    a digest of its exact spelling after it (the value names the type itself)."""
+    readable = _NOT_IN_KV_KEY.sub("_", task_type)
+    if readable != task_type:
+        readable += "-" + hashlib.blake2s(task_type.encode(), digest_size=4).hexdigest()
+    return f"{region}.{readable}"
 
 
 def worker_drain(worker_id: str) -> str:

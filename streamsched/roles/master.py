@@ -29,7 +29,8 @@ point redelivers it, and ``Nats-Msg-Id`` dedupe drops the task if it had already
 through: at SCHED for a task handed over alone, at WORK for one that went in a batch
 (its events are recorded again: see :mod:`streamsched.eventlog.recorder`).
 Any number of masters can share the durable consumer. Each master also runs a
-:class:`~streamsched.roles.cancels.Canceller`, which takes the cancel requests on ``tasks.cancel``.
+:class:`~streamsched.roles.cancels.Canceller`, which takes the cancel requests on ``tasks.cancel``,
+and a :class:`~streamsched.roles.breaker_keeper.BreakerKeeper` (circuit breakers per task type).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
 from .aging import Ager
+from .breaker_keeper import BreakerKeeper
 from .cancels import Canceller
 from .checks import check_fields
 from .intake import Intake, decode_wrapper, needs_intake
@@ -126,6 +128,7 @@ class Master:
         self.canceller = Canceller(settings, bus)
         self.reprioritizer = Reprioritizer(settings, bus, self.canceller.dependencies)
         self.ager = Ager(settings, bus) if settings.aging_s else None
+        self.breakers = BreakerKeeper(settings, bus)
         self.timers = Timers(settings, bus)
         self.resolver = Resolver(bus, self.intake.dependencies)
         self.router = Router(settings, bus)
@@ -139,6 +142,7 @@ class Master:
             tg.start_soon(self.reprioritizer.run)
             if self.ager is not None:
                 tg.start_soon(self.ager.run)
+            tg.start_soon(self.breakers.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.resolver.run)
             tg.start_soon(self.router.run)
@@ -151,6 +155,7 @@ class Master:
         await self.reprioritizer.shutdown()
         if self.ager is not None:
             await self.ager.shutdown()
+        await self.breakers.shutdown()
         await self.timers.shutdown()
         await self.resolver.shutdown()
         self.router.shutdown()

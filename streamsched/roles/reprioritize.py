@@ -219,16 +219,20 @@ class Reprioritizer(DurableReader):
         old = subjects.work(state.region, state.priority, state.type)
         durable = subjects.work_consumer(state.region, state.priority, state.type)
         js = self.bus.js
+        paused = False
+        delivered, floor = 0, 0
         try:
-            await js.pause_consumer(subjects.WORK_STREAM, durable, rfc3339(time.time() + PAUSE_S))
-            paused = True
-        except NotFoundError:  # no worker made it yet: nothing can be delivered meanwhile
-            paused = False
-        try:
-            delivered, floor = 0, 0
-            if paused:
+            info = await js.consumer_info(subjects.WORK_STREAM, durable)
+            # Paused for longer than a move already (an open circuit breaker): that pause is not
+            # this move's to lift.
+            if not (info.paused and int(info.pause_remaining or 0) > PAUSE_S * 1e9):
+                await js.pause_consumer(subjects.WORK_STREAM, durable, rfc3339(time.time() + PAUSE_S))
+                paused = True
                 info = await js.consumer_info(subjects.WORK_STREAM, durable)
-                delivered, floor = info.delivered.stream_seq or 0, info.ack_floor.stream_seq or 0
+            delivered, floor = info.delivered.stream_seq or 0, info.ack_floor.stream_seq or 0
+        except NotFoundError:  # no worker made it yet: nothing can be delivered meanwhile
+            pass
+        try:
             message = await self._find(old, state.id, floor + 1)
             if message is None:
                 return False

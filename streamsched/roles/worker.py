@@ -177,6 +177,9 @@ class Worker:
         self._deferred_releases = 0  # credit kept back while finish_window outcomes are on their way
         self._tasks: set[asyncio.Task[None]] = set()  # one per delivery, plain asyncio (cheaper than anyio's)
         self.counts = {"succeeded": 0, "retrying": 0, "failed": 0, "dead": 0, "cancelled": 0}
+        #: Attempts finished since start by type, then outcome (not cancelled): the masters'
+        #: circuit breakers read them from the registry entry (:mod:`streamsched.roles.breakers`).
+        self.outcomes: dict[str, dict[str, int]] = {}
         self.cancels = CancelWatch(bus, self._cancel_running)
         self.priorities = PriorityOverrides(bus)
         self.progress: ProgressReports | None = None
@@ -425,7 +428,7 @@ class Worker:
                     result=msgspec.Raw(encoded),
                     duration_s=time.monotonic() - begin,
                 )
-                self.counts["succeeded"] += 1
+                self._count(task_type, "succeeded")
                 self._finish(msg, [], (*running.unpublished(), done), ACK, running.landing())
                 return
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
@@ -461,6 +464,14 @@ class Worker:
         headers = moved_headers(raw, task_id, override.priority, override.generation)
         moved = (subjects.work(self.region, override.priority, task_type), msg.data, headers)
         self._finish(msg, [moved], (), ACK, ())
+
+    def _count(self, task_type: str, outcome: str) -> None:
+        """One finished attempt, in :attr:`counts` and :attr:`outcomes`."""
+        self.counts[outcome] += 1
+        by_type = self.outcomes.get(task_type)
+        if by_type is None:
+            by_type = self.outcomes[task_type] = {}
+        by_type[outcome] = by_type.get(outcome, 0) + 1
 
     def _cancelled(self, msg: Delivery, cancelled: ev.Cancelled, before: Sequence[ev.Event] = (), extra: Sequence[Pending] = ()) -> None:
         """Record ``cancelled`` and term the task off WORK: it is not retried."""
@@ -498,7 +509,7 @@ class Worker:
         if isinstance(error, Fail):
             log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
             failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
-            self.counts["failed"] += 1
+            self._count(task_type, "failed")
             self._finish(msg, [], (*before, failed), term_with_reason(text), extra)
             return
         if attempt >= max_attempts:
@@ -518,7 +529,7 @@ class Worker:
             error=text,
             delay_s=delay,
         )
-        self.counts["retrying"] += 1
+        self._count(task_type, "retrying")
         self._finish(msg, [], (*before, retrying), nak_with_delay(delay), extra)
 
     async def _dead(
@@ -541,7 +552,7 @@ class Worker:
             subjects.H_ERROR: " ".join(error.split())[:1024],
         }
         dead = ev.Dead(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=error)
-        self.counts["dead"] += 1
+        self._count(task_type, "dead")
         self._finish(msg, [(subjects.dlq(task_id), msg.data, dlq_headers)], (*before, dead), term_with_reason("dead: attempts exhausted"), extra)
 
     def _finish(

@@ -105,6 +105,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Tasks it holds waiting for a free slot."""
     finished: dict[str, int] = msgspec.field(default_factory=dict)
     """Tasks it finished since it started, by outcome (succeeded, retrying, failed, dead, cancelled)."""
+    outcomes: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    """Attempts it finished since it started, by task type, then outcome (succeeded, retrying,
+    failed, dead): what the masters' circuit breakers count (:mod:`streamsched.roles.breakers`)."""
 
     @property
     def key(self) -> str:
@@ -139,6 +142,7 @@ class Registrant(Protocol):
     prefetch: int
     registry: Registry
     counts: dict[str, int]
+    outcomes: dict[str, dict[str, int]]
 
     def load(self) -> tuple[int, int]:
         """Tasks in handlers now, and tasks waiting for a slot."""
@@ -182,6 +186,7 @@ class Presence:
             running=running,
             waiting=waiting,
             finished=dict(worker.counts),
+            outcomes={task_type: dict(counts) for task_type, counts in worker.outcomes.items()},
         )
 
     async def run(self) -> None:

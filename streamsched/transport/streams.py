@@ -199,7 +199,8 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     the events too, from their last write, so a dependency timeout may not be longer), then
     the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
     (each key with its own TTL, which nats-py's bucket streams allow), the live workers and
-    the live regional schedulers (kept three heartbeats)."""
+    the live regional schedulers (kept three heartbeats). The circuit breakers are kept
+    with the schedules: a breaker's state outlives the masters that set it."""
     own = [
         KeyValueConfig(
             bucket=bucket,
@@ -235,7 +236,7 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     )
     schedules_and_keys = [
         KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
-        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET)
+        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET, subjects.BREAKERS_BUCKET)
     ]
     return [kv_config(settings), *own, cancels, *schedules_and_keys, workers, regions]
 
