@@ -30,11 +30,11 @@ from streamsched.transport.bus import Bus
 
 pytestmark = pytest.mark.anyio
 
-#: Lows in the burst, and the worker that runs them: 16 slots of 10 ms, so the burst takes
+#: Lows in the burst (as many as the check of this feature names), and the worker that runs them: 16 slots of 10 ms, so the burst takes
 #: seconds to run. A high task that waited behind it in TASKS would start only once the master
 #: had read all of it: measured 130-230 lows done by then, against none or 30 when it comes
 #: in on its own subject (in one process, where the roles share the test's CPU).
-BURST = 10_000
+BURST = 20_000
 SLOTS = 16
 LOW_S = 0.01
 
