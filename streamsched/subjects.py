@@ -87,6 +87,9 @@ H_SCHEDULE = "Streamsched-Schedule"
 H_SCHEDULER = "Nats-Scheduler"
 #: On a task moved to another priority: the override it was moved by (see :mod:`streamsched.roles.reprioritize`).
 H_GENERATION = "Streamsched-Generation"
+#: On a task moved to another priority: the attempts it had used before the move (its new
+#: copy's delivery count starts again at 1).
+H_ATTEMPTS_BEFORE = "Streamsched-Attempts-Before"
 #: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
 

@@ -109,7 +109,9 @@ class Regional:
                 continue
             task_type = wire.header_value(headers, subjects.H_TYPE)
             if task_type is None or not subjects.is_type(task_type):  # a master sends only valid types
-                log.error("SCHED task %s without a valid %s (%r) on %s; dropping it", task_id, subjects.H_TYPE, task_type, msg.subject)
+                log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject)
+                error = f"type {task_type!r} cannot be routed to a worker (not dotted words of A-Z a-z 0-9 _ - : /)"
+                dispatched.append(ev.Failed(task_id=task_id, at=now, region=self.region, error=error))
                 continue
             # The header block goes on as it came, with the msg id of this hop: a quarter of
             # this role's CPU went into parsing it into a dict and encoding it again.

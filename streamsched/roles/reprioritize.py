@@ -175,6 +175,9 @@ class Reprioritizer(DurableReader):
         if state.status.is_final or state.status is Status.RUNNING:
             log.info("task %s is %s: its priority stays %s", request.id, state.status.value, state.priority)
             return
+        if state.priority == request.priority:
+            log.info("task %s is at %s already", request.id, request.priority)
+            return
         if not await self._store(request, generation):
             return  # a newer request is in: it decides
         reprioritized = ev.Reprioritized(
@@ -202,8 +205,10 @@ class Reprioritizer(DurableReader):
             entry = await kv.get(key)
         except NotFoundError:
             entry = None
-        if entry is not None and entry.value and _decode_override(entry.value).generation > generation:
-            return False
+        if entry is not None and entry.value:
+            current = _decode_override(entry.value)
+            if current.generation > generation or (current.priority == request.priority and current.generation < generation):
+                return False  # a newer request decides, or this one asks for what an earlier one did
         value = msgspec.json.encode(Override(priority=request.priority, generation=generation, at=request.at))
         if entry is None or entry.value is None:
             await kv.put(key, value)
@@ -230,9 +235,13 @@ class Reprioritizer(DurableReader):
                 paused = True
                 info = await js.consumer_info(subjects.WORK_STREAM, durable)
             delivered, floor = info.delivered.stream_seq or 0, info.ack_floor.stream_seq or 0
+            still = info.paused
         except NotFoundError:  # no worker made it yet: nothing can be delivered meanwhile
-            pass
+            still = True
         try:
+            if not still:  # the pause did not hold (this host's clock far behind the server's): no move
+                log.warning("WORK durable %s not paused for the move of %s; its worker moves it", durable, state.id)
+                return True
             message = await self._find(old, state.id, floor + 1)
             if message is None:
                 return False

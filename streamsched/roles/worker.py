@@ -360,8 +360,10 @@ class Worker:
         if overrides and task_id in overrides:  # nothing but a truth test while no task was reprioritized
             override = overrides[task_id]
             if override.generation > (_int(wire.header_value(raw, subjects.H_GENERATION)) or 0):
-                self._move(msg, raw, task_id, task_type, override)
+                self._move(msg, raw, task_id, task_type, override, attempt)
                 return
+            # A moved copy counts on from the attempts its task had used before the move.
+            attempt += _int(wire.header_value(raw, subjects.H_ATTEMPTS_BEFORE)) or 0
         definition = self.registry.get(task_type)
         max_attempts = _int(wire.header_value(raw, subjects.H_MAX_ATTEMPTS)) or (
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
@@ -457,11 +459,13 @@ class Worker:
         )
         self._cancelled(running.msg, cancelled, running.unpublished(), running.landing())
 
-    def _move(self, msg: Delivery, raw: bytes, task_id: str, task_type: str, override: Override) -> None:
+    def _move(self, msg: Delivery, raw: bytes, task_id: str, task_type: str, override: Override, attempt: int) -> None:
         """Hand a task reprioritized after this copy was made to its new priority instead of
-        running it (see :mod:`streamsched.roles.reprioritize`): the copy, then the ack."""
+        running it (see :mod:`streamsched.roles.reprioritize`): the copy, then the ack. This
+        delivery was no attempt: the copy carries the attempts used before it."""
         log.info("task %s moves to priority %s (reprioritized) instead of running here", task_id, override.priority)
-        headers = moved_headers(raw, task_id, override.priority, override.generation)
+        before = (_int(wire.header_value(raw, subjects.H_ATTEMPTS_BEFORE)) or 0) + attempt - 1
+        headers = wire.with_header(moved_headers(raw, task_id, override.priority, override.generation), subjects.H_ATTEMPTS_BEFORE, str(before))
         moved = (subjects.work(self.region, override.priority, task_type), msg.data, headers)
         self._finish(msg, [moved], (), ACK, ())
 

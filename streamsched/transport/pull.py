@@ -269,9 +269,10 @@ class Puller:
             if level.hot:
                 # The credit goes to the highest rank with a backlog, shared by its levels that have one.
                 hot = [peer for peer in self._peers[index] if peer.hot]
-                share = max(1, free // len(hot))
-                for peer in hot:
-                    if peer.outstanding == 0 or share >= max(1, self.capacity // (4 * len(hot))):
+                each, extra = divmod(free, len(hot))  # never more than the free credit in all
+                for n, peer in enumerate(hot):
+                    share = each + (1 if n < extra else 0)
+                    if share and (peer.outstanding == 0 or share >= max(1, self.capacity // (4 * len(hot)))):
                         requests.append(self._request(peer, share, SHORT_POLL_S))
                 free = 0
             elif level.outstanding == 0:

@@ -155,3 +155,10 @@ def test_levels_of_one_rank_share_the_credit_of_their_backlogs():
     p.levels[0].hot = False
     # The idle high type keeps a one-message long poll; the other gets the rest, the lows nothing.
     assert requests(p) == [("h-a", 1), ("h-b", 11)]
+
+
+def test_levels_of_one_rank_never_ask_for_more_than_the_free_credit_together():
+    p = Puller(_NoNetwork(), "WORK", [f"t{i}" for i in range(6)], 6, lambda level, msg: None, ranks=[0] * 6)
+    p.held = 3  # three running: three free for six types with a backlog
+    asked = requests(p)
+    assert asked == [("t0", 1), ("t1", 1), ("t2", 1)] and p.free == 0
