@@ -24,7 +24,8 @@ A request (:meth:`streamsched.client.Client.reprioritize`) is a JetStream publis
 *The worker's rule* (:class:`PriorityOverrides`, a mirror of KV ``priorities``): a task
 whose override has a generation newer than the message's own is not run but moved: the
 copy goes onto the new priority's subject with the override's generation and msg id, then
-the message is acked. Two copies can never both run: every copy but the newest
+the message is acked; the copy carries the attempts its task had used
+(``Streamsched-Attempts-Before``), since its own delivery count starts again. Two copies can never both run: every copy but the newest
 generation's is moved, and all moves of one generation share one msg id, so the stream
 keeps one. None is lost: a copy is published before the message it replaces is acked or
 deleted. A task a worker started before the override reached it runs at its old priority.
