@@ -3,7 +3,8 @@
 
 Each master runs an :class:`Ager` when ``aging_s`` is set. Every ``aging_s / 2`` it asks
 WORK for its subjects with their message counts (one request) and, for each of a level
-below the highest that holds tasks, reads the oldest messages on it (batched direct gets, at most
+below the highest that holds tasks, reads the oldest messages its durable has not delivered
+yet (batched direct gets, at most
 :data:`PER_PASS`): each stored longer ago than ``aging_s`` gets a reprioritize request one
 level up (:mod:`streamsched.roles.reprioritize` moves it, and a worker moves any copy it
 gets first). The request's msg id names the task and its new level, so the masters, each
@@ -17,6 +18,7 @@ import logging
 import time
 
 import anyio
+from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..config import Settings
@@ -52,6 +54,15 @@ class Ager:
     async def shutdown(self) -> None:
         self._stopped.set()
 
+    async def _undelivered_from(self, parsed: tuple[str, str, str]) -> int:
+        """The first stream sequence its durable has not delivered yet (1 without a durable):
+        tasks in workers' hands are not waiting, and are not read."""
+        try:
+            info = await self.bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(*parsed))
+        except NotFoundError:
+            return 1
+        return (info.delivered.stream_seq or 0) + 1
+
     async def age(self) -> int:
         """One pass; the number of reprioritize requests sent."""
         priorities = self.settings.priorities
@@ -66,7 +77,7 @@ class Ager:
             if priority not in priorities[1:] or region not in self.settings.regions:
                 continue
             higher = priorities[priorities.index(priority) - 1]
-            oldest = await direct.next_on_subject(self.bus, subjects.WORK_STREAM, subject, 1, PER_PASS)
+            oldest = await direct.next_on_subject(self.bus, subjects.WORK_STREAM, subject, await self._undelivered_from(parsed), PER_PASS)
             for message in oldest:
                 if message.stored_at > cutoff:
                     break  # in stream order: the rest waited less

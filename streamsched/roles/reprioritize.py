@@ -46,7 +46,7 @@ from ..eventlog import events as ev
 from ..eventlog.state import StateStore
 from ..model import Status, TaskState
 from ..transport import direct, wire
-from ..transport.bus import Bus, term_with_reason
+from ..transport.bus import Bus, stored_at_ns, term_with_reason
 from ..transport.kv_watch import BucketWatch
 from ..transport.wire import Delivery
 from .dependencies import Dependencies
@@ -155,13 +155,14 @@ class Reprioritizer(DurableReader):
             log.error("reprioritize request for %r to %r: not a task id and priority; terminating it", request.id, request.priority)
             self.settler.settle(msg, term_with_reason("invalid task id or priority"))
             return
-        self.settler.settle_after(msg, self._carry_out(request, msg.stream_seq), f"reprioritizing {request.id}")
+        stored_at = stored_at_ns(msg.reply) / 1e9  # the server's clock: a client's may be off
+        self.settler.settle_after(msg, self._carry_out(request, msg.stream_seq, stored_at), f"reprioritizing {request.id}")
 
-    async def _carry_out(self, request: ReprioritizeRequest, generation: int) -> None:
+    async def _carry_out(self, request: ReprioritizeRequest, generation: int, stored_at: float) -> None:
         try:
             await self.reprioritize(request, generation)
         except NotYetLocated:
-            if time.time() - request.at < LOCATE_FOR_S:
+            if time.time() - stored_at < LOCATE_FOR_S:
                 raise
             log.warning("task %s not found where it could be moved within %.0fs; it moves when a worker gets it", request.id, LOCATE_FOR_S)
 
