@@ -85,6 +85,7 @@ class BreakerKeeper:
         self._watch = BucketWatch(bus, subjects.BREAKERS_BUCKET, self._on_change)
         self._diff = OutcomeDiff(time.time())
         self._stopped = anyio.Event()
+        self.ticks = 0  # passes done (attempted), for whoever waits for a few of them
 
     def _on_change(self, key: str, value: bytes | None) -> None:
         breaker = None if value is None else decode(value)
@@ -105,6 +106,7 @@ class BreakerKeeper:
                     await self.tick(time.time())
                 except Exception as exc:  # noqa: BLE001 - slow or disconnected: the next tick tries again
                     log.warning("breaker pass failed (%r); trying again in %.1fs", exc, interval)
+                self.ticks += 1
                 with anyio.move_on_after(interval):
                     await self._stopped.wait()
         finally:

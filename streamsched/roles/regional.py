@@ -108,7 +108,9 @@ class Regional:
                 dispatched.append(ev.Cancelled(task_id=task_id, at=now, region=self.region, reason=cancelled[task_id]))
                 continue
             task_type = wire.header_value(headers, subjects.H_TYPE)
-            if task_type is None or not subjects.is_type(task_type):  # a master sends only valid types
+            # A type a live worker handles is valid (its handler's name was checked); the rest are
+            # checked here, since a master sends only valid types but not all SCHED is a master's.
+            if task_type is None or (task_type not in handled and not subjects.is_type(task_type)):
                 log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject)
                 error = f"type {task_type!r} cannot be routed to a worker (not dotted words of A-Z a-z 0-9 _ - : /)"
                 dispatched.append(ev.Failed(task_id=task_id, at=now, region=self.region, error=error))
