@@ -285,6 +285,17 @@ def submit(
         str | None,
         typer.Option("--idempotency-key", help="A key that stands for this task for idempotency_ttl_s: a later submit with it prints the first id."),
     ] = None,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option("--concurrency-key", help="At most --concurrency-limit tasks with this key run at once, cluster-wide."),
+    ] = None,
+    concurrency_limit: Annotated[
+        int | None, typer.Option("--concurrency-limit", help="The limit of --concurrency-key [default: the concurrency_limits setting].")
+    ] = None,
+    rate_key: Annotated[str | None, typer.Option("--rate-key", help="Draw on this rate limit (a name in the rate_limits setting).")] = None,
+    fairness_key: Annotated[
+        str | None, typer.Option("--fairness-key", help="Tenant (or other label) whose tasks get their fair share (fairness_weights).")
+    ] = None,
     workflow: Annotated[
         Path | None,
         typer.Option(help='Submit the DAG in this JSON or YAML file ({"id": ..., "tasks": [...]}, ids local to it) in one message.'),
@@ -342,6 +353,10 @@ def submit(
                 run_at=run_at,
                 deadline_s=deadline_s,
                 idempotency_key=idempotency_key,
+                concurrency_key=concurrency_key,
+                concurrency_limit=concurrency_limit,
+                rate_key=rate_key,
+                fairness_key=fairness_key,
             )
             typer.echo(handle.id)
             if not wait:
@@ -490,7 +505,8 @@ def bench(
         str,
         typer.Argument(
             help="throughput, latency, priority, ingress, backlog, ceiling, dag (a random 10,000-task DAG, small DAGs at 250 tasks/s and a "
-            "1,000-chunk split), peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all."
+            "1,000-chunk split), fairness (tenant B's 1/s trickle under tenant A's 50,000-task flood, with and without fairness keys), "
+            "peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all."
         ),
     ],
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,

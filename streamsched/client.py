@@ -158,13 +158,19 @@ class Client:
         dependency_timeout_s: float | None = None,
         on_dependency_failure: str = "cancel",
         split: Mapping[str, Any] | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int | None = None,
+        rate_key: str | None = None,
+        fairness_key: str | None = None,
     ) -> TaskHandle:
         """Submit a task and return its handle once JetStream has stored it.
 
         With ``idempotency_key``: if a task took that key within ``idempotency_ttl_s``,
         nothing is submitted and the handle is that first task's. ``depends_on`` names tasks
         that must succeed first (they may be submitted later); ``split`` fans the task out
-        into chunks (see the README). ``region_failover`` (``wait`` or ``any``): what a task
+        into chunks (see the README). ``concurrency_key`` (with ``concurrency_limit``, or the
+        ``concurrency_limits`` setting), ``rate_key`` and ``fairness_key`` put it under limits
+        shared across the cluster (see the README). ``region_failover`` (``wait`` or ``any``): what a task
         pinned to ``region`` does while that region has no live scheduler or worker.
 
         Raises :class:`~streamsched.errors.Overloaded` when TASKS stayed full for
@@ -190,6 +196,10 @@ class Client:
                 "dependency_timeout_s": dependency_timeout_s,
                 "on_dependency_failure": on_dependency_failure,
                 "split": dict(split) if split is not None else None,
+                "concurrency_key": concurrency_key,
+                "concurrency_limit": concurrency_limit,
+                "rate_key": rate_key,
+                "fairness_key": fairness_key,
             }
         )
         subject = self.submit_subject((priority,))

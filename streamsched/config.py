@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigError
-from .model import PRIORITIES, REGION_FAILOVER
+from .model import LIMIT_KEY_RE, LIMIT_KEY_RULE, MAX_CONCURRENCY_LIMIT, PRIORITIES, REGION_FAILOVER
 
 ENV_PREFIX = "STREAMSCHED_"
 #: A switch of the process, not a setting: which per-message path each NATS connection
@@ -114,6 +114,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     breaker_probes: int = 1
     """Tasks of a half-open breaker's type delivered at once per priority (the WORK durables'
     ``max_ack_pending`` while half-open). A success closes the breaker, a failure opens it again."""
+    concurrency_limits: dict[str, int] = {}
+    """Limits of concurrency keys by key: at most this many tasks with the task field
+    ``concurrency_key`` set to the key are admitted onto WORK and unfinished at once, across
+    every regional scheduler and worker (a task may give its own ``concurrency_limit``).
+    From the environment as ``key=limit,key=limit``."""
+    rate_limits: dict[str, float] = {}
+    """Rate limits, in tasks per second, by task type or by the name a task gives as its
+    ``rate_key``: tasks are admitted onto WORK no faster than this, across the cluster (a
+    token bucket holding a tenth of a second's worth). From the environment as ``name=rate,...``."""
+    fairness_weights: dict[str, float] = {}
+    """Shares of fairness keys (the task field ``fairness_key``, e.g. a tenant), default 1: the
+    tasks of each key queued for one type in one region are admitted in proportion to them."""
+    fairness_window: int = 256
+    """Tasks with a fairness key that may wait undelivered on one WORK subject (region,
+    priority and type) at once; the rest wait in their keys' lanes, where the shares apply.
+    A task of a quiet key waits behind about this many tasks at most."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
     cancel requests, schedules), with exponential backoff and jitter, before it raises
@@ -226,6 +242,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
         self._check_autoscale()
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        mappings: dict[str, Mapping[str, float]] = {
+            "concurrency_limits": self.concurrency_limits,
+            "rate_limits": self.rate_limits,
+            "fairness_weights": self.fairness_weights,
+        }
+        for setting, mapping in mappings.items():
+            for name, number in mapping.items():
+                if not LIMIT_KEY_RE.fullmatch(name):
+                    raise ConfigError(f"{setting}: {name!r} is not a valid key ({LIMIT_KEY_RULE})")
+                if not number > 0:  # also refuses NaN
+                    raise ConfigError(f"{setting}: the value of {name!r} must be above 0, not {number}")
+        if any(limit > MAX_CONCURRENCY_LIMIT for limit in self.concurrency_limits.values()):
+            raise ConfigError(f"concurrency_limits: a limit may be {MAX_CONCURRENCY_LIMIT} at most")
+        if not 1 <= self.fairness_window <= 1_000_000:
+            raise ConfigError(f"fairness_window must be 1 to 1,000,000, not {self.fairness_window}")
 
     def _check_breakers(self) -> None:
         if self.breaker_failures_in_row < 0:
@@ -252,7 +286,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 def _parse_env(value: str, default: Any) -> Any:
-    """Tuple settings are comma-separated; everything else is left for msgspec to convert."""
+    """Tuple settings are comma-separated, mappings ``name=value`` pairs so; everything else
+    is left for msgspec to convert."""
     if isinstance(default, tuple):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(default, dict) or getattr(default, "factory", None) is dict:  # msgspec keeps ``{}`` as a factory
+        pairs = (item.partition("=") for item in value.split(",") if item.strip())
+        return {name.strip(): number.strip() for name, _, number in pairs}
     return value

@@ -15,6 +15,7 @@ so whatever the master accepts the worker can decode: every byte of it, the payl
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import msgspec
@@ -38,6 +39,13 @@ DEFAULT_PRIORITY = "medium"
 #: What a task pinned to a region that has no live scheduler or worker does (``region_failover``):
 #: wait there, or go to any healthy region.
 REGION_FAILOVER: tuple[str, ...] = ("wait", "any")
+
+
+#: What a concurrency, rate or fairness key may be: visible ASCII without spaces (it travels in a header).
+LIMIT_KEY_RE = re.compile(r"[!-~]{1,200}")
+LIMIT_KEY_RULE = "1-200 visible ASCII characters, no spaces"
+#: Most slots one concurrency key may have.
+MAX_CONCURRENCY_LIMIT = 1000
 
 
 class Status(enum.StrEnum):
@@ -110,6 +118,17 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     (see :mod:`streamsched.roles.splits`)."""
     idempotency_key: str | None = None
     """Another submission with this key within ``idempotency_ttl_s`` stands for the first task."""
+    concurrency_key: str | None = None
+    """At most ``concurrency_limit`` tasks with this key are admitted and unfinished at once,
+    across the cluster; the rest wait, using no worker slot and no attempt."""
+    concurrency_limit: int | None = None
+    """The limit of ``concurrency_key`` (default: the ``concurrency_limits`` setting for the key)."""
+    rate_key: str | None = None
+    """The rate limit the task draws on (a name in the ``rate_limits`` setting); without it,
+    the one named after its type, if set."""
+    fairness_key: str | None = None
+    """A tenant (or any label): the tasks of each fairness key share their queue by the
+    ``fairness_weights`` setting, so one key's flood does not hold another key's tasks back."""
     dependency_results: dict[str, Any] | None = None
     """Filled in by the scheduler when a task with ``depends_on`` is released: the result of
     each dependency by id (``null`` for one that did not succeed). A worker in another language

@@ -54,6 +54,9 @@ REGIONS_BUCKET = "regions"
 #: KV bucket of the circuit breakers, one per region and task type (key = :func:`breaker_key`;
 #: see :mod:`streamsched.roles.breakers`).
 BREAKERS_BUCKET = "breakers"
+#: KV bucket of the concurrency keys' and fair shares' slots and the rate limits' token
+#: buckets (see :mod:`streamsched.roles.limits`).
+LIMITS_BUCKET = "limits"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
@@ -92,6 +95,10 @@ H_GENERATION = "Streamsched-Generation"
 H_ATTEMPTS_BEFORE = "Streamsched-Attempts-Before"
 #: On a SCHED message that holds several tasks: how many (see :mod:`streamsched.roles.sched_batches`).
 H_BATCH = "Streamsched-Batch"
+#: On a task under a concurrency key, a rate limit or a fair share: which (see :mod:`streamsched.roles.limits`).
+H_LIMITS = "Streamsched-Limits"
+#: On a task admitted past its limits: the KV ``limits`` slots it holds until its outcome, as ``key=revision`` pairs.
+H_SLOTS = "Streamsched-Slots"
 
 #: A task id or region name must be one subject token: no dots, wildcards or spaces.
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -263,6 +270,16 @@ def breaker_key(region: str, task_type: str) -> str:
 def worker_drain(worker_id: str) -> str:
     """Core NATS subject on which one worker answers a drain request (no stream stores it)."""
     return f"streamsched.workers.{worker_key(worker_id)}.drain"
+
+
+def held(priority: str, lane: str) -> str:
+    """The SCHED subject where a regional scheduler parks a task until its limits admit it:
+    one per lane (tasks under the same limits, of one region, type and priority), in order."""
+    return f"held.{priority}.{lane}"
+
+
+#: Every lane's subject (in SCHED; no consumer reads them: admission takes a lane's oldest by direct get).
+HELD_ALL = "held.*.*"
 
 
 def msg_id(task_id: str, hop: str, attempt: int = 0) -> str:

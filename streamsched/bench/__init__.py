@@ -1,7 +1,8 @@
 """``streamsched bench``: benchmark scenarios, each on its own nats-server (file storage).
 
 Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``,
-``dag`` (a random DAG and a split, :mod:`.dag`), ``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
+``dag`` (a random DAG and a split, :mod:`.dag`), ``fairness`` (a tenant's trickle under another's
+flood, :mod:`.fairness`), ``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
 Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
@@ -22,13 +23,14 @@ import psutil
 
 from . import ceiling as ceiling_mod
 from . import dag as dag_mod
+from . import fairness as fairness_mod
 from . import peers as peers_mod
 from . import rounds, scenarios, targets
 from .harness import Roles
 
 __all__ = ["SCENARIOS", "Roles", "machine", "report", "run", "save"]
 
-SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "dag", "peers", "all")
+SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "dag", "fairness", "peers", "all")
 
 
 def machine() -> dict[str, Any]:
@@ -45,7 +47,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick}
     # ``peers`` runs our throughput too, in turns with the peers (see .rounds).
-    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog", "dag") if scenario == "all" else (scenario,)
+    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog", "dag", "fairness") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -69,6 +71,8 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
         elif name == "dag":
             results["dag"] = await dag_mod.dag(10_000 // scale, 1000 // scale, roles)
+        elif name == "fairness":
+            results["fairness"] = await fairness_mod.fairness(fairness_mod.FLOOD // scale, fairness_mod.TASK_S, roles)
         elif name == "peers":
             results.update(await _throughput_and_peers(scale, roles, 1 if quick else rounds.ROUNDS))
     return results
@@ -175,6 +179,7 @@ def report(results: dict[str, Any]) -> str:
         if "split" in d:
             sp = d["split"]
             lines.append(f"  split into {sp['chunks']} chunks, gathered in {sp['seconds']:.2f} s ({sp['chunks_per_s']:.0f} chunks/s)")
+    lines += _fairness_lines(results.get("fairness"))
     lines += _peers_lines(results)
     judged = targets.judge(results)
     if judged:
@@ -185,6 +190,20 @@ def report(results: dict[str, Any]) -> str:
         )
         lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]
     return "\n".join(lines)
+
+
+def _fairness_lines(f: dict[str, Any] | None) -> list[str]:
+    if not f:
+        return []
+    lines = [f"fairness (tenant A floods {f['flood']} low tasks of {f['task_ms']:.0f} ms, tenant B sends one a second; B's wait to start):"]
+    for label, key in (("with fairness keys", "fair"), ("without (arrival order)", "plain")):
+        run, w, q = f[key], f[key]["b_wait_to_start_ms"], f[key]["b_wait_once_queued_ms"]
+        lines += [
+            f"  {label:<24} p50 {w['p50']:8.1f}  p99 {w['p99']:8.1f}  max {w['max']:8.1f} ms"
+            f"   ({run['samples']} of B's tasks; the flood was queued after {run['queued_s']:.1f} s, ran {run['flood_s']:.1f} s)",
+            f"    once it was queued     p50 {q['p50']:8.1f}  p99 {q['p99']:8.1f}  max {q['max']:8.1f} ms   ({run['samples_once_queued']} tasks)",
+        ]
+    return lines
 
 
 def _door_lines(door: dict[str, Any] | None) -> list[str]:

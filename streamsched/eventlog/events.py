@@ -124,7 +124,7 @@ class Dispatched(Event, frozen=True, tag="dispatched"):
 
     priority: str
     status = Status.SCHEDULED
-    order = 4
+    order = 5
 
 
 class Held(Event, frozen=True, tag="held"):
@@ -142,7 +142,7 @@ class Started(Event, frozen=True, tag="started"):
     """A worker began an attempt."""
 
     status = Status.RUNNING
-    order = 5
+    order = 6
 
 
 class Progress(Event, frozen=True, tag="progress"):
@@ -151,7 +151,7 @@ class Progress(Event, frozen=True, tag="progress"):
     fraction: float | None = None
     message: str = ""
     status = Status.RUNNING
-    order = 5
+    order = 6
 
 
 class Retrying(Event, frozen=True, tag="retrying"):
@@ -160,7 +160,7 @@ class Retrying(Event, frozen=True, tag="retrying"):
     error: str
     delay_s: float
     status = Status.RETRYING
-    order = 6
+    order = 7
 
 
 class Succeeded(Event, frozen=True, tag="succeeded"):

@@ -72,11 +72,15 @@ def _scheduled(state: TaskState, event: ev.Scheduled | ev.Dispatched | ev.Held, 
 def _dispatched(state: TaskState, event: ev.Dispatched | ev.Held, newer: bool) -> None:
     _scheduled(state, event, newer)
     state.scheduled_at = event.at
+    if newer:
+        state.waiting_reason = None  # admitted past its limits: it waits no more
 
 
 def _held(state: TaskState, event: ev.Held, newer: bool) -> None:
-    _dispatched(state, event, newer)
-    state.waiting_reason = event.reason
+    _scheduled(state, event, newer)
+    state.scheduled_at = event.at
+    if state.status is Status.WAITING:  # not a late one, folded after its admission
+        state.waiting_reason = event.reason
 
 
 def _started(state: TaskState, event: ev.Started, _newer: bool) -> None:

@@ -7,7 +7,7 @@ from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..model import REGION_FAILOVER, Envelope
-from . import dependencies, splits
+from . import dependencies, limits, splits
 from .timing import check_times, has_times
 
 #: What :func:`streamsched.subjects.is_type` admits, for error messages.
@@ -31,6 +31,7 @@ def check_fields(envelope: Envelope, settings: Settings) -> None:
     if envelope.timeout_s is not None and envelope.timeout_s <= 0:
         raise Rejected("`timeout_s` must be positive")
     dependencies.check(envelope, settings)
+    limits.check(envelope, settings)
     if envelope.split is not None:
         splits.parse(envelope, settings)
     if has_times(envelope):

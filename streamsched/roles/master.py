@@ -56,6 +56,7 @@ from ..model import (
 from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from . import limits
 from .aging import Ager
 from .breaker_keeper import BreakerKeeper
 from .cancels import Canceller
@@ -265,6 +266,7 @@ class Master:
             max_attempts=envelope.max_attempts,
             timeout_s=envelope.timeout_s,
             deadline_at=deadline,
+            limits=limits.header_value(envelope),
         )
         submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
         scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)

@@ -61,6 +61,7 @@ def sched_headers(
     timeout_s: float | None = None,
     deadline_at: float | None = None,
     generation: int = 0,
+    limits: str | None = None,
     hop: str = "sched",
 ) -> bytes:
     """The header block of a task on SCHED (routing data travels in headers, so the body
@@ -81,6 +82,8 @@ def sched_headers(
         headers += b"%s: %s\r\n" % (subjects.H_DEADLINE.encode(), repr(deadline_at).encode())
     if generation:
         headers += b"%s: %d\r\n" % (subjects.H_GENERATION.encode(), generation)
+    if limits is not None:
+        headers += b"%s: %s\r\n" % (subjects.H_LIMITS.encode(), limits.encode())
     return headers + b"\r\n"
 
 
@@ -100,6 +103,8 @@ class ReadyTask(msgspec.Struct, frozen=True, kw_only=True):
     """Held until this time (Unix seconds), when in the future."""
     generation: int = 0
     """The priority override it was last moved by (:mod:`streamsched.roles.reprioritize`), if any."""
+    limits: str | None = None
+    """Its concurrency key, rate key and fairness key, as its SCHED header (:mod:`streamsched.roles.limits`)."""
 
     def is_delayed(self, now: float) -> bool:
         return self.run_at is not None and self.run_at > now
@@ -123,6 +128,7 @@ def publication(task: ReadyTask, now: float) -> tuple[str, bytes, bytes]:
         timeout_s=task.timeout_s,
         deadline_at=task.deadline_at,
         generation=task.generation,
+        limits=task.limits,
         hop="delayed" if delayed else "sched",
     )
     if not delayed:

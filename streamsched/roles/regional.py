@@ -35,7 +35,8 @@ from ..transport import streams, wire
 from ..transport.bus import Bus, term_with_reason
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
-from . import sched_batches
+from . import limits, sched_batches
+from .admission import Admission
 from .cancels import CancelWatch
 from .region_registry import RegionPresence
 from .settle import Publication, Settler
@@ -61,6 +62,10 @@ class Regional:
         self.ready = anyio.Event()
         """Set once it knows the cancelled tasks and the live workers, as it starts releasing."""
         self.presence = RegionPresence(bus, settings, region, self.workers)  # its entry in KV regions: alive, and the region's headroom
+        assert self.settler.recorder is not None
+        self.admission = Admission(settings, bus, self.settler.recorder, self.cancels, self.workers)
+        self.rate_limited = settings.rate_limits  # task types and rate keys with a rate limit
+        self._lanes: dict[tuple[str, str | None], tuple[str, str]] = {}  # (type, limits header) -> (lane, reason)
         self.released = 0
 
     async def run(self) -> None:
@@ -71,9 +76,11 @@ class Regional:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.presence.run)
+                tg.start_soon(self.admission.run)
                 await self.puller.run()
                 await self.puller.finish()
                 self.presence.shutdown()
+                self.admission.shutdown()
         finally:
             await self.cancels.stop()
             await self.workers.stop()
@@ -81,6 +88,7 @@ class Regional:
     async def shutdown(self) -> None:
         self.puller.stop()
         self.presence.shutdown()
+        self.admission.shutdown()
 
     def _on_message(self, level: int, msg: Delivery) -> None:
         raw = msg.raw_headers
@@ -98,6 +106,7 @@ class Regional:
         dispatched: list[ev.Event] = []
         cancelled = self.cancels.ids
         handled = self.workers.handled(self.region)
+        parked = False
         for headers, data in entries:
             task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
             if task_id is None or not subjects.is_token(task_id):
@@ -115,6 +124,15 @@ class Regional:
                 error = f"type {task_type!r} cannot be routed to a worker (not dotted words of A-Z a-z 0-9 _ - : /)"
                 dispatched.append(ev.Failed(task_id=task_id, at=now, region=self.region, error=error))
                 continue
+            limited = wire.header_value(headers, subjects.H_LIMITS)
+            if limited is not None or (self.rate_limited and task_type in self.rate_limited):
+                # Under a concurrency key, rate limit or fair share: parked in its lane until admitted.
+                lane, reason = self._lane(task_type, limited)
+                parked_headers = wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "held"))
+                publications.append((subjects.held(priority, lane), data, parked_headers))
+                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason))
+                parked = True
+                continue
             # The header block goes on as it came, with the msg id of this hop: a quarter of
             # this role's CPU went into parsing it into a dict and encoding it again.
             work_subject = subjects.work(self.region, priority, task_type)
@@ -127,5 +145,21 @@ class Regional:
         if not dispatched:
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return
-        self.settler.forward(msg, publications, events=dispatched)
+        self.settler.forward(msg, publications, events=dispatched, settled=self._parked if parked else None)
         self.released += len(publications)
+
+    def _parked(self) -> None:
+        """A message whose tasks include parked ones was settled: they are in their lanes, admit them."""
+        self.puller.release()
+        self.admission.wake()
+
+    def _lane(self, task_type: str, limited: str | None) -> tuple[str, str]:
+        """The lane of a task of ``task_type`` under the limits ``limited``, and what it waits for there."""
+        found = self._lanes.get((task_type, limited))
+        if found is None:
+            gates = limits.gates(self.settings, task_type, limited)
+            reason = gates.reason if gates is not None else "waiting for admission"
+            if len(self._lanes) > 10_000:
+                self._lanes.clear()
+            found = self._lanes[task_type, limited] = (limits.lane(self.region, task_type, limited), reason)
+        return found

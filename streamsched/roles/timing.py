@@ -13,6 +13,7 @@ import msgspec
 
 from ..errors import Rejected
 from ..model import Envelope, Submission
+from . import limits
 from .placement import ReadyTask
 
 
@@ -89,6 +90,7 @@ def ready_task(submission: Submission, region: str, submitted_at: float) -> Read
         timeout_s=submission.timeout_s,
         deadline_at=deadline_at(submission, submitted_at),
         run_at=start_at(submission, submitted_at),
+        limits=limits.header_value(submission),
     )
     check_window(task.run_at, task.deadline_at)
     return task

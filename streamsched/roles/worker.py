@@ -70,6 +70,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from nats.js.kv import KeyValue
 
 from .. import subjects
 from ..config import PREFETCH_PER_SLOT, Settings
@@ -88,6 +89,7 @@ from ..transport.bus import (
 )
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
+from . import limits
 from .batching import Batches
 from .cancels import CancelWatch
 from .progress import ProgressReports
@@ -104,6 +106,8 @@ MAX_ERROR_CHARS = 2000
 SHARE_EVERY = 8
 #: Nak with no delay: hand a cancelled task to another worker at once (after unsubscribing).
 NAK_NOW = b"-NAK"
+#: The header of the slots a task admitted past its concurrency key holds, as it is found in a raw header block.
+_SLOTS = subjects.H_SLOTS.encode()
 #: Nak for a message that arrives while the worker stops.
 NAK_WHILE_DRAINING = nak_with_delay(0.5)
 #: A task running longer than this gets its ``started`` event on its own; quicker ones
@@ -193,6 +197,7 @@ class Worker:
         # the running loop costs a getpid() system call (about three per task here).
         self._loop: asyncio.AbstractEventLoop | None = None
         self.presence = Presence(bus, settings, self)  # its entry in KV workers, its drain subject
+        self._limits: KeyValue | None = None  # KV limits, once a task that held a slot finished
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -467,7 +472,7 @@ class Worker:
         before = (_int(wire.header_value(raw, subjects.H_ATTEMPTS_BEFORE)) or 0) + attempt - 1
         headers = wire.with_header(moved_headers(raw, task_id, override.priority, override.generation), subjects.H_ATTEMPTS_BEFORE, str(before))
         moved = (subjects.work(self.region, override.priority, task_type), msg.data, headers)
-        self._finish(msg, [moved], (), ACK, ())
+        self._finish(msg, [moved], (), ACK, (), moved=True)  # its slots go with the copy
 
     def _count(self, task_type: str, outcome: str) -> None:
         """One finished attempt, in :attr:`counts` and :attr:`outcomes`."""
@@ -566,8 +571,12 @@ class Worker:
         events: Sequence[ev.Event],
         reply: bytes,
         also: Sequence[Pending],
+        *,
+        moved: bool = False,
     ) -> None:
         """Publish the outcome, then settle ``msg``; its handler slot is free from now on.
+        A final outcome of a task that holds slots of a concurrency key frees them too
+        (not a retry, nor a move to another priority, whose copy holds them on).
 
         Its credit goes back to the puller at once while fewer than ``finish_window``
         outcomes are on their way, else when one of them has landed (:meth:`_finished`):
@@ -578,7 +587,11 @@ class Worker:
             self.puller.release()
         else:
             self._deferred_releases += 1
-        self.settler.forward(msg, publishes, events=events, reply=reply, also=also, settled=self._finished)
+        settled = self._finished
+        raw = msg.raw_headers
+        if raw and _SLOTS in raw and not moved and not reply.startswith(b"-NAK"):
+            settled = functools.partial(self._finished_freeing, wire.header_value(raw, subjects.H_SLOTS) or "")
+        self.settler.forward(msg, publishes, events=events, reply=reply, also=also, settled=settled)
 
     def _finished(self) -> None:
         """An outcome landed and its message was settled: room for one more on its way."""
@@ -586,6 +599,19 @@ class Worker:
         if self._deferred_releases:
             self._deferred_releases -= 1
             self.puller.release()
+
+    def _finished_freeing(self, slots: str) -> None:
+        """:meth:`_finished` for a task that held slots of a concurrency key: they are free now."""
+        self._finished()
+        assert self._loop is not None
+        task = self._loop.create_task(self._free(slots))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _free(self, slots: str) -> None:
+        if self._limits is None:
+            self._limits = await self.bus.js.key_value(subjects.LIMITS_BUCKET)
+        await limits.release(self._limits, slots)
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with ±20% jitter, capped at ``retry_max_s``."""

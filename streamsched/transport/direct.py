@@ -1,8 +1,10 @@
-"""Batched direct gets: many stored messages of a stream in one request (``$JS.API.DIRECT.GET``).
+"""Stored messages without a consumer: batched direct gets (``$JS.API.DIRECT.GET``), and deletes.
 
 nats-py asks for one message at a time; the server answers a ``batch`` request with each
 message and then a status-204 end (404: none). Used to look through a subject's queued
-messages (a task to move to another priority) without a consumer.
+messages (a task to move to another priority, the oldest tasks of a lane) without a
+consumer. :func:`delete` takes one off its stream without overwriting its bytes first,
+which nats-py's ``delete_msg`` asks for (a secure erase: milliseconds each).
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ async def next_on_subject(bus: Bus, stream: str, subject: str, start_seq: int, b
     finally:
         await wire.unsubscribe(bus.nc, subscription)
     return found
+
+
+async def delete(bus: Bus, stream: str, seq: int, *, timeout_s: float = 5.0) -> None:
+    """Delete the message at ``seq`` from ``stream`` (``no_erase``); raises :class:`APIError`
+    (``err_code`` 10057 when it is not stored: deleted already)."""
+    reply = await bus.nc.request(f"$JS.API.STREAM.MSG.DELETE.{stream}", b'{"seq":%d,"no_erase":true}' % seq, timeout=timeout_s)
+    answer = msgspec.json.decode(reply.data)
+    if "error" in answer:
+        error = answer["error"]
+        raise APIError(code=error.get("code"), err_code=error.get("err_code"), description=error.get("description"))
 
 
 def _unix(stamp: str) -> float:

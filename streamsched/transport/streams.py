@@ -97,7 +97,7 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.SCHED_STREAM,
-            subjects=["sched.*.*"],
+            subjects=["sched.*.*", subjects.HELD_ALL],  # lanes: tasks parked by their limits
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
             max_bytes=settings.queue_max_bytes,
@@ -199,8 +199,9 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     the events too, from their last write, so a dependency timeout may not be longer), then
     the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
     (each key with its own TTL, which nats-py's bucket streams allow), the live workers and
-    the live regional schedulers (kept three heartbeats). The circuit breakers are kept
-    with the schedules: a breaker's state outlives the masters that set it."""
+    the live regional schedulers (kept three heartbeats). The circuit breakers and the
+    limits' slots and token buckets are kept with the schedules: they outlive the processes
+    that set them."""
     own = [
         KeyValueConfig(
             bucket=bucket,
@@ -236,7 +237,7 @@ def kv_configs(settings: Settings) -> list[KeyValueConfig]:
     )
     schedules_and_keys = [
         KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
-        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET, subjects.BREAKERS_BUCKET)
+        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET, subjects.BREAKERS_BUCKET, subjects.LIMITS_BUCKET)
     ]
     return [kv_config(settings), *own, cancels, *schedules_and_keys, workers, regions]
 
