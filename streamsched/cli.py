@@ -24,6 +24,7 @@ from .cli_events import (
     task_app,
 )
 from .cli_files import MAX_BATCH_TASKS, submit_file
+from .cli_limits import limits_app
 from .cli_regions import regions_app
 from .cli_schedules import schedule_app
 from .cli_workers import workers_app
@@ -79,6 +80,7 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(workers_app, name="workers")
 app.add_typer(regions_app, name="regions")
 app.add_typer(breakers_app, name="breakers")
+app.add_typer(limits_app, name="limits")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 #: The settings' defaults, for help texts.

@@ -43,6 +43,8 @@ from .roles.breakers import Breaker, force, read_breakers
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
+from .roles.limits import KeyInUse, Lane, keys_in_use
+from .roles.limits import lanes as limit_lanes
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
 from .transport import overload
 from .transport.bus import Bus, explain
@@ -398,6 +400,11 @@ class Client:
         """Each region as the masters' routing sees it: the configured ones first, then any
         other that a live regional scheduler serves (see :mod:`streamsched.roles.routing`)."""
         return routing.region_health(self.settings.regions, await region_registry.live_regions(self.bus))
+
+    async def limits(self) -> tuple[list[Lane], list[KeyInUse]]:
+        """The lanes that hold tasks parked by their limits (what each waits for), and the
+        concurrency keys whose slots are held (see :mod:`streamsched.roles.limits`)."""
+        return await limit_lanes(self.bus, self.settings), await keys_in_use(self.bus)
 
     async def breakers(self) -> list[Breaker]:
         """Every circuit breaker that ever opened, by region and type (see :mod:`streamsched.roles.breakers`)."""

@@ -78,7 +78,8 @@ def _dispatched(state: TaskState, event: ev.Dispatched | ev.Held, newer: bool) -
 
 def _held(state: TaskState, event: ev.Held, newer: bool) -> None:
     _scheduled(state, event, newer)
-    state.scheduled_at = event.at
+    if newer or state.scheduled_at is None:  # a dispatch folded first keeps its time
+        state.scheduled_at = event.at
     if state.status is Status.WAITING:  # not a late one, folded after its admission
         state.waiting_reason = event.reason
 

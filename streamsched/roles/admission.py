@@ -6,21 +6,25 @@ through than a limit allows. A pass lists the lanes that hold tasks (one stream-
 request), then, highest priority first, draws lanes by lottery (weighted by their fairness
 keys) and admits a chunk of each lane's oldest tasks, as many as its limits let:
 
-1. the tasks' slots of their concurrency key, each a KV create of a free slot;
-2. tokens of their rate limit, one compare-and-set of its bucket for the chunk;
-3. for a fairness key, room on the WORK subject (``fairness_window`` less its durable's
-   undelivered tasks);
+1. for a fairness key, room on the WORK subject (``fairness_window`` less its durable's
+   undelivered tasks), checked before the lane is read;
+2. the tasks' states, in one batched read: a task past ``waiting`` was admitted before (its
+   delete from the lane failed) and is only taken off, as is a cancelled one;
+3. the tasks' slots of their concurrency key: the slot a task holds already (taken for it
+   by a pass that did not finish), else a KV create of a free one;
+4. tokens of their rate limit, one compare-and-set of its bucket for the chunk;
 
 then publishes each one admitted onto its WORK subject (headers as they were, with the msg
 id ``<task>:work:0`` and the slots it holds), records ``dispatched`` (or ``held``, when no
 live worker handles its type), and deletes it from its lane. A crash in between leaves it
-parked with its slot taken: it is admitted again, its second WORK copy is dropped as a
-duplicate (and the slots taken for it are given back), and a slot left behind is swept
-once its task's state is final.
+parked with its slot taken in its name, and it is admitted again with that slot; a copy
+published twice is stored once (the slots taken for the dropped one are given back); a
+slot whose task's state has been final for :data:`SWEEP_AFTER_S` is swept.
 
 A pass runs when a task was parked here, when a slot is freed (a watch on the bucket), when
-a rate limit's next token is due, and every :data:`TICK_S` (for tasks parked by other
-schedulers, and for fair lanes waiting for room on WORK: :data:`FAIR_TICK_S`).
+a rate limit's next token is due, at once when the last pass used its budget, and every
+:data:`TICK_S` (for tasks parked by other schedulers; every :data:`FAIR_TICK_S` while a
+fair lane waits for room on WORK).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.recorder import EventRecorder
 from ..eventlog.state import MAX_GET_MANY, StateStore
-from ..model import TaskState
+from ..model import Status, TaskState
 from ..transport import direct, wire
 from ..transport.bus import Bus
 from ..transport.kv_watch import BucketWatch
@@ -62,8 +66,13 @@ TICK_S = 1.0
 FAIR_TICK_S = 0.02
 #: How often the slots are swept for tasks whose state is final.
 SWEEP_S = 10.0
-#: Slots looked up in one sweep at most.
+#: Slots looked up in one sweep at most (the next sweep goes on from there).
 SWEEP_MAX = 2000
+#: How long a task's state must have been final before the sweep frees a slot it still holds
+#: (its worker frees it within milliseconds; a cancelled sync handler may still be returning).
+SWEEP_AFTER_S = 60.0
+#: States of a parked task that was not admitted yet (or not projected since).
+NOT_ADMITTED = frozenset({Status.PENDING, Status.WAITING})
 #: How long the slots held at the start may take to load.
 LOAD_TIMEOUT_S = 10.0
 
@@ -72,6 +81,26 @@ NO_MESSAGE_FOUND = 10057
 
 _slot_decoder = msgspec.json.Decoder(SlotValue)
 _bucket_decoder = msgspec.json.Decoder(TokenBucket)
+
+
+@dataclass
+class _Known:
+    """What the tasks of a lane share (from its oldest task's headers)."""
+
+    region: str
+    priority: str
+    type: str
+    work_subject: str
+    gates: Gates | None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A slot a task holds: its key, the revision it was taken at, and whether this pass took it."""
+
+    key: str
+    revision: int
+    taken_now: bool
 
 
 @dataclass
@@ -88,6 +117,7 @@ class _Pass:
 
     token_due: float | None = None
     fair_waiting: bool = False
+    unfinished: bool = False  # the budget ran out with lanes left: the next pass at once
     room: dict[str, int] = field(default_factory=dict)  # WORK subject -> tasks a fair lane may still add
 
 
@@ -106,8 +136,9 @@ class Admission:
         self._watch = BucketWatch(bus, subjects.LIMITS_BUCKET, self._on_change)
         self._woken = asyncio.Event()
         self._stopping = False
-        self._gates: dict[str, Gates | None] = {}  # by lane subject
-        self._weights: dict[str, float] = {}  # by lane subject
+        self._lanes: dict[str, _Known] = {}  # by lane subject
+        self._sweep_from = 0
+        self.sweep_after_s = SWEEP_AFTER_S
         self._kv: KeyValue | None = None
         self._states: StateStore | None = None
 
@@ -120,8 +151,17 @@ class Admission:
         self._woken.set()
 
     async def run(self) -> None:
-        self._kv = await self.bus.js.key_value(subjects.LIMITS_BUCKET)
-        self._states = await StateStore.open(self.bus)
+        while not self._stopping:
+            try:
+                self._kv = await self.bus.js.key_value(subjects.LIMITS_BUCKET)
+                self._states = await StateStore.open(self.bus)
+                break
+            except Exception as exc:  # noqa: BLE001 - the scheduler goes on releasing the rest
+                log.error("KV bucket %s not found (%r): run `streamsched streams apply`; trying again in 10s", subjects.LIMITS_BUCKET, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), 10.0)
+        if self._stopping:
+            return
         if not await self._watch.start(LOAD_TIMEOUT_S):
             log.warning("slots of the concurrency keys not all loaded after %.0fs; going on, the rest follow", LOAD_TIMEOUT_S)
         next_sweep = time.monotonic() + SWEEP_S
@@ -133,7 +173,9 @@ class Admission:
                 except Exception as exc:  # noqa: BLE001 - an outage: the tasks stay parked, try again
                     log.warning("admission pass failed (%r); trying again in %.1fs", exc, TICK_S)
                 else:
-                    if learned.fair_waiting:
+                    if learned.unfinished:
+                        wait_s = 0.0
+                    elif learned.fair_waiting:
                         wait_s = FAIR_TICK_S
                     if learned.token_due is not None:
                         wait_s = min(wait_s, max(0.0, learned.token_due - time.time()))
@@ -168,7 +210,9 @@ class Admission:
         for subject, parked in (info.state.subjects or {}).items():
             priority = subject.split(".")[1]
             level = self.settings.priorities.index(priority) if priority in self.settings.priorities else len(self.settings.priorities)
-            levels.setdefault(level, []).append(_Lane(subject, priority, parked, self._weights.get(subject, 1.0)))
+            known = self._lanes.get(subject)
+            weight = known.gates.weight if known is not None and known.gates is not None else 1.0
+            levels.setdefault(level, []).append(_Lane(subject, priority, parked, weight))
         budget = PASS_BUDGET
         for level in sorted(levels):
             lanes = levels[level]
@@ -179,82 +223,108 @@ class Admission:
                 lane.parked -= admitted
                 if admitted == 0 or lane.parked <= 0:
                     lanes.remove(lane)
+            learned.unfinished = learned.unfinished or bool(lanes)
         return learned
 
     async def _admit(self, lane: _Lane, count: int, learned: _Pass) -> int:
         """Admit up to ``count`` of the lane's oldest tasks; returns how many left it."""
+        known = self._lanes.get(lane.subject)
+        if known is not None and known.gates is not None and known.gates.fair:  # room first: no read while there is none
+            count = min(count, await self._room(learned, known))
+            if count <= 0:
+                learned.fair_waiting = True
+                return 0
         heads = await direct.next_on_subject(self.bus, subjects.SCHED_STREAM, lane.subject, 1, count)
         if not heads:
             return 0
-        first = heads[0].headers
-        task_type = wire.header_value(first, subjects.H_TYPE) or ""
-        region = wire.header_value(first, subjects.H_REGION) or ""
-        if lane.subject not in self._gates:
-            if len(self._gates) > 10_000:
-                self._gates.clear()
-            self._gates[lane.subject] = limits.gates(self.settings, task_type, wire.header_value(first, subjects.H_LIMITS))
-        gates = self._gates[lane.subject]
-        lane.weight = self._weights[lane.subject] = gates.weight if gates is not None else 1.0
-        gone = await self._drop_cancelled(heads)
+        if known is None:
+            known = self._learn(lane, heads[0].headers)
+        gates = known.gates
+        lane.weight = gates.weight if gates is not None else 1.0
+        gone = await self._drop_settled(heads)
         heads = [head for head in heads if head not in gone]
         if not heads:
             return len(gone)
-        work_subject = subjects.work(region, lane.priority, task_type)
-        room = len(heads)
         if gates is not None and gates.fair:
-            room = min(room, await self._room(learned, region, lane.priority, task_type, work_subject))
+            room = await self._room(learned, known)
             if room <= 0:
                 learned.fair_waiting = True
                 return len(gone)
-        held: list[list[tuple[str, int]]] = []
-        chosen = heads[:room]
+            heads = heads[:room]
+        held: list[list[_Slot]] = [[] for _ in heads]
         if gates is not None and gates.slots is not None:
-            chosen, held = await self._take_slots(gates.slots, chosen)
-        if gates is not None and gates.rate is not None and chosen:
-            granted, due = await self._take_tokens(*gates.rate, len(chosen))
+            heads, held = await self._take_slots(gates.slots, heads)
+        if gates is not None and gates.rate is not None and heads:
+            granted, due = await self._take_tokens(*gates.rate, len(heads))
             if due is not None:
                 learned.token_due = due if learned.token_due is None else min(learned.token_due, due)
-            if granted < len(chosen):
+            if granted < len(heads):
                 await self._give_back([slot for slots in held[granted:] for slot in slots])
-                chosen, held = chosen[:granted], held[:granted]
-        if not chosen:
+                heads, held = heads[:granted], held[:granted]
+        if not heads:
             return len(gone)
-        await self._release(chosen, held or [[] for _ in chosen], region, lane.priority, task_type, work_subject)
+        await self._release(heads, held, known)
         if gates is not None and gates.fair:
-            learned.room[work_subject] -= len(chosen)
-        return len(gone) + len(chosen)
+            learned.room[known.work_subject] -= len(heads)
+        return len(gone) + len(heads)
 
-    async def _room(self, learned: _Pass, region: str, priority: str, task_type: str, work_subject: str) -> int:
-        """How many more fair tasks ``work_subject`` takes now: ``fairness_window`` less what waits there undelivered."""
-        if work_subject not in learned.room:
+    def _learn(self, lane: _Lane, first: bytes) -> _Known:
+        """What a lane's tasks share, from its oldest one's headers (kept while the lane is seen)."""
+        task_type = wire.header_value(first, subjects.H_TYPE) or ""
+        region = wire.header_value(first, subjects.H_REGION) or ""
+        gates = limits.gates(self.settings, task_type, wire.header_value(first, subjects.H_LIMITS))
+        if len(self._lanes) > 10_000:
+            self._lanes.clear()
+        known = self._lanes[lane.subject] = _Known(region, lane.priority, task_type, subjects.work(region, lane.priority, task_type), gates)
+        return known
+
+    async def _room(self, learned: _Pass, lane: _Known) -> int:
+        """How many more fair tasks the lane's WORK subject takes now: ``fairness_window`` less what waits there undelivered."""
+        if lane.work_subject not in learned.room:
             try:
-                info = await self.bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(region, priority, task_type))
+                info = await self.bus.js.consumer_info(subjects.WORK_STREAM, subjects.work_consumer(lane.region, lane.priority, lane.type))
                 waiting = info.num_pending
             except NotFoundError:  # no worker has made the durable yet: what the subject holds waits
-                stream = await self.bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=work_subject)
-                waiting = (stream.state.subjects or {}).get(work_subject, 0)
-            learned.room[work_subject] = self.settings.fairness_window - waiting
-        return learned.room[work_subject]
+                stream = await self.bus.js.stream_info(subjects.WORK_STREAM, subjects_filter=lane.work_subject)
+                waiting = (stream.state.subjects or {}).get(lane.work_subject, 0)
+            learned.room[lane.work_subject] = self.settings.fairness_window - waiting
+        return learned.room[lane.work_subject]
 
-    async def _take_slots(self, slots: SlotSet, heads: list[direct.Found]) -> tuple[list[direct.Found], list[list[tuple[str, int]]]]:
-        """Each of ``heads`` that got a free slot (one KV create each, all at once), with its slot."""
+    async def _take_slots(self, slots: SlotSet, heads: list[direct.Found]) -> tuple[list[direct.Found], list[list[_Slot]]]:
+        """Each of ``heads`` with a slot of its concurrency key: the one it holds already (taken
+        for it in a pass that did not finish), else a free one (a KV create, all at once)."""
         assert self._kv is not None
-        free = [key for key in (f"{slots.prefix}.{i}" for i in range(slots.limit)) if key not in self.taken][: len(heads)]
-        heads = heads[: len(free)]
-
-        async def take(key: str, head: direct.Found) -> int | None:
+        prefix = slots.prefix + "."
+        own = {task_id: key for key, task_id in self.taken.items() if key.startswith(prefix)}
+        free = iter([key for key in (f"{prefix}{i}" for i in range(slots.limit)) if key not in self.taken])
+        plans: list[tuple[direct.Found, str, bool]] = []  # head, slot, whether it is the head's own already
+        for head in heads:
             task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
-            assert self._kv is not None
-            try:
-                revision = await self._kv.create(key, msgspec.json.encode(SlotValue(task_id)))
-            except KeyWrongLastSequenceError:
-                return None  # taken meanwhile (by another scheduler)
-            self.taken[key] = task_id
-            return revision
+            key = own.get(task_id)
+            if key is None:
+                key = next(free, None)
+                if key is None:
+                    continue
+            plans.append((head, key, task_id in own))
 
-        revisions = await asyncio.gather(*(take(key, head) for key, head in zip(free, heads, strict=True)))
-        chosen = [(head, [(key, revision)]) for key, head, revision in zip(free, heads, revisions, strict=True) if revision is not None]
-        return [head for head, _ in chosen], [slot for _, slot in chosen]
+        async def take(head: direct.Found, key: str, owned: bool) -> _Slot | None:
+            assert self._kv is not None
+            task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
+            try:
+                if owned:
+                    entry = await self._kv.get(key)
+                    if entry.value is None or _slot_decoder.decode(entry.value).task != task_id:
+                        return None
+                    return _Slot(key, entry.revision or 0, taken_now=False)
+                revision = await self._kv.create(key, msgspec.json.encode(SlotValue(task_id, slots.key)))
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                return None  # taken meanwhile by another scheduler, or freed
+            self.taken[key] = task_id
+            return _Slot(key, revision, taken_now=True)
+
+        got = await asyncio.gather(*(take(head, key, owned) for head, key, owned in plans))
+        chosen = [(head, slot) for (head, _, _), slot in zip(plans, got, strict=True) if slot is not None]
+        return [head for head, _ in chosen], [[slot] for _, slot in chosen]
 
     async def _take_tokens(self, key: str, per_s: float, wanted: int) -> tuple[int, float | None]:
         """Take up to ``wanted`` tokens of a rate limit's bucket; returns how many, and when
@@ -285,30 +355,31 @@ class Admission:
             return granted, due
         return 0, time.time() + 1 / per_s
 
-    async def _give_back(self, held: list[tuple[str, int]]) -> None:
+    async def _give_back(self, held: list[_Slot]) -> None:
+        """Free the slots taken in this pass (a slot a task held already stays its own)."""
         assert self._kv is not None
-        if held:
-            await limits.release(self._kv, limits.slots_header(held))
+        mine = [(slot.key, slot.revision) for slot in held if slot.taken_now]
+        if mine:
+            await limits.release(self._kv, limits.slots_header(mine))
 
-    async def _release(
-        self, heads: list[direct.Found], held: list[list[tuple[str, int]]], region: str, priority: str, task_type: str, work_subject: str
-    ) -> None:
+    async def _release(self, heads: list[direct.Found], held: list[list[_Slot]], lane: _Known) -> None:
         """Publish ``heads`` onto WORK with the slots they hold, record it, and take them off their lane."""
         futures = []
         for head, slots in zip(heads, held, strict=True):
             task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
             headers = wire.with_header(head.headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))
             if slots:
-                headers = wire.with_header(headers, subjects.H_SLOTS, limits.slots_header(slots))
-            futures.append(await self.bus.publish(work_subject, head.data, headers))
+                headers = wire.with_header(headers, subjects.H_SLOTS, limits.slots_header([(slot.key, slot.revision) for slot in slots]))
+            futures.append(await self.bus.publish(lane.work_subject, head.data, headers))
         acks = await asyncio.gather(*futures, return_exceptions=True)
-        now, handled = time.time(), task_type in self.workers.handled(region)
+        now, handled = time.time(), lane.type in self.workers.handled(lane.region)
         events: list[ev.Event] = []
         landed: list[direct.Found] = []
         for head, slots, ack in zip(heads, held, acks, strict=True):
             if isinstance(ack, BaseException):
-                log.warning("admitting a task onto %s failed (%r); it stays parked", work_subject, ack)
-                await self._give_back(slots)
+                # Maybe stored all the same (a lost PubAck): it keeps its slots, and is admitted
+                # again with them (the stream drops the copy if it was stored).
+                log.warning("admitting a task onto %s failed (%r); it stays parked", lane.work_subject, ack)
                 continue
             landed.append(head)
             if ack.get("duplicate"):  # admitted before (by another scheduler, or before a crash)
@@ -316,29 +387,38 @@ class Admission:
                 continue
             task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
             if handled:
-                events.append(ev.Dispatched(task_id=task_id, at=now, region=region, priority=priority))
+                events.append(ev.Dispatched(task_id=task_id, at=now, region=lane.region, priority=lane.priority))
             else:
-                reason = f"no worker for type {task_type} in region {region}"
-                events.append(ev.Held(task_id=task_id, at=now, region=region, priority=priority, reason=reason))
+                reason = f"no worker for type {lane.type} in region {lane.region}"
+                events.append(ev.Held(task_id=task_id, at=now, region=lane.region, priority=lane.priority, reason=reason))
         if events:
             await self.recorder.record(events)
         await self._delete(landed)
         self.admitted += len(events)
 
-    async def _drop_cancelled(self, heads: list[direct.Found]) -> list[direct.Found]:
-        """Record ``cancelled`` for the parked tasks that were cancelled, and take them off their lane."""
+    async def _drop_settled(self, heads: list[direct.Found]) -> list[direct.Found]:
+        """Take off their lane the parked tasks that must not be admitted: cancelled ones (with a
+        ``cancelled`` event), and ones admitted before whose delete from the lane failed (their
+        state is past ``waiting``: published again after the stream's duplicate window, they
+        would run twice)."""
         cancelled = self.cancels.ids
-        if not cancelled:
-            return []
-        gone = [head for head in heads if (wire.header_value(head.headers, subjects.H_TASK_ID) or "") in cancelled]
-        if gone:
-            now = time.time()
-            events: list[ev.Event] = []
-            for head in gone:
-                task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
+        assert self._states is not None
+        states = await self._states.get_many(self.bus, [wire.header_value(head.headers, subjects.H_TASK_ID) or "" for head in heads])
+        events: list[ev.Event] = []
+        gone: list[direct.Found] = []
+        now = time.time()
+        for head in heads:
+            task_id = wire.header_value(head.headers, subjects.H_TASK_ID) or ""
+            state = states.get(task_id)
+            if state is not None and state[0].status not in NOT_ADMITTED:
+                gone.append(head)
+            elif cancelled and task_id in cancelled:
                 region = wire.header_value(head.headers, subjects.H_REGION) or ""
                 events.append(ev.Cancelled(task_id=task_id, at=now, region=region, reason=cancelled[task_id]))
+                gone.append(head)
+        if events:
             await self.recorder.record(events)
+        if gone:
             await self._delete(gone)
         return gone
 
@@ -347,27 +427,35 @@ class Admission:
         for result in results:
             gone = isinstance(result, APIError) and result.err_code == NO_MESSAGE_FOUND  # deleted by another scheduler
             if isinstance(result, BaseException) and not gone:
-                log.warning("a task admitted from its lane was not deleted there (%r); it is admitted again and dropped as a duplicate", result)
+                log.warning("a task admitted from its lane was not deleted there (%r); the next pass takes it off", result)
 
     async def _sweep(self) -> None:
-        """Free the slots whose tasks' states are final (their workers died before freeing them)."""
+        """Free the slots of tasks whose state has been final for :data:`SWEEP_AFTER_S` (their
+        workers died before freeing them, or they were cancelled while parked), looking at up
+        to :data:`SWEEP_MAX` slots a time, in turn."""
         assert self._kv is not None and self._states is not None
-        taken = list(self.taken.items())[:SWEEP_MAX]
-        if not taken:
+        slots = sorted(self.taken.items())
+        if not slots:
             return
+        start = self._sweep_from % len(slots)
+        taken = (slots[start:] + slots[:start])[:SWEEP_MAX]
+        self._sweep_from = start + len(taken)
         task_ids = list({task_id for _, task_id in taken})
         states: dict[str, tuple[TaskState, int]] = {}
-        for start in range(0, len(task_ids), MAX_GET_MANY):
-            states.update(await self._states.get_many(self.bus, task_ids[start : start + MAX_GET_MANY]))
+        for first in range(0, len(task_ids), MAX_GET_MANY):
+            states.update(await self._states.get_many(self.bus, task_ids[first : first + MAX_GET_MANY]))
+        settled_before = time.time() - self.sweep_after_s
         for key, task_id in taken:
             found = states.get(task_id)
-            if found is None or not found[0].status.is_final:
+            if found is None or not found[0].status.is_final or (found[0].updated_at or 0.0) > settled_before:
                 continue
             try:
                 entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                continue
-            if entry.value and _slot_decoder.decode(entry.value).task == task_id:
-                with contextlib.suppress(KeyWrongLastSequenceError):
+                if entry.value and _slot_decoder.decode(entry.value).task == task_id:
                     await self._kv.delete(key, last=entry.revision)
-                    log.info("freed slot %s of finished task %s", key, task_id)
+                    log.info("freed slot %s of task %s, %s", key, task_id, found[0].status.value)
+            except (KeyNotFoundError, msgspec.DecodeError):
+                continue
+            except APIError as exc:
+                if exc.err_code != limits.WRONG_LAST_SEQUENCE:
+                    raise

@@ -24,7 +24,7 @@ the same limits, oldest first.
   worth of work.
 
 A slot whose task finished but was not deleted (its worker died between the outcome and the
-delete) is swept by admission, which looks up the state of every slot's task now and then.
+delete) is swept by admission, which looks up the states of the slots' tasks now and then.
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ import re
 from typing import NamedTuple
 
 import msgspec
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
 from ..model import LIMIT_KEY_RE, LIMIT_KEY_RULE, MAX_CONCURRENCY_LIMIT, Envelope
+from ..transport import direct, wire
+from ..transport.bus import Bus
+from ..transport.kv_watch import bucket_values
 
 log = logging.getLogger("streamsched.limits")
 
@@ -101,6 +105,7 @@ class SlotSet(NamedTuple):
 
     prefix: str
     limit: int
+    key: str
 
 
 class Gates(NamedTuple):
@@ -129,7 +134,7 @@ def gates(settings: Settings, task_type: str, limits: str | None) -> Gates | Non
     if (key := words.get("c")) is not None:
         limit = _int(words.get("n")) or settings.concurrency_limits.get(key)
         if limit is not None and limit >= 1:
-            slots = SlotSet(f"c.{_digest(key)}", min(limit, MAX_CONCURRENCY_LIMIT))
+            slots = SlotSet(f"c.{_digest(key)}", min(limit, MAX_CONCURRENCY_LIMIT), key)
             reasons.append(f"a slot of concurrency key {key!r} (at most {limit} at once)")
     rate = None
     bucket = words.get("r", task_type)
@@ -157,6 +162,10 @@ def slots_header(held: list[tuple[str, int]]) -> str:
     return " ".join(f"{key}={revision}" for key, revision in held)
 
 
+#: JetStream's error code for a write whose expected last sequence is not the subject's (a KV delete with ``last``).
+WRONG_LAST_SEQUENCE = 10071
+
+
 async def release(kv: KeyValue, header: str) -> None:
     """Delete the slots a finished task held (its :data:`~streamsched.subjects.H_SLOTS` header),
     each only if it is still the revision the task took (else it was swept and taken again)."""
@@ -166,14 +175,18 @@ async def release(kv: KeyValue, header: str) -> None:
             await kv.delete(key, last=int(revision))
         except (KeyWrongLastSequenceError, NotFoundError, ValueError):
             pass  # swept already, or not ours any more
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                log.warning("could not free slot %s (%r); it is swept once its task's state is final", key, exc)
         except Exception as exc:  # noqa: BLE001 - an outage: admission sweeps it later
             log.warning("could not free slot %s (%r); it is swept once its task's state is final", key, exc)
 
 
 class SlotValue(msgspec.Struct, frozen=True):
-    """A slot's value: the task that holds it."""
+    """A slot's value: the task that holds it, and the concurrency key."""
 
     task: str
+    key: str = ""
 
 
 class TokenBucket(msgspec.Struct, frozen=True):
@@ -181,6 +194,55 @@ class TokenBucket(msgspec.Struct, frozen=True):
 
     tokens: float
     at: float
+
+
+class Lane(msgspec.Struct, frozen=True, kw_only=True):
+    """A lane as ``streamsched limits`` shows it: its tasks waiting, and what for."""
+
+    subject: str
+    priority: str
+    region: str
+    type: str
+    parked: int
+    waiting_for: str
+
+
+class KeyInUse(msgspec.Struct, frozen=True, kw_only=True):
+    """A concurrency key with slots held: by how many tasks, and which."""
+
+    key: str
+    held: int
+    tasks: list[str]
+
+
+async def lanes(bus: Bus, settings: Settings) -> list[Lane]:
+    """Every lane that holds tasks, with what its oldest task waits for (one direct get per lane)."""
+    info = await bus.js.stream_info(subjects.SCHED_STREAM, subjects_filter=subjects.HELD_ALL)
+    found: list[Lane] = []
+    for subject, parked in sorted((info.state.subjects or {}).items()):
+        heads = await direct.next_on_subject(bus, subjects.SCHED_STREAM, subject, 1, 1)
+        if not heads:
+            continue
+        head = heads[0].headers
+        task_type = wire.header_value(head, subjects.H_TYPE) or ""
+        gated = gates(settings, task_type, wire.header_value(head, subjects.H_LIMITS))
+        region = wire.header_value(head, subjects.H_REGION) or ""
+        waiting_for = gated.reason.removeprefix("waiting for ") if gated is not None else "admission (its limits are no longer set)"
+        found.append(Lane(subject=subject, priority=subject.split(".")[1], region=region, type=task_type, parked=parked, waiting_for=waiting_for))
+    return found
+
+
+async def keys_in_use(bus: Bus) -> list[KeyInUse]:
+    """The concurrency keys whose slots are held now, by key."""
+    by_key: dict[str, list[str]] = {}
+    for name, value in (await bucket_values(bus, subjects.LIMITS_BUCKET)).items():
+        if name.startswith("c."):
+            try:
+                slot = msgspec.json.decode(value, type=SlotValue)
+            except msgspec.DecodeError:
+                continue
+            by_key.setdefault(slot.key or name.rsplit(".", 1)[0], []).append(slot.task)
+    return [KeyInUse(key=key, held=len(tasks), tasks=sorted(tasks)) for key, tasks in sorted(by_key.items())]
 
 
 def _int(value: str | None) -> int | None:

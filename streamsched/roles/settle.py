@@ -72,9 +72,11 @@ class Settler:
         reply: bytes = ACK,
         also: Sequence[Pending] = (),
         settled: Callable[[], None] | None = None,
+        landed: Callable[[], None] | None = None,
     ) -> None:
         """Publish, record ``events`` and give ``handoff`` (subject, body, header block) to
-        the batcher, then send ``reply`` for ``msg`` once these and ``also`` landed.
+        the batcher, then send ``reply`` for ``msg`` once these and ``also`` landed, and
+        call ``landed`` (not when they failed for good and ``msg`` is nak'ed instead).
 
         Settling releases the message's credit to the puller, or calls ``settled``
         instead when the holder gave the credit back already (a worker frees a handler
@@ -88,7 +90,7 @@ class Settler:
         ``started`` event already in flight) is waited for once. Nothing here waits, so a
         handler can call it from the read loop (see :class:`Puller`).
         """
-        self._attempt(msg, _Forward(publishes, events, handoff, reply, settled), also, 0)
+        self._attempt(msg, _Forward(publishes, events, handoff, reply, settled, landed), also, 0)
 
     def _attempt(self, msg: Delivery, forward: _Forward, also: Sequence[Pending], round_: int) -> None:
         if forward.events and _needs_another(forward.recorded):
@@ -109,6 +111,8 @@ class Settler:
     def _landed(self, msg: Delivery, forward: _Forward, error: BaseException | None, round_: int) -> None:
         if error is None:
             self.settle_reply(msg.reply, forward.reply, forward.settled)
+            if forward.landed is not None:
+                forward.landed()
         elif round_ < len(REPUBLISH_DELAYS_S) and not _failed_for_good(forward.handed):
             task = asyncio.get_running_loop().create_task(self._republish(msg, forward, round_))
             self._keep(task)
@@ -189,7 +193,7 @@ class _Forward:
     """What one upstream message led to: publishes, events and a hand-off (and the
     messages these went into), and the reply to send upstream when all of it landed."""
 
-    __slots__ = ("events", "handed", "handoff", "publishes", "recorded", "reply", "settled")
+    __slots__ = ("events", "handed", "handoff", "landed", "publishes", "recorded", "reply", "settled")
 
     def __init__(
         self,
@@ -198,9 +202,11 @@ class _Forward:
         handoff: tuple[str, bytes, bytes] | None,
         reply: bytes,
         settled: Callable[[], None] | None,
+        landed: Callable[[], None] | None = None,
     ) -> None:
         self.publishes = publishes
         self.settled = settled
+        self.landed = landed
         self.events = events
         self.handoff = handoff
         self.reply = reply

@@ -198,6 +198,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.presence = Presence(bus, settings, self)  # its entry in KV workers, its drain subject
         self._limits: KeyValue | None = None  # KV limits, once a task that held a slot finished
+        self._freeing: set[asyncio.Task[None]] = set()  # deletes of such slots (referenced: the loop keeps tasks weakly)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -587,11 +588,11 @@ class Worker:
             self.puller.release()
         else:
             self._deferred_releases += 1
-        settled = self._finished
+        landed = None
         raw = msg.raw_headers
         if raw and _SLOTS in raw and not moved and not reply.startswith(b"-NAK"):
-            settled = functools.partial(self._finished_freeing, wire.header_value(raw, subjects.H_SLOTS) or "")
-        self.settler.forward(msg, publishes, events=events, reply=reply, also=also, settled=settled)
+            landed = functools.partial(self._free_slots, wire.header_value(raw, subjects.H_SLOTS) or "")
+        self.settler.forward(msg, publishes, events=events, reply=reply, also=also, settled=self._finished, landed=landed)
 
     def _finished(self) -> None:
         """An outcome landed and its message was settled: room for one more on its way."""
@@ -600,13 +601,12 @@ class Worker:
             self._deferred_releases -= 1
             self.puller.release()
 
-    def _finished_freeing(self, slots: str) -> None:
-        """:meth:`_finished` for a task that held slots of a concurrency key: they are free now."""
-        self._finished()
+    def _free_slots(self, slots: str) -> None:
+        """A final outcome of a task that held slots of a concurrency key landed: free them."""
         assert self._loop is not None
         task = self._loop.create_task(self._free(slots))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._freeing.add(task)
+        task.add_done_callback(self._freeing.discard)
 
     async def _free(self, slots: str) -> None:
         if self._limits is None:

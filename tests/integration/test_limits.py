@@ -156,9 +156,16 @@ async def test_a_parked_task_can_be_cancelled_and_never_starts(settings, bus, ev
         await publish(bus, id="first", type="test.keyed", payload={"key": "one"}, concurrency_key="one")
         await publish(bus, id="second", type="test.keyed", payload={"key": "one"}, concurrency_key="one")
         await events.wait(lambda log: "held" in log.kinds_of("second") and "started" in log.kinds_of("first"), what="second parked")
+        lanes, keys = await client.limits()  # what `streamsched limits list` shows
+        assert [(lane.type, lane.parked, lane.region) for lane in lanes] == [("test.keyed", 1, REGION)]
+        assert lanes[0].waiting_for == "a slot of concurrency key 'one' (at most 1 at once)"
+        assert [(key.key, key.held, key.tasks) for key in keys] == [("one", 1, ["first"])]
         await client.cancel("second", reason="not needed")
         await events.wait(lambda log: "cancelled" in log.kinds_of("second") and "succeeded" in log.kinds_of("first"), what="the cancel")
         state = await client.wait("second", timeout_s=10)
+        with anyio.fail_after(10):  # the next pass takes it off its lane; the first task's slot is free
+            while await client.limits() != ([], []):
+                await anyio.sleep(0.05)
     assert state.status is Status.CANCELLED
     assert "started" not in events.kinds_of("second")
 
@@ -182,10 +189,27 @@ async def test_a_slot_left_by_a_finished_task_is_swept(settings, bus, events: Ev
         admissions = [role.admission for role in roles if isinstance(role, Regional)]
         started = time.monotonic()
         for admission in admissions:
+            admission.sweep_after_s = 0.0  # the task finished a moment ago: by default its slot waits a minute
             await admission._sweep()  # what each does every SWEEP_S
         await events.wait(lambda log: "succeeded" in log.kinds_of("behind"), timeout_s=10, what="the task behind, once the slot is swept")
     assert time.monotonic() - started < 10
     assert isinstance(admissions[0], Admission)
+
+
+async def test_a_parked_task_that_holds_a_slot_already_is_admitted_with_it(settings, bus, events: EventLog):
+    # As if a scheduler took the key's only slot for the task and died before publishing it:
+    # the task must not wait for a second slot, which the first one (its own) blocks.
+    settings = msgspec.structs.replace(settings, concurrency_limits={"one": 1})
+    gauge = Gauge()
+    kv = await bus.js.key_value(subjects.LIMITS_BUCKET)
+    gates = limits.gates(settings, "test.keyed", "c=one")
+    assert gates is not None and gates.slots is not None
+    await kv.create(f"{gates.slots.prefix}.0", msgspec.json.encode(SlotValue("mine", "one")))
+    async with running(await cluster(settings, bus, gauge.handlers(nap_s=0))):
+        await publish(bus, id="mine", type="test.keyed", payload={"key": "one"}, concurrency_key="one")
+        await publish(bus, id="next", type="test.keyed", payload={"key": "one"}, concurrency_key="one")
+        await events.wait(lambda log: "succeeded" in log.kinds_of("mine") and "succeeded" in log.kinds_of("next"), timeout_s=15, what="both tasks")
+    assert gauge.most == {"one": 1}
 
 
 @pytest.mark.parametrize(

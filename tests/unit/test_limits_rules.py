@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from streamsched import subjects
+from streamsched.cli_limits import table
 from streamsched.config import Settings
 from streamsched.errors import ConfigError
 from streamsched.eventlog import events as ev
@@ -27,7 +28,7 @@ def test_gates_take_the_limit_from_the_task_or_the_settings_and_name_what_they_w
     by_settings = limits.gates(settings, "other", "c=k")
     assert by_settings is not None and by_settings.slots is not None and by_settings.slots.limit == 2
     by_task = limits.gates(settings, "other", "c=k n=7")
-    assert by_task is not None and by_task.slots == limits.SlotSet(by_settings.slots.prefix, 7)
+    assert by_task is not None and by_task.slots == limits.SlotSet(by_settings.slots.prefix, 7, "k")
     by_type = limits.gates(settings, "email.send", None)
     assert by_type is not None and by_type.rate is not None and by_type.rate[1] == 20 and by_type.slots is None
     by_key = limits.gates(settings, "email.send", "r=api")
@@ -73,3 +74,15 @@ def test_a_parked_task_is_waiting_with_its_reason_until_dispatched_in_either_ord
     assert state.status is Status.SCHEDULED and state.waiting_reason is None
     fold(state, ev.Started(task_id="t", at=4.0, attempt=1, region="eu", worker="w"))
     assert state.status is Status.RUNNING
+
+
+def test_limits_list_shows_the_lanes_then_the_keys_in_use():
+    lane = limits.Lane(subject="held.low.k-1", priority="low", region="eu", type="report", parked=12, waiting_for="a slot of concurrency key 'k'")
+    rendered = table([lane], [limits.KeyInUse(key="k", held=3, tasks=["a", "b", "c"])])
+    assert rendered.splitlines() == [
+        "REGION  TYPE    PRIORITY  PARKED  WAITING FOR",
+        "eu      report  low       12      a slot of concurrency key 'k'",
+        "",
+        "CONCURRENCY KEY  SLOTS HELD",
+        "k                3",
+    ]
