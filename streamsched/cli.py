@@ -289,7 +289,7 @@ def submit(
     ] = None,
     concurrency_key: Annotated[
         str | None,
-        typer.Option("--concurrency-key", help="At most --concurrency-limit tasks with this key run at once, cluster-wide."),
+        typer.Option("--concurrency-key", help="At most --concurrency-limit tasks with this key admitted and unfinished at once, cluster-wide."),
     ] = None,
     concurrency_limit: Annotated[
         int | None, typer.Option("--concurrency-limit", help="The limit of --concurrency-key [default: the concurrency_limits setting].")

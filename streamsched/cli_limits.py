@@ -19,8 +19,8 @@ from .roles.limits import KeyInUse, Lane
 limits_app = typer.Typer(
     help=(
         "Concurrency keys, rate limits and fair shares (KV `limits`). A task under one waits in its lane "
-        "(one per region, type, priority and limits), using no worker slot and no attempt, until every "
-        "regional scheduler's admission lets it onto WORK."
+        "(one per region, type, priority and limits), using no worker slot and no attempt, until its "
+        "limits let a regional scheduler admit it onto WORK."
     ),
     no_args_is_help=True,
     epilog="Examples:\n\n  streamsched limits list\n\n  streamsched limits list --json | jq 'select(.parked > 100)'",
