@@ -134,6 +134,7 @@ def up(
             "(the banner says which); a port given here and taken is an error."
         ),
     ] = None,
+    api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API on 127.0.0.1; 0: none.")] = 8080,
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
@@ -161,17 +162,41 @@ def up(
         nats_url=nats_url,
         monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port,
         monitor_port_fallback=monitor_port is None,
+        api_port=api_port,
     )
     try:
         ok = run(settings, options)
     except PortInUse as exc:
-        flag = "--port" if exc.which == "client" else "--monitor-port"
+        flag = {"client": "--port", "monitor": "--monitor-port", "api": "--api-port (0: none)"}[exc.which]
         typer.echo(f"error: port {exc.port} is already in use (another streamsched up or nats-server?); choose another with {flag}", err=True)
         raise typer.Exit(Exit.USAGE) from None
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(Exit.ERROR) from None
     raise typer.Exit(Exit.OK if ok else Exit.ERROR)
+
+
+#: Addresses the REST API may listen on: it has no authentication, so only this machine may reach it.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@app.command()
+def api(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on: a loopback one (the API has no authentication).")] = "127.0.0.1",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
+    import uvicorn
+
+    from .rest import create_app
+
+    if host not in LOOPBACK_HOSTS:
+        typer.echo(f"error: the REST API has no authentication, so it listens on loopback only ({', '.join(LOOPBACK_HOSTS)}), not {host}", err=True)
+        raise typer.Exit(Exit.USAGE)
+    configure_logging(log_level)
+    settings = load_or_exit()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(), lifespan="on", server_header=False)
 
 
 @app.command()

@@ -27,6 +27,8 @@ import msgspec
 from . import subjects
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Rejected
+from .eventlog import events as ev
+from .eventlog import reader as eventlog
 from .eventlog.state import StateStore, is_final
 from .model import (
     DEFAULT_PRIORITY,
@@ -43,6 +45,7 @@ from .roles.breakers import Breaker, force, read_breakers
 from .roles.cancels import request_message
 from .roles.checks import check_fields
 from .roles.idempotency import claim, give_back
+from .roles.intake import decode_wrapper
 from .roles.limits import KeyInUse, Lane, keys_in_use
 from .roles.limits import lanes as limit_lanes
 from .roles.workflows import WorkflowState, WorkflowTracker, global_id
@@ -218,6 +221,48 @@ class Client:
             raise
         return TaskHandle(self, task_id)
 
+    async def submit_message(self, data: bytes) -> list[str]:
+        """Submit what a publisher would send to ``tasks.submit``: one task's JSON, a batch
+        (``{"batch": [...]}``, all or nothing) or a workflow (``{"workflow": {...}}``); returns
+        the task ids (a workflow's id). What the REST and NATS service APIs take.
+
+        A task is checked here as the master checks it, so a bad one raises
+        :class:`~streamsched.errors.Rejected` (its ``field`` names the field) and nothing is
+        sent; a task without an id gets one. The tasks of a batch are checked the same way,
+        each naming its index; a workflow is checked by the master, which records a
+        ``rejected`` state under its id when it is invalid.
+        """
+        if len(data) > self.settings.max_payload_bytes:
+            raise Rejected(f"the submission is {len(data)} bytes, over the limit of {self.settings.max_payload_bytes}")
+        try:
+            submission = decode_submission(data, max_bytes=self.settings.max_payload_bytes)
+        except Rejected as not_a_task:
+            wrapper = decode_wrapper(data)
+            if wrapper is None:
+                raise not_a_task from None
+            if wrapper.workflow is not None:
+                return [(await self.submit_workflow(wrapper.workflow)).id]
+            if not wrapper.batch:
+                raise Rejected("`batch` holds no task") from None
+            specs = []
+            for index, item in enumerate(wrapper.batch):
+                if not isinstance(item, dict):
+                    raise Rejected(f"`batch.{index}` is not a task object") from None
+                try:
+                    prepare(item, self.settings)
+                except Rejected as exc:
+                    inner = exc.field
+                    raise Rejected(f"task {index} of the batch is invalid: {exc}", field=f"batch.{index}" + (f".{inner}" if inner else "")) from None
+                except TypeError as exc:  # a field no task has
+                    raise Rejected(f"task {index} of the batch is invalid: {exc}", field=f"batch.{index}") from None
+                specs.append(item)
+            return [handle.id for handle in await self.submit_many(specs, atomic=True)]
+        check_fields(submission, self.settings)
+        task_id = submission.id or new_task_id()
+        body = data if submission.id else msgspec.json.encode(msgspec.structs.replace(submission, id=task_id))
+        await self._publish(self.submit_subject((submission.priority,)), body, {subjects.H_MSG_ID: task_id})
+        return [task_id]
+
     async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000, atomic: bool = False) -> list[TaskHandle]:
         """Submit many tasks at once (Celery's ``group``, Dramatiq's ``group.run()``).
 
@@ -391,6 +436,38 @@ class Client:
 
     async def resume_schedule(self, name: str) -> schedules.Schedule:
         return await self._while_full(lambda: schedules.set_paused(self.bus, name, False))
+
+    async def history(self, task_id: str) -> list[ev.Event]:
+        """The task's events in the order they were stored (what ``streamsched task history`` prints)."""
+        return [record.event for record in await eventlog.history(self.bus, task_id)]
+
+    async def cluster_info(self) -> dict[str, Any]:
+        """The server this client is connected to, the settings it runs with, and each stream's config in brief."""
+        nc = self.bus.nc
+        streams_found = {}
+        for name in (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DLQ_STREAM):
+            info = await self.bus.js.stream_info(name)
+            streams_found[name] = {"subjects": info.config.subjects, "replicas": info.config.num_replicas, "max_bytes": info.config.max_bytes}
+        return {
+            "server": {"version": str(nc.connected_server_version), "url": nc.connected_url.netloc if nc.connected_url else None},
+            "regions": list(self.settings.regions),
+            "priorities": list(self.settings.priorities),
+            "streams": streams_found,
+        }
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """Messages waiting per stream, live workers and their load, and regional schedulers per region."""
+        counts = {}
+        for name in (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DLQ_STREAM):
+            state = (await self.bus.js.stream_info(name)).state
+            counts[name] = {"messages": state.messages, "bytes": state.bytes}
+        live = await self.workers()
+        return {
+            "streams": counts,
+            "workers": len(live),
+            "running": sum(worker.running for worker in live),
+            "regions": {health.region: len(health.schedulers) for health in await self.regions()},
+        }
 
     async def workers(self) -> list[worker_registry.WorkerInfo]:
         """The live workers (their entries in KV ``workers``), by region and id."""

@@ -18,6 +18,30 @@ class Rejected(StreamschedError):
     #: The id the rejection is recorded under, when the submission had a usable one.
     task_id: str | None = None
 
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        super().__init__(reason)
+        self._field = field
+
+    @property
+    def field(self) -> str | None:
+        """The field the reason names (``priority``, ``batch.1.type``), when it names one: as
+        given, as msgspec puts it (`` at `$.priority` ``) or as the checks quote it (`` `max_attempts` ``)."""
+        if self._field is not None:
+            return self._field
+        text = str(self)
+        if "at `$." in text:
+            return text.rsplit("at `$.", 1)[1].split("`", 1)[0] or None
+        if text.count("`") >= 2:
+            return text.split("`", 2)[1] or None
+        for name in ("type", "priority", "id", "region"):  # "type 'x' is not a valid handler name", "unknown priority 'x'"
+            if text.startswith((f"{name} ", f"unknown {name} ")):
+                return name
+        return None
+
+
+#: The name the interfaces use for a submission that failed its checks.
+InvalidSubmission = Rejected
+
 
 class Unavailable(StreamschedError):
     """NATS could not be reached (a command gives up; a role keeps waiting)."""
@@ -62,6 +86,10 @@ class Overloaded(StreamschedError):
 
 class NotFound(StreamschedError):
     """No task with that id (or no schedule with that name, no live worker with that id)."""
+
+
+#: The name the interfaces use for an unknown task id.
+TaskNotFound = NotFound
 
 
 class AlreadyFinished(StreamschedError):

@@ -28,12 +28,14 @@ from .config import DEFAULT_CONCURRENCY, Settings
 from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
 from .transport import streams
 from .transport.bus import Bus
-from .transport.server import NatsServer, default_config, free_port, port_in_use
+from .transport.server import NatsServer, PortInUse, default_config, free_port, port_in_use
 
 log = logging.getLogger("streamsched.up")
 
 #: The embedded server's monitoring port unless told otherwise.
 DEFAULT_MONITOR_PORT = 8222
+#: Port of the REST API ``up`` runs (``--api-port``).
+DEFAULT_API_PORT = 8080
 #: Role processes get SIGTERM, then this long beyond ``grace_s`` before SIGKILL.
 STOP_MARGIN_S = 10.0
 #: How often the supervisor looks at its processes: a signal or an exit is seen within this.
@@ -62,6 +64,8 @@ class UpOptions:
     second ``up`` on the machine should not fail for it); the CLI clears this when
     ``--monitor-port`` is given."""
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
+    api_port: int = DEFAULT_API_PORT
+    """Port of the REST API on 127.0.0.1; 0 runs none."""
 
 
 ME = [sys.executable, "-m", "streamsched"]
@@ -71,6 +75,8 @@ def roles(settings: Settings, options: UpOptions) -> list[Role]:
     """One role process each; workers stop first, then the schedulers, then the projector.
     Autoscaled workers are not among them: the autoscaler starts them."""
     found = [Role("master", [*ME, "master"], stop_stage=1), Role("projector", [*ME, "projector"], stop_stage=2)]
+    if options.api_port:
+        found.append(Role("api", [*ME, "api", "--port", str(options.api_port)], stop_stage=1))
     for region in settings.regions:
         found.append(Role(f"regional {region}", [*ME, "regional", "--region", region], stop_stage=1))
         if options.autoscale is None:
@@ -92,6 +98,8 @@ def run(settings: Settings, options: UpOptions) -> bool:
     :class:`~streamsched.transport.server.ServerStartError` when the embedded server does
     not start for another reason, before any role has started.
     """
+    if options.api_port and port_in_use(options.api_port):
+        raise PortInUse(options.api_port, "api")
     server = _embedded_server(options) if options.nats_url is None else None
     url = server.url if server else str(options.nats_url)
     settings = msgspec.structs.replace(settings, nats_url=url)
@@ -201,7 +209,7 @@ def _banner(url: str, settings: Settings, options: UpOptions, server: NatsServer
 streamsched is up
   NATS:        {url}   ({where}){monitor}
   regions:     {", ".join(settings.regions)}   workers per region: {_worker_count(options)} x {options.concurrency} slots
-  handlers:    {options.handlers}
+  handlers:    {options.handlers}{_api_line(options)}
 
 Submit a task from any NATS client:
   nats pub tasks.submit '{{"type":"echo","payload":{{"hello":"world"}}}}'
@@ -216,6 +224,12 @@ to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at o
 """,
         flush=True,
     )
+
+
+def _api_line(options: UpOptions) -> str:
+    if not options.api_port:
+        return ""
+    return f"\n  REST API:    http://127.0.0.1:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
 
 
 def _worker_count(options: UpOptions) -> str:

@@ -68,7 +68,7 @@ class ServerStartError(RuntimeError):
 class PortInUse(ServerStartError):
     """Another process holds a port nats-server was told to listen on."""
 
-    def __init__(self, port: int, which: Literal["client", "monitor"]) -> None:
+    def __init__(self, port: int, which: Literal["client", "monitor", "api"]) -> None:
         super().__init__(f"{which} port {port} is already in use")
         self.port = port
         self.which = which

@@ -100,9 +100,11 @@ class UpProcess:
 
 @contextmanager
 def running_up(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[UpProcess, int]]:
-    """``up`` on a free port, without monitoring; stopped (SIGINT) on the way out. Yields it and its port."""
+    """``up`` on a free port, without monitoring, its REST API on a free port unless ``args`` say
+    otherwise; stopped (SIGINT) on the way out. Yields it and its NATS port."""
     port = free_port()
-    up = UpProcess(["--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data"), *args], env)
+    api = [] if "--api-port" in args else ["--api-port", str(free_port())]
+    up = UpProcess(["--port", str(port), "--monitor-port", "0", "--data-dir", str(tmp_path / "data"), *api, *args], env)
     try:
         yield up, port
     finally:
@@ -149,13 +151,41 @@ async def submit_and_wait(port: int, submissions: list[bytes], kinds: frozenset[
     return outcomes
 
 
+async def the_rest_api_runs_a_task(api_port: int) -> None:
+    """What a user of ``up`` checks first: the API is live, and a task POSTed to it succeeds."""
+    import httpx
+
+    base = f"http://127.0.0.1:{api_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=5.0) as http:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, "the REST API did not answer /health"
+            await anyio.sleep(0.1)
+        assert (await http.get("/ready")).status_code == 200
+        (task_id,) = (await http.post("/api/v1/tasks", json={"type": "echo", "payload": {"via": "rest"}})).json()["ids"]
+        while (state := (await http.get(f"/api/v1/tasks/{task_id}")).json()).get("status") != "succeeded":
+            assert time.monotonic() < deadline + 30, state
+            await anyio.sleep(0.1)
+        assert state["result"] == {"via": "rest"}
+        assert (await http.post("/api/v1/tasks", json={"type": "echo", "priority": "urgent"})).status_code == 422
+        assert (await http.get("/api/v1/tasks/no-such-task")).status_code == 404
+        assert "/api/v1/tasks" in (await http.get("/openapi.json")).json()["paths"]
+
+
 def echo_tasks(prefix: str, count: int) -> list[bytes]:
     return [json.dumps({"id": f"{prefix}{i}", "type": "echo", "priority": ("high", "medium", "low")[i % 3]}).encode() for i in range(count)]
 
 
 async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Path):
-    with running_up(tmp_path) as (up, port):
+    api_port = free_port()
+    with running_up(tmp_path, "--api-port", str(api_port)) as (up, port):
         outcomes = await submit_and_wait(port, [*echo_tasks("u", 100), *[b"this is not json"] * 5])
+        await the_rest_api_runs_a_task(api_port)
         assert sum(1 for k in outcomes.values() if k == "succeeded") == 100
         assert sum(1 for k in outcomes.values() if k == "rejected") == 5
         # The projector yields the cores to the task pipeline (settings.projector_nice); the rest do not.
@@ -165,6 +195,7 @@ async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Pa
     assert up.popen.returncode == 0, up.output[-3000:]
     assert f"nats://127.0.0.1:{port}" in up.output and "nats pub tasks.submit" in up.output
     assert "Roles are restarted if they exit" in up.output
+    assert f"REST API:    http://127.0.0.1:{api_port}" in up.output
 
 
 async def test_a_killed_worker_is_restarted_and_the_next_tasks_succeed(tmp_path: Path):
@@ -219,14 +250,14 @@ async def test_a_second_ctrl_c_kills_at_once(tmp_path: Path):
         took = time.monotonic() - second
     assert took < 10, (took, up.output[-3000:])
     assert "SIGINT while stopping: killing everything now" in up.output
-    assert len(children) == 5 and [child for child in children if child.is_running()] == []
+    assert len(children) == 6 and [child for child in children if child.is_running()] == []  # nats-server, master, projector, api, regional, worker
 
 
 def test_ctrl_c_on_a_terminal_reaches_up_alone_and_it_stops_the_roles_in_order(tmp_path: Path):
     # A terminal sends Ctrl-C to its whole foreground process group: roles in that group
     # would all stop at once (nats-server among them) instead of in order.
     terminal, tty = pty.openpty()
-    command = [*UP, "--port", str(free_port()), "--monitor-port", "0", "--data-dir", str(tmp_path / "data")]
+    command = [*UP, "--port", str(free_port()), "--monitor-port", "0", "--api-port", "0", "--data-dir", str(tmp_path / "data")]
     up = subprocess.Popen(
         command,
         cwd=REPO,
@@ -324,6 +355,7 @@ def test_a_crash_looping_worker_stops_everything_with_a_report(tmp_path: Path, c
         data_dir=tmp_path / "data",
         handlers="no_such_module",
         restarts=RestartPolicy(delay_s=0.05, max_delay_s=0.2),
+        api_port=0,
     )
     started = time.monotonic()
     with ChildWatch(lambda _: False, timeout_s=90).running() as watch:
@@ -370,7 +402,7 @@ def test_a_taken_default_monitoring_port_falls_back_to_a_free_one(tmp_path: Path
         taken.listen()
         busy = taken.getsockname()[1]
         # As the CLI builds it when --monitor-port is left at its default (8222, here `busy`).
-        options = UpOptions(port=free_port(), monitor_port=busy, monitor_port_fallback=True, data_dir=tmp_path / "data")
+        options = UpOptions(port=free_port(), monitor_port=busy, monitor_port_fallback=True, data_dir=tmp_path / "data", api_port=0)
         with ChildWatch(monitor_answers, timeout_s=60).running():
             assert run(up_settings(), options) is True
     assert answered and answered[0] != busy
@@ -378,13 +410,13 @@ def test_a_taken_default_monitoring_port_falls_back_to_a_free_one(tmp_path: Path
     assert f"monitoring:  http://127.0.0.1:{answered[0]}/jsz   ({busy} was taken, so a free port)" in banner, banner
 
 
-@pytest.mark.parametrize("flag", ["--port", "--monitor-port"])
+@pytest.mark.parametrize("flag", ["--port", "--monitor-port", "--api-port"])
 def test_a_taken_port_gives_one_line_naming_it_and_its_flag(tmp_path: Path, flag: str):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        ports = {"--port": str(free_port()), "--monitor-port": "0", flag: str(busy)}
+        ports = {"--port": str(free_port()), "--monitor-port": "0", "--api-port": "0", flag: str(busy)}
         result = subprocess.run(
             [*UP, *[arg for item in ports.items() for arg in item], "--data-dir", str(tmp_path / "data")],
             cwd=REPO,
@@ -397,6 +429,7 @@ def test_a_taken_port_gives_one_line_naming_it_and_its_flag(tmp_path: Path, flag
     assert result.returncode == Exit.USAGE, output
     assert [line for line in output.splitlines() if str(busy) in line] == [
         f"error: port {busy} is already in use (another streamsched up or nats-server?); choose another with {flag}"
+        + (" (0: none)" if flag == "--api-port" else "")
     ], output
     assert "Traceback" not in output
     assert not (tmp_path / "data").exists(), "nats-server was started anyway"

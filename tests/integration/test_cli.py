@@ -84,7 +84,7 @@ async def test_a_command_gives_up_on_an_unreachable_server_with_one_line(setting
     from streamsched.transport.server import free_port
 
     down = Settings.load({}, nats_url=f"nats://127.0.0.1:{free_port()}")
-    for args in (["status", "x"], ["streams", "show"], ["up", "--nats-url", down.nats_url, "--data-dir", str(tmp_path)]):
+    for args in (["status", "x"], ["streams", "show"], ["up", "--nats-url", down.nats_url, "--data-dir", str(tmp_path), "--api-port", "0"]):
         with anyio.fail_after(30):
             result = await cli(down, *args, check=False)
         errors = result.stderr.decode().strip().splitlines()

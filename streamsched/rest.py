@@ -1,0 +1,256 @@
+"""The REST API (``streamsched api``, and ``streamsched up`` on port 8080): a thin Litestar
+layer over :class:`~streamsched.client.Client`, so a task sent over HTTP is checked, stored
+and reported exactly as one sent from Python.
+
+Errors are JSON ``{"error": ..., "field": ...}``: 422 for an invalid submission (naming the
+field when the reason does), 404 for an unknown id, 409 for a task that finished already,
+429 when a stream is full (with ``Retry-After``), 503 with ``Retry-After`` while NATS cannot
+be reached, 413 for a body over ``max_payload_bytes`` (refused before it is read whole).
+The OpenAPI document is at ``/openapi.json``; ``/health`` is liveness, ``/ready`` checks
+NATS and the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import nats.errors
+from litestar import Litestar, Request, Response, get, post
+from litestar.config.app import AppConfig
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.params import FromPath, JSONBody
+
+from . import subjects
+from .client import Client
+from .config import Settings
+from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
+
+log = logging.getLogger("streamsched.api")
+
+#: Seconds a client is asked to wait before trying again (503, 429).
+RETRY_AFTER_S = 1
+#: Longest a request waits for NATS before it is answered 503.
+NATS_TIMEOUT_S = 5.0
+
+
+class SubmitResult(msgspec.Struct, frozen=True):
+    """What ``POST /api/v1/tasks`` stored: the task ids (for a workflow, its id)."""
+
+    ids: list[str]
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Every error answer."""
+
+    error: str
+    field: str | None = None
+
+
+class Priority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /api/v1/tasks/{id}/priority``: the new priority."""
+
+    priority: str
+
+
+class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /api/v1/tasks/{id}/cancel``: why (optional)."""
+
+    reason: str = ""
+
+
+def _client(request: Request[Any, Any, Any]) -> Client:
+    client: Client = request.app.state.client
+    return client
+
+
+def _json(value: Any, status_code: int = 200) -> Response[bytes]:
+    return Response(msgspec.json.encode(value), status_code=status_code, media_type="application/json")
+
+
+@post("/api/v1/tasks", status_code=201, summary="Submit one task, a batch or a workflow", request_max_body_size=None)
+async def submit(request: Request[Any, Any, Any]) -> SubmitResult:
+    """The body is what a publisher sends to ``tasks.submit``: a task's JSON (``{"type": ..., "payload": ...}``),
+    ``{"batch": [task, ...]}`` (all or nothing) or ``{"workflow": {"id": ..., "tasks": [...]}}``."""
+    client = _client(request)
+    limit = client.settings.max_payload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=f"the body is {declared} bytes, over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(status_code=413, detail=f"the body is over the limit of {limit} bytes")
+    return SubmitResult(await client.submit_message(bytes(body)))
+
+
+@get("/api/v1/tasks/{task_id:str}", summary="A task's state")
+async def get_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
+    state = await _client(request).get(task_id)
+    if state is None:
+        raise NotFound(f"no task {task_id}")
+    return _json(state)
+
+
+@get("/api/v1/tasks/{task_id:str}/events", summary="A task's events, in order")
+async def task_events(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
+    events = await _client(request).history(task_id)
+    if not events:
+        raise NotFound(f"no events for task {task_id}")
+    return _json(events)
+
+
+@post("/api/v1/tasks/{task_id:str}/cancel", status_code=202, summary="Cancel a task (or a workflow)")
+async def cancel(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[CancelRequest | None] = None) -> Response[bytes]:
+    state = await _client(request).cancel(task_id, reason=data.reason if data else "")
+    return _json(state, 202)
+
+
+@post("/api/v1/tasks/{task_id:str}/priority", status_code=202, summary="Change a waiting task's priority")
+async def reprioritize(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[Priority]) -> Response[bytes]:
+    client = _client(request)
+    if data.priority not in client.settings.priorities:
+        raise Rejected(f"unknown priority {data.priority!r} (expected one of {', '.join(client.settings.priorities)})")
+    return _json(await client.reprioritize(task_id, data.priority), 202)
+
+
+@get("/api/v1/workflows/{workflow_id:str}", summary="A workflow's state")
+async def get_workflow(request: Request[Any, Any, Any], workflow_id: FromPath[str]) -> Response[bytes]:
+    state = await _client(request).get_workflow(workflow_id)
+    if state is None:
+        raise NotFound(f"no workflow {workflow_id}")
+    return _json(state)
+
+
+@get("/api/v1/workers", summary="The live workers")
+async def workers(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return _json(await _client(request).workers())
+
+
+@get("/api/v1/cluster/info", summary="The server, the settings the API runs with, and the streams")
+async def cluster_info(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return _json(await _client(request).cluster_info())
+
+
+@get("/api/v1/cluster/stats", summary="Tasks queued per stream, live workers and regional schedulers")
+async def cluster_stats(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return _json(await _client(request).cluster_stats())
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return schema
+
+
+@get("/health", summary="Liveness: the API process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", summary="Readiness: NATS answers and the streams exist")
+async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
+    client = _client(request)
+    try:
+        async with asyncio.timeout(2.0):
+            await client.bus.js.stream_info(subjects.TASKS_STREAM)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the answer is "not ready" and why
+        return Response(
+            msgspec.json.encode(ErrorBody(f"not ready: {exc!r}")),
+            status_code=503,
+            media_type="application/json",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return _json({"status": "ready"})
+
+
+def _error(status_code: int, error: str, field: str | None = None, *, retry: bool = False) -> Response[bytes]:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+    return Response(msgspec.json.encode(ErrorBody(error, field)), status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _on_rejected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    assert isinstance(exc, Rejected)
+    return _error(422, str(exc), exc.field)
+
+
+def _on_not_found(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return _error(404, str(exc))
+
+
+def _on_finished(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return _error(409, str(exc))
+
+
+def _on_overloaded(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    return _error(429, str(exc), retry=True)
+
+
+def _on_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.warning("NATS unavailable: %r", exc)
+    return _error(503, f"NATS is not reachable now: {exc}", retry=True)
+
+
+def _on_http(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    assert isinstance(exc, HTTPException)
+    field = None
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):  # Litestar's validation errors name the key
+        field = exc.extra[0].get("key")
+    return _error(exc.status_code, str(exc.detail), field, retry=exc.status_code == 503)
+
+
+def create_app(settings: Settings, client: Client | None = None) -> Litestar:
+    """The ASGI app. Without ``client`` it connects one at startup (and closes it at shutdown)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        own = client is None
+        app.state.client = client if client is not None else await Client.connect(settings.nats_url, name="streamsched-api", settings=settings)
+        try:
+            yield
+        finally:
+            if own:
+                await app.state.client.close()
+
+    def configure(config: AppConfig) -> AppConfig:
+        config.request_max_body_size = settings.max_payload_bytes * 4 + 4096
+        return config
+
+    return Litestar(
+        route_handlers=[
+            submit,
+            get_task,
+            task_events,
+            cancel,
+            reprioritize,
+            get_workflow,
+            workers,
+            cluster_info,
+            cluster_stats,
+            openapi_document,
+            health,
+            ready,
+        ],
+        lifespan=[lifespan],
+        on_app_init=[configure],
+        exception_handlers={
+            Rejected: _on_rejected,
+            NotFound: _on_not_found,
+            AlreadyFinished: _on_finished,
+            Overloaded: _on_overloaded,
+            Unavailable: _on_unavailable,
+            nats.errors.TimeoutError: _on_unavailable,
+            nats.errors.NoServersError: _on_unavailable,
+            nats.errors.ConnectionClosedError: _on_unavailable,
+            HTTPException: _on_http,
+        },
+        openapi_config=OpenAPIConfig(title="streamsched", version="1", path="/docs", render_plugins=[ScalarRenderPlugin()]),
+        debug=False,
+    )

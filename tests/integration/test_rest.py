@@ -1,0 +1,112 @@
+"""The REST API over a real nats-server: tasks, batches and workflows POSTed end as they do from
+Python, bad bodies get 4xx naming the field, unknown ids 404, and the service endpoints answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+
+from streamsched.rest import create_app
+from streamsched.testing import all_roles, running
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def api(settings, bus) -> AsyncIterator[AsyncTestClient[Any]]:
+    # The app connects its own client, as `streamsched api` does (it may run on a loop of its own).
+    async with AsyncTestClient(app=create_app(settings)) as http:
+        yield http
+
+
+async def wait_status(http: AsyncTestClient[Any], task_id: str, status: str) -> dict[str, Any]:
+    with anyio.fail_after(15):
+        while True:
+            answer = await http.get(f"/api/v1/tasks/{task_id}")
+            if answer.status_code == 200 and answer.json()["status"] == status:
+                return dict(answer.json())
+            await anyio.sleep(0.05)
+
+
+async def test_a_task_posted_runs_and_its_state_and_events_are_read_back(settings, bus, examples, api):
+    async with running(await all_roles(settings, bus, examples)):
+        answer = await api.post("/api/v1/tasks", content=msgspec.json.encode({"type": "echo", "payload": {"n": 1}, "labels": {"via": "rest"}}))
+        assert answer.status_code == 201
+        (task_id,) = answer.json()["ids"]
+        state = await wait_status(api, task_id, "succeeded")
+        events = (await api.get(f"/api/v1/tasks/{task_id}/events")).json()
+    assert state["result"] == {"n": 1} and state["labels"] == {"via": "rest"}
+    assert [event["kind"] for event in events][:2] == ["submitted", "scheduled"] and events[-1]["kind"] == "succeeded"
+
+
+async def test_a_batch_and_a_workflow_are_posted_like_a_task(settings, bus, examples, api):
+    batch = {"batch": [{"id": "b-1", "type": "echo"}, {"id": "b-2", "type": "echo"}]}
+    workflow = {"workflow": {"id": "wf", "tasks": [{"id": "a", "type": "echo"}, {"id": "b", "type": "echo", "depends_on": ["a"]}]}}
+    async with running(await all_roles(settings, bus, examples)):
+        assert (await api.post("/api/v1/tasks", content=msgspec.json.encode(batch))).json() == {"ids": ["b-1", "b-2"]}
+        assert (await api.post("/api/v1/tasks", content=msgspec.json.encode(workflow))).json() == {"ids": ["wf"]}
+        for task_id in ("b-1", "b-2", "wf-b"):
+            await wait_status(api, task_id, "succeeded")
+        flow = await api.get("/api/v1/workflows/wf")
+    assert flow.status_code == 200 and flow.json()["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        (b'{"type": "echo", "priority": "urgent"}', "priority", "unknown priority 'urgent'"),
+        (b'{"payload": 1}', "type", "missing required field"),
+        (b'{"type": "echo", "max_attempts": "three"}', "max_attempts", "Expected `int | null`"),
+        (b'{"type": "echo", "priorty": "high"}', "priorty", "unknown field"),
+        (b"not json", None, "JSON"),
+        (b'{"batch": [{"type": "echo"}, {"type": 7}]}', "batch.1.type", "task 1 of the batch is invalid"),
+    ],
+)
+async def test_a_bad_body_is_refused_with_422_naming_the_field(api, body: bytes, field: str | None, words: str):
+    answer = await api.post("/api/v1/tasks", content=body)
+    assert answer.status_code == 422
+    assert words in answer.json()["error"] and answer.json().get("field") == field
+
+
+async def test_unknown_ids_are_404_and_a_body_over_the_limit_is_413(settings, api):
+    assert (await api.get("/api/v1/tasks/nope")).status_code == 404
+    assert (await api.get("/api/v1/tasks/nope/events")).status_code == 404
+    assert (await api.get("/api/v1/workflows/nope")).status_code == 404
+    assert (await api.post("/api/v1/tasks/nope/cancel")).status_code == 404
+    assert (await api.post("/api/v1/tasks/nope/priority", content=b'{"priority": "high"}')).status_code == 404
+    too_big = b'{"type": "echo", "payload": "' + b"x" * settings.max_payload_bytes + b'"}'
+    answer = await api.post("/api/v1/tasks", content=too_big)
+    assert answer.status_code == 413 and "over the limit" in answer.json()["error"]
+
+
+async def test_cancel_and_priority_of_a_waiting_task(settings, bus, examples, api):
+    async with running(await all_roles(settings, bus, examples)):
+        (task_id,) = (await api.post("/api/v1/tasks", content=b'{"type": "echo", "delay_s": 30}')).json()["ids"]
+        await wait_status(api, task_id, "waiting")
+        bad = await api.post(f"/api/v1/tasks/{task_id}/priority", content=b'{"priority": "urgent"}')
+        assert bad.status_code == 422 and "unknown priority" in bad.json()["error"]
+        assert (await api.post(f"/api/v1/tasks/{task_id}/priority", content=b'{"priority": "high"}')).status_code == 202
+        assert (await api.post(f"/api/v1/tasks/{task_id}/cancel", content=b'{"reason": "not needed"}')).status_code == 202
+        state = await wait_status(api, task_id, "cancelled")
+        again = await api.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert state["error"] == "not needed" or "not needed" in str(state)
+    assert again.status_code == 409
+
+
+async def test_service_endpoints_answer(settings, bus, examples, api):
+    assert (await api.get("/health")).json() == {"status": "ok"}
+    assert (await api.get("/ready")).status_code == 200
+    paths = (await api.get("/openapi.json")).json()["paths"]
+    assert {"/api/v1/tasks", "/api/v1/tasks/{task_id}", "/api/v1/cluster/stats"} <= set(paths)
+    async with running(await all_roles(settings, bus, examples)):
+        workers = (await api.get("/api/v1/workers")).json()
+        info = (await api.get("/api/v1/cluster/info")).json()
+        stats = (await api.get("/api/v1/cluster/stats")).json()
+    assert len(workers) == 1 and workers[0]["region"] == "default"
+    assert info["regions"] == ["default"] and "TASKS" in info["streams"]
+    assert stats["workers"] == 1 and set(stats["streams"]) >= {"TASKS", "WORK"}
