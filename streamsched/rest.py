@@ -1,6 +1,7 @@
 """The REST API (``streamsched api``, and ``streamsched up`` on port 8080): a thin Litestar
 layer over :class:`~streamsched.client.Client`, so a task sent over HTTP is checked, stored
-and reported exactly as one sent from Python.
+and reported exactly as one sent from Python. The same process serves the NATS service
+API (:mod:`streamsched.nats_api`) on the client's connection.
 
 Errors are JSON ``{"error": ..., "field": ...}``: 422 for an invalid submission (naming the
 field when the reason does), 404 for an unknown id, 409 for a task that finished already,
@@ -27,7 +28,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.params import FromPath, JSONBody
 
-from . import subjects
+from . import nats_api, subjects
 from .client import Client
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
@@ -206,16 +207,21 @@ def _on_http(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return _error(exc.status_code, str(exc.detail), field, retry=exc.status_code == 503)
 
 
-def create_app(settings: Settings, client: Client | None = None) -> Litestar:
-    """The ASGI app. Without ``client`` it connects one at startup (and closes it at shutdown)."""
+def create_app(settings: Settings, client: Client | None = None, *, nats_service: bool = True) -> Litestar:
+    """The ASGI app. Without ``client`` it connects one at startup (and closes it at shutdown).
+    With ``nats_service`` it also serves the NATS service API on that client's connection
+    (:mod:`streamsched.nats_api`)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         own = client is None
         app.state.client = client if client is not None else await Client.connect(settings.nats_url, name="streamsched-api", settings=settings)
+        service = await nats_api.start(app.state.client) if nats_service else None
         try:
             yield
         finally:
+            if service is not None:
+                await service.stop()
             if own:
                 await app.state.client.close()
 
