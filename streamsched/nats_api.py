@@ -16,6 +16,7 @@ subject                            request                                 reply
 ``streamsched.api.tasks.cancel``   ``{"id": ..., "reason": ...}``          its state when asked
 ``streamsched.api.tasks.priority`` ``{"id": ..., "priority": ...}``        its state when asked
 ``streamsched.api.workflows.get``  ``{"id": ...}``                         the workflow's state
+``streamsched.api.tasks.list``     filters, ``limit``, ``cursor``          a page of tasks
 ``streamsched.api.workers.list``   (empty)                                 the live workers
 ``streamsched.api.cluster.info``   (empty)                                 server, settings, streams
 ``streamsched.api.cluster.stats``  (empty)                                 counts per stream, workers
@@ -28,6 +29,7 @@ reason), with the same JSON body as the REST API's (``{"error": ..., "field": ..
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,6 +43,8 @@ from nats.micro.service import Service, ServiceConfig
 from . import __version__
 from .client import Client
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
+from .model import Status
+from .task_index import LOAD_WAIT_S, Filter, TaskIndex
 
 log = logging.getLogger("streamsched.api")
 
@@ -178,7 +182,37 @@ def _endpoint(client: Client, operation: Operation) -> Callable[[Request], Await
     return handle
 
 
-async def start(client: Client) -> Service:
+class _List(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    status: Status | None = None
+    type: str | None = None
+    region: str | None = None
+    labels: dict[str, str] = {}
+    since: float | None = None
+    until: float | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+def _lister(index: TaskIndex) -> Operation:
+    async def list_tasks(_client: Client, data: bytes) -> Any:
+        request = _decode(data, _List)
+        try:
+            async with asyncio.timeout(LOAD_WAIT_S):
+                await index.loaded.wait()
+        except TimeoutError:
+            raise Unavailable("the task list is still loading; try again shortly") from None
+        where = Filter(
+            status=request.status, type=request.type, region=request.region, labels=request.labels, since=request.since, until=request.until
+        )
+        try:
+            return index.page(where, limit=request.limit, cursor=request.cursor)
+        except ValueError as exc:
+            raise Rejected(str(exc), field="cursor") from None
+
+    return list_tasks
+
+
+async def start(client: Client, index: TaskIndex | None = None) -> Service:
     """Register the service on the client's connection; stop it with ``await service.stop()``."""
     config = ServiceConfig(
         name=SERVICE_NAME,
@@ -188,6 +222,9 @@ async def start(client: Client) -> Service:
     )
     service = await add_service(client.bus.nc, config)
     group = service.add_group(name=PREFIX)
-    for name, (subject, operation) in OPERATIONS.items():
+    operations = dict(OPERATIONS)
+    if index is not None:
+        operations["tasks-list"] = ("tasks.list", _lister(index))
+    for name, (subject, operation) in operations.items():
         await group.add_endpoint(name=name, subject=subject, handler=_endpoint(client, operation))
     return service

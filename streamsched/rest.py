@@ -26,12 +26,15 @@ from litestar.config.app import AppConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from . import nats_api, subjects
 from .client import Client
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
+from .model import Status
+from .task_index import LOAD_WAIT_S, Filter, Page, TaskIndex
 
 log = logging.getLogger("streamsched.api")
 
@@ -90,6 +93,84 @@ async def submit(request: Request[Any, Any, Any]) -> SubmitResult:
         if len(body) > limit:
             raise HTTPException(status_code=413, detail=f"the body is over the limit of {limit} bytes")
     return SubmitResult(await client.submit_message(bytes(body)))
+
+
+def _index(request: Request[Any, Any, Any]) -> TaskIndex:
+    index: TaskIndex = request.app.state.index
+    return index
+
+
+async def _loaded(index: TaskIndex) -> None:
+    try:
+        async with asyncio.timeout(LOAD_WAIT_S):
+            await index.loaded.wait()
+    except TimeoutError:
+        raise HTTPException(status_code=503, detail="the task list is still loading; try again shortly") from None
+
+
+def _filter(
+    status: str | None, task_type: str | None, region: str | None, labels: list[str] | None, since: float | None, until: float | None
+) -> Filter:
+    try:
+        wanted = Status(status) if status is not None else None
+    except ValueError:
+        raise Rejected(f"unknown status {status!r} (expected one of {', '.join(s.value for s in Status)})", field="status") from None
+    pairs = {}
+    for label in labels or ():
+        name, sep, value = label.partition("=")
+        if not sep:
+            raise Rejected(f"label {label!r} is not name=value", field="label")
+        pairs[name] = value
+    return Filter(status=wanted, type=task_type, region=region, labels=pairs, since=since, until=until)
+
+
+async def _page(request: Request[Any, Any, Any], where: Filter, limit: int, cursor: str | None) -> Page:
+    index = _index(request)
+    await _loaded(index)
+    try:
+        return index.page(where, limit=limit, cursor=cursor)
+    except ValueError as exc:
+        raise Rejected(str(exc), field="cursor") from None
+
+
+@get("/api/v1/tasks", summary="Tasks, newest submission first, filtered, a page at a time")
+async def list_tasks(
+    request: Request[Any, Any, Any],
+    status: FromQuery[str | None] = None,
+    type: FromQuery[str | None] = None,
+    region: FromQuery[str | None] = None,
+    label: FromQuery[list[str] | None] = None,
+    since: FromQuery[float | None] = None,
+    until: FromQuery[float | None] = None,
+    limit: FromQuery[int] = 50,
+    cursor: FromQuery[str | None] = None,
+) -> Page:
+    """``label`` is ``name=value`` (repeatable: all must match); ``since``/``until`` are Unix
+    seconds of submission; ``cursor`` is the ``next_cursor`` of the page before."""
+    return await _page(request, _filter(status, type, region, label, since, until), limit, cursor)
+
+
+@get("/api/v1/tasks/status/{status:str}", summary="Tasks of one status, newest submission first")
+async def list_by_status(
+    request: Request[Any, Any, Any], status: FromPath[str], limit: FromQuery[int] = 50, cursor: FromQuery[str | None] = None
+) -> Page:
+    return await _page(request, _filter(status, None, None, None, None, None), limit, cursor)
+
+
+@get("/metrics", summary="Prometheus metrics: tasks by status, messages per stream, live workers", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    stats = await _client(request).cluster_stats()
+    index = _index(request)
+    registry = CollectorRegistry()
+    tasks = Gauge("streamsched_tasks", "Tasks in the API's view of KV tasks, by status", ["status"], registry=registry)
+    for status, count in index.counts().items():
+        tasks.labels(status).set(count)
+    messages = Gauge("streamsched_stream_messages", "Messages each stream holds", ["stream"], registry=registry)
+    for stream, figures in stats["streams"].items():
+        messages.labels(stream).set(figures["messages"])
+    Gauge("streamsched_workers", "Live workers", registry=registry).set(stats["workers"])
+    Gauge("streamsched_tasks_running", "Tasks the live workers run now", registry=registry).set(stats["running"])
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="A task's state")
@@ -216,12 +297,15 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         own = client is None
         app.state.client = client if client is not None else await Client.connect(settings.nats_url, name="streamsched-api", settings=settings)
-        service = await nats_api.start(app.state.client) if nats_service else None
+        app.state.index = TaskIndex(app.state.client.bus, max_tasks=settings.api_index_max_tasks)
+        await app.state.index.start()
+        service = await nats_api.start(app.state.client, app.state.index) if nats_service else None
         try:
             yield
         finally:
             if service is not None:
                 await service.stop()
+            await app.state.index.stop()
             if own:
                 await app.state.client.close()
 
@@ -232,6 +316,9 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
     return Litestar(
         route_handlers=[
             submit,
+            list_tasks,
+            list_by_status,
+            metrics,
             get_task,
             task_events,
             cancel,

@@ -69,3 +69,30 @@ async def test_errors_carry_the_code_and_the_reason(bus, service, operation: str
     answer, headers = await call(bus, operation, body)
     assert headers["Nats-Service-Error-Code"] == code
     assert headers["Nats-Service-Error"] == answer["error"] and answer.get("field") == field
+
+
+async def test_tasks_are_listed_over_nats(settings, bus, examples):
+    from streamsched.task_index import TaskIndex
+
+    index = TaskIndex(bus)
+    await index.start()
+    started = await nats_api.start(Client(bus, await StateStore.open(bus), settings), index)
+    try:
+        async with running(await all_roles(settings, bus, examples)):
+            for i in range(3):
+                await call(bus, "tasks.submit", {"id": f"n-{i}", "type": "echo"})
+            with anyio.fail_after(15):
+                while len((page := (await call(bus, "tasks.list", {"status": "succeeded", "limit": 2}))[0])["tasks"]) < 2:
+                    await anyio.sleep(0.05)
+            while True:
+                rest, _ = await call(bus, "tasks.list", {"status": "succeeded", "limit": 2, "cursor": page["next_cursor"]})
+                if rest["tasks"]:
+                    break
+                await anyio.sleep(0.05)
+        bad, headers = await call(bus, "tasks.list", {"status": "finished"})
+        assert "finished" in bad["error"]
+    finally:
+        await started.stop()
+        await index.stop()
+    assert [task["id"] for task in page["tasks"]] == ["n-2", "n-1"] and [task["id"] for task in rest["tasks"]] == ["n-0"]
+    assert headers["Nats-Service-Error-Code"] == "422"

@@ -110,3 +110,38 @@ async def test_service_endpoints_answer(settings, bus, examples, api):
     assert len(workers) == 1 and workers[0]["region"] == "default"
     assert info["regions"] == ["default"] and "TASKS" in info["streams"]
     assert stats["workers"] == 1 and set(stats["streams"]) >= {"TASKS", "WORK"}
+
+
+async def test_tasks_are_listed_newest_first_a_page_at_a_time_with_filters(settings, bus, examples, api):
+    async with running(await all_roles(settings, bus, examples)):
+        for i in range(30):
+            kind = {"type": "echo", "payload": i} if i % 3 else {"type": "noop"}
+            task = {"id": f"t-{i:02d}", **kind, "labels": {"team": "a" if i < 10 else "b"}}
+            assert (await api.post("/api/v1/tasks", content=msgspec.json.encode(task))).status_code == 201
+        for i in range(30):
+            await wait_status(api, f"t-{i:02d}", "succeeded")
+        seen: list[str] = []
+        cursor = None
+        with anyio.fail_after(15):  # the view follows KV: every task is in it once all are succeeded there
+            while len(seen) < 30:
+                seen, cursor = [], None
+                while True:
+                    params = {"status": "succeeded", "limit": 7, **({"cursor": cursor} if cursor else {})}
+                    page = (await api.get("/api/v1/tasks", params=params)).json()
+                    seen += [task["id"] for task in page["tasks"] if task["id"].startswith("t-")]
+                    cursor = page["next_cursor"]
+                    if cursor is None:
+                        break
+        noops = (await api.get("/api/v1/tasks", params={"type": "noop", "limit": 100})).json()["tasks"]
+        team_a = (await api.get("/api/v1/tasks", params={"label": "team=a", "limit": 100})).json()["tasks"]
+        by_path = (await api.get("/api/v1/tasks/status/succeeded", params={"limit": 5})).json()
+        metrics = (await api.get("/metrics")).text
+        bad_status = await api.get("/api/v1/tasks", params={"status": "finished"})
+        bad_cursor = await api.get("/api/v1/tasks", params={"cursor": "nonsense"})
+    assert seen == [f"t-{i:02d}" for i in reversed(range(30))]  # newest submission first, each once
+    assert sorted(task["id"] for task in noops) == [f"t-{i:02d}" for i in range(0, 30, 3)]
+    assert sorted(task["id"] for task in team_a) == [f"t-{i:02d}" for i in range(10)]
+    assert len(by_path["tasks"]) == 5 and by_path["next_cursor"]
+    assert 'streamsched_tasks{status="succeeded"} 30.0' in metrics and "streamsched_workers 1.0" in metrics
+    assert bad_status.status_code == 422 and bad_status.json()["field"] == "status"
+    assert bad_cursor.status_code == 422 and bad_cursor.json()["field"] == "cursor"
