@@ -533,6 +533,7 @@ def bench(
         typer.Argument(
             help="throughput, latency, priority, ingress, backlog, ceiling, dag (a random 10,000-task DAG, small DAGs at 250 tasks/s and a "
             "1,000-chunk split), fairness (tenant B's 1/s trickle under tenant A's 50,000-task flood, with and without fairness keys), "
+            "api (listing tasks over REST with 100,000 in KV), "
             "peers (needs the peers extra; three rounds in turns with throughput, medians compared) or all."
         ),
     ],

@@ -2,7 +2,8 @@
 
 Scenarios: ``throughput``, ``latency``, ``priority``, ``ingress``, ``backlog``, ``ceiling``,
 ``dag`` (a random DAG and a split, :mod:`.dag`), ``fairness`` (a tenant's trickle under another's
-flood, :mod:`.fairness`), ``peers`` and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
+flood, :mod:`.fairness`), ``api`` (listing tasks over REST with 100,000 in KV, :mod:`.api`), ``peers``
+and ``all`` (ceiling first, then the others, so ratios compare figures of one run).
 ``throughput`` and ``latency`` measure the raw ceiling in the same run unless told not to.
 ``peers`` (optional: ``pip install -e '.[peers]'`` and redis-server from apt) runs Celery,
 Dramatiq and taskiq on the same no-op workload, in three rounds with our ``throughput`` run
@@ -21,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from . import api as api_mod
 from . import ceiling as ceiling_mod
 from . import dag as dag_mod
 from . import fairness as fairness_mod
@@ -30,7 +32,7 @@ from .harness import Roles
 
 __all__ = ["SCENARIOS", "Roles", "machine", "report", "run", "save"]
 
-SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "dag", "fairness", "peers", "all")
+SCENARIOS = ("throughput", "latency", "priority", "ingress", "backlog", "ceiling", "dag", "fairness", "api", "peers", "all")
 
 
 def machine() -> dict[str, Any]:
@@ -47,7 +49,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
     scale = 10 if quick else 1
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick}
     # ``peers`` runs our throughput too, in turns with the peers (see .rounds).
-    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog", "dag", "fairness") if scenario == "all" else (scenario,)
+    wanted = ("ceiling", "peers", "latency", "priority", "ingress", "backlog", "dag", "fairness", "api") if scenario == "all" else (scenario,)
     if with_ceiling and scenario in ("throughput", "latency"):
         wanted = ("ceiling", *wanted)
     for name in wanted:
@@ -71,6 +73,8 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
             results["backlog"] = await scenarios.backlog(1_000_000 // scale, roles)
         elif name == "dag":
             results["dag"] = await dag_mod.dag(10_000 // scale, 1000 // scale, roles)
+        elif name == "api":
+            results["api"] = await api_mod.api(api_mod.TASKS // scale)
         elif name == "fairness":
             results["fairness"] = await fairness_mod.fairness(fairness_mod.FLOOD // scale, fairness_mod.TASK_S, roles)
         elif name == "peers":
@@ -180,6 +184,7 @@ def report(results: dict[str, Any]) -> str:
             sp = d["split"]
             lines.append(f"  split into {sp['chunks']} chunks, gathered in {sp['seconds']:.2f} s ({sp['chunks_per_s']:.0f} chunks/s)")
     lines += _fairness_lines(results.get("fairness"))
+    lines += _api_lines(results.get("api"))
     lines += _peers_lines(results)
     judged = targets.judge(results)
     if judged:
@@ -190,6 +195,18 @@ def report(results: dict[str, Any]) -> str:
         )
         lines += [f"  {name:<{width}}  {figure:<22} {'met' if met else 'NOT MET'}" for name, figure, met in judged]
     return "\n".join(lines)
+
+
+def _api_lines(a: dict[str, Any] | None) -> list[str]:
+    if not a:
+        return []
+    lines = [
+        f"api ({a['tasks']} tasks in KV; streamsched api loaded its task list in {a['load_s']:.1f} s, RSS {a['api_rss_mb']:.0f} MB), "
+        f"GET /api/v1/tasks, {a['requests']} requests each:"
+    ]
+    for query, ms in a["list_ms"].items():
+        lines.append(f"  {query:<40} p50 {ms['p50']:6.2f}  p99 {ms['p99']:6.2f}  max {ms['max']:6.2f} ms")
+    return lines
 
 
 def _fairness_lines(f: dict[str, Any] | None) -> list[str]:

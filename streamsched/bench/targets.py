@@ -18,6 +18,8 @@ LATENCY_P50_MS, LATENCY_P99_MS = 2.0, 8.0
 INGRESS_PER_S = 8000.0
 #: A high task published right after a burst of low ones starts before this share of them finished.
 DOOR_SHARE = 0.01
+#: ``bench api``: ``GET /api/v1/tasks?status=failed&limit=50`` with 100,000 tasks in the system, p99.
+API_LIST_P99_MS = 100.0
 #: ``bench fairness``: the p99 wait of tenant B's trickle under tenant A's flood, with fairness keys.
 FAIRNESS_P99_MS = 1000.0
 BACKLOG_RSS_MB = 150.0
@@ -69,6 +71,11 @@ def judge(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         p99 = judged["edge_latency_ms"]["p99"]
         name = f"dag, {judged['size']}-task DAGs at {judged['rate_per_s']:.0f}/s: dependency -> dependant p99 <= {dag['edge_target_ms']:.0f} ms"
         rows.append((name, f"{p99:.2f} ms", p99 <= dag["edge_target_ms"]))
+    api = results.get("api")
+    if api:
+        p99 = api["list_ms"]["status=failed&limit=50"]["p99"]
+        name = f"api: GET /api/v1/tasks?status=failed&limit=50 with {api['tasks']} tasks, p99 <= {API_LIST_P99_MS:.0f} ms"
+        rows.append((name, f"{p99:.2f} ms", p99 <= API_LIST_P99_MS))
     fairness = results.get("fairness")
     if fairness:
         p99 = fairness["fair"]["b_wait_once_queued_ms"]["p99"]
