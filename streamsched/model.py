@@ -172,6 +172,10 @@ class TaskState(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     priority_changed_at: float | None = None
     """When the priority was last changed by a ``reprioritized`` event."""
     rank: int = 0
+    event_seqs: list[int] = []
+    """EVENTS sequences of the messages that hold the task's events (the first
+    :data:`~streamsched.eventlog.state.MAX_EVENT_SEQS`), so its history is read by sequence
+    instead of by scanning the stream."""
     """Order of the last event folded in; a lower-ranked event never overwrites it."""
 
 

@@ -74,7 +74,7 @@ async def run(scenario: str, *, quick: bool = False, with_ceiling: bool = True, 
         elif name == "dag":
             results["dag"] = await dag_mod.dag(10_000 // scale, 1000 // scale, roles)
         elif name == "api":
-            results["api"] = await api_mod.api(api_mod.TASKS // scale)
+            results["api"] = await api_mod.api(api_mod.TASKS // scale, history_tasks=api_mod.HISTORY_TASKS // scale)
         elif name == "fairness":
             results["fairness"] = await fairness_mod.fairness(fairness_mod.FLOOD // scale, fairness_mod.TASK_S, roles)
         elif name == "peers":
@@ -206,6 +206,14 @@ def _api_lines(a: dict[str, Any] | None) -> list[str]:
     ]
     for query, ms in a["list_ms"].items():
         lines.append(f"  {query:<40} p50 {ms['p50']:6.2f}  p99 {ms['p99']:6.2f}  max {ms['max']:6.2f} ms")
+    if "history_ms" in a:
+        stream = a["events_in_stream"]
+        lines.append(
+            f"  GET /api/v1/tasks/{{id}}/events with {a['history_tasks']} tasks' events in EVENTS "
+            f"({stream['messages']} messages, {stream['bytes'] / 2**20:.0f} MiB):"
+        )
+        for which, ms in a["history_ms"].items():
+            lines.append(f"  {which:<40} p50 {ms['p50']:6.2f}  p99 {ms['p99']:6.2f}  max {ms['max']:6.2f} ms")
     return lines
 
 

@@ -9,18 +9,21 @@ this code does not know, is skipped, counted and logged with its sequence.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..transport.bus import Bus
 from ..transport.reading import ReadStats, Since, read
 from . import events as ev
-from .state import StateStore
+from .state import MAX_EVENT_SEQS, StateStore
 
 log = logging.getLogger("streamsched.eventlog")
 
@@ -102,27 +105,61 @@ HISTORY_MARGIN_S = 60.0
 
 
 async def history(bus: Bus, task_id: str) -> list[Record]:
-    """Every step of one task, in stream order, each once.
+    """Every step of one task, in stream order, each once, as its state knows them.
 
-    The read starts a little before the task was submitted, when its state says so (else
-    at the start of EVENTS). A step recorded twice (by a hop redelivered after a crash,
-    or a submission repeated with the same id) is shown once, at its first record.
+    The state notes the EVENTS sequences of the messages that hold its events (up to
+    :data:`~streamsched.eventlog.state.MAX_EVENT_SEQS`): those messages are read by
+    sequence, so the cost follows the task's own events, not the stream's. Events recorded
+    in the last second may not be in the state yet (the projector writes a running task's
+    state at least every second). A task with more messages is read from its first one
+    on; a task without a state yet, from a minute ago. A step recorded twice (by a hop
+    redelivered after a crash, or a submission repeated with the same id) is shown once,
+    at its first record.
     """
     store = await StateStore.open(bus)
     found = await store.get(task_id)
-    since = Since(seq=1)
-    if found is not None and found[0].submitted_at:
+    if found is not None and found[0].event_seqs and len(found[0].event_seqs) < MAX_EVENT_SEQS:
+        # The messages that hold its events, read by sequence: as cheap for a day-old task as
+        # for one a second old.
+        return _once_each(await _read_messages(bus, task_id, found[0].event_seqs))
+    if found is not None and found[0].event_seqs:  # more messages than a state notes: read on from its first
+        since = Since(seq=found[0].event_seqs[0])
+    elif found is not None and found[0].submitted_at:  # a state written before states noted their messages
         since = Since(time=datetime.fromtimestamp(found[0].submitted_at - HISTORY_MARGIN_S, UTC))
+    else:  # no state yet: a task submitted a moment ago, or none
+        since = Since(time=datetime.fromtimestamp(time.time() - HISTORY_MARGIN_S, UTC))
+    return _once_each([record async for record in tail(bus, task_id=task_id, since=since)])
+
+
+async def _read_messages(bus: Bus, task_id: str, seqs: list[int]) -> list[Record]:
+    """The task's events in the EVENTS messages at ``seqs`` (direct gets, all at once); a
+    message gone (EVENTS keeps events for ``events_max_age_s``) is skipped."""
+    stats = ReadStats()
+
+    async def one(seq: int) -> list[Record]:
+        try:
+            stored = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq, direct=True)
+        except NotFoundError:
+            return []
+        stored_at = stored.time.timestamp() if stored.time else 0.0
+        return [Record(seq, stored_at, event) for event in decode(seq, stored.data or b"", stats) if event.task_id == task_id]
+
+    found = await asyncio.gather(*(one(seq) for seq in seqs))
+    return [record for records in found for record in records]
+
+
+def _once_each(records: list[Record]) -> list[Record]:
+    """Records in stream order, a step recorded twice shown once (at its first record)."""
     seen: set[tuple[str, int]] = set()
-    records: list[Record] = []
-    async for record in tail(bus, task_id=task_id, since=since):
+    kept: list[Record] = []
+    for record in sorted(records, key=lambda record: record.seq):
         step = (record.kind, record.event.attempt)
         if record.kind not in ev.REPEATABLE:
             if step in seen:
                 continue
             seen.add(step)
-        records.append(record)
-    return records
+        kept.append(record)
+    return kept
 
 
 def format_record(record: Record, previous: Record | None = None) -> str:

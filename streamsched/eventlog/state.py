@@ -9,6 +9,7 @@ are filled in whenever they arrive.
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,26 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 COMPARE_AND_SET = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQ.encode() + b": %d\r\n\r\n"
 #: JetStream error code of a failed ``Nats-Expected-Last-Subject-Sequence`` check.
 WRONG_LAST_SEQUENCE = 10071
+
+
+#: EVENTS sequences a task's state keeps at most (:attr:`~streamsched.model.TaskState.event_seqs`):
+#: a task with more event messages (long progress reports, many retries) has its history read
+#: from the first of them on.
+MAX_EVENT_SEQS = 64
+
+
+def note_messages(state: TaskState, seqs: Sequence[int]) -> None:
+    """Add the EVENTS sequences of messages holding the task's events to its state, in order, once each."""
+    noted = state.event_seqs
+    for seq in seqs:
+        if noted and seq <= noted[-1]:
+            at = bisect.bisect_left(noted, seq)
+            if at < len(noted) and noted[at] == seq:
+                continue
+            if len(noted) < MAX_EVENT_SEQS:
+                noted.insert(at, seq)
+        elif len(noted) < MAX_EVENT_SEQS:
+            noted.append(seq)
 
 
 def fold(state: TaskState | None, event: ev.Event) -> TaskState:

@@ -41,6 +41,7 @@ from ..eventlog.state import (
     StateStore,
     encode_state,
     fold,
+    note_messages,
 )
 from ..model import Status, TaskState
 from ..transport import streams
@@ -77,11 +78,12 @@ COALESCE_S = 0.001
 class _Message:
     """An event message held until the states of all the tasks it names are written."""
 
-    __slots__ = ("reply", "unwritten")
+    __slots__ = ("reply", "seq", "unwritten")
 
-    def __init__(self, reply: str, unwritten: int) -> None:
+    def __init__(self, reply: str, unwritten: int, seq: int) -> None:
         self.reply = reply
         self.unwritten = unwritten
+        self.seq = seq
 
 
 class _Held:
@@ -96,8 +98,8 @@ class _Held:
         self.final = False
 
 
-#: A batch to write: the held events of each task, by task id.
-Batch = dict[str, list[ev.Event]]
+#: A batch to write: what is held of each task (its events, and the messages they came in), by task id.
+Batch = dict[str, _Held]
 #: A written batch's final statuses by task id, and its workflow tasks' statuses by workflow.
 _Settled = tuple[dict[str, Status], dict[str, dict[str, tuple[Status, float]]]]
 #: Written batches being followed up at once, at most (the next batch waits for one).
@@ -155,7 +157,7 @@ class Projector:
             self.settler.settle(msg, ACK)
             return
         now = time.monotonic()
-        message = _Message(msg.reply, 0)
+        message = _Message(msg.reply, 0, msg.stream_seq)
         self._held_msgs += 1
         for event in events:
             held = self._held.get(event.task_id)
@@ -206,7 +208,7 @@ class Projector:
         def take(task_id: str) -> None:
             held = self._held.pop(task_id)
             self._held_events -= len(held.events)
-            batch[task_id] = held.events
+            batch[task_id] = held
             messages.extend(held.messages)
 
         finals = self._final[:MAX_BATCH]
@@ -281,7 +283,7 @@ class Projector:
             self._follow_ups.release()
         self._ack(messages)
 
-    async def _write_logged(self, batch: dict[str, list[ev.Event]]) -> bool:
+    async def _write_logged(self, batch: Batch) -> bool:
         """:meth:`_write`, but a bug in it is logged and retried rather than ending the loop."""
         try:
             return await self._write(batch)
@@ -326,20 +328,20 @@ class Projector:
         if finished:
             await (await self.bus.publish(subjects.FINISHED, encode_notice(finished)))
 
-    async def _write(self, batch: dict[str, list[ev.Event]]) -> bool:
+    async def _write(self, batch: Batch) -> bool:
         """Fold and write every task of the batch; True when all writes landed."""
         if not batch:  # only skipped events
             return True
         # Not cached and not new: a write expecting no state would fail, so read them first.
-        unknown = [t for t, events in batch.items() if t not in self.cache and OPENING.isdisjoint(map(type, events))]
+        unknown = [t for t, held in batch.items() if t not in self.cache and OPENING.isdisjoint(map(type, held.events))]
         stored: dict[str, tuple[TaskState, int]] = {}
         try:
             for start in range(0, len(unknown), MAX_GET_MANY):
                 stored.update(await self.store.get_many(self.bus, unknown[start : start + MAX_GET_MANY]))
             states: list[TaskState] = []
             puts: list[tuple[str, bytes, bytes]] = []
-            for task_id, events in batch.items():
-                state, revision = self._folded(task_id, events, stored.get(task_id))
+            for task_id, held in batch.items():
+                state, revision = self._folded(task_id, held, stored.get(task_id))
                 states.append(state)
                 puts.append(self._write_of(task_id, state, revision))
             written = await self.bus.publish_gathered(puts)
@@ -369,12 +371,12 @@ class Projector:
             ok = all(careful) and ok
         return ok
 
-    async def _write_one_carefully(self, task_id: str, events: list[ev.Event]) -> bool:
+    async def _write_one_carefully(self, task_id: str, held: _Held) -> bool:
         """After a CAS conflict (another writer, or a stale or empty cache): read, fold, write."""
         for _ in range(5):
             current = await self.store.get(task_id)
             self._remember(task_id, current)
-            state, revision = self._folded(task_id, events)
+            state, revision = self._folded(task_id, held)
             try:
                 written = await (await self._put(task_id, state, revision))
             except APIError as exc:
@@ -387,16 +389,18 @@ class Projector:
             return True
         return False
 
-    def _folded(self, task_id: str, events: list[ev.Event], stored: tuple[TaskState, int] | None = None) -> tuple[TaskState, int]:
-        """The task's state with ``events`` folded in, and the revision to write it over: of
-        the cached state, else of ``stored`` (just read), else 0 (a new task)."""
+    def _folded(self, task_id: str, held: _Held, stored: tuple[TaskState, int] | None = None) -> tuple[TaskState, int]:
+        """The task's state with the ``held`` events folded in (and the EVENTS sequences of
+        their messages noted), and the revision to write it over: of the cached state, else
+        of ``stored`` (just read), else 0 (a new task)."""
         cached = self.cache.get(task_id) or stored
         # Folded in place: a failed write drops the entry or folds the same events again,
         # which changes nothing (fold is idempotent); the revision moves only on success.
         state, revision = cached if cached else (None, 0)
-        for event in events:
+        for event in held.events:
             state = fold(state, event)
         assert state is not None
+        note_messages(state, [message.seq for message in held.messages])
         return state, revision
 
     async def _put(self, task_id: str, state: TaskState, revision: int) -> asyncio.Future[dict[str, Any]]:
