@@ -131,7 +131,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     priority and type) at once; the rest wait in their keys' lanes, where the shares apply.
     A task of a quiet key waits behind about this many tasks at most."""
     api_index_max_tasks: int = 1_000_000
-    """Tasks the API process keeps in its task list (a view of KV ``tasks``, about 0.3 KB each);
+    """Tasks the API process keeps in its task list (a view of KV ``tasks``, about 1 KB each);
     past it, the oldest submissions leave the list (they stay readable by id)."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
