@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -84,6 +85,9 @@ class SyncClient:
 
     Build it with :meth:`connect`; use it as a context manager or call :meth:`close`. Each
     method does what the async method of the same name does (see its docstring there).
+    Connect one per process: a client carried across a fork (a pre-forking server that
+    imported the app first) raises :class:`RuntimeError`, its loop thread being the parent's.
+    Not for async code: it would block that code's loop; use the async client there.
     """
 
     def __init__(self, client: Client, loop: _LoopThread, *, call_timeout_s: float = CALL_TIMEOUT_S) -> None:
@@ -93,6 +97,7 @@ class SyncClient:
         self._call_timeout_s = call_timeout_s
         self._lock = threading.Lock()  # a call is either handed to the loop before close, or refused
         self._closed = False
+        self._pid = os.getpid()  # the loop thread does not survive a fork: a child must connect anew
 
     @classmethod
     def connect(
@@ -132,6 +137,8 @@ class SyncClient:
             if self._closed:
                 return
             self._closed = True
+            if self._pid != os.getpid():  # a forked child's copy: the connection and loop are the parent's
+                return
             future = self._loop.submit(self._client.close())
         try:
             future.result(CLOSE_TIMEOUT_S)
@@ -146,13 +153,10 @@ class SyncClient:
         """Run ``coro`` on the loop and return its result (or raise its exception), waiting
         at most ``call_timeout_s`` beyond ``waits_s``, the time the call itself may wait."""
         with self._lock:
-            if self._closed or self._loop.is_current:
+            refusal = self._refusal()
+            if refusal:
                 coro.close()  # never awaited: say so quietly rather than with a warning
-                raise RuntimeError(
-                    "this SyncClient is closed; connect a new one"
-                    if self._closed
-                    else "a SyncClient cannot be called from its own event loop; use the async Client there"
-                )
+                raise RuntimeError(refusal)
             future = self._loop.submit(coro)
         limit = self._call_timeout_s + (waits_s or 0.0)
         try:
@@ -168,6 +172,17 @@ class SyncClient:
         except BaseException:  # KeyboardInterrupt in a script: stop the call on the loop too
             future.cancel()
             raise
+
+    def _refusal(self) -> str:
+        """Why a call cannot be handed to the loop now, or ``""``: no loop would answer it
+        (closed, or left in the parent by a fork), or the caller is the loop itself (a deadlock)."""
+        if self._closed:
+            return "this SyncClient is closed; connect a new one"
+        if self._pid != os.getpid():
+            return "this SyncClient was connected in another process (before a fork): connect one in each process"
+        if self._loop.is_current:
+            return "a SyncClient cannot be called from its own event loop; use the async Client there"
+        return ""
 
     def submit(
         self,

@@ -7,6 +7,7 @@ so the test calls it from yet another thread (``anyio.to_thread``), as a Django 
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -164,3 +165,12 @@ async def test_a_call_the_loop_does_not_answer_gives_up_after_call_timeout_s(set
         assert time.monotonic() - started < 5
         assert await in_thread(lambda: cancelled.wait(5)), "the stuck call was not cancelled on the loop"
         assert await in_thread(lambda: client.get("anything")) is None  # the client still works
+
+
+async def test_a_client_carried_across_a_fork_refuses_calls(settings: Settings, bus: Bus) -> None:
+    """Its loop thread stayed in the parent; in the child a call would never be answered."""
+    async with sync_client(settings) as client:
+        client._pid = -1  # as a forked child sees it: another process connected it
+        with pytest.raises(RuntimeError, match="connected in another process"):
+            await in_thread(lambda: client.get("anything"))
+        client._pid = os.getpid()
