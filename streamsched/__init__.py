@@ -5,6 +5,7 @@ from .config import Settings
 from .errors import Fail, PermanentError, Retry, StreamschedError
 from .model import Envelope, Status, TaskState
 from .registry import TaskContext, current_batch, current_task, task
+from .sync_client import SyncClient, SyncTaskHandle
 
 __all__ = [
     "Client",
@@ -15,6 +16,8 @@ __all__ = [
     "Settings",
     "Status",
     "StreamschedError",
+    "SyncClient",
+    "SyncTaskHandle",
     "TaskContext",
     "TaskHandle",
     "TaskState",
