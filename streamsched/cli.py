@@ -176,14 +176,14 @@ def up(
     raise typer.Exit(Exit.OK if ok else Exit.ERROR)
 
 
-#: Addresses the REST API may listen on: it has no authentication, so only this machine may reach it.
+#: Addresses the REST API may listen on without a token: only this machine reaches them.
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @app.command()
 def api(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to listen on: a loopback one (the API has no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
@@ -191,12 +191,14 @@ def api(
 
     from .rest import create_app
 
-    if host not in LOOPBACK_HOSTS:
-        typer.echo(f"error: the REST API has no authentication, so it listens on loopback only ({', '.join(LOOPBACK_HOSTS)}), not {host}", err=True)
-        raise typer.Exit(Exit.USAGE)
     configure_logging(log_level)
     settings = load_or_exit()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(), lifespan="on", server_header=False)
+    if host not in LOOPBACK_HOSTS and not settings.api_token:
+        typer.echo(f"error: set STREAMSCHED_API_TOKEN to listen on {host}: without a token the REST API listens on loopback only", err=True)
+        raise typer.Exit(Exit.USAGE)
+    # Open event feeds do not hold a stop up for long: they end with the process.
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", server_header=False, timeout_graceful_shutdown=5)
 
 
 @app.command()

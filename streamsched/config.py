@@ -130,6 +130,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Tasks with a fairness key that may wait undelivered on one WORK subject (region,
     priority and type) at once; the rest wait in their keys' lanes, where the shares apply.
     A task of a quiet key waits behind about this many tasks at most."""
+    api_token: str = ""
+    """Bearer token the REST API requires (``Authorization: Bearer <token>``) on every path
+    but ``/health``; empty (the default): none, and the API listens on loopback only."""
     api_index_max_tasks: int = 1_000_000
     """Tasks the API process keeps in its task list (a view of KV ``tasks``, about 1 KB each);
     past it, the oldest submissions leave the list (they stay readable by id)."""

@@ -14,27 +14,36 @@ NATS and the streams.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import nats.errors
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.app import AppConfig
-from litestar.exceptions import HTTPException
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from . import nats_api, subjects
 from .client import Client
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
+from .eventlog import events as ev
+from .eventlog import reader as eventlog
 from .model import Status
 from .task_index import LOAD_WAIT_S, Filter, Page, TaskIndex
+from .transport.reading import Since
 
 log = logging.getLogger("streamsched.api")
 
@@ -226,6 +235,27 @@ async def cluster_stats(request: Request[Any, Any, Any]) -> Response[bytes]:
     return _json(await _client(request).cluster_stats())
 
 
+@get("/api/v1/events", summary="A live feed of events (Server-Sent Events), from now on")
+async def event_feed(
+    request: Request[Any, Any, Any],
+    task: FromQuery[str | None] = None,
+    type: FromQuery[str | None] = None,
+    kind: FromQuery[str | None] = None,
+) -> ServerSentEvent:
+    """Each event as it is stored, in stream order: ``event:`` its kind, ``id:`` its EVENTS
+    sequence, ``data:`` its JSON. Filters: a task id, a task type, an event kind."""
+    if kind is not None and kind not in ev.KINDS:
+        raise Rejected(f"unknown kind {kind!r} (expected one of {', '.join(sorted(ev.KINDS))})", field="kind")
+    client = _client(request)
+    since = Since(time=datetime.now(UTC))
+
+    async def feed() -> AsyncIterator[ServerSentEventMessage]:
+        async for record in eventlog.tail(client.bus, task_id=task, kind=kind, task_type=type, since=since, follow=True):
+            yield ServerSentEventMessage(data=msgspec.json.encode(record.event).decode(), event=record.kind, id=record.seq)
+
+    return ServerSentEvent(feed())
+
+
 @get("/openapi.json", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()
@@ -288,6 +318,23 @@ def _on_http(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return _error(exc.status_code, str(exc.detail), field, retry=exc.status_code == 503)
 
 
+#: Paths open without the token: liveness must answer a probe that has none.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _token_guard(token: str) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
+    expected = f"Bearer {token}".encode()
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if connection.url.path in OPEN_PATHS:
+            return
+        given = connection.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise NotAuthorizedException(detail="a bearer token is required (Authorization: Bearer <api_token>)")
+
+    return guard
+
+
 def create_app(settings: Settings, client: Client | None = None, *, nats_service: bool = True) -> Litestar:
     """The ASGI app. Without ``client`` it connects one at startup (and closes it at shutdown).
     With ``nats_service`` it also serves the NATS service API on that client's connection
@@ -318,6 +365,7 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
             submit,
             list_tasks,
             list_by_status,
+            event_feed,
             metrics,
             get_task,
             task_events,
@@ -345,5 +393,6 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
             HTTPException: _on_http,
         },
         openapi_config=OpenAPIConfig(title="streamsched", version="1", path="/docs", render_plugins=[ScalarRenderPlugin()]),
+        guards=[_token_guard(settings.api_token)] if settings.api_token else [],
         debug=False,
     )

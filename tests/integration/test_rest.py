@@ -145,3 +145,57 @@ async def test_tasks_are_listed_newest_first_a_page_at_a_time_with_filters(setti
     assert 'streamsched_tasks{status="succeeded"} 30.0' in metrics and "streamsched_workers 1.0" in metrics
     assert bad_status.status_code == 422 and bad_status.json()["field"] == "status"
     assert bad_cursor.status_code == 422 and bad_cursor.json()["field"] == "cursor"
+
+
+@pytest.fixture
+async def served(settings, bus) -> AsyncIterator[str]:
+    """The app under uvicorn on a free loopback port, as `streamsched api` runs it (a stream
+    is read as it is written, which the in-process test client does not do)."""
+    import uvicorn
+
+    from streamsched.transport.server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(15):
+            while not server.started:
+                await anyio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+        server.should_exit = True
+
+
+async def test_the_event_feed_streams_every_event_of_a_task_in_order(settings, bus, examples, served):
+    import httpx
+
+    kinds: list[str] = []
+    async with running(await all_roles(settings, bus, examples)), httpx.AsyncClient(base_url=served, timeout=15) as http:
+        async with http.stream("GET", "/api/v1/events", params={"task": "sse-1"}) as feed:
+            assert feed.status_code == 200 and feed.headers["content-type"].startswith("text/event-stream")
+            await http.post("/api/v1/tasks", content=b'{"id": "sse-1", "type": "echo"}')
+            await http.post("/api/v1/tasks", content=b'{"id": "other", "type": "echo"}')
+            with anyio.fail_after(15):
+                async for line in feed.aiter_lines():
+                    if line.startswith("event:"):
+                        kinds.append(line.split(":", 1)[1].strip())
+                    if line.startswith("data:"):
+                        assert msgspec.json.decode(line.split(":", 1)[1])["task_id"] == "sse-1"
+                    if kinds[-1:] == ["succeeded"]:
+                        break
+        bad_kind = await http.get("/api/v1/events", params={"kind": "finished"})
+    assert kinds == ["submitted", "scheduled", "dispatched", "started", "succeeded"]
+    assert bad_kind.status_code == 422
+
+
+async def test_a_token_when_set_is_required_everywhere_but_health(settings, bus):
+    guarded = msgspec.structs.replace(settings, api_token="s3cret")
+    async with AsyncTestClient(app=create_app(guarded)) as http:
+        assert (await http.get("/health")).status_code == 200
+        denied = await http.get("/api/v1/tasks/x")
+        wrong = await http.get("/api/v1/tasks/x", headers={"Authorization": "Bearer nope"})
+        allowed = await http.get("/api/v1/tasks/x", headers={"Authorization": "Bearer s3cret"})
+        posted = await http.post("/api/v1/tasks", content=b'{"type": "echo"}')
+    assert denied.status_code == 401 and "bearer token" in denied.json()["error"]
+    assert wrong.status_code == 401 and posted.status_code == 401
+    assert allowed.status_code == 404  # through the guard: the task is unknown
