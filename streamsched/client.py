@@ -319,6 +319,8 @@ class Client:
         :class:`~streamsched.errors.Overloaded` when TASKS stayed full for
         ``submit_retry_budget_s`` (the request was not stored).
         """
+        if not subjects.is_token(task_id):
+            raise NotFound(f"no task {task_id}")
         deadline = time.monotonic() + CANCEL_FIND_S
         while True:
             workflow = await self.get_workflow(task_id)  # first, as `streamsched status` looks ids up
@@ -352,6 +354,8 @@ class Client:
         """
         if priority not in self.settings.priorities:
             raise ValueError(f"unknown priority {priority!r} (expected one of {', '.join(self.settings.priorities)})")
+        if not subjects.is_token(task_id):
+            raise NotFound(f"no task {task_id}")
         deadline = time.monotonic() + CANCEL_FIND_S
         while (state := await self.get(task_id)) is None:
             if time.monotonic() >= deadline:
@@ -379,6 +383,8 @@ class Client:
 
     async def get_workflow(self, workflow_id: str) -> WorkflowState | None:
         """The workflow's state (its tasks' statuses, counts, overall status), or ``None``."""
+        if not subjects.is_token(workflow_id):
+            return None
         if self._workflows is None:
             self._workflows = WorkflowTracker(self.bus)
         return await self._workflows.get(workflow_id)
@@ -439,6 +445,8 @@ class Client:
 
     async def history(self, task_id: str) -> list[ev.Event]:
         """The task's events in the order they were stored (what ``streamsched task history`` prints)."""
+        if not subjects.is_token(task_id):
+            return []
         return [record.event for record in await eventlog.history(self.bus, task_id)]
 
     async def cluster_info(self) -> dict[str, Any]:
@@ -543,7 +551,10 @@ class Client:
         return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:
-        """The task's latest state, or ``None`` if the projection has not seen it (yet)."""
+        """The task's latest state, or ``None`` if the projection has not seen it (yet), or
+        the id cannot be a task's."""
+        if not subjects.is_token(task_id):
+            return None
         found = await self.store.get(task_id)
         return found[0] if found else None
 

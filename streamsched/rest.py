@@ -60,8 +60,11 @@ class SubmitResult(msgspec.Struct, frozen=True):
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Every error answer."""
+    """Every error answer: ``error`` the reason, ``field`` the field it names; ``status_code``
+    and ``detail`` (the reason again) as Litestar documents its own error answers."""
 
+    status_code: int
+    detail: str
     error: str
     field: str | None = None
 
@@ -83,7 +86,8 @@ def _client(request: Request[Any, Any, Any]) -> Client:
     return client
 
 
-def _json(value: Any, status_code: int = 200) -> Response[bytes]:
+def _json(value: Any, status_code: int = 200) -> Response[Any]:
+    """``value`` encoded by msgspec (states hold raw JSON results, which it writes as they are)."""
     return Response(msgspec.json.encode(value), status_code=status_code, media_type="application/json")
 
 
@@ -183,7 +187,7 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="A task's state")
-async def get_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
+async def get_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[Any]:
     state = await _client(request).get(task_id)
     if state is None:
         raise NotFound(f"no task {task_id}")
@@ -191,7 +195,7 @@ async def get_task(request: Request[Any, Any, Any], task_id: FromPath[str]) -> R
 
 
 @get("/api/v1/tasks/{task_id:str}/events", summary="A task's events, in order")
-async def task_events(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[bytes]:
+async def task_events(request: Request[Any, Any, Any], task_id: FromPath[str]) -> Response[Any]:
     events = await _client(request).history(task_id)
     if not events:
         raise NotFound(f"no events for task {task_id}")
@@ -199,13 +203,13 @@ async def task_events(request: Request[Any, Any, Any], task_id: FromPath[str]) -
 
 
 @post("/api/v1/tasks/{task_id:str}/cancel", status_code=202, summary="Cancel a task (or a workflow)")
-async def cancel(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[CancelRequest | None] = None) -> Response[bytes]:
+async def cancel(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[CancelRequest | None] = None) -> Response[Any]:
     state = await _client(request).cancel(task_id, reason=data.reason if data else "")
     return _json(state, 202)
 
 
 @post("/api/v1/tasks/{task_id:str}/priority", status_code=202, summary="Change a waiting task's priority")
-async def reprioritize(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[Priority]) -> Response[bytes]:
+async def reprioritize(request: Request[Any, Any, Any], task_id: FromPath[str], data: JSONBody[Priority]) -> Response[Any]:
     client = _client(request)
     if data.priority not in client.settings.priorities:
         raise Rejected(f"unknown priority {data.priority!r} (expected one of {', '.join(client.settings.priorities)})")
@@ -213,7 +217,7 @@ async def reprioritize(request: Request[Any, Any, Any], task_id: FromPath[str], 
 
 
 @get("/api/v1/workflows/{workflow_id:str}", summary="A workflow's state")
-async def get_workflow(request: Request[Any, Any, Any], workflow_id: FromPath[str]) -> Response[bytes]:
+async def get_workflow(request: Request[Any, Any, Any], workflow_id: FromPath[str]) -> Response[Any]:
     state = await _client(request).get_workflow(workflow_id)
     if state is None:
         raise NotFound(f"no workflow {workflow_id}")
@@ -221,17 +225,17 @@ async def get_workflow(request: Request[Any, Any, Any], workflow_id: FromPath[st
 
 
 @get("/api/v1/workers", summary="The live workers")
-async def workers(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def workers(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(await _client(request).workers())
 
 
 @get("/api/v1/cluster/info", summary="The server, the settings the API runs with, and the streams")
-async def cluster_info(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def cluster_info(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(await _client(request).cluster_info())
 
 
 @get("/api/v1/cluster/stats", summary="Tasks queued per stream, live workers and regional schedulers")
-async def cluster_stats(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def cluster_stats(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(await _client(request).cluster_stats())
 
 
@@ -268,14 +272,14 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", summary="Readiness: NATS answers and the streams exist")
-async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
+async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
     client = _client(request)
     try:
         async with asyncio.timeout(2.0):
             await client.bus.js.stream_info(subjects.TASKS_STREAM)
     except Exception as exc:  # noqa: BLE001 - whatever failed, the answer is "not ready" and why
         return Response(
-            msgspec.json.encode(ErrorBody(f"not ready: {exc!r}")),
+            msgspec.json.encode(ErrorBody(status_code=503, detail=f"not ready: {exc!r}", error=f"not ready: {exc!r}")),
             status_code=503,
             media_type="application/json",
             headers={"Retry-After": str(RETRY_AFTER_S)},
@@ -285,7 +289,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 def _error(status_code: int, error: str, field: str | None = None, *, retry: bool = False) -> Response[bytes]:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
-    return Response(msgspec.json.encode(ErrorBody(error, field)), status_code=status_code, media_type="application/json", headers=headers)
+    body = ErrorBody(status_code=status_code, detail=error, error=error, field=field)
+    return Response(msgspec.json.encode(body), status_code=status_code, media_type="application/json", headers=headers)
 
 
 def _on_rejected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
