@@ -323,6 +323,14 @@ def _on_http(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     return _error(exc.status_code, str(exc.detail), field, retry=exc.status_code == 503)
 
 
+async def _while_disconnected(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+    """Answer 503 at once while the connection to NATS is down (it reconnects by itself),
+    rather than let the request wait for a timeout; liveness answers all the same."""
+    if request.url.path == "/health" or request.app.state.client.bus.nc.is_connected:
+        return None
+    return _error(503, "NATS is not reachable now; the API reconnects by itself", retry=True)
+
+
 #: Paths open without the token: liveness must answer a probe that has none.
 OPEN_PATHS = frozenset({"/health"})
 
@@ -399,5 +407,6 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
         },
         openapi_config=OpenAPIConfig(title="streamsched", version="1", path="/docs", render_plugins=[ScalarRenderPlugin()]),
         guards=[_token_guard(settings.api_token)] if settings.api_token else [],
+        before_request=_while_disconnected,
         debug=False,
     )

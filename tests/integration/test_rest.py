@@ -199,3 +199,44 @@ async def test_a_token_when_set_is_required_everywhere_but_health(settings, bus)
     assert denied.status_code == 401 and "bearer token" in denied.json()["error"]
     assert wrong.status_code == 401 and posted.status_code == 401
     assert allowed.status_code == 404  # through the guard: the task is unknown
+
+
+async def test_ready_is_503_while_nats_is_down_and_200_once_it_is_back(tmp_path):
+    import httpx
+    import uvicorn
+
+    from streamsched.config import Settings
+    from streamsched.transport import streams
+    from streamsched.transport.bus import Bus
+    from streamsched.transport.server import NatsServer, free_port
+
+    server = NatsServer(port=free_port(), store_dir=tmp_path / "js").start()
+    settings = Settings.load({}, nats_url=server.url)
+    setup = await Bus.connect(server.url, name="setup")
+    await streams.apply(setup, settings)
+    await setup.close()
+    port = free_port()
+    api_server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    try:
+        async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            tg.start_soon(api_server.serve)
+            with anyio.fail_after(15):
+                while not api_server.started:
+                    await anyio.sleep(0.02)
+            assert (await http.get("/ready")).status_code == 200
+            server.stop()
+            with anyio.fail_after(10):
+                while (down := await http.get("/ready")).status_code != 503:
+                    await anyio.sleep(0.05)
+            with anyio.fail_after(3):  # answered at once, not after a timeout
+                lookup = await http.get("/api/v1/tasks/some-task")
+            assert down.headers["retry-after"] == "1" and lookup.status_code == 503 and lookup.headers["retry-after"] == "1"
+            assert (await http.get("/health")).status_code == 200
+            server.start()
+            with anyio.fail_after(20):
+                while (await http.get("/ready")).status_code != 200:
+                    await anyio.sleep(0.1)
+            assert (await http.get("/api/v1/tasks/some-task")).status_code == 404
+            api_server.should_exit = True
+    finally:
+        server.stop()
