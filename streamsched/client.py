@@ -27,6 +27,7 @@ import msgspec
 from . import subjects
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Rejected
+from .eventlog import dlq
 from .eventlog import events as ev
 from .eventlog import reader as eventlog
 from .eventlog.state import StateStore, is_final
@@ -442,6 +443,21 @@ class Client:
 
     async def resume_schedule(self, name: str) -> schedules.Schedule:
         return await self._while_full(lambda: schedules.set_paused(self.bus, name, False))
+
+    async def dead_tasks(self, *, task_type: str | None = None, limit: int = 1000) -> list[dlq.DeadTask]:
+        """Dead tasks in DLQ, oldest first (at most ``limit``), of one type if given (``streamsched dlq list``)."""
+        found: list[dlq.DeadTask] = []
+        async for entry in dlq.entries(self.bus, task_type=task_type):
+            found.append(entry)
+            if len(found) >= limit:
+                break
+        return found
+
+    async def redrive(self, *, task_type: str | None = None, dry_run: bool = False) -> dlq.RedriveReport:
+        """Submit the dead tasks (of one type if given, else all) again as new tasks, id
+        ``<id>-r<seq>`` (``streamsched dlq redrive``); safe to repeat."""
+        dead = [entry async for entry in dlq.entries(self.bus, task_type=task_type)]
+        return await dlq.redrive(self.bus, dead, dry_run=dry_run, retry_budget_s=self.settings.submit_retry_budget_s)
 
     async def history(self, task_id: str) -> list[ev.Event]:
         """The task's events in the order they were stored (what ``streamsched task history`` prints)."""

@@ -18,6 +18,8 @@ subject                            request                                 reply
 ``streamsched.api.workflows.get``  ``{"id": ...}``                         the workflow's state
 ``streamsched.api.tasks.list``     filters, ``limit``, ``cursor``          a page of tasks
 ``streamsched.api.workers.list``   (empty)                                 the live workers
+``streamsched.api.dlq.list``       ``{"type": ..., "limit": ...}``         dead tasks, oldest first
+``streamsched.api.dlq.redrive``    ``{"type": ... or "all": true}``        the ids submitted again
 ``streamsched.api.cluster.info``   (empty)                                 server, settings, streams
 ``streamsched.api.cluster.stats``  (empty)                                 counts per stream, workers
 =================================  ======================================  =========================
@@ -125,6 +127,30 @@ async def _workflow(client: Client, data: bytes) -> Any:
     return state
 
 
+class _DeadTasks(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    type: str | None = None
+    limit: int = 100
+
+
+class _Redrive(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    type: str | None = None
+    all: bool = False
+    dry_run: bool = False
+
+
+async def _dead_tasks(client: Client, data: bytes) -> Any:
+    request = _decode(data, _DeadTasks)
+    entries = await client.dead_tasks(task_type=request.type, limit=max(1, min(request.limit, 1000)))
+    return [{**vars(entry), "body": entry.body.decode(errors="replace")} for entry in entries]
+
+
+async def _redrive(client: Client, data: bytes) -> Any:
+    request = _decode(data, _Redrive)
+    if request.type is None and not request.all:
+        raise Rejected("name the dead tasks' `type`, or set `all`", field="type")
+    return vars(await client.redrive(task_type=request.type, dry_run=request.dry_run))
+
+
 async def _workers(client: Client, _data: bytes) -> Any:
     return await client.workers()
 
@@ -146,6 +172,8 @@ OPERATIONS: dict[str, tuple[str, Operation]] = {
     "tasks-priority": ("tasks.priority", _priority),
     "workflows-get": ("workflows.get", _workflow),
     "workers-list": ("workers.list", _workers),
+    "dlq-list": ("dlq.list", _dead_tasks),
+    "dlq-redrive": ("dlq.redrive", _redrive),
     "cluster-info": ("cluster.info", _info),
     "cluster-stats": ("cluster.stats", _stats),
 }

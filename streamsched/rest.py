@@ -260,6 +260,46 @@ async def event_feed(
     return ServerSentEvent(feed())
 
 
+class DeadTaskView(msgspec.Struct, frozen=True):
+    """A DLQ entry: the task's last error and its submission as it was run."""
+
+    seq: int
+    stored_at: float
+    task_id: str
+    type: str
+    attempts: int
+    error: str
+    submission: str
+
+
+class RedriveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /api/v1/dlq/redrive``: the dead tasks of ``type``, or ``all`` of them."""
+
+    type: str | None = None
+    all: bool = False
+    dry_run: bool = False
+
+
+class RedriveResult(msgspec.Struct, frozen=True):
+    redriven: list[str]
+    already_redriven: list[str]
+    unreadable: list[str]
+
+
+@get("/api/v1/dlq", summary="Dead tasks, oldest first")
+async def dead_tasks(request: Request[Any, Any, Any], type: FromQuery[str | None] = None, limit: FromQuery[int] = 100) -> list[DeadTaskView]:
+    entries = await _client(request).dead_tasks(task_type=type, limit=max(1, min(limit, 1000)))
+    return [DeadTaskView(e.seq, e.stored_at, e.task_id, e.type, e.attempts, e.error, e.body.decode(errors="replace")) for e in entries]
+
+
+@post("/api/v1/dlq/redrive", status_code=200, summary="Submit dead tasks again as new tasks (id <id>-r<seq>); safe to repeat")
+async def redrive(request: Request[Any, Any, Any], data: JSONBody[RedriveRequest]) -> RedriveResult:
+    if data.type is None and not data.all:
+        raise Rejected("name the dead tasks' `type`, or set `all`", field="type")
+    report = await _client(request).redrive(task_type=data.type, dry_run=data.dry_run)
+    return RedriveResult(report.redriven, report.already_redriven, report.unreadable)
+
+
 @get("/openapi.json", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()
@@ -379,6 +419,8 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
             list_tasks,
             list_by_status,
             event_feed,
+            dead_tasks,
+            redrive,
             metrics,
             get_task,
             task_events,

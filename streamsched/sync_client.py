@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from .client import Client, TaskHandle, Workflow, WorkflowHandle
 from .config import Settings
 from .errors import StreamschedError
+from .eventlog import dlq
 from .eventlog import events as ev
 from .model import DEFAULT_PRIORITY, TaskState
 from .roles import routing, schedules, worker_registry
@@ -311,6 +312,14 @@ class SyncClient:
     def submit_message(self, data: bytes) -> list[str]:
         """Submit a task's JSON, a batch or a workflow as sent to ``tasks.submit`` (:meth:`Client.submit_message`)."""
         return self._run(self._client.submit_message(data))
+
+    def dead_tasks(self, *, task_type: str | None = None, limit: int = 1000) -> list[dlq.DeadTask]:
+        """Dead tasks in DLQ (:meth:`Client.dead_tasks`)."""
+        return self._run(self._client.dead_tasks(task_type=task_type, limit=limit))
+
+    def redrive(self, *, task_type: str | None = None, dry_run: bool = False) -> dlq.RedriveReport:
+        """Submit dead tasks again as new tasks (:meth:`Client.redrive`)."""
+        return self._run(self._client.redrive(task_type=task_type, dry_run=dry_run))
 
     def history(self, task_id: str) -> list[ev.Event]:
         """The task's events in order (:meth:`Client.history`)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import re
 
+import anyio
 import msgspec
 import pytest
 from nats.js.errors import NotFoundError
@@ -17,6 +18,7 @@ from streamsched.eventlog import reader as eventlog
 from streamsched.eventlog.state import StateStore
 from streamsched.model import Status, derive_task_id
 from streamsched.roles.master import Master
+from streamsched.roles.projector import Projector
 from streamsched.roles.regional import Regional
 from streamsched.testing import EventLog, all_roles, running
 from streamsched.transport import streams
@@ -125,9 +127,13 @@ async def test_a_task_without_an_id_gets_a_generated_id_that_survives_redelivery
     await bus.js.delete_consumer(subjects.TASKS_STREAM, subjects.MASTER_CONSUMER)
     await streams.apply(bus, settings)
     again = Master(settings, bus)
-    async with running([again, Regional(settings, bus, "default")]):
+    async with running([again, Regional(settings, bus, "default"), Projector(settings, bus, await StateStore.open(bus))]):
         await events.wait_count("submitted", 4)
         await events.wait(lambda log: len(log.of_kind("dispatched")) + len(log.of_kind("held")) == 4, what="4 released onto WORK")
+        # The history is read from the messages the state notes: once the projector has noted the new ones.
+        with anyio.fail_after(10):
+            while "held" not in [r.kind for r in await eventlog.history(bus, first)]:
+                await anyio.sleep(0.05)
     assert [e.task_id for e in events.of_kind("submitted")] == [first, second, first, second]
     assert again.accepted == 2
     # Same ids, same Nats-Msg-Id on WORK: the server dropped the second copies (handed to

@@ -240,3 +240,18 @@ async def test_ready_is_503_while_nats_is_down_and_200_once_it_is_back(tmp_path)
             api_server.should_exit = True
     finally:
         server.stop()
+
+
+async def test_dead_tasks_are_listed_and_redriven(settings, bus, examples, api):
+    async with running(await all_roles(settings, bus, examples)):
+        assert (await api.post("/api/v1/tasks", content=b'{"id": "doomed", "type": "fail", "max_attempts": 1}')).status_code == 201
+        await wait_status(api, "doomed", "dead")
+        dead = (await api.get("/api/v1/dlq", params={"type": "fail"})).json()
+        refused = await api.post("/api/v1/dlq/redrive", content=b"{}")
+        report = (await api.post("/api/v1/dlq/redrive", content=b'{"type": "fail"}')).json()
+        again = (await api.post("/api/v1/dlq/redrive", content=b'{"type": "fail"}')).json()
+    assert [(entry["task_id"], entry["attempts"]) for entry in dead] == [("doomed", 1)]
+    assert '"doomed"' in dead[0]["submission"] and dead[0]["error"]
+    assert refused.status_code == 422 and refused.json()["field"] == "type"
+    assert report["redriven"] == [f"doomed-r{dead[0]['seq']}"]
+    assert not set(report["redriven"]) & set(again["redriven"])  # taken off DLQ when re-driven: never twice
