@@ -281,7 +281,9 @@ def test_ctrl_c_on_a_terminal_reaches_up_alone_and_it_stops_the_roles_in_order(t
                     return
 
     try:
-        read_until(lambda out: b"projector folding EVENTS" in out and b"streamsched.worker: worker" in out, 30)
+        # Every role running (each logs its start once its signal handler is in place).
+        started = (b"projector folding EVENTS", b"streamsched.worker: worker", b"master routing to regions", b"regional scheduler for region")
+        read_until(lambda out: all(line in out for line in started), 30)
         os.write(terminal, b"\x03")
         read_until(lambda _: False, 60)
         up.wait(10)
