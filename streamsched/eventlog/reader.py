@@ -99,6 +99,9 @@ class _TypeLookup:
         return self.known[event.task_id]
 
 
+#: How far back a task's history looks for events its state does not note yet (the projector
+#: writes a running task's state at least every second).
+UNPROJECTED_S = 5.0
 #: How far before a task's submission its history is searched for (clocks of the
 #: processes that recorded its events may differ a little from the server's).
 HISTORY_MARGIN_S = 60.0
@@ -109,10 +112,11 @@ async def history(bus: Bus, task_id: str) -> list[Record]:
 
     The state notes the EVENTS sequences of the messages that hold its events (up to
     :data:`~streamsched.eventlog.state.MAX_EVENT_SEQS`): those messages are read by
-    sequence, so the cost follows the task's own events, not the stream's. Events recorded
-    in the last second may not be in the state yet (the projector writes a running task's
-    state at least every second). A task with more messages is read from its first one
-    on; a task without a state yet, from a minute ago. A step recorded twice (by a hop
+    sequence, so the cost follows the task's own events, not the stream's. For a task not
+    yet final, the last :data:`UNPROJECTED_S` of EVENTS are read too, for events its state
+    does not note yet (the projector writes a running task's state at least every second).
+    A task with more messages is read from its first one on; a task without a state yet,
+    from a minute ago. A step recorded twice (by a hop
     redelivered after a crash, or a submission repeated with the same id) is shown once,
     at its first record.
     """
@@ -121,7 +125,13 @@ async def history(bus: Bus, task_id: str) -> list[Record]:
     if found is not None and found[0].event_seqs and len(found[0].event_seqs) < MAX_EVENT_SEQS:
         # The messages that hold its events, read by sequence: as cheap for a day-old task as
         # for one a second old.
-        return _once_each(await _read_messages(bus, task_id, found[0].event_seqs))
+        state, noted = found[0], found[0].event_seqs
+        records = await _read_messages(bus, task_id, noted)
+        if not state.status.is_final:
+            # Events the projector has not folded yet are at most a few seconds old.
+            since = Since(time=datetime.fromtimestamp(time.time() - UNPROJECTED_S, UTC))
+            records += [record async for record in tail(bus, task_id=task_id, since=since) if record.seq > noted[-1]]
+        return _once_each(records)
     if found is not None and found[0].event_seqs:  # more messages than a state notes: read on from its first
         since = Since(seq=found[0].event_seqs[0])
     elif found is not None and found[0].submitted_at:  # a state written before states noted their messages
