@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
 import sys
@@ -199,6 +200,30 @@ def api(
     # Open event feeds do not hold a stop up for long: they end with the process.
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", server_header=False, timeout_graceful_shutdown=5)
+
+
+@app.command("grpc")
+def grpc_api(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, logged).")] = 50051,
+    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1, ::1 or localhost (the gRPC API has no authentication).")] = "127.0.0.1",
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the gRPC API, service streamsched.v1.Scheduler of proto/streamsched/v1/scheduler.proto: submit, get, list, watch, cancel, reprioritize."""
+    configure_logging(log_level)
+    if host not in LOOPBACK_HOSTS:
+        typer.echo(f"error: the gRPC API has no authentication, so it listens on loopback only (127.0.0.1, ::1 or localhost), not {host}", err=True)
+        raise typer.Exit(Exit.USAGE)
+    try:
+        from .grpc_server import serve
+    except ImportError as exc:
+        typer.echo(f"error: the gRPC API needs the grpc extra (pip install 'streamsched[grpc]'): {exc}", err=True)
+        raise typer.Exit(Exit.ERROR) from None
+    settings = load_or_exit()
+    try:
+        asyncio.run(serve(settings, host, port))
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(Exit.USAGE) from None
 
 
 @app.command()
