@@ -1,6 +1,6 @@
 """One task, any door: the same tasks submitted with `nats pub`, the async and the sync
-Python clients, the REST API and the NATS service API end in the same state, with the same
-events."""
+Python clients, the REST API, the NATS service API and the gRPC API end in the same state,
+with the same events."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import grpc
 import httpx
 import msgspec
 import pytest
 
-from streamsched import nats_api, subjects
+from streamsched import grpc_server, nats_api, subjects
 from streamsched.client import Client
 from streamsched.eventlog.state import StateStore
+from streamsched.grpc_gen import scheduler_pb2 as pb
+from streamsched.grpc_gen.scheduler_pb2_grpc import SchedulerStub
 from streamsched.rest import create_app
 from streamsched.sync_client import SyncClient
+from streamsched.task_index import TaskIndex
 from streamsched.testing import EventLog, all_roles, running
 from streamsched.transport.bus import Bus
 from streamsched.transport.server import free_port
@@ -57,6 +61,10 @@ def with_door(door: str, task: dict[str, Any]) -> dict[str, Any]:
 async def test_every_door_ends_in_the_same_states_and_events(settings, bus: Bus, examples, events: EventLog, rest: str):
     client = Client(bus, await StateStore.open(bus), settings)
     service = await nats_api.start(client)
+    index = TaskIndex(bus)
+    await index.start()
+    grpc_api, grpc_port = await grpc_server.start(client, index, port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
 
     async def nats_pub(task: dict[str, Any]) -> None:
         await bus.nc.publish(subjects.SUBMIT, json.dumps(task).encode())
@@ -79,12 +87,16 @@ async def test_every_door_ends_in_the_same_states_and_events(settings, bus: Bus,
         reply = await bus.nc.request("streamsched.api.tasks.submit", json.dumps(task).encode(), timeout=10)
         assert "Nats-Service-Error-Code" not in (reply.headers or {})
 
+    async def over_grpc(task: dict[str, Any]) -> None:
+        await SchedulerStub(channel).Submit(pb.SubmitRequest(submission=json.dumps(task).encode()))
+
     doors: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
         "pub": nats_pub,
         "async": async_client,
         "sync": sync_client,
         "rest": over_rest,
         "service": nats_service,
+        "grpc": over_grpc,
     }
     try:
         async with running(await all_roles(settings, bus, examples)):
@@ -101,6 +113,9 @@ async def test_every_door_ends_in_the_same_states_and_events(settings, bus: Bus,
             await events.wait(lambda log: all(final & set(log.kinds_of(task_id)) for task_id in ids), what="every outcome in the log")
     finally:
         await service.stop()
+        await channel.close()
+        await grpc_api.stop(None)
+        await index.stop()
 
     def comparable(state: Any) -> dict[str, Any]:
         return {k: v for k, v in msgspec.to_builtins(msgspec.structs.replace(state, result=msgspec.UNSET)).items() if k not in VARYING}
