@@ -32,7 +32,7 @@ from .grpc_gen import scheduler_pb2 as pb
 from .grpc_gen import scheduler_pb2_grpc
 from .model import Status, TaskState
 from .roles.workflows import WorkflowState
-from .task_index import LOAD_WAIT_S, Filter, Indexed, TaskIndex
+from .task_index import Filter, Indexed, TaskIndex
 from .transport.reading import Since
 
 log = logging.getLogger("streamsched.grpc")
@@ -157,15 +157,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _list(self, request: pb.ListRequest) -> pb.ListResponse:
         where = _filter(request)
-        try:
-            async with asyncio.timeout(LOAD_WAIT_S):
-                await self.index.loaded.wait()
-        except TimeoutError:
-            raise Unavailable("the task list is still loading; try again shortly") from None
-        try:
-            page = self.index.page(where, limit=request.limit or DEFAULT_LIMIT, cursor=request.cursor or None)
-        except ValueError as exc:
-            raise Rejected(str(exc), field="cursor") from None
+        page = await self.index.loaded_page(where, limit=request.limit or DEFAULT_LIMIT, cursor=request.cursor or None)
         return pb.ListResponse(tasks=[_summary(entry) for entry in page.tasks], next_cursor=page.next_cursor or "")
 
     async def _cancel(self, request: pb.CancelRequest) -> pb.Task:

@@ -31,7 +31,6 @@ reason), with the same JSON body as the REST API's (``{"error": ..., "field": ..
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +45,7 @@ from . import __version__
 from .client import Client
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
 from .model import Status
-from .task_index import LOAD_WAIT_S, Filter, TaskIndex
+from .task_index import Filter, TaskIndex
 
 log = logging.getLogger("streamsched.api")
 
@@ -224,18 +223,10 @@ class _List(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 def _lister(index: TaskIndex) -> Operation:
     async def list_tasks(_client: Client, data: bytes) -> Any:
         request = _decode(data, _List)
-        try:
-            async with asyncio.timeout(LOAD_WAIT_S):
-                await index.loaded.wait()
-        except TimeoutError:
-            raise Unavailable("the task list is still loading; try again shortly") from None
         where = Filter(
             status=request.status, type=request.type, region=request.region, labels=request.labels, since=request.since, until=request.until
         )
-        try:
-            return index.page(where, limit=request.limit, cursor=request.cursor)
-        except ValueError as exc:
-            raise Rejected(str(exc), field="cursor") from None
+        return await index.loaded_page(where, limit=request.limit, cursor=request.cursor)
 
     return list_tasks
 

@@ -42,7 +42,7 @@ from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
 from .eventlog import events as ev
 from .eventlog import reader as eventlog
 from .model import Status
-from .task_index import LOAD_WAIT_S, Filter, Page, TaskIndex
+from .task_index import Filter, Page, TaskIndex
 from .transport.reading import Since
 
 log = logging.getLogger("streamsched.api")
@@ -113,14 +113,6 @@ def _index(request: Request[Any, Any, Any]) -> TaskIndex:
     return index
 
 
-async def _loaded(index: TaskIndex) -> None:
-    try:
-        async with asyncio.timeout(LOAD_WAIT_S):
-            await index.loaded.wait()
-    except TimeoutError:
-        raise HTTPException(status_code=503, detail="the task list is still loading; try again shortly") from None
-
-
 def _filter(
     status: str | None, task_type: str | None, region: str | None, labels: list[str] | None, since: float | None, until: float | None
 ) -> Filter:
@@ -138,12 +130,7 @@ def _filter(
 
 
 async def _page(request: Request[Any, Any, Any], where: Filter, limit: int, cursor: str | None) -> Page:
-    index = _index(request)
-    await _loaded(index)
-    try:
-        return index.page(where, limit=limit, cursor=cursor)
-    except ValueError as exc:
-        raise Rejected(str(exc), field="cursor") from None
+    return await _index(request).loaded_page(where, limit=limit, cursor=cursor)
 
 
 @get("/api/v1/tasks", summary="Tasks, newest submission first, filtered, a page at a time")
@@ -351,6 +338,8 @@ def _on_overloaded(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]
 
 
 def _on_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, Unavailable):  # says why itself (NATS down, the task list loading)
+        return _error(503, str(exc), retry=True)
     log.warning("NATS unavailable: %r", exc)
     return _error(503, f"NATS is not reachable now: {exc}", retry=True)
 

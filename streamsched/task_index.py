@@ -24,6 +24,7 @@ import msgspec
 from sortedcontainers import SortedList  # type: ignore[import-untyped]  # no stubs are published for it
 
 from . import subjects
+from .errors import Rejected, Unavailable
 from .model import Status
 from .transport.bus import Bus
 from .transport.kv_watch import BucketWatch
@@ -141,6 +142,20 @@ class TaskIndex:
     def counts(self) -> dict[str, int]:
         """Tasks in the view by status."""
         return {status.value: len(keys) for status, keys in self._by_status.items()}
+
+    async def loaded_page(self, where: Filter, *, limit: int = 50, cursor: str | None = None) -> Page:
+        """:meth:`page` once the view is loaded (waiting up to :data:`LOAD_WAIT_S`), with the
+        errors the APIs answer: :class:`Unavailable` while it loads, :class:`Rejected` naming
+        ``cursor`` for a cursor it did not make."""
+        try:
+            async with asyncio.timeout(LOAD_WAIT_S):
+                await self.loaded.wait()
+        except TimeoutError:
+            raise Unavailable("the task list is still loading; try again shortly") from None
+        try:
+            return self.page(where, limit=limit, cursor=cursor)
+        except ValueError as exc:
+            raise Rejected(str(exc), field="cursor") from None
 
     def page(self, where: Filter, *, limit: int = 50, cursor: str | None = None) -> Page:
         """Up to ``limit`` tasks that ``where`` admits, newest submission first, after ``cursor``

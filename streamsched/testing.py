@@ -175,3 +175,23 @@ async def running(roles: Sequence[Role]) -> AsyncIterator[None]:
                 for role in roles:
                     await role.shutdown()
             tg.cancel_scope.deadline = anyio.current_time() + 35
+
+
+@contextlib.asynccontextmanager
+async def serving_http(app: Any) -> AsyncIterator[str]:
+    """An ASGI app under uvicorn on a free loopback port, as ``streamsched api`` runs it (a
+    response stream is read as it is written, which an in-process test client does not do);
+    yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(READY_TIMEOUT_S):
+            while not server.started:
+                await anyio.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True

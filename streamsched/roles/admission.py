@@ -43,8 +43,9 @@ from nats.js.kv import KeyValue
 from .. import subjects
 from ..config import Settings
 from ..eventlog import events as ev
+from ..eventlog.dlq import NO_MESSAGE_FOUND
 from ..eventlog.recorder import EventRecorder
-from ..eventlog.state import MAX_GET_MANY, StateStore
+from ..eventlog.state import MAX_GET_MANY, WRONG_LAST_SEQUENCE, StateStore
 from ..model import Status, TaskState
 from ..transport import direct, wire
 from ..transport.bus import Bus
@@ -75,9 +76,6 @@ SWEEP_AFTER_S = 60.0
 NOT_ADMITTED = frozenset({Status.PENDING, Status.WAITING})
 #: How long the slots held at the start may take to load.
 LOAD_TIMEOUT_S = 10.0
-
-#: JetStream's error code for a message that is not (or no longer) stored.
-NO_MESSAGE_FOUND = 10057
 
 _slot_decoder = msgspec.json.Decoder(SlotValue)
 _bucket_decoder = msgspec.json.Decoder(TokenBucket)
@@ -457,5 +455,5 @@ class Admission:
             except (KeyNotFoundError, msgspec.DecodeError):
                 continue
             except APIError as exc:
-                if exc.err_code != limits.WRONG_LAST_SEQUENCE:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise

@@ -41,6 +41,7 @@ from nats.js.kv import KeyValue
 from .. import subjects
 from ..config import Settings
 from ..errors import Rejected
+from ..eventlog.state import WRONG_LAST_SEQUENCE
 from ..model import LIMIT_KEY_RE, LIMIT_KEY_RULE, MAX_CONCURRENCY_LIMIT, Envelope
 from ..transport import direct, wire
 from ..transport.bus import Bus
@@ -160,10 +161,6 @@ def lane(region: str, task_type: str, limits: str | None) -> str:
 def slots_header(held: list[tuple[str, int]]) -> str:
     """The :data:`~streamsched.subjects.H_SLOTS` header naming the slots a task holds."""
     return " ".join(f"{key}={revision}" for key, revision in held)
-
-
-#: JetStream's error code for a write whose expected last sequence is not the subject's (a KV delete with ``last``).
-WRONG_LAST_SEQUENCE = 10071
 
 
 async def release(kv: KeyValue, header: str) -> None:

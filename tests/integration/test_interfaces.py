@@ -22,9 +22,8 @@ from streamsched.grpc_gen.scheduler_pb2_grpc import SchedulerStub
 from streamsched.rest import create_app
 from streamsched.sync_client import SyncClient
 from streamsched.task_index import TaskIndex
-from streamsched.testing import EventLog, all_roles, running
+from streamsched.testing import EventLog, all_roles, running, serving_http
 from streamsched.transport.bus import Bus
-from streamsched.transport.server import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -41,17 +40,8 @@ VARYING = {"id", "submitted_at", "scheduled_at", "started_at", "finished_at", "u
 
 @pytest.fixture
 async def rest(settings, bus) -> AsyncIterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, nats_service=False), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(15):
-            while not server.started:
-                await anyio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-        server.should_exit = True
+    async with serving_http(create_app(settings, nats_service=False)) as base_url:
+        yield base_url
 
 
 def with_door(door: str, task: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from streamsched.rest import create_app
-from streamsched.testing import all_roles, running
+from streamsched.testing import all_roles, running, serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -149,21 +149,8 @@ async def test_tasks_are_listed_newest_first_a_page_at_a_time_with_filters(setti
 
 @pytest.fixture
 async def served(settings, bus) -> AsyncIterator[str]:
-    """The app under uvicorn on a free loopback port, as `streamsched api` runs it (a stream
-    is read as it is written, which the in-process test client does not do)."""
-    import uvicorn
-
-    from streamsched.transport.server import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(15):
-            while not server.started:
-                await anyio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-        server.should_exit = True
+    async with serving_http(create_app(settings)) as base_url:
+        yield base_url
 
 
 async def test_the_event_feed_streams_every_event_of_a_task_in_order(settings, bus, examples, served):
@@ -203,7 +190,6 @@ async def test_a_token_when_set_is_required_everywhere_but_health(settings, bus)
 
 async def test_ready_is_503_while_nats_is_down_and_200_once_it_is_back(tmp_path):
     import httpx
-    import uvicorn
 
     from streamsched.config import Settings
     from streamsched.transport import streams
@@ -215,14 +201,8 @@ async def test_ready_is_503_while_nats_is_down_and_200_once_it_is_back(tmp_path)
     setup = await Bus.connect(server.url, name="setup")
     await streams.apply(setup, settings)
     await setup.close()
-    port = free_port()
-    api_server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     try:
-        async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            tg.start_soon(api_server.serve)
-            with anyio.fail_after(15):
-                while not api_server.started:
-                    await anyio.sleep(0.02)
+        async with serving_http(create_app(settings)) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
             assert (await http.get("/ready")).status_code == 200
             server.stop()
             with anyio.fail_after(10):
@@ -237,7 +217,6 @@ async def test_ready_is_503_while_nats_is_down_and_200_once_it_is_back(tmp_path)
                 while (await http.get("/ready")).status_code != 200:
                     await anyio.sleep(0.1)
             assert (await http.get("/api/v1/tasks/some-task")).status_code == 404
-            api_server.should_exit = True
     finally:
         server.stop()
 

@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from streamsched.rest import create_app
-from streamsched.transport.server import free_port
+from streamsched.testing import serving_http
 
 pytestmark = pytest.mark.anyio
 
@@ -28,17 +28,8 @@ SKIPPED = {("GET", "/api/v1/events")}
 
 @pytest.fixture
 async def served(settings, bus) -> AsyncIterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(15):
-            while not server.started:
-                await anyio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-        server.should_exit = True
+    async with serving_http(create_app(settings)) as base_url:
+        yield base_url
 
 
 def fuzz(base_url: str, document: dict[str, Any]) -> dict[str, int]:
