@@ -200,12 +200,13 @@ def address(host: str, port: int) -> str:
 async def start(client: Client, index: TaskIndex, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> tuple[grpc.aio.Server, int]:
     """Serve on ``host:port`` (0: a free port); returns the server and its port. Stop it
     with ``await server.stop(grace)``. Raises :class:`OSError` when the address cannot be bound."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port taken is an error, not a second server sharing it
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(client, index), server)
     try:
         bound = server.add_insecure_port(address(host, port))
     except RuntimeError as exc:  # grpc's way to say the port is taken or the host unknown
-        raise OSError(f"cannot listen on {address(host, port)}: {exc}") from None
+        await server.stop(None)  # else it is shut down when collected, from a coroutine nobody awaits
+        raise OSError(f"cannot listen on {address(host, port)} (the port is in use, or the address is not this machine's): {exc}") from None
     await server.start()
     return server, bound
 

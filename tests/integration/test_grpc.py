@@ -177,3 +177,24 @@ async def test_a_call_while_nats_is_disconnected_is_unavailable(settings: Settin
 )
 async def test_each_service_core_error_has_its_status_code(error: Exception, code: grpc.StatusCode | None):
     assert grpc_server.status_of(error) is code
+
+
+async def test_a_taken_port_is_an_error_not_a_second_server(settings: Settings, bus: Bus):
+    client = Client(bus, await StateStore.open(bus), settings)
+    index = TaskIndex(bus)
+    server, port = await grpc_server.start(client, index, port=0)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await grpc_server.start(client, index, port=port)
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1"])
+def test_the_command_refuses_a_host_other_than_loopback(host: str):
+    from typer.testing import CliRunner
+
+    from streamsched.cli import app
+
+    result = CliRunner().invoke(app, ["grpc", "--host", host])
+    assert result.exit_code == 2 and "loopback only" in result.output and host in result.output
