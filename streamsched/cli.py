@@ -135,7 +135,8 @@ def up(
             "(the banner says which); a port given here and taken is an error."
         ),
     ] = None,
-    api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API on 127.0.0.1; 0: none.")] = 8080,
+    api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API; 0: none.")] = 8080,
+    api_host: Annotated[str, typer.Option(help="Address of the REST API; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
@@ -153,6 +154,8 @@ def up(
             raise typer.BadParameter(str(exc), param_hint="'--autoscale'") from None
     configure_logging(log_level)
     settings = load_or_exit(regions=_regions(regions))
+    if api_port:
+        refuse_public_without_token(api_host, settings, "the REST API")
     options = UpOptions(
         port=port,
         data_dir=data_dir,
@@ -164,6 +167,7 @@ def up(
         monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port,
         monitor_port_fallback=monitor_port is None,
         api_port=api_port,
+        api_host=api_host,
     )
     try:
         ok = run(settings, options)
@@ -177,8 +181,18 @@ def up(
     raise typer.Exit(Exit.OK if ok else Exit.ERROR)
 
 
-#: Addresses the REST API may listen on without a token: only this machine reaches them.
+#: Addresses the APIs may listen on without a token: only this machine reaches them.
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def refuse_public_without_token(host: str, settings: Settings, what: str) -> None:
+    """Exit with a usage error when ``host`` is reachable from other machines and no token guards it."""
+    if host not in LOOPBACK_HOSTS and not settings.api_token:
+        typer.echo(
+            f"error: set STREAMSCHED_API_TOKEN to listen on {host}: without a token {what} listens on loopback only (127.0.0.1, ::1 or localhost)",
+            err=True,
+        )
+        raise typer.Exit(Exit.USAGE)
 
 
 @app.command()
@@ -194,9 +208,7 @@ def api(
 
     configure_logging(log_level)
     settings = load_or_exit()
-    if host not in LOOPBACK_HOSTS and not settings.api_token:
-        typer.echo(f"error: set STREAMSCHED_API_TOKEN to listen on {host}: without a token the REST API listens on loopback only", err=True)
-        raise typer.Exit(Exit.USAGE)
+    refuse_public_without_token(host, settings, "the REST API")
     # Open event feeds do not hold a stop up for long: they end with the process.
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", server_header=False, timeout_graceful_shutdown=5)
@@ -205,20 +217,18 @@ def api(
 @app.command("grpc")
 def grpc_api(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, logged).")] = 50051,
-    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1, ::1 or localhost (the gRPC API has no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run the gRPC API, service streamsched.v1.Scheduler of proto/streamsched/v1/scheduler.proto: submit, get, list, watch, cancel, reprioritize."""
     configure_logging(log_level)
-    if host not in LOOPBACK_HOSTS:
-        typer.echo(f"error: the gRPC API has no authentication, so it listens on loopback only (127.0.0.1, ::1 or localhost), not {host}", err=True)
-        raise typer.Exit(Exit.USAGE)
+    settings = load_or_exit()
+    refuse_public_without_token(host, settings, "the gRPC API")
     try:
         from .grpc_server import serve
     except ImportError as exc:
         typer.echo(f"error: the gRPC API needs the grpc extra (pip install 'streamsched[grpc]'): {exc}", err=True)
         raise typer.Exit(Exit.ERROR) from None
-    settings = load_or_exit()
     try:
         asyncio.run(serve(settings, host, port))
     except OSError as exc:

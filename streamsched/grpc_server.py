@@ -7,12 +7,15 @@ The errors of the service core become status codes, the reason their details: Re
 INVALID_ARGUMENT (trailing metadata ``streamsched-field`` names the field when the reason
 does), NotFound -> NOT_FOUND, AlreadyFinished -> FAILED_PRECONDITION, Overloaded ->
 RESOURCE_EXHAUSTED, NATS down or timing out -> UNAVAILABLE (at once while the connection is
-down, as the REST API's 503). Needs the ``grpc`` extra.
+down, as the REST API's 503). With ``api_token`` set, every call needs the metadata
+``authorization: Bearer <token>``, as the REST API (UNAUTHENTICATED without it). Needs the
+``grpc`` extra.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -192,6 +195,37 @@ async def _abort(context: Context, exc: BaseException) -> Never:
     await context.abort(code, " ".join(str(exc).split()) or type(exc).__name__, metadata)
 
 
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses a call without ``authorization: Bearer <token>`` before it reaches the service."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        details = handler_call_details
+        handler = await continuation(details)
+        given = next((str(value) for key, value in details.invocation_metadata or () if key == "authorization"), "")
+        if handler is None or hmac.compare_digest(given.encode(), self.expected):
+            return handler
+        reason = "a bearer token is required (metadata authorization: Bearer <api_token>)"
+
+        async def refuse(_: object, context: Context) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+        async def refuse_stream(_: object, context: Context) -> AsyncIterator[None]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+            yield  # a generator, as the method it stands for
+
+        kinds = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(refuse_stream, **kinds)
+        return grpc.unary_unary_rpc_method_handler(refuse, **kinds)
+
+
 def address(host: str, port: int) -> str:
     """``host:port`` as gRPC takes it (an IPv6 address in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -200,7 +234,10 @@ def address(host: str, port: int) -> str:
 async def start(client: Client, index: TaskIndex, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> tuple[grpc.aio.Server, int]:
     """Serve on ``host:port`` (0: a free port); returns the server and its port. Stop it
     with ``await server.stop(grace)``. Raises :class:`OSError` when the address cannot be bound."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port taken is an error, not a second server sharing it
+    token = client.settings.api_token
+    interceptors = [TokenCheck(token)] if token else []
+    # A port taken is an error, not a second server sharing it.
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(client, index), server)
     try:
         bound = server.add_insecure_port(address(host, port))

@@ -41,7 +41,9 @@ from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
 from .eventlog import events as ev
 from .eventlog import reader as eventlog
-from .model import Status
+from .model import Status, Submission, TaskState
+from .roles.worker_registry import WorkerInfo
+from .roles.workflows import WorkflowState
 from .task_index import Filter, Page, TaskIndex
 from .transport.reading import Since
 
@@ -287,10 +289,63 @@ async def redrive(request: Request[Any, Any, Any], data: JSONBody[RedriveRequest
     return RedriveResult(report.redriven, report.already_redriven, report.unreadable)
 
 
+class WorkflowBody(msgspec.Struct, frozen=True):
+    """A workflow: its tasks, each naming the ones it waits on in ``depends_on``."""
+
+    id: str
+    tasks: list[Submission]
+
+
+class BatchSubmission(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Many tasks accepted together or not at all."""
+
+    batch: list[Submission]
+    id: str | None = None
+
+
+class WorkflowSubmission(msgspec.Struct, frozen=True):
+    workflow: WorkflowBody
+
+
+#: The bodies and answers the handlers read and write as raw JSON (so that a submission is
+#: checked by the master's own checks, and a state is written as stored), described in the
+#: OpenAPI document by the msgspec types that hold them: (method, path) -> (the body's types,
+#: one of which it is; the answer's status and type).
+RAW_JSON_TYPES: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[str, Any]]] = {
+    ("post", "/api/v1/tasks"): ((Submission, BatchSubmission, WorkflowSubmission), ("201", SubmitResult)),
+    ("get", "/api/v1/tasks/{task_id}"): ((), ("200", TaskState)),
+    ("get", "/api/v1/tasks/{task_id}/events"): ((), ("200", list[ev.AnyEvent])),
+    ("post", "/api/v1/tasks/{task_id}/cancel"): ((), ("202", TaskState)),
+    ("post", "/api/v1/tasks/{task_id}/priority"): ((), ("202", TaskState)),
+    ("get", "/api/v1/workflows/{workflow_id}"): ((), ("200", WorkflowState)),
+    ("get", "/api/v1/workers"): ((), ("200", list[WorkerInfo])),
+}
+
+
+def openapi_document_of(app: Litestar) -> dict[str, Any]:
+    """Litestar's document, with the raw JSON bodies and answers described by their types."""
+    document: dict[str, Any] = app.openapi_schema.to_schema()
+    types = [t for bodies, (_, answer) in RAW_JSON_TYPES.values() for t in (*bodies, answer)]
+    schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    found = iter(schemas)
+    for (method, path), (bodies, (status, _)) in RAW_JSON_TYPES.items():
+        operation = document["paths"][path][method]
+        if bodies:
+            one_of = [next(found) for _ in bodies]
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"oneOf": one_of}}}}
+        operation["responses"][status]["content"] = {"application/json": {"schema": next(found)}}
+    for name, schema in components.items():
+        document.setdefault("components", {}).setdefault("schemas", {}).setdefault(name, schema)
+    return document
+
+
 @get("/openapi.json", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
-    return schema
+    state = request.app.state
+    if "openapi" not in state:
+        state.openapi = openapi_document_of(request.app)
+    document: dict[str, Any] = state.openapi
+    return document
 
 
 @get("/health", summary="Liveness: the API process answers")

@@ -65,7 +65,9 @@ class UpOptions:
     ``--monitor-port`` is given."""
     restarts: RestartPolicy = field(default_factory=RestartPolicy)
     api_port: int = DEFAULT_API_PORT
-    """Port of the REST API on 127.0.0.1; 0 runs none."""
+    """Port of the REST API; 0 runs none."""
+    api_host: str = "127.0.0.1"
+    """Address of the REST API (the CLI refuses one other than loopback without a token)."""
 
 
 ME = [sys.executable, "-m", "streamsched"]
@@ -76,7 +78,7 @@ def roles(settings: Settings, options: UpOptions) -> list[Role]:
     Autoscaled workers are not among them: the autoscaler starts them."""
     found = [Role("master", [*ME, "master"], stop_stage=1), Role("projector", [*ME, "projector"], stop_stage=2)]
     if options.api_port:
-        found.append(Role("api", [*ME, "api", "--port", str(options.api_port)], stop_stage=1))
+        found.append(Role("api", [*ME, "api", "--host", options.api_host, "--port", str(options.api_port)], stop_stage=1))
     for region in settings.regions:
         found.append(Role(f"regional {region}", [*ME, "regional", "--region", region], stop_stage=1))
         if options.autoscale is None:
@@ -98,7 +100,7 @@ def run(settings: Settings, options: UpOptions) -> bool:
     :class:`~streamsched.transport.server.ServerStartError` when the embedded server does
     not start for another reason, before any role has started.
     """
-    if options.api_port and port_in_use(options.api_port):
+    if options.api_port and port_in_use(options.api_port, options.api_host):
         raise PortInUse(options.api_port, "api")
     server = _embedded_server(options) if options.nats_url is None else None
     url = server.url if server else str(options.nats_url)
@@ -229,7 +231,8 @@ to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at o
 def _api_line(options: UpOptions) -> str:
     if not options.api_port:
         return ""
-    return f"\n  REST API:    http://127.0.0.1:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
+    host = f"[{options.api_host}]" if ":" in options.api_host else options.api_host
+    return f"\n  REST API:    http://{host}:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
 
 
 def _worker_count(options: UpOptions) -> str:

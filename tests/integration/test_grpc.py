@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import grpc
+import msgspec
 import nats.errors
 import pytest
 
@@ -190,11 +191,22 @@ async def test_a_taken_port_is_an_error_not_a_second_server(settings: Settings, 
         await server.stop(None)
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1"])
-def test_the_command_refuses_a_host_other_than_loopback(host: str):
-    from typer.testing import CliRunner
-
-    from streamsched.cli import app
-
-    result = CliRunner().invoke(app, ["grpc", "--host", host])
-    assert result.exit_code == 2 and "loopback only" in result.output and host in result.output
+async def test_a_token_when_set_is_required_by_every_call(settings: Settings, bus: Bus):
+    guarded = msgspec.structs.replace(settings, api_token="s3cret")
+    server, index, stub, channel = await serving(Client(bus, await StateStore.open(bus), guarded), bus)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Submit(pb.SubmitRequest(submission=b'{"type": "echo"}'))
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.Get(pb.GetRequest(id="x"), metadata=(("authorization", "Bearer guess"),))
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            async for _ in stub.Watch(pb.WatchRequest(kind="succeeded")):
+                pass
+        allowed = await stub.Submit(pb.SubmitRequest(submission=b'{"type": "echo"}'), metadata=(("authorization", "Bearer s3cret"),))
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await index.stop()
+    for refused in (unary, wrong, stream):
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED and "bearer token" in (refused.value.details() or "")
+    assert len(allowed.ids) == 1

@@ -101,8 +101,15 @@ async def test_cancel_and_priority_of_a_waiting_task(settings, bus, examples, ap
 async def test_service_endpoints_answer(settings, bus, examples, api):
     assert (await api.get("/health")).json() == {"status": "ok"}
     assert (await api.get("/ready")).status_code == 200
-    paths = (await api.get("/openapi.json")).json()["paths"]
+    document = (await api.get("/openapi.json")).json()
+    paths, schemas = document["paths"], document["components"]["schemas"]
     assert {"/api/v1/tasks", "/api/v1/tasks/{task_id}", "/api/v1/cluster/stats"} <= set(paths)
+    # The bodies read and written as raw JSON are described by the types that check them.
+    submit_body = paths["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert [one["$ref"].rsplit("/", 1)[1] for one in submit_body["oneOf"]] == ["Submission", "BatchSubmission", "WorkflowSubmission"]
+    assert {"type", "priority", "depends_on"} <= set(schemas["Submission"]["properties"])
+    state = paths["/api/v1/tasks/{task_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert state == {"$ref": "#/components/schemas/TaskState"} and "status" in schemas["TaskState"]["properties"]
     async with running(await all_roles(settings, bus, examples)):
         workers = (await api.get("/api/v1/workers")).json()
         info = (await api.get("/api/v1/cluster/info")).json()
