@@ -15,6 +15,7 @@ import msgspec
 import typer
 import yaml
 
+from .cli_access import access_app
 from .cli_breakers import breakers_app
 from .cli_events import (
     dlq_app,
@@ -82,6 +83,7 @@ app.add_typer(workers_app, name="workers")
 app.add_typer(regions_app, name="regions")
 app.add_typer(breakers_app, name="breakers")
 app.add_typer(limits_app, name="limits")
+app.add_typer(access_app, name="access")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
 #: The settings' defaults, for help texts.

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -23,6 +23,7 @@ from nats.aio.client import Client
 
 from ..errors import Unavailable
 from . import wire
+from .credentials import CredentialsError, connect_options
 
 log = logging.getLogger("streamsched.bus")
 
@@ -135,12 +136,14 @@ class Bus:
         self._on_reconnect: list[Callable[[], None]] = []
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, wait_for_server: bool = False) -> Bus:
+    async def connect(cls, url: str, *, name: str, wait_for_server: bool = False, environ: Mapping[str, str] | None = None) -> Bus:
         """Connect; once connected, reconnects never give up.
 
         A role (``wait_for_server``) waits for a server that is not up yet, as a service
         started before its broker should. A command gives up after
         :data:`FIRST_CONNECT_ATTEMPTS` with :class:`~streamsched.errors.Unavailable`.
+        Credentials and TLS come from ``environ`` (the process's environment by default; see
+        :mod:`streamsched.transport.credentials`).
         """
         holder: list[Bus] = []
 
@@ -156,13 +159,20 @@ class Bus:
                 holder[0]._fail_in_flight()
 
         async def error(exc: Exception) -> None:
-            log.debug("nats client error: %r", exc)
+            # A refused credential or subject is the deployment's to fix: say so where it shows.
+            refused = any(word in str(exc).lower() for word in ("permissions violation", "authorization", "authentication"))
+            log.log(logging.ERROR if refused else logging.DEBUG, "nats client error: %s", exc if refused else repr(exc))
 
         if wait_for_server:
             log.info("connecting to NATS at %s (waiting for it if it is not up yet)", url)
         try:
+            credentials = connect_options(environ)
+        except CredentialsError as exc:
+            raise Unavailable(f"cannot connect to NATS: {exc}") from None
+        try:
             nc = await nats.connect(
                 url.split(","),
+                **credentials,
                 name=name,
                 # nats-py counts the first connection's tries against the reconnect limit:
                 # bounded for a command, then unbounded once connected (below).
