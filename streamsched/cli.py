@@ -115,7 +115,7 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
     ),
     epilog=(
         "Examples:\n\n  streamsched up\n\n  streamsched up --autoscale 1:4 --concurrency 8\n\n"
-        "  STREAMSCHED_AUTOSCALE_IDLE_S=10 streamsched up --autoscale 2:6"
+        "  STREAMSCHED_AUTOSCALE_IDLE_S=10 streamsched up --autoscale 2:6\n\n  streamsched up --cluster 3   # three nats-servers, streams R3"
     ),
 )
 def up(
@@ -139,6 +139,15 @@ def up(
     ] = None,
     api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API; 0: none.")] = 8080,
     api_host: Annotated[str, typer.Option(help="Address of the REST API; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
+    cluster: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=5,
+            help="Embedded nats-servers: 3 form a JetStream cluster on loopback (client ports --port onwards, routes 2000 above) "
+            "with every stream replicated on each, to try losing a server.",
+        ),
+    ] = 1,
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
@@ -170,6 +179,7 @@ def up(
         monitor_port_fallback=monitor_port is None,
         api_port=api_port,
         api_host=api_host,
+        cluster=cluster,
     )
     try:
         ok = run(settings, options)

@@ -28,7 +28,7 @@ from .config import DEFAULT_CONCURRENCY, Settings
 from .supervisor import RestartPolicy, Role, RoleProcess, Supervisor, stop_processes
 from .transport import streams
 from .transport.bus import Bus
-from .transport.server import NatsServer, PortInUse, default_config, free_port, port_in_use
+from .transport.server import NatsServer, PortInUse, default_config, free_port, local_cluster, port_in_use, urls
 
 log = logging.getLogger("streamsched.up")
 
@@ -68,6 +68,9 @@ class UpOptions:
     """Port of the REST API; 0 runs none."""
     api_host: str = "127.0.0.1"
     """Address of the REST API (the CLI refuses one other than loopback without a token)."""
+    cluster: int = 1
+    """Embedded nats-servers: more than one form a JetStream cluster on loopback (client
+    ports ``port`` onwards) and every stream and bucket is replicated on each."""
 
 
 ME = [sys.executable, "-m", "streamsched"]
@@ -102,10 +105,10 @@ def run(settings: Settings, options: UpOptions) -> bool:
     """
     if options.api_port and port_in_use(options.api_port, options.api_host):
         raise PortInUse(options.api_port, "api")
-    server = _embedded_server(options) if options.nats_url is None else None
-    url = server.url if server else str(options.nats_url)
-    settings = msgspec.structs.replace(settings, nats_url=url)
-    env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions))
+    servers = _embedded_servers(options) if options.nats_url is None else []
+    url = urls(servers) if servers else str(options.nats_url)
+    settings = msgspec.structs.replace(settings, nats_url=url, replicas=options.cluster if len(servers) > 1 else settings.replicas)
+    env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions), STREAMSCHED_REPLICAS=str(settings.replicas))
     supervisor = Supervisor(roles(settings, options), env, options.restarts)
     autoscaler = None
     if options.autoscale is not None:
@@ -125,7 +128,7 @@ def run(settings: Settings, options: UpOptions) -> bool:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     looping: RoleProcess | None = None
     try:
-        if server is not None:
+        for server in servers:
             server.start()
         for change in anyio.run(_apply, settings):
             log.info("%s", change)
@@ -133,16 +136,16 @@ def run(settings: Settings, options: UpOptions) -> bool:
             supervisor.start()
             if autoscaler is not None:
                 autoscaler.start()
-            _banner(url, settings, options, server)
+            _banner(url, settings, options, servers)
         looping = anyio.run(_keep_running, supervisor, autoscaler, lambda: stopping)
         if looping is not None:
             _report_crash_loop(looping)
     finally:
         stopping = True
         supervisor.stop(settings.grace_s + STOP_MARGIN_S, lambda: hurry)
-        if server is not None and server.process is not None:
-            log.info("stopping nats-server")
-            stop_processes([server.process], STOP_MARGIN_S, lambda: hurry)
+        if started := [server.process for server in servers if server.process is not None]:
+            log.info("stopping nats-server" if len(started) == 1 else "stopping the nats-servers")
+            stop_processes(started, STOP_MARGIN_S, lambda: hurry)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return looping is None
@@ -165,17 +168,18 @@ async def _keep_running(supervisor: Supervisor, autoscaler: Autoscaler | None, s
     return None
 
 
-def _embedded_server(options: UpOptions) -> NatsServer:
-    """The embedded nats-server, not started yet (:meth:`NatsServer.start` checks its ports)."""
-    monitor_port = options.monitor_port or None
-    if monitor_port is not None and options.monitor_port_fallback and port_in_use(monitor_port):
-        monitor_port = free_port()
-    return NatsServer(
-        port=options.port,
-        store_dir=options.data_dir.resolve() / "jetstream",
-        config=default_config(),
-        monitor_port=monitor_port,
-    )
+def _embedded_servers(options: UpOptions) -> list[NatsServer]:
+    """The embedded nats-server, or the nodes of the embedded cluster, not started yet
+    (:meth:`NatsServer.start` checks their ports)."""
+    store, config, monitor_port = options.data_dir.resolve() / "jetstream", default_config(), options.monitor_port or None
+    if options.cluster == 1:
+        servers = [NatsServer(port=options.port, store_dir=store, config=config, monitor_port=monitor_port)]
+    else:
+        servers = local_cluster(options.cluster, port=options.port, store_dir=store, config=config, monitor_port=monitor_port)
+    for server in servers:
+        if server.monitor_port is not None and options.monitor_port_fallback and port_in_use(server.monitor_port):
+            server.monitor_port = free_port()
+    return servers
 
 
 def _report_crash_loop(looping: RoleProcess) -> None:
@@ -194,17 +198,25 @@ def _report_crash_loop(looping: RoleProcess) -> None:
 async def _apply(settings: Settings) -> list[streams.Change]:
     bus = await Bus.connect(settings.nats_url, name="streamsched-up")
     try:
-        return await streams.apply(bus, settings)
+        await streams.wait_until_ready(bus)  # a cluster answers once its nodes have elected a leader
+        changes = await streams.apply(bus, settings)
+        await streams.wait_for_leaders(bus, settings)
+        return changes
     finally:
         await bus.close()
 
 
-def _banner(url: str, settings: Settings, options: UpOptions, server: NatsServer | None) -> None:
-    where = f"embedded nats-server, data in {server.store_dir}" if server else "existing server"
+def _banner(url: str, settings: Settings, options: UpOptions, servers: list[NatsServer]) -> None:
+    if not servers:
+        where = "existing server"
+    elif len(servers) == 1:
+        where = f"embedded nats-server, data in {servers[0].store_dir}"
+    else:
+        where = f"{len(servers)} embedded nats-servers in one JetStream cluster, every stream on each; data in {servers[0].store_dir.parent}"
     monitor = ""
-    if server is not None and server.monitor_port is not None:
-        fell_back = f"   ({options.monitor_port} was taken, so a free port)" if server.monitor_port != options.monitor_port else ""
-        monitor = f"\n  monitoring:  http://127.0.0.1:{server.monitor_port}/jsz{fell_back}"
+    if ports := [server.monitor_port for server in servers if server.monitor_port is not None]:
+        fell_back = f"   ({options.monitor_port} was taken, so a free port)" if ports[0] != options.monitor_port else ""
+        monitor = "\n  monitoring:  " + "  ".join(f"http://127.0.0.1:{port}/jsz" for port in ports) + fell_back
     policy = options.restarts
     print(
         f"""

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
+import nats.errors
+from nats.js.errors import ServiceUnavailableError
 
 from ..config import Settings
 from ..transport.bus import Bus
@@ -52,7 +54,7 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
     """Connect, build the roles, run them until they finish or a signal stops them."""
     bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
-        roles = await build(bus)
+        roles = await _build_when_answered(bus, build)
         # What exists now (modules, settings, the connection, the roles) lives as long as the
         # process: take it out of the cyclic collector's reach, or every full collection walks
         # it again (tens of milliseconds each, several per second under load).
@@ -66,6 +68,28 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
             tg.cancel_scope.cancel()
     finally:
         await bus.close()
+
+
+#: What a JetStream request raises while a server restarts or a cluster elects a leader.
+TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+#: Longest a role keeps trying to start through such errors before it exits (and is restarted).
+START_RETRY_S = 60.0
+
+
+async def _build_when_answered(bus: Bus, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> Sequence[Role]:
+    """``build(bus)``, tried again while JetStream does not answer yet: a role started while a
+    cluster elects its leaders (a rolling restart, a node lost) waits rather than crash-loops."""
+    deadline = anyio.current_time() + START_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            return await build(bus)
+        except TRANSIENT as exc:
+            if anyio.current_time() > deadline:
+                raise
+            log.warning("JetStream did not answer while starting (%r); trying again in %.1fs", exc, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _stop_on_signal(roles: Sequence[Role]) -> None:

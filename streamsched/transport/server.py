@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -85,12 +86,19 @@ class NatsServer:
         config: Path | None = None,
         monitor_port: int | None = None,
         host: str = "127.0.0.1",
+        name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[int] = (),
     ) -> None:
         self.host = host
         self.port = port
         self.store_dir = Path(store_dir)
         self.config = config
         self.monitor_port = monitor_port
+        #: Server name (a JetStream cluster needs one per node); cluster port and the other nodes' cluster ports.
+        self.name = name
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
@@ -105,6 +113,11 @@ class NatsServer:
         cmd += ["-js", "-a", self.host, "-p", str(self.port), "-sd", str(self.store_dir)]
         if self.monitor_port is not None:
             cmd += ["-m", str(self.monitor_port)]
+        if self.name is not None:
+            cmd += ["-n", self.name]
+        if self.cluster_port is not None:
+            routes = ",".join(f"nats://{self.host}:{port}" for port in self.routes)
+            cmd += ["--cluster_name", CLUSTER_NAME, "--cluster", f"nats://{self.host}:{self.cluster_port}", "--routes", routes]
         return cmd
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
@@ -165,6 +178,11 @@ class NatsServer:
             self.process.kill()
             self.process.wait()
 
+    def restart(self, timeout_s: float = 15.0) -> NatsServer:
+        """Start again after a stop or a kill, on the same ports and store."""
+        self.process = None
+        return self.start(timeout_s)
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -175,3 +193,33 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: The name of the cluster :func:`local_cluster` forms.
+CLUSTER_NAME = "streamsched"
+#: A cluster node's route port is its client port plus this (4222 routes on 6222).
+ROUTE_PORT_OFFSET = 2000
+
+
+def local_cluster(size: int, *, port: int, store_dir: Path, config: Path | None = None, monitor_port: int | None = None) -> list[NatsServer]:
+    """``size`` servers on loopback routed into one JetStream cluster, not started yet: node
+    ``i`` (from 0) has client port ``port + i``, route port ``port + 2000 + i``, monitoring
+    port ``monitor_port + i`` and its store in ``store_dir/n<i+1>``."""
+    route_ports = [port + ROUTE_PORT_OFFSET + i for i in range(size)]
+    return [
+        NatsServer(
+            port=port + i,
+            store_dir=store_dir / f"n{i + 1}",
+            config=config,
+            monitor_port=None if monitor_port is None else monitor_port + i,
+            name=f"n{i + 1}",
+            cluster_port=route_ports[i],
+            routes=[p for p in route_ports if p != route_ports[i]],
+        )
+        for i in range(size)
+    ]
+
+
+def urls(servers: Sequence[NatsServer]) -> str:
+    """The servers' URLs as one ``NATS_URL`` (comma-separated: a client tries each)."""
+    return ",".join(server.url for server in servers)

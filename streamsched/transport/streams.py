@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
+import nats.errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -47,7 +49,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from .. import subjects
 from ..config import Settings
@@ -328,6 +330,42 @@ async def ensure_work_consumers(bus: Bus, settings: Settings, region: str, task_
             assert config.durable_name is not None
             names.append(config.durable_name)
     return names
+
+
+#: Longest a new JetStream cluster may take to elect its meta leader (a few seconds on loopback).
+READY_TIMEOUT_S = 30.0
+
+
+async def wait_until_ready(bus: Bus, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Return once JetStream answers account requests: at once on one server; a cluster
+    answers 503 until its nodes have met and elected a meta leader."""
+    deadline = anyio.current_time() + timeout_s
+    while True:
+        try:
+            await bus.js.account_info()
+            return
+        except (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if anyio.current_time() > deadline:
+                raise
+            await anyio.sleep(0.2)
+
+
+async def wait_for_leaders(bus: Bus, settings: Settings, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Return once every stream and bucket has a leader: in a cluster a stream just made
+    elects one within seconds, and a role started before then would time out on it."""
+    names = [config.name or "" for config in stream_configs(settings)] + [f"KV_{kv.bucket}" for kv in kv_configs(settings)]
+    deadline = anyio.current_time() + timeout_s
+    for name in names:
+        while True:
+            try:
+                info = await bus.js.stream_info(name)
+                if info.cluster is None or info.cluster.leader:
+                    break
+            except (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                pass
+            if anyio.current_time() > deadline:
+                raise TimeoutError(f"stream {name} has no leader after {timeout_s:g}s")
+            await anyio.sleep(0.1)
 
 
 #: The dedupe window nats-py gives a bucket (or its TTL, if shorter).
