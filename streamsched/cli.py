@@ -84,6 +84,16 @@ app.add_typer(breakers_app, name="breakers")
 app.add_typer(limits_app, name="limits")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve this process's Prometheus /metrics on this port (on $STREAMSCHED_METRICS_HOST, default 127.0.0.1) "
+        "[default: $STREAMSCHED_METRICS_PORT, or 0: none].",
+    ),
+]
 #: The settings' defaults, for help texts.
 _DEFAULTS = Settings()
 
@@ -227,12 +237,12 @@ def grpc_api(
 
 
 @app.command()
-def master(log_level: LogLevel = "INFO") -> None:
+def master(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
     """Run a master scheduler (validates tasks.submit and tasks.submit.<priority>, the higher first; routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
 
     async def build(bus: Bus) -> list[Master]:
         return [Master(settings, bus)]
@@ -244,12 +254,13 @@ def master(log_level: LogLevel = "INFO") -> None:
 def regional(
     region: Annotated[str, typer.Option(help="The region this scheduler serves.")] = "default",
     log_level: LogLevel = "INFO",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
     from .roles.regional import Regional
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
 
     async def build(bus: Bus) -> list[Regional]:
@@ -272,6 +283,7 @@ def worker(
         ),
     ] = None,
     log_level: LogLevel = "INFO",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry.
 
@@ -282,7 +294,7 @@ def worker(
     from .roles.worker import Worker
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
     if not registry.names():
@@ -296,13 +308,13 @@ def worker(
 
 
 @app.command()
-def projector(log_level: LogLevel = "INFO") -> None:
+def projector(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
     """Run the state projector (folds EVENTS into KV `tasks`)."""
     from .eventlog.state import StateStore
     from .roles.projector import Projector
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
     # tasks/s in `bench throughput`, and the view completes no later than at nice 0).
     os.nice(settings.projector_nice)
