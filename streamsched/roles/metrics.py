@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -217,14 +218,15 @@ def process_registry(roles: Sequence[Any], max_types: int) -> CollectorRegistry:
     return registry
 
 
-def serve(roles: Sequence[Any], port: int, host: str, max_types: int) -> bool:
+def serve(roles: Sequence[Any], port: int, host: str, max_types: int) -> WSGIServer | None:
     """Serve ``/metrics`` of this process on ``host:port`` (prometheus-client's server, on a
-    thread of its own). When the port cannot be had (taken), an error is logged and the role
-    runs on without it: a watcher's endpoint must not stop the work it watches. True when serving."""
+    daemon thread of its own); returns the server (``shutdown()`` stops it). When the port
+    cannot be had (taken), an error is logged and the role runs on without it, and None is
+    returned: a watcher's endpoint must not stop the work it watches."""
     try:
-        start_http_server(port, addr=host, registry=process_registry(roles, max_types))
+        server, _ = start_http_server(port, addr=host, registry=process_registry(roles, max_types))
     except OSError as exc:
         log.error("cannot serve this process's metrics on %s:%d (%s); running without them", host, port, exc)
-        return False
+        return None
     log.info("metrics of this process on http://%s:%d/metrics", host, port)
-    return True
+    return server
