@@ -146,12 +146,22 @@ def up(
         ),
     ] = None,
     api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API on 127.0.0.1; 0: none.")] = 8080,
+    metrics_port_base: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Give every role process its own Prometheus /metrics on 127.0.0.1 from this port on: master BASE, projector BASE+1, "
+            "the regional schedulers next (one per region), then the workers (as many ports per region as it may run workers). "
+            "0: none. The cluster's /metrics is the REST API's, on --api-port.",
+        ),
+    ] = 0,
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
     from .autoscaler import parse_bounds
     from .transport.server import PortInUse, ServerStartError
-    from .up import DEFAULT_MONITOR_PORT, UpOptions, run
+    from .up import DEFAULT_MONITOR_PORT, UpOptions, last_metrics_port, run
 
     bounds = None
     if autoscale is not None:
@@ -174,7 +184,10 @@ def up(
         monitor_port=DEFAULT_MONITOR_PORT if monitor_port is None else monitor_port,
         monitor_port_fallback=monitor_port is None,
         api_port=api_port,
+        metrics_port_base=metrics_port_base,
     )
+    if metrics_port_base and last_metrics_port(settings, options) > 65535:
+        raise typer.BadParameter(f"the role processes need ports up to {last_metrics_port(settings, options)}", param_hint="'--metrics-port-base'")
     try:
         ok = run(settings, options)
     except PortInUse as exc:

@@ -21,6 +21,8 @@ from streamsched.testing import all_roles, running
 from streamsched.transport import streams
 from streamsched.transport.server import free_port
 
+from ..unit.test_deploy_files import queried
+
 pytestmark = pytest.mark.anyio
 
 #: The names the cluster view exports (the issue's list), as the scrape shows them.
@@ -48,9 +50,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def parse(text: str) -> Samples:
     """Every sample of a scrape by (name, labels)."""
     return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        (sample.name, frozenset(sample.labels.items())): sample.value for family in text_string_to_metric_families(text) for sample in family.samples
     }
 
 
@@ -104,7 +104,8 @@ async def test_the_counters_move_as_tasks_flow_and_the_names_are_all_there(setti
         await scrape_until(api, all_ended, "every task's outcome")
         await client.open_breaker("noop", region="default")
         after = await scrape(api)
-    assert CLUSTER_NAMES <= {name for name, _ in after}
+    assert {name for name, _ in after} >= CLUSTER_NAMES
+    assert queried('job="streamsched-api"') <= {name for name, _ in after}  # every name the dashboard reads there
     assert not any(name.startswith("tasks_") for name, _ in before)  # the fold began with the API: nothing before
     # Exact: each outcome counted once, by the labels of the task.
     assert total(after, "tasks_completed_total") == ok_high + ok_low
@@ -161,10 +162,10 @@ async def test_a_role_process_serves_its_own_counts(settings, bus, examples):
         server.shutdown()
         server.server_close()
     assert taken is None
+    assert queried('job=~"streamsched-(master|regional|projector|worker)"') <= {name for name, _ in samples}
     assert total(samples, "tasks_completed_total", type="echo", region="default") == 7
     assert total(samples, "task_duration_seconds_count", type="echo") == 7
     assert total(samples, "master_submissions_total", outcome="accepted") == 7
     assert total(samples, "regional_released_total", region="default") == 7
     assert total(samples, "projector_applied_total") > 0
     assert total(samples, "process_cpu_seconds_total") > 0
-
