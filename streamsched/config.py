@@ -147,8 +147,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ``other``, so made-up types cannot grow the series without bound."""
     metrics_max_tasks: int = 100_000
     """Tasks the API's ``/metrics`` follows at once to time their waits, hops and runs
-    (about 200 bytes each); past it the oldest unfinished one is dropped (its counts stay
-    exact, its timings are not observed)."""
+    (about 250 bytes each, plus as many ids of tasks that finished lately, about 120 bytes
+    each); past it the oldest unfinished one is dropped (its counts stay exact, its later
+    timings are not observed)."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
     cancel requests, schedules), with exponential backoff and jitter, before it raises
