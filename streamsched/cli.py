@@ -210,7 +210,10 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
+    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready.
+
+    The cluster's Prometheus metrics are at /metrics (see the README's Metrics section).
+    """
     import uvicorn
 
     from .rest import create_app
