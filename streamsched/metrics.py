@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
-import nats.errors
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -253,10 +252,10 @@ async def follow(bus: Bus, fold: EventFold, since: Since, *, retry_s: float = 1.
     while True:
         try:
             async for stored in read(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, since, follow=True, stats=stats):
+                since = Since(seq=stored.seq + 1)  # before folding: a message the fold fails on is not read again and again
                 for event in decode(stored.seq, stored.data, stats):
                     fold.observe(event)
-                since = Since(seq=stored.seq + 1)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stopped the read, the counters must go on: read again from the last message
             log.warning("following EVENTS for the metrics failed (%r); again in %.1fs", exc, retry_s)
             await asyncio.sleep(retry_s)
 
