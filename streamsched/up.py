@@ -281,7 +281,7 @@ def _metrics_line(settings: Settings, options: UpOptions) -> str:
     if not options.metrics_port_base:
         return cluster
     ports = f"{options.metrics_port_base}-{last_metrics_port(settings, options)}"
-    return f"{cluster}\n  role metrics: ports {ports} on 127.0.0.1   (master, projector, regional schedulers, then workers)"
+    return f"{cluster}\n  roles:       /metrics on 127.0.0.1, ports {ports}   (master, projector, regional schedulers, then workers)"
 
 
 def _worker_count(options: UpOptions) -> str:
