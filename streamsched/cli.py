@@ -86,6 +86,16 @@ app.add_typer(limits_app, name="limits")
 app.add_typer(access_app, name="access")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve this process's Prometheus /metrics on this port (on $STREAMSCHED_METRICS_HOST, default 127.0.0.1) "
+        "[default: $STREAMSCHED_METRICS_PORT, or 0: none].",
+    ),
+]
 #: The settings' defaults, for help texts.
 _DEFAULTS = Settings()
 
@@ -148,12 +158,22 @@ def up(
             "with every stream replicated on each, to try losing a server.",
         ),
     ] = 1,
+    metrics_port_base: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Give every role process its own Prometheus /metrics on 127.0.0.1 from this port on: master BASE, projector BASE+1, "
+            "the regional schedulers next (one per region), then the workers (as many ports per region as it may run workers). "
+            "0: none. The cluster's /metrics is the REST API's, on --api-port.",
+        ),
+    ] = 0,
     log_level: LogLevel = "INFO",
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
     from .autoscaler import parse_bounds
     from .transport.server import PortInUse, ServerStartError
-    from .up import DEFAULT_MONITOR_PORT, UpOptions, run
+    from .up import DEFAULT_MONITOR_PORT, UpOptions, last_metrics_port, run
 
     bounds = None
     if autoscale is not None:
@@ -180,7 +200,10 @@ def up(
         api_port=api_port,
         api_host=api_host,
         cluster=cluster,
+        metrics_port_base=metrics_port_base,
     )
+    if metrics_port_base and last_metrics_port(settings, options) > 65535:
+        raise typer.BadParameter(f"the role processes need ports up to {last_metrics_port(settings, options)}", param_hint="'--metrics-port-base'")
     try:
         ok = run(settings, options)
     except PortInUse as exc:
@@ -213,7 +236,10 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
+    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready.
+
+    The cluster's Prometheus metrics are at /metrics (see the README's Metrics section).
+    """
     import uvicorn
 
     from .rest import create_app
@@ -249,12 +275,12 @@ def grpc_api(
 
 
 @app.command()
-def master(log_level: LogLevel = "INFO") -> None:
+def master(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
     """Run a master scheduler (validates tasks.submit and tasks.submit.<priority>, the higher first; routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
 
     async def build(bus: Bus) -> list[Master]:
         return [Master(settings, bus)]
@@ -266,12 +292,13 @@ def master(log_level: LogLevel = "INFO") -> None:
 def regional(
     region: Annotated[str, typer.Option(help="The region this scheduler serves.")] = "default",
     log_level: LogLevel = "INFO",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
     from .roles.regional import Regional
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
 
     async def build(bus: Bus) -> list[Regional]:
@@ -294,6 +321,7 @@ def worker(
         ),
     ] = None,
     log_level: LogLevel = "INFO",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry.
 
@@ -304,7 +332,7 @@ def worker(
     from .roles.worker import Worker
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
     if not registry.names():
@@ -318,13 +346,13 @@ def worker(
 
 
 @app.command()
-def projector(log_level: LogLevel = "INFO") -> None:
+def projector(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
     """Run the state projector (folds EVENTS into KV `tasks`)."""
     from .eventlog.state import StateStore
     from .roles.projector import Projector
 
     configure_logging(log_level)
-    settings = load_or_exit()
+    settings = load_or_exit(metrics_port=metrics_port)
     # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
     # tasks/s in `bench throughput`, and the view completes no later than at nice 0).
     os.nice(settings.projector_nice)

@@ -136,6 +136,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_index_max_tasks: int = 1_000_000
     """Tasks the API process keeps in its task list (a view of KV ``tasks``, about 1 KB each);
     past it, the oldest submissions leave the list (they stay readable by id)."""
+    metrics_port: int = 0
+    """Port of a role process's own Prometheus ``/metrics`` (each role command's
+    ``--metrics-port`` overrides it; ``up --metrics-port-base`` gives each of its processes
+    one). 0 (the default): none. The cluster-wide view is the API's ``/metrics``."""
+    metrics_host: str = "127.0.0.1"
+    """Address a role's ``/metrics`` listens on (it has no authentication: loopback unless set)."""
+    metrics_max_types: int = 100
+    """Distinct task types a metric labels by name; types first seen past it are labelled
+    ``other``, so made-up types cannot grow the series without bound."""
+    metrics_max_tasks: int = 100_000
+    """Tasks the API's ``/metrics`` follows at once to time their waits, hops and runs
+    (about 250 bytes each, plus as many ids of tasks that finished lately, about 120 bytes
+    each); past it the oldest unfinished one is dropped (its counts stay exact, its later
+    timings are not observed)."""
     submit_retry_budget_s: float = 5.0
     """How long the client keeps trying a publish that a full stream refused (submissions,
     cancel requests, schedules), with exponential backoff and jitter, before it raises
@@ -245,6 +259,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"submit_retry_budget_s must be at least 0 (seconds), not {self.submit_retry_budget_s}")
         if self.region_failover not in REGION_FAILOVER:
             raise ConfigError(f"region_failover must be one of {', '.join(REGION_FAILOVER)}, not {self.region_failover!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0 (none) to 65535, not {self.metrics_port}")
+        if self.metrics_max_types < 1 or self.metrics_max_tasks < 1:
+            raise ConfigError("metrics_max_types and metrics_max_tasks must be at least 1")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
         self._check_autoscale()

@@ -33,7 +33,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import nats_api, subjects
 from .client import Client
@@ -41,6 +41,7 @@ from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
 from .eventlog import events as ev
 from .eventlog import reader as eventlog
+from .metrics import ClusterMetrics
 from .model import Status, Submission, TaskState
 from .roles.worker_registry import WorkerInfo
 from .roles.workflows import WorkflowState
@@ -159,20 +160,10 @@ async def list_by_status(
     return await _page(request, _filter(status, None, None, None, None, None), limit, cursor)
 
 
-@get("/metrics", summary="Prometheus metrics: tasks by status, messages per stream, live workers", media_type="text/plain; version=0.0.4")
+@get("/metrics", summary="Prometheus metrics of the whole cluster (see streamsched.metrics)", media_type="text/plain; version=0.0.4")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    stats = await _client(request).cluster_stats()
-    index = _index(request)
-    registry = CollectorRegistry()
-    tasks = Gauge("streamsched_tasks", "Tasks in the API's view of KV tasks, by status", ["status"], registry=registry)
-    for status, count in index.counts().items():
-        tasks.labels(status).set(count)
-    messages = Gauge("streamsched_stream_messages", "Messages each stream holds", ["stream"], registry=registry)
-    for stream, figures in stats["streams"].items():
-        messages.labels(stream).set(figures["messages"])
-    Gauge("streamsched_workers", "Live workers", registry=registry).set(stats["workers"])
-    Gauge("streamsched_tasks_running", "Tasks the live workers run now", registry=registry).set(stats["running"])
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    cluster: ClusterMetrics = request.app.state.metrics
+    return Response(await cluster.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @get("/api/v1/tasks/{task_id:str}", summary="A task's state")
@@ -443,12 +434,14 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
         app.state.client = client if client is not None else await Client.connect(settings.nats_url, name="streamsched-api", settings=settings)
         app.state.index = TaskIndex(app.state.client.bus, max_tasks=settings.api_index_max_tasks)
         await app.state.index.start()
+        app.state.metrics = ClusterMetrics.start(app.state.client, app.state.index)
         service = await nats_api.start(app.state.client, app.state.index) if nats_service else None
         try:
             yield
         finally:
             if service is not None:
                 await service.stop()
+            await app.state.metrics.stop()
             await app.state.index.stop()
             if own:
                 await app.state.client.close()

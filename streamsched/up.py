@@ -71,6 +71,8 @@ class UpOptions:
     cluster: int = 1
     """Embedded nats-servers: more than one form a JetStream cluster on loopback (client
     ports ``port`` onwards) and every stream and bucket is replicated on each."""
+    metrics_port_base: int = 0
+    """First port of the role processes' own ``/metrics`` (see :func:`metrics_port`); 0: none."""
 
 
 ME = [sys.executable, "-m", "streamsched"]
@@ -79,20 +81,61 @@ ME = [sys.executable, "-m", "streamsched"]
 def roles(settings: Settings, options: UpOptions) -> list[Role]:
     """One role process each; workers stop first, then the schedulers, then the projector.
     Autoscaled workers are not among them: the autoscaler starts them."""
-    found = [Role("master", [*ME, "master"], stop_stage=1), Role("projector", [*ME, "projector"], stop_stage=2)]
+    found = [
+        Role("master", [*ME, "master", *_metrics(settings, options, "master")], stop_stage=1),
+        Role("projector", [*ME, "projector", *_metrics(settings, options, "projector")], stop_stage=2),
+    ]
     if options.api_port:
         found.append(Role("api", [*ME, "api", "--host", options.api_host, "--port", str(options.api_port)], stop_stage=1))
     for region in settings.regions:
-        found.append(Role(f"regional {region}", [*ME, "regional", "--region", region], stop_stage=1))
+        regional = [*ME, "regional", "--region", region, *_metrics(settings, options, "regional", region)]
+        found.append(Role(f"regional {region}", regional, stop_stage=1))
         if options.autoscale is None:
-            found.extend(worker_role(options, region, n) for n in range(1, options.workers + 1))
+            found.extend(worker_role(settings, options, region, n) for n in range(1, options.workers + 1))
     return found
 
 
-def worker_role(options: UpOptions, region: str, n: int) -> Role:
+def worker_role(settings: Settings, options: UpOptions, region: str, n: int) -> Role:
     """The ``n``-th worker process of ``region``."""
     command = [*ME, "worker", options.handlers, "--region", region, "--concurrency", str(options.concurrency)]
-    return Role(f"worker {region}#{n}", command, stop_stage=0)
+    return Role(f"worker {region}#{n}", [*command, *_metrics(settings, options, "worker", region, n)], stop_stage=0)
+
+
+def metrics_port(settings: Settings, options: UpOptions, role: str, region: str = "", n: int = 1) -> int | None:
+    """The port of a role process's own ``/metrics`` under ``up --metrics-port-base BASE``
+    (None without): the master ``BASE``, the projector ``BASE+1``, the regional scheduler of
+    the i-th region (from 0, in the order of ``regions``) ``BASE+2+i``, then the workers, region
+    by region, as many ports each as it may run workers (``--workers``, or the MAX of
+    ``--autoscale``): worker ``n`` of the i-th region ``BASE+2+R+i*W+(n-1)%W`` (R regions, W
+    ports each). A restarted role keeps its port. The REST API's ``/metrics`` (the cluster's)
+    stays on the API's port."""
+    base = options.metrics_port_base
+    if not base:
+        return None
+    regions = list(settings.regions)
+    if role == "master":
+        return base
+    if role == "projector":
+        return base + 1
+    if role == "regional":
+        return base + 2 + regions.index(region)
+    per_region = workers_per_region(options)
+    return base + 2 + len(regions) + regions.index(region) * per_region + (n - 1) % per_region
+
+
+def workers_per_region(options: UpOptions) -> int:
+    """The most worker processes ``up`` runs in a region at once."""
+    return options.autoscale[1] if options.autoscale is not None else options.workers
+
+
+def last_metrics_port(settings: Settings, options: UpOptions) -> int:
+    """The highest port :func:`metrics_port` gives (``BASE - 1`` when there is no worker)."""
+    return options.metrics_port_base + 1 + len(settings.regions) * (1 + workers_per_region(options))
+
+
+def _metrics(settings: Settings, options: UpOptions, role: str, region: str = "", n: int = 1) -> list[str]:
+    port = metrics_port(settings, options, role, region, n)
+    return [] if port is None else ["--metrics-port", str(port)]
 
 
 def run(settings: Settings, options: UpOptions) -> bool:
@@ -113,7 +156,8 @@ def run(settings: Settings, options: UpOptions) -> bool:
     autoscaler = None
     if options.autoscale is not None:
         rule = ScaleRule.of(settings, options.autoscale, options.concurrency)
-        autoscaler = Autoscaler(supervisor, settings, dict.fromkeys(settings.regions, rule), lambda region, n: worker_role(options, region, n))
+        rules = dict.fromkeys(settings.regions, rule)
+        autoscaler = Autoscaler(supervisor, settings, rules, lambda region, n: worker_role(settings, options, region, n))
     stopping = hurry = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -223,7 +267,7 @@ def _banner(url: str, settings: Settings, options: UpOptions, servers: list[Nats
 streamsched is up
   NATS:        {url}   ({where}){monitor}
   regions:     {", ".join(settings.regions)}   workers per region: {_worker_count(options)} x {options.concurrency} slots
-  handlers:    {options.handlers}{_api_line(options)}
+  handlers:    {options.handlers}{_api_line(options)}{_metrics_line(settings, options)}
 
 Submit a task from any NATS client:
   nats pub tasks.submit '{{"type":"echo","payload":{{"hello":"world"}}}}'
@@ -245,6 +289,14 @@ def _api_line(options: UpOptions) -> str:
         return ""
     host = f"[{options.api_host}]" if ":" in options.api_host else options.api_host
     return f"\n  REST API:    http://{host}:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
+
+
+def _metrics_line(settings: Settings, options: UpOptions) -> str:
+    cluster = f"\n  metrics:     http://127.0.0.1:{options.api_port}/metrics   (the cluster's)" if options.api_port else ""
+    if not options.metrics_port_base:
+        return cluster
+    ports = f"{options.metrics_port_base}-{last_metrics_port(settings, options)}"
+    return f"{cluster}\n  roles:       /metrics on 127.0.0.1, ports {ports}   (master, projector, regional schedulers, then workers)"
 
 
 def _worker_count(options: UpOptions) -> str:

@@ -22,6 +22,7 @@ from nats.js.errors import ServiceUnavailableError
 
 from ..config import Settings
 from ..transport.bus import Bus
+from .metrics import serve as serve_metrics
 
 log = logging.getLogger("streamsched.service")
 
@@ -55,6 +56,8 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
     bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
         roles = await _build_when_answered(bus, build)
+        if settings.metrics_port:
+            serve_metrics(roles, settings.metrics_port, settings.metrics_host, settings.metrics_max_types)
         # What exists now (modules, settings, the connection, the roles) lives as long as the
         # process: take it out of the cyclic collector's reach, or every full collection walks
         # it again (tens of milliseconds each, several per second under load).

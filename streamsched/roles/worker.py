@@ -92,6 +92,7 @@ from ..transport.wire import Delivery
 from . import limits
 from .batching import Batches
 from .cancels import CancelWatch
+from .metrics import Buckets
 from .progress import ProgressReports
 from .reprioritize import Override, PriorityOverrides, moved_headers
 from .settle import Publication, Settler
@@ -184,6 +185,8 @@ class Worker:
         #: Attempts finished since start by type, then outcome (not cancelled): the masters'
         #: circuit breakers read them from the registry entry (:mod:`streamsched.roles.breakers`).
         self.outcomes: dict[str, dict[str, int]] = {}
+        #: Handler run times of the tasks that succeeded, by type (this process's ``/metrics``).
+        self.durations: dict[str, Buckets] = {}
         self.cancels = CancelWatch(bus, self._cancel_running)
         self.priorities = PriorityOverrides(bus)
         self.progress: ProgressReports | None = None
@@ -437,6 +440,10 @@ class Worker:
                     duration_s=time.monotonic() - begin,
                 )
                 self._count(task_type, "succeeded")
+                durations = self.durations.get(task_type)
+                if durations is None:
+                    durations = self.durations[task_type] = Buckets()
+                durations.observe(done.duration_s)
                 self._finish(msg, [], (*running.unpublished(), done), ACK, running.landing())
                 return
         await self._failed(running, task_id, task_type, attempt, max_attempts, error)
