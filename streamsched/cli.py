@@ -30,7 +30,7 @@ from .cli_regions import regions_app
 from .cli_schedules import schedule_app
 from .cli_workers import workers_app
 from .client import Client
-from .config import DEFAULT_CONCURRENCY, Settings
+from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Unavailable
 from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
@@ -84,6 +84,23 @@ app.add_typer(breakers_app, name="breakers")
 app.add_typer(limits_app, name="limits")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+class LogFormatName(enum.StrEnum):
+    """The values of ``--log-format`` (those of :data:`streamsched.logs.FORMATS`)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+LogFormat = Annotated[
+    LogFormatName | None,
+    typer.Option(
+        "--log-format",
+        help="text (readable lines) or json (one object a line, with task_id, type, attempt and trace_id on a task's lines) "
+        "[default: STREAMSCHED_LOG_FORMAT, else text].",
+    ),
+]
 #: The settings' defaults, for help texts.
 _DEFAULTS = Settings()
 
@@ -137,6 +154,7 @@ def up(
     ] = None,
     api_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the REST API on 127.0.0.1; 0: none.")] = 8080,
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
     from .autoscaler import parse_bounds
@@ -151,7 +169,9 @@ def up(
             bounds = parse_bounds(autoscale)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--autoscale'") from None
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
+    if log_format is not None:  # the role processes inherit the environment
+        os.environ[LOG_FORMAT_ENV] = log_format
     settings = load_or_exit(regions=_regions(regions))
     options = UpOptions(
         port=port,
@@ -186,13 +206,14 @@ def api(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
     import uvicorn
 
     from .rest import create_app
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     if host not in LOOPBACK_HOSTS and not settings.api_token:
         typer.echo(f"error: set STREAMSCHED_API_TOKEN to listen on {host}: without a token the REST API listens on loopback only", err=True)
@@ -207,9 +228,10 @@ def grpc_api(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, logged).")] = 50051,
     host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1, ::1 or localhost (the gRPC API has no authentication).")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run the gRPC API, service streamsched.v1.Scheduler of proto/streamsched/v1/scheduler.proto: submit, get, list, watch, cancel, reprioritize."""
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     if host not in LOOPBACK_HOSTS:
         typer.echo(f"error: the gRPC API has no authentication, so it listens on loopback only (127.0.0.1, ::1 or localhost), not {host}", err=True)
         raise typer.Exit(Exit.USAGE)
@@ -227,11 +249,11 @@ def grpc_api(
 
 
 @app.command()
-def master(log_level: LogLevel = "INFO") -> None:
+def master(log_level: LogLevel = "INFO", log_format: LogFormat = None) -> None:
     """Run a master scheduler (validates tasks.submit and tasks.submit.<priority>, the higher first; routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
 
     async def build(bus: Bus) -> list[Master]:
@@ -244,11 +266,12 @@ def master(log_level: LogLevel = "INFO") -> None:
 def regional(
     region: Annotated[str, typer.Option(help="The region this scheduler serves.")] = "default",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
     from .roles.regional import Regional
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     _check_region(settings, region)
 
@@ -272,6 +295,7 @@ def worker(
         ),
     ] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry.
 
@@ -281,7 +305,7 @@ def worker(
     from .registry import Registry
     from .roles.worker import Worker
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
@@ -296,12 +320,12 @@ def worker(
 
 
 @app.command()
-def projector(log_level: LogLevel = "INFO") -> None:
+def projector(log_level: LogLevel = "INFO", log_format: LogFormat = None) -> None:
     """Run the state projector (folds EVENTS into KV `tasks`)."""
     from .eventlog.state import StateStore
     from .roles.projector import Projector
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
     # tasks/s in `bench throughput`, and the view completes no later than at nice 0).
