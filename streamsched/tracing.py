@@ -38,8 +38,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 log = logging.getLogger("streamsched.tracing")
 
@@ -56,7 +55,6 @@ E = TypeVar("E", bound=msgspec.Struct)
 
 _tracer: trace.Tracer = trace.NoOpTracer()
 _provider: TracerProvider | None = None  # the one :func:`configure` made, flushed by :func:`shutdown`
-_propagator = TraceContextTextMapPropagator()
 #: The attempt span a worker's task runs under (each attempt is its own asyncio task).
 _attempt: contextvars.ContextVar[tuple[Span, str] | None] = contextvars.ContextVar("streamsched_attempt_span", default=None)
 
@@ -135,13 +133,21 @@ def shutdown() -> None:
 
 
 def _context_of(traceparent: str | None) -> otel_context.Context | None:
-    if not traceparent:
-        return None
-    return _propagator.extract({TRACEPARENT: traceparent})
+    """The context whose current span is the remote one ``traceparent`` names; None (the
+    caller's current context) for none, or one that is not a valid version-00 traceparent.
+    Parsed here rather than by the SDK's propagator, which costs a third of a hop's span."""
+    found = _span_context(traceparent) if traceparent else None
+    return None if found is None else trace.set_span_in_context(NonRecordingSpan(found))
 
 
 def _span_context(traceparent: str) -> SpanContext | None:
-    found = trace.get_current_span(_context_of(traceparent)).get_span_context()
+    parts = traceparent.split("-")
+    if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        found = SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True, trace_flags=TraceFlags(int(parts[3], 16)))
+    except ValueError:
+        return None
     return found if found.is_valid else None
 
 

@@ -242,7 +242,8 @@ class Master:
                 self._route(msg, envelope, body, now, recorded, parent)
 
         def failed(exc: BaseException) -> None:
-            log.warning("state of redelivered task %s not read (%r); it comes back in %.1fs", envelope.id, exc, self.settler.retry_delay_s)
+            delay, fields = self.settler.retry_delay_s, logs.task(envelope.id or "", envelope.type)
+            log.warning("state of redelivered task %s not read (%r); it comes back in %.1fs", envelope.id, exc, delay, extra=fields)
             self.settler.settle(msg, nak_with_delay(self.settler.retry_delay_s))
 
         self.router.after_lookup(envelope.id, then, failed)

@@ -28,7 +28,7 @@ import time
 import anyio
 import msgspec
 
-from .. import subjects, tracing
+from .. import logs, subjects, tracing
 from ..config import Settings
 from ..eventlog import events as ev
 from ..transport import streams, wire
@@ -121,7 +121,8 @@ class Regional:
             # A type a live worker handles is valid (its handler's name was checked); the rest are
             # checked here, since a master sends only valid types but not all SCHED is a master's.
             if task_type is None or (task_type not in handled and not subjects.is_type(task_type)):
-                log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject)
+                fields = logs.task(task_id, task_type or "")
+                log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject, extra=fields)
                 error = f"type {task_type!r} cannot be routed to a worker (not dotted words of A-Z a-z 0-9 _ - : /)"
                 dispatched.append(ev.Failed(task_id=task_id, at=now, region=self.region, error=error))
                 continue
