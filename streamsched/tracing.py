@@ -57,6 +57,10 @@ _tracer: trace.Tracer = trace.NoOpTracer()
 _provider: TracerProvider | None = None  # the one :func:`configure` made, flushed by :func:`shutdown`
 #: The attempt span a worker's task runs under (each attempt is its own asyncio task).
 _attempt: contextvars.ContextVar[tuple[Span, str] | None] = contextvars.ContextVar("streamsched_attempt_span", default=None)
+#: The trace context of the submission a master's intake step works on (each step is its own asyncio task).
+parent: contextvars.ContextVar[str | None] = contextvars.ContextVar("streamsched_trace_parent", default=None)
+#: The spans of a workflow's tasks taken in so far, by task id: a task's span links to those of its dependencies.
+siblings: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("streamsched_trace_siblings", default=None)
 
 
 def requested_exporter(env: Mapping[str, str] | None = None) -> str | None:
@@ -206,10 +210,6 @@ def end_attempt(outcome: str, error: str = "") -> str:
     return traceparent
 
 
-#: The trace context of the submission a master's intake step works on (each step is its own asyncio task).
-parent: contextvars.ContextVar[str | None] = contextvars.ContextVar("streamsched_trace_parent", default=None)
-
-
 def task_attributes(task_id: str, task_type: str, *, attempt: int = 0, region: str = "") -> dict[str, str | int | float | bool]:
     """The attributes of a task's span."""
     attributes: dict[str, str | int | float | bool] = {"streamsched.task.id": task_id, "streamsched.task.type": task_type}
@@ -218,9 +218,6 @@ def task_attributes(task_id: str, task_type: str, *, attempt: int = 0, region: s
     if region:
         attributes["streamsched.region"] = region
     return attributes
-
-#: The spans of a workflow's tasks taken in so far, by task id: a task's span links to those of its dependencies.
-siblings: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("streamsched_trace_siblings", default=None)
 
 
 @contextlib.contextmanager
