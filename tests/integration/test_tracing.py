@@ -126,3 +126,32 @@ async def test_with_tracing_off_no_header_is_added_and_events_carry_no_trace(set
     assert headers and not any(tracing.TRACEPARENT.encode() in header for header in headers)
     recorded = [event for event in events.events if event.task_id == "untraced-1"]
     assert len(recorded) >= 6 and all(event.trace == "" for event in recorded)
+
+
+async def test_a_splits_chunks_and_a_batchs_tasks_run_in_the_trace_of_their_submit(settings, bus, events: EventLog, examples, spans):
+    client = Client(bus, await StateStore.open(bus))
+    async with running(await all_roles(settings, bus, examples)):
+        await client.submit("echo", id="traced-split", split={"chunks": [1, 2, 3]})
+        batch = await client.submit_many([{"type": "echo", "payload": n, "id": f"traced-batch-{n}"} for n in range(2)], atomic=True)
+        assert (await client.wait("traced-split", timeout_s=20)).status == "succeeded"
+        for handle in batch:
+            assert (await client.wait(handle.id, timeout_s=20)).status == "succeeded"
+
+    split_submit = one(of_task(spans, "traced-split"), "submit")
+    gather_master = one(of_task(spans, "traced-split"), "master")
+    for chunk in ("traced-split-c0", "traced-split-c1", "traced-split-c2"):
+        found = of_task(spans, chunk)
+        assert sorted(span.name for span in found) == ["master", "regional", "worker attempt"]
+        assert {trace_of(span) for span in found} == {trace_of(split_submit)}
+        chunk_master = one(found, "master")
+        assert chunk_master.parent is not None and chunk_master.parent.span_id == span_id(gather_master)
+
+    batch_submit = one([span for span in spans.get_finished_spans() if "streamsched.batch.id" in (span.attributes or {})], "submit")
+    for n in range(2):
+        found = of_task(spans, f"traced-batch-{n}")
+        assert sorted(span.name for span in found) == ["master", "regional", "worker attempt"]
+        assert {trace_of(span) for span in found} == {trace_of(batch_submit)}
+        batch_master = one(found, "master")
+        assert batch_master.parent is not None and batch_master.parent.span_id == span_id(batch_submit)
+        recorded = [event for event in events.events if event.task_id == f"traced-batch-{n}"]
+        assert recorded and all(tracing.trace_id(event.trace) == trace_of(batch_submit) for event in recorded)
