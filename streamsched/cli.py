@@ -31,7 +31,7 @@ from .cli_regions import regions_app
 from .cli_schedules import schedule_app
 from .cli_workers import workers_app
 from .client import Client
-from .config import DEFAULT_CONCURRENCY, Settings
+from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Unavailable
 from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
@@ -94,6 +94,23 @@ MetricsPort = Annotated[
         max=65535,
         help="Serve this process's Prometheus /metrics on this port (on $STREAMSCHED_METRICS_HOST, default 127.0.0.1) "
         "[default: $STREAMSCHED_METRICS_PORT, or 0: none].",
+    ),
+]
+
+
+class LogFormatName(enum.StrEnum):
+    """The values of ``--log-format`` (those of :data:`streamsched.logs.FORMATS`)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
+LogFormat = Annotated[
+    LogFormatName | None,
+    typer.Option(
+        "--log-format",
+        help="text (readable lines) or json (one object a line, with task_id, type, attempt and trace_id on a task's lines) "
+        "[default: STREAMSCHED_LOG_FORMAT, else text].",
     ),
 ]
 #: The settings' defaults, for help texts.
@@ -169,6 +186,7 @@ def up(
         ),
     ] = 0,
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """``streamsched up`` (its help is built above from the supervisor's constants)."""
     from .autoscaler import parse_bounds
@@ -183,7 +201,9 @@ def up(
             bounds = parse_bounds(autoscale)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--autoscale'") from None
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
+    if log_format is not None:  # the role processes inherit the environment
+        os.environ[LOG_FORMAT_ENV] = log_format
     settings = load_or_exit(regions=_regions(regions))
     if api_port:
         refuse_public_without_token(api_host, settings, "the REST API")
@@ -235,6 +255,7 @@ def api(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready.
 
@@ -244,7 +265,7 @@ def api(
 
     from .rest import create_app
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     refuse_public_without_token(host, settings, "the REST API")
     # Open event feeds do not hold a stop up for long: they end with the process.
@@ -257,9 +278,10 @@ def grpc_api(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, logged).")] = 50051,
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
 ) -> None:
     """Run the gRPC API, service streamsched.v1.Scheduler of proto/streamsched/v1/scheduler.proto: submit, get, list, watch, cancel, reprioritize."""
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit()
     refuse_public_without_token(host, settings, "the gRPC API")
     try:
@@ -275,11 +297,11 @@ def grpc_api(
 
 
 @app.command()
-def master(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
+def master(log_level: LogLevel = "INFO", log_format: LogFormat = None, metrics_port: MetricsPort = None) -> None:
     """Run a master scheduler (validates tasks.submit and tasks.submit.<priority>, the higher first; routes to regions; takes cancel requests)."""
     from .roles.master import Master
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit(metrics_port=metrics_port)
 
     async def build(bus: Bus) -> list[Master]:
@@ -292,12 +314,13 @@ def master(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> No
 def regional(
     region: Annotated[str, typer.Option(help="The region this scheduler serves.")] = "default",
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
     metrics_port: MetricsPort = None,
 ) -> None:
     """Run a regional scheduler (releases one region's tasks onto WORK by priority)."""
     from .roles.regional import Regional
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
 
@@ -321,6 +344,7 @@ def worker(
         ),
     ] = None,
     log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
     metrics_port: MetricsPort = None,
 ) -> None:
     """Run a worker: fetch tasks of a region, run their handlers, ack or retry.
@@ -331,7 +355,7 @@ def worker(
     from .registry import Registry
     from .roles.worker import Worker
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit(metrics_port=metrics_port)
     _check_region(settings, region)
     registry = Registry.from_modules(modules)
@@ -346,12 +370,12 @@ def worker(
 
 
 @app.command()
-def projector(log_level: LogLevel = "INFO", metrics_port: MetricsPort = None) -> None:
+def projector(log_level: LogLevel = "INFO", log_format: LogFormat = None, metrics_port: MetricsPort = None) -> None:
     """Run the state projector (folds EVENTS into KV `tasks`)."""
     from .eventlog.state import StateStore
     from .roles.projector import Projector
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     settings = load_or_exit(metrics_port=metrics_port)
     # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
     # tasks/s in `bench throughput`, and the view completes no later than at nice 0).

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
+from opentelemetry.trace import SpanKind
 
-from . import subjects
+from . import subjects, tracing
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Rejected
 from .eventlog import dlq
@@ -82,6 +83,12 @@ def _submission(spec: Mapping[str, Any], *, with_id: bool = True) -> tuple[str, 
     return task_id, msgspec.json.encode(envelope)
 
 
+def _traced_headers(task_id: str) -> dict[str, str]:
+    """The headers of one task of :meth:`Client.submit_many` with tracing on: a ``submit`` span of its own."""
+    traceparent = tracing.hop("submit", None, {"streamsched.task.id": task_id}, kind=SpanKind.PRODUCER)
+    return {subjects.H_MSG_ID: task_id, tracing.TRACEPARENT: traceparent}
+
+
 def _priority_of(spec: Mapping[str, Any]) -> str | None:
     """The priority a task's arguments (or a workflow's task) give it: the default when none."""
     priority = spec.get("priority")
@@ -131,6 +138,7 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str = "nats://127.0.0.1:4222", *, name: str = "streamsched-client", settings: Settings | None = None) -> Client:
+        tracing.configure(name)  # on only if the OTEL_* variables ask for export
         bus = await Bus.connect(url, name=name)
         return cls(bus, await StateStore.open(bus), settings)
 
@@ -209,14 +217,15 @@ class Client:
             }
         )
         subject = self.submit_subject((priority,))
+        traced = {"streamsched.task.id": task_id, "streamsched.task.type": type}
         if idempotency_key is None:
-            await self._publish(subject, body, {subjects.H_MSG_ID: task_id})
+            await self._submit(subject, body, task_id, traced)
             return TaskHandle(self, task_id)
         taken = await claim(self.bus, idempotency_key, task_id, self.settings.idempotency_ttl_s)
         if not taken.taken_now:  # whoever holds it, this one included: nothing is sent again
             return TaskHandle(self, taken.holder)
         try:
-            await self._publish(subject, body, {subjects.H_MSG_ID: task_id})
+            await self._submit(subject, body, task_id, traced)
         except BaseException:
             await give_back(self.bus, idempotency_key, taken)  # else the key would name a task that never came
             raise
@@ -261,7 +270,8 @@ class Client:
         check_fields(submission, self.settings)
         task_id = submission.id or new_task_id()
         body = data if submission.id else msgspec.json.encode(msgspec.structs.replace(submission, id=task_id))
-        await self._publish(self.submit_subject((submission.priority,)), body, {subjects.H_MSG_ID: task_id})
+        traced = {"streamsched.task.id": task_id, "streamsched.task.type": submission.type}
+        await self._submit(self.submit_subject((submission.priority,)), body, task_id, traced)
         return [task_id]
 
     async def submit_many(self, tasks: Iterable[Mapping[str, Any]], *, window: int = 4000, atomic: bool = False) -> list[TaskHandle]:
@@ -285,7 +295,11 @@ class Client:
         if atomic:
             return await self._submit_batch(submissions, self.submit_subject(priorities))
         each = [self.submit_subject((priority,)) for priority in priorities]
-        publications = ((subject, body, {subjects.H_MSG_ID: task_id}) for (task_id, body), subject in zip(submissions, each, strict=True))
+        pairs = zip(submissions, each, strict=True)
+        if tracing.ENABLED:
+            publications = ((subject, body, _traced_headers(task_id)) for (task_id, body), subject in pairs)
+        else:
+            publications = ((subject, body, {subjects.H_MSG_ID: task_id}) for (task_id, body), subject in pairs)
         handles = [TaskHandle(self, task_id) for task_id, _ in submissions]
         unstored: list[Publication] = []
         failed, first = await self.bus.publish_many(publications, window=window, unstored=unstored)
@@ -379,7 +393,7 @@ class Client:
         msg_id = f"workflow:{workflow_id}:{zlib.crc32(body):08x}"
         tasks = spec.get("tasks")
         priorities = [_priority_of(task) if isinstance(task, Mapping) else None for task in tasks] if isinstance(tasks, list) else [None]
-        await self._publish(self.submit_subject(priorities), body, {subjects.H_MSG_ID: msg_id})
+        await self._submit(self.submit_subject(priorities), body, msg_id, {"streamsched.workflow.id": workflow_id})
         return WorkflowHandle(self, workflow_id)
 
     async def get_workflow(self, workflow_id: str) -> WorkflowState | None:
@@ -542,6 +556,16 @@ class Client:
         caller's ``headers`` carry a ``Nats-Msg-Id``, kept on each try)."""
         await overload.publish(self.bus, subject, body, headers, self.settings.submit_retry_budget_s)
 
+    async def _submit(self, subject: str, body: bytes, msg_id: str, attributes: tracing.Attributes) -> None:
+        """:meth:`_publish` of a submission: with tracing on, under a ``submit`` span, the root of
+        the trace its task (or workflow, or batch) runs in, whose ``traceparent`` travels with it."""
+        headers = {subjects.H_MSG_ID: msg_id}
+        if not tracing.ENABLED:
+            await self._publish(subject, body, headers)
+            return
+        with tracing.producing("submit", attributes, headers):
+            await self._publish(subject, body, headers)
+
     async def _while_full(self, step: Callable[[], Awaitable[T]]) -> T:
         """``step`` (a schedule's writes to TIMERS and KV, each safe to repeat), again while
         the server's storage is full; those streams have no limit of their own."""
@@ -563,7 +587,7 @@ class Client:
                 raise Rejected(f"batch rejected: task {index} (id {task_id!r}) is invalid: {exc}") from None
         batch_id = new_task_id()
         message = b'{"id":"%s","batch":[%s]}' % (batch_id.encode(), b",".join(body for _, body in submissions))
-        await self._publish(subject, message, {subjects.H_MSG_ID: batch_id})
+        await self._submit(subject, message, batch_id, {"streamsched.batch.id": batch_id, "streamsched.batch.tasks": len(submissions)})
         return [TaskHandle(self, task_id) for task_id, _ in submissions]
 
     async def get(self, task_id: str) -> TaskState | None:

@@ -20,6 +20,8 @@ ENV_PREFIX = "STREAMSCHED_"
 #: takes, ``fast`` (the default) or ``nats-py`` (see :mod:`streamsched.transport.wire`,
 #: which reads it; the transport sits below the settings). Allowed beside the settings.
 WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
+#: The log format of role commands that are given no ``--log-format`` (the ``log_format`` setting).
+LOG_FORMAT_ENV = "STREAMSCHED_LOG_FORMAT"
 #: Its values: streamsched's own per-message path, or nats-py's public API.
 WIRE_ROUTES = ("fast", "nats-py")
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
@@ -187,6 +189,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
     Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first
     and the state view catches up after a burst. 0 keeps it level with the other roles."""
+    log_format: str = "text"
+    """How roles log: ``text`` (readable lines) or ``json`` (one object a line, with the task's
+    id, type, attempt and trace id on a task's lines). ``--log-format`` overrides it."""
     autoscale_tick_s: float = 2.0
     """How often ``up --autoscale`` samples its regions' WORK consumers (one consumer
     listing per sample) and decides the worker count."""
@@ -248,6 +253,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError("windows must be at least 1")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event_loop must be uvloop or asyncio, not {self.event_loop!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.idempotency_ttl_s < 1:
             raise ConfigError(f"idempotency_ttl_s must be at least 1 (second), not {self.idempotency_ttl_s}")
         if not self.worker_heartbeat_s >= 0.1:  # also refuses NaN; three of them are the bucket's TTL, which the server wants >= 100 ms

@@ -15,7 +15,8 @@ of these records, and the replay tools read them back. Every event carries:
   publishes, ``worker``;
 * ``at``: when the fact happened (Unix seconds). When it was *published* is the stream's
   own timestamp of the message, so it is not repeated in the body;
-* ``trace``: the W3C ``traceparent`` of the task's trace, when tracing is on.
+* ``trace``: the W3C ``traceparent`` of the span of the hop that recorded it, when tracing
+  is on (:mod:`streamsched.tracing`); its trace id is the task's trace.
 
 Fields equal to their default are left out of the JSON to keep EVENTS small. Schema
 evolution: add fields with defaults; a change that old readers would misread bumps

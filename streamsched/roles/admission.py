@@ -40,7 +40,7 @@ import msgspec
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from .. import subjects
+from .. import logs, subjects
 from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.dlq import NO_MESSAGE_FOUND
@@ -451,7 +451,7 @@ class Admission:
                 entry = await self._kv.get(key)
                 if entry.value and _slot_decoder.decode(entry.value).task == task_id:
                     await self._kv.delete(key, last=entry.revision)
-                    log.info("freed slot %s of task %s, %s", key, task_id, found[0].status.value)
+                    log.info("freed slot %s of task %s, %s", key, task_id, found[0].status.value, extra=logs.task(task_id))
             except (KeyNotFoundError, msgspec.DecodeError):
                 continue
             except APIError as exc:

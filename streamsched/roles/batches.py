@@ -130,9 +130,10 @@ def events_of(tasks: Sequence[tuple[ReadyTask, dict[str, str]]], now: float) -> 
     """``submitted`` and then ``scheduled`` (or ``waiting`` until its time) of each task."""
     events: list[ev.Event] = []
     for task, labels in tasks:
-        events.append(ev.Submitted(task_id=task.id, at=now, type=task.type, priority=task.priority, region=task.region, labels=labels))
+        trace = task.trace
+        events.append(ev.Submitted(task_id=task.id, at=now, type=task.type, priority=task.priority, region=task.region, labels=labels, trace=trace))
         if task.is_delayed(now):
-            events.append(ev.Waiting(task_id=task.id, at=now, region=task.region, until=task.run_at))
+            events.append(ev.Waiting(task_id=task.id, at=now, region=task.region, until=task.run_at, trace=trace))
         else:
-            events.append(ev.Scheduled(task_id=task.id, at=now, region=task.region, priority=task.priority))
+            events.append(ev.Scheduled(task_id=task.id, at=now, region=task.region, priority=task.priority, trace=trace))
     return events

@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
-from .. import subjects
+from .. import logs, subjects
 from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.state import StateStore
@@ -169,7 +169,7 @@ class Canceller(DurableReader):
             stopped = True
         if stopped:
             self.cancelled += 1
-            log.info("cancelled %s before it was queued: %s", task_id, reason or "(no reason)")
+            log.info("cancelled %s before it was queued: %s", task_id, reason or "(no reason)", extra=logs.task(task_id))
         else:
             await self._record_queued(task_id, reason)
 
@@ -193,7 +193,7 @@ class Canceller(DurableReader):
             return
         await self._record(ev.Cancelled(task_id=task_id, at=time.time(), attempt=state.attempts, region=state.region or "", reason=reason))
         self.cancelled += 1
-        log.info("cancelled %s while it was %s: %s", task_id, state.status.value, reason or "(no reason)")
+        log.info("cancelled %s while it was %s: %s", task_id, state.status.value, reason or "(no reason)", extra=logs.task(task_id, state.type or ""))
 
     async def _record(self, event: ev.Event) -> None:
         recorder = self.settler.recorder

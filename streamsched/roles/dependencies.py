@@ -411,9 +411,9 @@ class Dependencies:
             task = record.task
             if record.state == CANCELLED:
                 if record.split:
-                    events.append(ev.Failed(task_id=task.id, at=now, region=task.region, error=record.reason))
+                    events.append(ev.Failed(task_id=task.id, at=now, region=task.region, trace=task.trace, error=record.reason))
                 else:
-                    events.append(ev.Cancelled(task_id=task.id, at=now, region=task.region, reason=record.reason))
+                    events.append(ev.Cancelled(task_id=task.id, at=now, region=task.region, trace=task.trace, reason=record.reason))
                 continue
             results: dict[str, msgspec.Raw | None] = {}
             for dependency in record.depends_on:
@@ -421,18 +421,18 @@ class Dependencies:
                 results[dependency] = None if isinstance(result, msgspec.UnsetType) else result
             if record.collect:  # a split without a gather type: its result is the chunks' results
                 listed = b"[" + b",".join(b"null" if r is None else bytes(r) for r in results.values()) + b"]"
-                events.append(ev.Succeeded(task_id=task.id, at=now, region=task.region, result=msgspec.Raw(listed)))
+                events.append(ev.Succeeded(task_id=task.id, at=now, region=task.region, trace=task.trace, result=msgspec.Raw(listed)))
                 continue
             body = with_results(task.body, results)
             if len(body) > self.settings.max_payload_bytes:
                 error = f"the results of its dependencies make its body {len(body)} bytes, over max_payload_bytes ({self.settings.max_payload_bytes})"
-                events.append(ev.Failed(task_id=task.id, at=now, region=task.region, error=error))
+                events.append(ev.Failed(task_id=task.id, at=now, region=task.region, trace=task.trace, error=error))
                 continue
             placements.append(msgspec.structs.replace(task, body=body))
             if task.is_delayed(now):
-                events.append(ev.Waiting(task_id=task.id, at=now, region=task.region, until=task.run_at))
+                events.append(ev.Waiting(task_id=task.id, at=now, region=task.region, trace=task.trace, until=task.run_at))
             else:
-                events.append(ev.Scheduled(task_id=task.id, at=now, region=task.region, priority=task.priority))
+                events.append(ev.Scheduled(task_id=task.id, at=now, region=task.region, trace=task.trace, priority=task.priority))
         await place(self.bus, placements, now=now)
         await self.recorder.record(events)
         marks: list[Publication] = []

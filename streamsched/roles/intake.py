@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from .. import subjects
+from .. import logs, subjects, tracing
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
@@ -33,7 +33,7 @@ from ..transport.wire import Delivery
 from .batches import Gate, events_of, place_atomically, ready_tasks
 from .dependencies import Dependencies
 from .idempotency import admits, claim
-from .placement import place
+from .placement import ReadyTask, place
 from .settle import Settler
 from .splits import fan_out
 from .timing import ready_task
@@ -100,33 +100,39 @@ class Intake:
         self.dependencies = Dependencies(settings, bus, source="master-deps")
         self.workflows = WorkflowTracker(bus)
 
-    def accept(self, msg: Delivery, submission: Submission, region: str, now: float) -> None:
-        """Start the steps of one task's submission (its id is filled in, its fields checked)."""
+    def accept(self, msg: Delivery, submission: Submission, region: str, now: float, parent: str | None = None) -> None:
+        """Start the steps of one task's submission (its id is filled in, its fields checked;
+        ``parent``: the trace context it came with, None while tracing is off)."""
         submitted_at = stored_at_ns(msg.reply) / 1e9  # relative times count from here, on every delivery
-        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at, msg.stream_seq), now)
+        self._spawn(msg, submission.id or "", self._task_steps(submission, region, now, submitted_at, msg.stream_seq), now, parent)
 
-    def accept_wrapper(self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float, priority: str | None = None) -> None:
+    def accept_wrapper(
+        self, msg: Delivery, wrapper: Wrapper, fallback_id: str, now: float, priority: str | None = None, parent: str | None = None
+    ) -> None:
         """Start the steps of a workflow or batch message (``priority``: the one its subject
         names, which each of its tasks gets or must name, as a task on that subject)."""
         submitted_at = stored_at_ns(msg.reply) / 1e9
         if wrapper.id is not None and subjects.is_token(wrapper.id) and len(wrapper.id) <= BATCH_ID_MAX:
             fallback_id = wrapper.id
         steps = self._wrapper_steps(wrapper, fallback_id, now, submitted_at, msg.stream_seq, priority, redelivered=msg.num_delivered > 1)
-        self._spawn(msg, fallback_id, steps, now)
+        self._spawn(msg, fallback_id, steps, now, parent)
 
-    def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now))
+    def _spawn(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float, parent: str | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle_after(msg, task_id, steps, now, parent))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _settle_after(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float) -> None:
+    async def _settle_after(self, msg: Delivery, task_id: str, steps: Coroutine[Any, Any, list[ev.Event]], now: float, parent: str | None) -> None:
+        if parent is not None:  # the steps' tasks (and the tasks they gather) see it: each its own copy of this context
+            tracing.parent.set(parent)
         try:
             events = await steps
         except Rejected as exc:
             self.reject(msg, exc.task_id or task_id, str(exc), now)
             return
         except Exception as exc:  # noqa: BLE001 - JetStream failed a step: the submission comes back
-            log.warning("submission %s not taken in yet (%r); it comes back in %.1fs", task_id, exc, self.settler.retry_delay_s)
+            delay = self.settler.retry_delay_s
+            log.warning("submission %s not taken in yet (%r); it comes back in %.1fs", task_id, exc, delay, extra=logs.task(task_id))
             self.settler.settle(msg, nak_with_delay(self.settler.retry_delay_s))
             return
         self.settler.forward(msg, (), events=events)
@@ -137,6 +143,11 @@ class Intake:
         assert task_id is not None
         # Checked before a key is taken: a rejected submission must not hold it.
         task = ready_task(submission, region, submitted_at)
+        trace = ""
+        if (parent := tracing.parent.get()) is not None:
+            trace = _task_span(task_id, submission, region, parent)
+            task = msgspec.structs.replace(task, trace=trace)
+            tracing.parent.set(trace)  # its chunks, if it splits, are its children
         if submission.idempotency_key is not None:
             key = submission.idempotency_key
             taken = await claim(self.bus, key, f"{task_id}@{sequence}", self.settings.idempotency_ttl_s)
@@ -149,15 +160,16 @@ class Intake:
             priority=submission.priority,
             region=region,
             labels=submission.labels,
+            trace=trace,
         )
         if submission.split is not None:
             return [submitted, *await self._split_steps(submission, region, now, submitted_at)]
         if submission.depends_on:
-            return [submitted, *await self.dependencies.register(task, submission, now, since=submitted_at)]
+            return [submitted, *tracing.stamped(await self.dependencies.register(task, submission, now, since=submitted_at), trace)]
         await place(self.bus, [task], now=now)
         if task.is_delayed(now):
-            return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at)]
-        return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority)]
+            return [submitted, ev.Waiting(task_id=task_id, at=now, region=region, until=task.run_at, trace=trace)]
+        return [submitted, ev.Scheduled(task_id=task_id, at=now, region=region, priority=task.priority, trace=trace)]
 
     async def _wrapper_steps(
         self, wrapper: Wrapper, fallback_id: str, now: float, submitted_at: float, sequence: int, priority: str | None, *, redelivered: bool
@@ -165,6 +177,8 @@ class Intake:
         """Take in a workflow or a batch (``sequence``: its place in TASKS); returns the events that record its tasks."""
         if wrapper.batch is not None:
             tasks = ready_tasks(wrapper.batch, self.gate, fallback_id, submitted_at, priority)
+            if (parent := tracing.parent.get()) is not None:  # one trace for the batch: a span per task under its submit
+                tasks = [(msgspec.structs.replace(task, trace=_batch_task_span(task, parent)), labels) for task, labels in tasks]
             # Its messages' ids name this submission, so a batch id used again is a new batch
             # while a redelivery of this one is a duplicate (stored already).
             await place_atomically(self.bus, [task for task, _ in tasks], f"{fallback_id}:{sequence}", now)
@@ -177,6 +191,9 @@ class Intake:
     ) -> list[ev.Event]:
         """Check the whole workflow, record it, then take in each task (roots placed, the rest waiting)."""
         workflow_id, tasks = parse(workflow, functools.partial(self.gate.validate, priority=priority))
+        if (parent := tracing.parent.get()) is not None:  # one trace: a span for the workflow, one under it per task
+            tracing.parent.set(tracing.hop("master workflow", parent, {"streamsched.workflow.id": workflow_id}))
+            tracing.siblings.set({})
         # Every check before anything is placed: a task that would start after its deadline
         # rejects the workflow whole, as the other checks do.
         for task in tasks:
@@ -194,7 +211,7 @@ class Intake:
     async def _split_steps(self, submission: Submission, region: str, now: float, submitted_at: float) -> list[ev.Event]:
         """Register the gather task (the submission's own id) waiting for the chunks, then take in the chunks."""
         chunks, gather, collect = fan_out(submission, self.settings)
-        gathering = ready_task(gather, region, submitted_at)
+        gathering = msgspec.structs.replace(ready_task(gather, region, submitted_at), trace=tracing.parent.get() or "")
         waiting = await self.dependencies.register(gathering, gather, now, since=submitted_at, split=True, collect=collect)
         return waiting + await self._each_task_steps(chunks, region, now, submitted_at)
 
@@ -214,3 +231,19 @@ class Intake:
             for task_events in await asyncio.gather(*steps):
                 events += task_events
         return events
+
+
+def _task_span(task_id: str, submission: Submission, region: str, parent: str) -> str:
+    """Record the master's span of a task taken in here (a child of ``parent``, linked to the spans
+    of the tasks it depends on within its workflow); its ``traceparent``."""
+    siblings = tracing.siblings.get()
+    links = [siblings[d] for d in submission.depends_on if d in siblings] if siblings is not None else []
+    trace = tracing.hop("master", parent, tracing.task_attributes(task_id, submission.type, region=region), links)
+    if siblings is not None:
+        siblings[task_id] = trace
+    return trace
+
+
+def _batch_task_span(task: ReadyTask, parent: str) -> str:
+    """Record the master's span of a task of a batch (a child of the batch's submit); its ``traceparent``."""
+    return tracing.hop("master", parent, tracing.task_attributes(task.id, task.type, region=task.region))

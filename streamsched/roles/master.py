@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import anyio
 import msgspec
 
-from .. import subjects
+from .. import logs, subjects, tracing
 from ..config import Settings
 from ..errors import Rejected
 from ..eventlog import events as ev
@@ -53,6 +53,7 @@ from ..model import (
     decode_submission,
     derive_task_id,
 )
+from ..transport import wire
 from ..transport.bus import Bus, nak_with_delay, stored_at_ns
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
@@ -209,43 +210,47 @@ class Master:
 
         now = time.time()
         priority = self.subject_priorities[level]
+        # The submitter's trace context ("" starts a trace here); None: tracing is off.
+        parent = (wire.header_value(msg.raw_headers or b"", tracing.TRACEPARENT) or "") if tracing.ENABLED else None
         try:
             envelope, body = self._validated(msg.data, fallback_id, priority)
         except Rejected as exc:
             wrapper = decode_wrapper(msg.data)
             if wrapper is not None:  # a workflow or a batch: many tasks in one message
-                self.intake.accept_wrapper(msg, wrapper, fallback_id(), now, priority)
+                self.intake.accept_wrapper(msg, wrapper, fallback_id(), now, priority, parent)
             else:
                 self._reject(msg, exc.task_id or fallback_id(), str(exc), now)
             return
         if msg.num_delivered > 1 and self.router.moves:
-            self._route_again(msg, envelope, body, now)
+            self._route_again(msg, envelope, body, now, parent)
             return
         if needs_intake(envelope):
             assert envelope.id is not None
-            self.intake.accept(msg, envelope, envelope.region or self.pick_region(envelope.id), now)
+            self.intake.accept(msg, envelope, envelope.region or self.pick_region(envelope.id), now, parent)
             return
-        self._route(msg, envelope, body, now)
+        self._route(msg, envelope, body, now, None, parent)
 
-    def _route_again(self, msg: Delivery, envelope: Submission, body: bytes, now: float) -> None:
+    def _route_again(self, msg: Delivery, envelope: Submission, body: bytes, now: float, parent: str | None) -> None:
         """A redelivered submission goes where its first copy went, whatever the routing table
         says now: two copies in two regions are not always caught by the dedupe."""
         assert envelope.id is not None
 
         def then(recorded: str | None) -> None:
             if needs_intake(envelope):
-                self.intake.accept(msg, envelope, recorded or envelope.region or self.pick_region(envelope.id or ""), now)
+                self.intake.accept(msg, envelope, recorded or envelope.region or self.pick_region(envelope.id or ""), now, parent)
             else:
-                self._route(msg, envelope, body, now, recorded)
+                self._route(msg, envelope, body, now, recorded, parent)
 
         def failed(exc: BaseException) -> None:
-            log.warning("state of redelivered task %s not read (%r); it comes back in %.1fs", envelope.id, exc, self.settler.retry_delay_s)
+            delay, fields = self.settler.retry_delay_s, logs.task(envelope.id or "", envelope.type)
+            log.warning("state of redelivered task %s not read (%r); it comes back in %.1fs", envelope.id, exc, delay, extra=fields)
             self.settler.settle(msg, nak_with_delay(self.settler.retry_delay_s))
 
         self.router.after_lookup(envelope.id, then, failed)
 
-    def _route(self, msg: Delivery, envelope: Envelope, body: bytes, now: float, recorded: str | None = None) -> None:
-        """Hand the task to SCHED (``recorded``: the region its first copy went to, for a redelivery)."""
+    def _route(self, msg: Delivery, envelope: Envelope, body: bytes, now: float, recorded: str | None = None, parent: str | None = None) -> None:
+        """Hand the task to SCHED (``recorded``: the region its first copy went to, for a
+        redelivery; ``parent``: the trace context it came with, None while tracing is off)."""
         task_id = envelope.id
         assert task_id is not None
         region = recorded or envelope.region
@@ -258,6 +263,7 @@ class Master:
         deadline = None
         if envelope.deadline is not None or envelope.deadline_s is not None:  # read only when set
             deadline = deadline_at(envelope, stored_at_ns(msg.reply) / 1e9)
+        trace = "" if parent is None else tracing.hop("master", parent, tracing.task_attributes(task_id, envelope.type, region=region))
         headers = sched_headers(
             task_id,
             envelope.type,
@@ -267,15 +273,16 @@ class Master:
             timeout_s=envelope.timeout_s,
             deadline_at=deadline,
             limits=limits.header_value(envelope),
+            trace=trace,
         )
-        submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels)
-        scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority)
+        submitted = ev.Submitted(task_id=task_id, at=now, type=envelope.type, priority=priority, region=region, labels=envelope.labels, trace=trace)
+        scheduled = ev.Scheduled(task_id=task_id, at=now, region=region, priority=priority, trace=trace)
         events = (submitted, scheduled) if note is None else (submitted, scheduled, note)
         self.settler.forward(msg, (), events=events, handoff=(subjects.sched(region, priority), body, headers))
         self.accepted += 1
 
     def _reject(self, msg: Delivery, task_id: str, reason: str, now: float) -> None:
-        log.warning("rejected submission %s: %s", task_id, reason)
+        log.warning("rejected submission %s: %s", task_id, reason, extra=logs.task(task_id))
         headers = {
             subjects.H_MSG_ID: subjects.msg_id(task_id, "rejected"),
             subjects.H_TASK_ID: task_id,

@@ -23,8 +23,11 @@ from collections.abc import Sequence
 import msgspec
 
 from .. import subjects
+from ..tracing import TRACEPARENT as _TRACEPARENT
 from ..transport.bus import Bus
 from . import sched_batches
+
+TRACEPARENT = _TRACEPARENT.encode()
 
 #: The header block of a task on SCHED (without its final empty line: optional headers follow).
 _SCHED_HEADERS = "".join(
@@ -63,6 +66,7 @@ def sched_headers(
     generation: int = 0,
     limits: str | None = None,
     hop: str = "sched",
+    trace: str = "",
 ) -> bytes:
     """The header block of a task on SCHED (routing data travels in headers, so the body
     is forwarded untouched), ending with its empty line. Every value must be valid
@@ -84,6 +88,8 @@ def sched_headers(
         headers += b"%s: %d\r\n" % (subjects.H_GENERATION.encode(), generation)
     if limits is not None:
         headers += b"%s: %s\r\n" % (subjects.H_LIMITS.encode(), limits.encode())
+    if trace:
+        headers += b"%s: %s\r\n" % (TRACEPARENT, trace.encode())
     return headers + b"\r\n"
 
 
@@ -105,6 +111,8 @@ class ReadyTask(msgspec.Struct, frozen=True, kw_only=True):
     """The priority override it was last moved by (:mod:`streamsched.roles.reprioritize`), if any."""
     limits: str | None = None
     """Its concurrency key, rate key and fairness key, as its SCHED header (:mod:`streamsched.roles.limits`)."""
+    trace: str = ""
+    """The ``traceparent`` of its master span, when tracing is on (:mod:`streamsched.tracing`)."""
 
     def is_delayed(self, now: float) -> bool:
         return self.run_at is not None and self.run_at > now
@@ -130,6 +138,7 @@ def publication(task: ReadyTask, now: float) -> tuple[str, bytes, bytes]:
         generation=task.generation,
         limits=task.limits,
         hop="delayed" if delayed else "sched",
+        trace=task.trace,
     )
     if not delayed:
         return subjects.sched(task.region, task.priority), task.body, headers

@@ -30,7 +30,7 @@ from typing import Any
 
 from nats.js.errors import APIError, BadRequestError
 
-from .. import subjects
+from .. import logs, subjects
 from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.reader import decode
@@ -359,7 +359,7 @@ class Projector:
             elif isinstance(result, BadRequestError):
                 # Refused by the server for good (e.g. too large): retrying would block every
                 # task behind it. The events stay in EVENTS; rebuild-state can fold them again.
-                log.error("state of task %s not written (%s); its events are kept in EVENTS", task_id, result)
+                log.error("state of task %s not written (%s); its events are kept in EVENTS", task_id, result, extra=logs.task(task_id))
                 self._remember(task_id, None)
             else:
                 log.debug("state write failed for %s: %r", task_id, result)

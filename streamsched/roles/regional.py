@@ -28,7 +28,7 @@ import time
 import anyio
 import msgspec
 
-from .. import subjects
+from .. import logs, subjects, tracing
 from ..config import Settings
 from ..eventlog import events as ev
 from ..transport import streams, wire
@@ -107,6 +107,7 @@ class Regional:
         cancelled = self.cancels.ids
         handled = self.workers.handled(self.region)
         parked = False
+        traced = tracing.ENABLED
         for headers, data in entries:
             task_id = wire.header_value(headers, subjects.H_TASK_ID) if headers else None
             if task_id is None or not subjects.is_token(task_id):
@@ -120,17 +121,23 @@ class Regional:
             # A type a live worker handles is valid (its handler's name was checked); the rest are
             # checked here, since a master sends only valid types but not all SCHED is a master's.
             if task_type is None or (task_type not in handled and not subjects.is_type(task_type)):
-                log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject)
+                fields = logs.task(task_id, task_type or "")
+                log.error("SCHED task %s without a valid %s (%r) on %s; failing it", task_id, subjects.H_TYPE, task_type, msg.subject, extra=fields)
                 error = f"type {task_type!r} cannot be routed to a worker (not dotted words of A-Z a-z 0-9 _ - : /)"
                 dispatched.append(ev.Failed(task_id=task_id, at=now, region=self.region, error=error))
                 continue
+            trace = ""
+            if traced:  # this hop's span, a child of the master's, rides on in place of it
+                attributes = tracing.task_attributes(task_id, task_type, region=self.region)
+                trace = tracing.hop("regional", wire.header_value(headers, tracing.TRACEPARENT) or "", attributes)
+                headers = wire.with_header(headers, tracing.TRACEPARENT, trace)
             limited = wire.header_value(headers, subjects.H_LIMITS)
             if limited is not None or (self.rate_limited and task_type in self.rate_limited):
                 # Under a concurrency key, rate limit or fair share: parked in its lane until admitted.
                 lane, reason = self._lane(task_type, limited)
                 parked_headers = wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "held"))
                 publications.append((subjects.held(priority, lane), data, parked_headers))
-                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason))
+                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason, trace=trace))
                 parked = True
                 continue
             # The header block goes on as it came, with the msg id of this hop: a quarter of
@@ -138,10 +145,10 @@ class Regional:
             work_subject = subjects.work(self.region, priority, task_type)
             publications.append((work_subject, data, wire.with_header(headers, subjects.H_MSG_ID, subjects.msg_id(task_id, "work"))))
             if task_type in handled:
-                dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority))
+                dispatched.append(ev.Dispatched(task_id=task_id, at=now, region=self.region, priority=priority, trace=trace))
             else:  # it waits on WORK, visibly, until a worker that handles its type starts
                 reason = f"no worker for type {task_type} in region {self.region}"
-                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason))
+                dispatched.append(ev.Held(task_id=task_id, at=now, region=self.region, priority=priority, reason=reason, trace=trace))
         if not dispatched:
             self.settler.settle(msg, term_with_reason("missing task id header"))
             return

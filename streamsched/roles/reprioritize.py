@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 from nats.js.errors import NotFoundError
 
-from .. import subjects
+from .. import logs, subjects
 from ..config import Settings
 from ..eventlog import events as ev
 from ..eventlog.state import StateStore
@@ -128,7 +128,7 @@ class PriorityOverrides:
         try:
             self.overrides[task_id] = _decode_override(value)
         except msgspec.DecodeError as exc:
-            log.warning("unreadable priority override of %s: %s", task_id, exc)
+            log.warning("unreadable priority override of %s: %s", task_id, exc, extra=logs.task(task_id))
             return
         if len(self.overrides) > self.limit:
             del self.overrides[next(iter(self.overrides))]
@@ -164,7 +164,9 @@ class Reprioritizer(DurableReader):
         except NotYetLocated:
             if time.time() - stored_at < LOCATE_FOR_S:
                 raise
-            log.warning("task %s not found where it could be moved within %.0fs; it moves when a worker gets it", request.id, LOCATE_FOR_S)
+            fields = logs.task(request.id)
+            within = LOCATE_FOR_S
+            log.warning("task %s not found where it could be moved within %.0fs; it moves when a worker gets it", request.id, within, extra=fields)
 
     async def reprioritize(self, request: ReprioritizeRequest, generation: int) -> None:
         """Carry out one request (``generation``: its TASKS sequence); safe to repeat."""
@@ -175,10 +177,10 @@ class Reprioritizer(DurableReader):
             raise NotYetLocated(f"no state of {request.id} yet")
         state = found[0]
         if state.status.is_final or state.status is Status.RUNNING:
-            log.info("task %s is %s: its priority stays %s", request.id, state.status.value, state.priority)
+            log.info("task %s is %s: its priority stays %s", request.id, state.status.value, state.priority, extra=logs.task(request.id))
             return
         if state.priority == request.priority:
-            log.info("task %s is at %s already", request.id, request.priority)
+            log.info("task %s is at %s already", request.id, request.priority, extra=logs.task(request.id))
             return
         if not await self._store(request, generation):
             return  # a newer request is in: it decides

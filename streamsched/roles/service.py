@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -20,7 +19,8 @@ import anyio
 import nats.errors
 from nats.js.errors import ServiceUnavailableError
 
-from ..config import Settings
+from .. import logs, tracing
+from ..config import LOG_FORMAT_ENV, Settings
 from ..transport.bus import Bus
 from .metrics import serve as serve_metrics
 
@@ -35,12 +35,10 @@ class Role(Protocol):
     async def shutdown(self) -> None: ...
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
+    """Log to stderr at ``level``, as ``log_format`` says (``text`` or ``json``; default
+    ``STREAMSCHED_LOG_FORMAT``, else text): see :mod:`streamsched.logs`."""
+    logs.configure(level, log_format or os.environ.get(LOG_FORMAT_ENV) or "text")
 
 
 def run_service(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
@@ -53,6 +51,7 @@ def run_service(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
 
 async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
     """Connect, build the roles, run them until they finish or a signal stops them."""
+    tracing.configure(name)  # on only if the OTEL_* variables ask for export
     bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
         roles = await _build_when_answered(bus, build)
@@ -71,6 +70,7 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
             tg.cancel_scope.cancel()
     finally:
         await bus.close()
+        tracing.shutdown()  # exports the spans still buffered
 
 
 #: What a JetStream request raises while a server restarts or a cluster elects a leader.

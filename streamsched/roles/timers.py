@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import subjects
+from .. import subjects, tracing
 from ..config import Settings
 from ..eventlog import events as ev
 from ..transport import streams, wire
@@ -55,7 +55,8 @@ class Timers(DurableReader):
         task_id = headers[subjects.H_TASK_ID]
         region = headers.get(subjects.H_REGION, "")
         priority = headers.get(subjects.H_PRIORITY, "")
-        scheduled = ev.Scheduled(task_id=task_id, at=time.time(), region=region, priority=priority)
+        trace = headers.get(tracing.TRACEPARENT, "")  # the master's span, which the block carries on
+        scheduled = ev.Scheduled(task_id=task_id, at=time.time(), region=region, priority=priority, trace=trace)
         block = sched_block(msg.raw_headers or b"", task_id)
         self.settler.forward(msg, [(subjects.sched(region, priority), msg.data, block)], events=(scheduled,))
 

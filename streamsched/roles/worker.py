@@ -72,7 +72,7 @@ import anyio
 import msgspec
 from nats.js.kv import KeyValue
 
-from .. import subjects
+from .. import logs, subjects, tracing
 from ..config import PREFETCH_PER_SLOT, Settings
 from ..errors import Fail, Rejected, Retry, TaskTimeout
 from ..eventlog import events as ev
@@ -356,7 +356,8 @@ class Worker:
         if task_id is None or not subjects.is_token(task_id):
             # Not from a master (which sends only valid ids): nothing to record it under, and
             # no subject to dead-letter it on. Its submission, if any, is in TASKS.
-            log.error("WORK message on %s without a valid %s (%r); terminating it", msg.subject, subjects.H_TASK_ID, task_id)
+            fields = logs.task(task_id or "", task_type)
+            log.error("WORK message on %s without a valid %s (%r); terminating it", msg.subject, subjects.H_TASK_ID, task_id, extra=fields)
             self.settler.settle(msg, term_with_reason("missing or invalid task id header"))
             return
         attempt = msg.num_delivered
@@ -373,6 +374,9 @@ class Worker:
                 return
             # A moved copy counts on from the attempts its task had used before the move.
             attempt += _int(wire.header_value(raw, subjects.H_ATTEMPTS_BEFORE)) or 0
+        trace = ""
+        if tracing.ENABLED:  # the attempt's span: ended, and its events stamped, by _finish
+            trace = tracing.begin_attempt(wire.header_value(raw, tracing.TRACEPARENT), task_id, task_type, attempt, self.region, self.id)
         definition = self.registry.get(task_type)
         max_attempts = _int(wire.header_value(raw, subjects.H_MAX_ATTEMPTS)) or (
             definition.max_attempts if definition and definition.max_attempts else self.settings.default_max_attempts
@@ -385,7 +389,7 @@ class Worker:
             await self._dead(msg, task_id, task_type, attempt, past)
             return
 
-        started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id)
+        started = ev.Started(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, trace=trace)
         context = TaskContext(
             id=task_id,
             type=task_type,
@@ -408,6 +412,8 @@ class Worker:
             result = await self._call(definition, msg.data, context, timeout)
         except asyncio.CancelledError as exc:
             if running.cancelled:  # drained past the grace period: another worker takes it
+                if trace:
+                    tracing.end_attempt("handed back")
                 self.settler.settle(msg, NAK_NOW)
                 return
             if running.task is not None and running.task.cancelling() and running.cancel_reason is None:
@@ -466,7 +472,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - a result that cannot be kept is dropped
                 encoded = msgspec.UNSET
         reason = running.cancel_reason or ""
-        log.info("task %s cancelled while running: %s", running.task_id, reason or "(no reason)")
+        log.info("task %s cancelled while running: %s", running.task_id, reason or "(no reason)", extra=logs.task(running.task_id, attempt=attempt))
         cancelled = ev.Cancelled(
             task_id=running.task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, reason=reason, result=encoded
         )
@@ -476,7 +482,8 @@ class Worker:
         """Hand a task reprioritized after this copy was made to its new priority instead of
         running it (see :mod:`streamsched.roles.reprioritize`): the copy, then the ack. This
         delivery was no attempt: the copy carries the attempts used before it."""
-        log.info("task %s moves to priority %s (reprioritized) instead of running here", task_id, override.priority)
+        priority = override.priority
+        log.info("task %s moves to priority %s (reprioritized) instead of running here", task_id, priority, extra=logs.task(task_id, task_type))
         before = (_int(wire.header_value(raw, subjects.H_ATTEMPTS_BEFORE)) or 0) + attempt - 1
         headers = wire.with_header(moved_headers(raw, task_id, override.priority, override.generation), subjects.H_ATTEMPTS_BEFORE, str(before))
         moved = (subjects.work(self.region, override.priority, task_type), msg.data, headers)
@@ -524,7 +531,7 @@ class Worker:
         msg, before, extra = running.msg, running.unpublished(), running.landing()
         text = _describe(error)
         if isinstance(error, Fail):
-            log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text)
+            log.warning("task %s (%s) failed permanently: %s", task_id, task_type, text, extra=logs.task(task_id, task_type, attempt))
             failed = ev.Failed(task_id=task_id, at=time.time(), attempt=attempt, region=self.region, worker=self.id, error=text)
             self._count(task_type, "failed")
             self._finish(msg, [], (*before, failed), term_with_reason(text), extra)
@@ -536,7 +543,16 @@ class Worker:
         if (past := _past_deadline(msg.raw_headers or b"", delay)) is not None:
             await self._dead(msg, task_id, task_type, attempt, f"{past} (last error: {text})", before, extra)
             return
-        log.info("task %s (%s) attempt %d/%d failed, retry in %.2fs: %s", task_id, task_type, attempt, max_attempts, delay, text)
+        log.info(
+            "task %s (%s) attempt %d/%d failed, retry in %.2fs: %s",
+            task_id,
+            task_type,
+            attempt,
+            max_attempts,
+            delay,
+            text,
+            extra=logs.task(task_id, task_type, attempt),
+        )
         retrying = ev.Retrying(
             task_id=task_id,
             at=time.time(),
@@ -560,7 +576,7 @@ class Worker:
         extra: Sequence[Any] = (),
     ) -> None:
         """Keep the task and its last error on DLQ, record ``dead``, then term it off WORK."""
-        log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error)
+        log.warning("task %s (%s) is dead after %d attempt(s): %s", task_id, task_type, attempt, error, extra=logs.task(task_id, task_type, attempt))
         dlq_headers = {
             subjects.H_MSG_ID: subjects.msg_id(task_id, "dlq", attempt),
             subjects.H_TASK_ID: task_id,
@@ -595,6 +611,8 @@ class Worker:
             self.puller.release()
         else:
             self._deferred_releases += 1
+        if tracing.ENABLED and (trace := tracing.end_attempt(_outcome(events), getattr(events[-1], "error", "") if events else "")):
+            events = tracing.stamped(events, trace)
         landed = None
         raw = msg.raw_headers
         if raw and _SLOTS in raw and not moved and not reply.startswith(b"-NAK"):
@@ -664,6 +682,11 @@ def _past_deadline(raw: bytes, delay_s: float) -> str | None:
         return None
     at = datetime.datetime.fromtimestamp(deadline, datetime.UTC).isoformat(timespec="milliseconds")
     return f"deadline: no attempt starts after {at}" if delay_s == 0 else f"deadline: a retry in {delay_s:.2f}s would start after {at}"
+
+
+def _outcome(events: Sequence[ev.Event]) -> str:
+    """What an attempt's events say it ended in (its last event's kind), for its span."""
+    return type(events[-1]).__name__.lower() if events else "moved"
 
 
 def _describe(error: BaseException) -> str:

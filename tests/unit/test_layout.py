@@ -10,7 +10,7 @@ import streamsched
 PACKAGE = Path(streamsched.__file__).parent
 #: Lower numbers sit lower; a module may import its own layer and the ones below it.
 LAYERS = {"vocabulary": 0, "transport": 1, "eventlog": 2, "roles": 3, "faces": 4, "bench": 4}
-VOCABULARY = {"model", "subjects", "errors", "config", "registry"}
+VOCABULARY = {"model", "subjects", "errors", "config", "registry", "tracing", "logs"}
 
 
 def layer_of(module: str) -> str:
