@@ -77,3 +77,19 @@ def test_up_gives_every_role_process_a_port_of_its_own() -> None:
     autoscaled = UpOptions(metrics_port_base=9300, autoscale=(1, 3))
     # The n-th autoscaled worker takes the port of the slot it fills: at most MAX run at once.
     assert metrics_port(settings, autoscaled, "worker", "us", 4) == metrics_port(settings, autoscaled, "worker", "us", 1) == 9300 + 2 + 2 + 3
+
+
+def test_the_cluster_files_are_valid_and_the_nodes_up_cluster_3_runs(tmp_path: Path):
+    import subprocess
+
+    from streamsched.transport.server import binary, local_cluster
+
+    nodes = local_cluster(3, port=4222, store_dir=tmp_path)
+    for node in nodes:
+        path = DEPLOY / "cluster" / f"{node.name}.conf"
+        checked = subprocess.run([binary(), "-t", "-c", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+        text = path.read_text()
+        assert f"server_name: {node.name}\n" in text and f"listen: 127.0.0.1:{node.port}\n" in text
+        assert f"listen: 127.0.0.1:{node.cluster_port}\n" in text
+        assert sorted(int(port) for port in re.findall(r"nats://127\.0\.0\.1:(\d+)", text)) == sorted(node.routes)
