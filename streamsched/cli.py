@@ -187,7 +187,7 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs STREAMSCHED_API_TOKEN.")] = "127.0.0.1",
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
+    """Run the REST API: tasks, workflows, workers, cluster info; the dashboard at /, OpenAPI at /openapi.json, docs at /docs, /health and /ready."""
     import uvicorn
 
     from .rest import create_app

@@ -229,7 +229,7 @@ to finish), then the schedulers, the projector, NATS. A second Ctrl-C kills at o
 def _api_line(options: UpOptions) -> str:
     if not options.api_port:
         return ""
-    return f"\n  REST API:    http://127.0.0.1:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
+    return f"\n  REST API:    http://127.0.0.1:{options.api_port}   (dashboard: /, OpenAPI: /openapi.json, docs: /docs)"
 
 
 def _worker_count(options: UpOptions) -> str:

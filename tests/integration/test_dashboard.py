@@ -92,7 +92,8 @@ async def page(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
             problems: list[str] = []
             tab.on("console", lambda message: problems.append(f"console: {message.text}") if message.type == "error" else None)
             tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            tab.on("dialog", lambda dialog: dialog.accept())  # every confirm() the page asks
+            # Every confirm() the page asks is accepted; a prompt() (for the API token) is answered "secret".
+            tab.on("dialog", lambda dialog: dialog.accept("secret") if dialog.type == "prompt" else dialog.accept())
             tab.problems = problems
             yield tab
             ARTIFACTS.mkdir(exist_ok=True)
@@ -110,6 +111,14 @@ async def api(settings, bus, registry) -> AsyncIterator[tuple[str, httpx.AsyncCl
         httpx.AsyncClient(base_url=base_url, timeout=10) as http,
     ):
         yield base_url, http
+
+
+@pytest.fixture
+async def guarded_api(settings, bus) -> AsyncIterator[str]:
+    """The API under uvicorn with the token ``secret``, no role running; its base URL. (Set up
+    before the page, so the browser closes its live feed before the server stops.)"""
+    async with serving_http(create_app(msgspec.structs.replace(settings, api_token="secret"), nats_service=False)) as base_url:
+        yield base_url
 
 
 async def submit(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
@@ -145,9 +154,8 @@ def test_the_page_and_its_files_ship_inside_the_package():
     assert Path(str(static)) == STATIC
 
 
-async def test_the_page_and_its_files_are_served_without_the_token_and_the_api_still_wants_it(settings, bus):
-    guarded = msgspec.structs.replace(settings, api_token="secret")
-    async with serving_http(create_app(guarded, nats_service=False)) as base_url, httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+async def test_the_page_and_its_files_are_served_without_the_token_and_the_api_still_wants_it(guarded_api):
+    async with httpx.AsyncClient(base_url=guarded_api, timeout=10) as http:
         page = await http.get("/")
         script = await http.get("/ui/static/app.js")
         refused = await http.get("/api/v1/cluster/counts")
@@ -179,6 +187,18 @@ async def test_the_overview_loads_without_errors_and_shows_the_apis_counts(api, 
     assert await page.locator("#workers tbody tr[data-worker]").count() == 1
     assert await page.locator("#chart-depth .uplot").count() == 1 and await page.locator("#chart-throughput .uplot").count() == 1
     assert page.problems == []
+
+
+@pytest.mark.browser
+async def test_with_a_token_the_page_asks_for_it_once_and_shows_the_counts(guarded_api, page):
+    prompts: list[str] = []
+    page.on("dialog", lambda dialog: prompts.append(dialog.message) if dialog.type == "prompt" else None)
+    await page.goto(guarded_api + "/")
+    await page.wait_for_selector("#counts [data-status=total]")
+    await page.wait_for_selector("body[data-feed=live]")  # the feed sends the token too
+    assert await page.text_content("#counts [data-status=total] .n") == "0"
+    assert len(prompts) == 1 and "token" in prompts[0]
+    assert [problem for problem in page.problems if "401" not in problem] == []  # the refused requests before the prompt
 
 
 @pytest.mark.browser

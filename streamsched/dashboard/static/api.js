@@ -16,16 +16,29 @@ export class ApiError extends Error {
   }
 }
 
+let asking = null;
+
+/** Ask for the token once, however many requests were refused together; true if one was given. */
+function askToken() {
+  if (!asking) {
+    asking = Promise.resolve().then(() => {
+      const token = window.prompt("This API needs its token (STREAMSCHED_API_TOKEN):");
+      if (token && token.trim()) sessionStorage.setItem(TOKEN_KEY, token.trim());
+      setTimeout(() => (asking = null), 0);
+      return Boolean(token && token.trim());
+    });
+  }
+  return asking;
+}
+
 async function send(method, path, body, retried = false) {
+  const sent = sessionStorage.getItem(TOKEN_KEY);
   const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
   if (body !== undefined) init.body = JSON.stringify(body);
   const answer = await fetch(path, init);
   if (answer.status === 401 && !retried) {
-    const token = window.prompt("This API needs its token (STREAMSCHED_API_TOKEN):");
-    if (token) {
-      sessionStorage.setItem(TOKEN_KEY, token.trim());
-      return send(method, path, body, true);
-    }
+    // Another request may have been given the token meanwhile: ask only if it is still the one refused.
+    if (sessionStorage.getItem(TOKEN_KEY) !== sent || (await askToken())) return send(method, path, body, true);
   }
   const text = await answer.text();
   let data = null;
