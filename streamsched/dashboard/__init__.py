@@ -31,6 +31,7 @@ from .. import subjects
 from ..client import Client
 from ..errors import NotFound
 from ..eventlog import dlq
+from ..roles.breakers import Breaker
 from ..task_index import Filter, TaskIndex
 
 #: Where the page's files are (inside the installed package: pip ships them in the wheel).
@@ -46,10 +47,6 @@ OPEN = {"no_token": True}
 def _client(request: Request[Any, Any, Any]) -> Client:
     client: Client = request.app.state.client
     return client
-
-
-def _json(value: Any) -> Response[bytes]:
-    return Response(msgspec.json.encode(value), media_type="application/json")
 
 
 @get("/", include_in_schema=False, opt=OPEN, media_type="text/html")
@@ -108,8 +105,8 @@ async def counts(request: Request[Any, Any, Any]) -> dict[str, int]:
 
 
 @get("/api/v1/breakers", summary="The circuit breakers, by region and task type")
-async def breakers(request: Request[Any, Any, Any]) -> Response[bytes]:
-    return _json(await _client(request).breakers())
+async def breakers(request: Request[Any, Any, Any]) -> list[Breaker]:
+    return await _client(request).breakers()
 
 
 @get("/api/v1/statuses", summary="The status of each task named (null for one the task list does not hold)")
