@@ -257,7 +257,7 @@ def api(
     log_level: LogLevel = "INFO",
     log_format: LogFormat = None,
 ) -> None:
-    """Run the REST API: tasks, workflows, workers, cluster info; OpenAPI at /openapi.json, docs at /docs, /health and /ready.
+    """Run the REST API: tasks, workflows, workers, cluster info; the dashboard at /, OpenAPI at /openapi.json, docs at /docs, /health and /ready.
 
     The cluster's Prometheus metrics are at /metrics (see the README's Metrics section).
     """

@@ -35,7 +35,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import nats_api, subjects
+from . import dashboard, nats_api, subjects
 from .client import Client
 from .config import Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Rejected, Unavailable
@@ -250,6 +250,8 @@ class DeadTaskView(msgspec.Struct, frozen=True):
     attempts: int
     error: str
     submission: str
+    redrive_id: str
+    """The id a re-drive submits it again under."""
 
 
 class RedriveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -269,7 +271,7 @@ class RedriveResult(msgspec.Struct, frozen=True):
 @get("/api/v1/dlq", summary="Dead tasks, oldest first")
 async def dead_tasks(request: Request[Any, Any, Any], type: FromQuery[str | None] = None, limit: FromQuery[int] = 100) -> list[DeadTaskView]:
     entries = await _client(request).dead_tasks(task_type=type, limit=max(1, min(limit, 1000)))
-    return [DeadTaskView(e.seq, e.stored_at, e.task_id, e.type, e.attempts, e.error, e.body.decode(errors="replace")) for e in entries]
+    return [DeadTaskView(e.seq, e.stored_at, e.task_id, e.type, e.attempts, e.error, e.body.decode(errors="replace"), e.redrive_id) for e in entries]
 
 
 @post("/api/v1/dlq/redrive", status_code=200, summary="Submit dead tasks again as new tasks (id <id>-r<seq>); safe to repeat")
@@ -406,15 +408,16 @@ async def _while_disconnected(request: Request[Any, Any, Any]) -> Response[bytes
     return _error(503, "NATS is not reachable now; the API reconnects by itself", retry=True)
 
 
-#: Paths open without the token: liveness must answer a probe that has none.
+#: Paths open without the token: liveness must answer a probe that has none. (Routes
+#: with ``opt={"no_token": True}``, the dashboard's page and files, are open too.)
 OPEN_PATHS = frozenset({"/health"})
 
 
 def _token_guard(token: str) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
     expected = f"Bearer {token}".encode()
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        if connection.url.path in OPEN_PATHS:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        if connection.url.path in OPEN_PATHS or handler.opt.get("no_token"):
             return
         given = connection.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
@@ -470,6 +473,7 @@ def create_app(settings: Settings, client: Client | None = None, *, nats_service
             openapi_document,
             health,
             ready,
+            *dashboard.ROUTES,
         ],
         lifespan=[lifespan],
         on_app_init=[configure],

@@ -288,7 +288,7 @@ def _api_line(options: UpOptions) -> str:
     if not options.api_port:
         return ""
     host = f"[{options.api_host}]" if ":" in options.api_host else options.api_host
-    return f"\n  REST API:    http://{host}:{options.api_port}   (OpenAPI: /openapi.json, docs: /docs)"
+    return f"\n  REST API:    http://{host}:{options.api_port}   (dashboard: /, OpenAPI: /openapi.json, docs: /docs)"
 
 
 def _metrics_line(settings: Settings, options: UpOptions) -> str:
