@@ -45,11 +45,10 @@ from .client import Client
 from .config import Settings
 from .eventlog import events as ev
 from .eventlog.reader import decode
-from .roles.limits import lanes
+from .queues import STAGES, queue_depths
 from .roles.metrics import OTHER, Buckets, TypeLabels, histogram
 from .task_index import TaskIndex
 from .transport.bus import Bus
-from .transport.pull import consumer_loads
 from .transport.reading import ReadStats, Since, read
 
 log = logging.getLogger("streamsched.metrics")
@@ -340,48 +339,16 @@ async def cluster_gauges(client: Client, index: TaskIndex, types: TypeLabels) ->
     return out
 
 
-#: ``queue_size`` stages, in the order a task meets them.
-STAGES = ("ingress", "sched", "held", "work", "delivered")
-
-
 async def queue_sizes(bus: Bus, settings: Settings) -> GaugeMetricFamily:
-    """``queue_size{region, priority, stage}`` from the durables' info:
-
-    * ``ingress``: submissions in TASKS the masters have not settled (region ``""``; priority
-      ``""`` for plain ``tasks.submit``);
-    * ``sched``: SCHED messages the regional schedulers have not settled (one may hold a
-      batch of tasks);
-    * ``held``: tasks parked in their limits' lanes (concurrency keys, rate limits, fair shares);
-    * ``work``: tasks on WORK no worker has taken yet (an open breaker's stay here);
-    * ``delivered``: tasks the workers hold (running, waiting for a slot, being settled).
-    """
+    """``queue_size{region, priority, stage}``: :func:`~streamsched.queues.queue_depths`
+    summed over task types, every stage of every configured region and priority present."""
     family = GaugeMetricFamily(
         "queue_size", "Tasks (SCHED: messages) waiting at each stage, by region and priority", labels=["region", "priority", "stage"]
     )
-    sizes: dict[tuple[str, str, str], int] = {}
-    for region in settings.regions:
-        for priority in settings.priorities:
-            for stage in STAGES[1:]:
-                sizes[(region, priority, stage)] = 0
-    by_name = {subjects.MASTER_CONSUMER: "", **{subjects.master_consumer(p): p for p in settings.priorities}}
-    for consumer in await consumer_loads(bus, subjects.TASKS_STREAM):
-        if consumer.name in by_name:
-            key = ("", by_name[consumer.name], "ingress")
-            sizes[key] = sizes.get(key, 0) + consumer.num_pending + consumer.num_ack_pending
-    for consumer in await consumer_loads(bus, subjects.SCHED_STREAM):
-        parts = consumer.filter_subject.split(".")
-        if len(parts) == 3 and parts[0] == "sched":
-            key = (parts[1], parts[2], "sched")
-            sizes[key] = sizes.get(key, 0) + consumer.num_pending + consumer.num_ack_pending
-    for lane in await lanes(bus, settings):
-        key = (lane.region, lane.priority, "held")
-        sizes[key] = sizes.get(key, 0) + lane.parked
-    for consumer in await consumer_loads(bus, subjects.WORK_STREAM):
-        parsed = subjects.parse_work(consumer.filter_subject)
-        if parsed is not None:
-            region, priority, _ = parsed
-            for stage, count in (("work", consumer.num_pending), ("delivered", consumer.num_ack_pending)):
-                sizes[(region, priority, stage)] = sizes.get((region, priority, stage), 0) + count
+    sizes = {(region, priority, stage): 0 for region in settings.regions for priority in settings.priorities for stage in STAGES[1:]}
+    for depth in await queue_depths(bus, settings):
+        key = (depth.region, depth.priority, depth.stage)
+        sizes[key] = sizes.get(key, 0) + depth.tasks
     for (region, priority, stage), size in sorted(sizes.items()):
         family.add_metric([region, priority, stage], size)
     return family

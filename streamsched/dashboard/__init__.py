@@ -8,7 +8,7 @@ client, so it needs no token to be served (``opt={"no_token": True}``); with
 
 What is aggregated here rather than in the page (which must stay quick with 100,000 tasks):
 task counts by status (the API's task list keeps them), queue depth by stage, region and
-priority (JetStream's per-subject counts and consumer info: a few requests, however many
+priority (the durables' counts, :mod:`streamsched.queues`: a few requests, however many
 tasks wait), and a workflow's graph (its tasks' states, at most :data:`MAX_GRAPH_NODES`).
 """
 
@@ -25,12 +25,12 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler
-from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..client import Client
 from ..errors import NotFound
 from ..eventlog import dlq
+from ..queues import QueueDepth, queue_depths
 from ..roles.breakers import Breaker
 from ..task_index import Filter, TaskIndex
 
@@ -54,18 +54,6 @@ async def index_page() -> Response[bytes]:
     return Response((STATIC / "index.html").read_bytes(), media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
-class QueueDepth(msgspec.Struct, frozen=True):
-    """Tasks waiting at one stage: ``ingress`` (TASKS, not yet read by a master), ``held``
-    (SCHED, parked by their limits), ``sched`` (SCHED, for a regional scheduler) or ``work``
-    (WORK, for a worker); ``region``/``type`` are empty where the stage does not know them."""
-
-    stage: str
-    region: str
-    priority: str
-    type: str
-    tasks: int
-
-
 class Queues(msgspec.Struct, frozen=True):
     at: float
     queues: list[QueueDepth]
@@ -73,28 +61,10 @@ class Queues(msgspec.Struct, frozen=True):
 
 @get("/api/v1/cluster/queues", summary="Tasks waiting by stage, region, priority and type (from JetStream's counts)")
 async def queues(request: Request[Any, Any, Any]) -> Queues:
+    """The stages of :mod:`streamsched.queues` (what ``queue_size`` in ``/metrics`` sums), those
+    that hold tasks."""
     client = _client(request)
-    js = client.bus.js
-    found: list[QueueDepth] = []
-    for priority in client.settings.priorities:
-        try:
-            info = await js.consumer_info(subjects.TASKS_STREAM, subjects.master_consumer(priority))
-        except NotFoundError:  # no master has started yet
-            continue
-        found.append(QueueDepth("ingress", "", priority, "", (info.num_pending or 0) + (info.num_ack_pending or 0)))
-    sched = await js.stream_info(subjects.SCHED_STREAM, subjects_filter=">")
-    for subject, count in (sched.state.subjects or {}).items():
-        stage, first, second = [*subject.split(".", 2), "", ""][:3]
-        if stage == "sched":
-            found.append(QueueDepth("sched", first, second, "", count))
-        elif stage == "held":  # held.<priority>.<lane>
-            found.append(QueueDepth("held", "", first, "", count))
-    work = await js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.WORK_ALL)
-    for subject, count in (work.state.subjects or {}).items():
-        parsed = subjects.parse_work(subject)
-        if parsed is not None:
-            found.append(QueueDepth("work", *parsed, count))
-    return Queues(time.time(), found)
+    return Queues(time.time(), [depth for depth in await queue_depths(client.bus, client.settings) if depth.tasks])
 
 
 @get("/api/v1/cluster/counts", summary="Tasks by status in the API's task list (what GET /api/v1/tasks pages through)")
