@@ -143,6 +143,8 @@ async def test_queue_size_shows_the_work_no_worker_takes(settings, bus, examples
             return total(samples, "queue_size", region="default", priority="low", stage="work") == 5
 
         samples = await scrape_until(api, queued, "five tasks queued on WORK")
+        shown = (await api.get("/api/v1/cluster/queues")).json()["queues"]  # the dashboard's view of the same counts
+    assert {"stage": "work", "region": "default", "priority": "low", "type": "echo", "tasks": 5} in shown
     assert total(samples, "queue_size", stage="delivered") == 0
     assert total(samples, "worker_count", region="default") == 0
     assert total(samples, "tasks_submitted_total", type="echo", priority="low") == 5
