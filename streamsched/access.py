@@ -9,8 +9,8 @@ its role publishes and call only the JetStream API requests it makes, spelled ou
   and workflow states and the event log (``status``, ``--wait``, ``task history``);
 * ``worker-<region>``: pull and ack only its region's WORK durables (those of the task
   types given at render time), record events, dead tasks and its heartbeat;
-* ``regional-<region>``: pull its region's SCHED durables, release onto its region's WORK
-  subjects and the lanes of held tasks;
+* ``regional-<region>``: pull its region's SCHED durables, release onto WORK (its own
+  region's tasks, and any region's held tasks its admission loop admits) and the lanes;
 * ``master``, ``projector``, ``api``: what their roles do (see :func:`grants`);
 * ``admin``: everything, for ``streams apply`` and the operators' commands. Only the admin
   may delete or purge a stream; the one purge a role makes is of one subject of TIMERS
@@ -162,7 +162,9 @@ def regional_grant(settings: Settings, region: str) -> Grant:
     return Grant().add(
         metadata(),
         pull(subjects.SCHED_STREAM, *(subjects.sched_consumer(region, p) for p in settings.priorities)),
-        [f"work.{region}.>", subjects.HELD_ALL, subjects.events("*"), subjects.dlq("*")],
+        # Any region's WORK: every regional scheduler's admission loop may admit any region's
+        # held tasks (so a region whose scheduler is down still has them admitted).
+        [subjects.WORK_ALL, subjects.HELD_ALL, subjects.events("*"), subjects.dlq("*")],
         direct(subjects.SCHED_STREAM),
         change(subjects.SCHED_STREAM, delete_messages=True),
         kv(subjects.REGIONS_BUCKET, subjects.LIMITS_BUCKET, subjects.BREAKERS_BUCKET, write=True),
