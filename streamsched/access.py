@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from . import subjects
 from .config import Settings
+from .transport.streams import consumer_configs
 
 ACCOUNT = "STREAMSCHED"
 #: Users that are not per region.
@@ -109,18 +110,13 @@ def pull(stream: str, *consumers: str, create: bool = False) -> list[str]:
     for consumer in consumers:
         out += [f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}", f"$JS.ACK.{stream}.{consumer}.>"]
         if create:
-            out += managing(f"{stream}.{consumer}")[:-1]
+            out += making(f"{stream}.{consumer}")
     return out
 
 
-def managing(durable: str) -> list[str]:
-    """Making or updating the durable ``<stream>.<name>`` (both spellings of the request), then deleting it."""
-    return [
-        f"{JS_API}.CONSUMER.DURABLE.CREATE.{durable}",
-        f"{JS_API}.CONSUMER.CREATE.{durable}",
-        f"{JS_API}.CONSUMER.CREATE.{durable}.>",
-        f"{JS_API}.CONSUMER.DELETE.{durable}",
-    ]
+def making(durable: str) -> list[str]:
+    """Making or updating the durable ``<stream>.<name>``: both spellings of the request."""
+    return [f"{JS_API}.CONSUMER.DURABLE.CREATE.{durable}", f"{JS_API}.CONSUMER.CREATE.{durable}", f"{JS_API}.CONSUMER.CREATE.{durable}.>"]
 
 
 def change(stream: str, *, delete_messages: bool = False, pause: bool = False, purge_subjects: bool = False) -> list[str]:
@@ -133,9 +129,8 @@ def change(stream: str, *, delete_messages: bool = False, pause: bool = False, p
 def durable_guard(settings: Settings) -> list[str]:
     """Making, changing or deleting a role's durable, refused to every user but the admin
     (the workers make their WORK durables, which no other user may scan)."""
-    from .transport.streams import consumer_configs  # the durables are declared there
-
-    return [subject for stream, config in consumer_configs(settings) for subject in managing(f"{stream}.{config.durable_name}")]
+    durables = [f"{stream}.{config.durable_name}" for stream, config in consumer_configs(settings)]
+    return [subject for durable in durables for subject in [*making(durable), f"{JS_API}.CONSUMER.DELETE.{durable}"]]
 
 
 def submitting(settings: Settings) -> list[str]:
@@ -173,8 +168,6 @@ def regional_grant(settings: Settings, region: str) -> Grant:
 
 
 def master_grant(settings: Settings) -> Grant:
-    from .transport.streams import consumer_configs  # the durables are declared there
-
     durables = [(stream, config.durable_name or "") for stream, config in consumer_configs(settings)]
     mine = {subjects.TASKS_STREAM, subjects.FINISHED_STREAM, subjects.TIMERS_STREAM}
     return Grant().add(

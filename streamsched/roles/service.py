@@ -16,12 +16,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
-import nats.errors
-from nats.js.errors import ServiceUnavailableError
 
 from .. import logs, tracing
 from ..config import LOG_FORMAT_ENV, Settings
 from ..transport.bus import Bus
+from ..transport.streams import NOT_ANSWERING
 from .metrics import serve as serve_metrics
 
 log = logging.getLogger("streamsched.service")
@@ -73,8 +72,6 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
         tracing.shutdown()  # exports the spans still buffered
 
 
-#: What a JetStream request raises while a server restarts or a cluster elects a leader.
-TRANSIENT = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 #: Longest a role keeps trying to start through such errors before it exits (and is restarted).
 START_RETRY_S = 60.0
 
@@ -87,7 +84,7 @@ async def _build_when_answered(bus: Bus, build: Callable[[Bus], Awaitable[Sequen
     while True:
         try:
             return await build(bus)
-        except TRANSIENT as exc:
+        except NOT_ANSWERING as exc:
             if anyio.current_time() > deadline:
                 raise
             log.warning("JetStream did not answer while starting (%r); trying again in %.1fs", exc, delay)

@@ -332,6 +332,9 @@ async def ensure_work_consumers(bus: Bus, settings: Settings, region: str, task_
     return names
 
 
+#: What a JetStream request raises while a server restarts or a cluster elects a leader:
+#: worth asking again.
+NOT_ANSWERING = (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError)
 #: Longest a new JetStream cluster may take to elect its meta leader (a few seconds on loopback).
 READY_TIMEOUT_S = 30.0
 
@@ -344,7 +347,7 @@ async def wait_until_ready(bus: Bus, timeout_s: float = READY_TIMEOUT_S) -> None
         try:
             await bus.js.account_info()
             return
-        except (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        except NOT_ANSWERING:
             if anyio.current_time() > deadline:
                 raise
             await anyio.sleep(0.2)
@@ -361,7 +364,7 @@ async def wait_for_leaders(bus: Bus, settings: Settings, timeout_s: float = READ
                 info = await bus.js.stream_info(name)
                 if info.cluster is None or info.cluster.leader:
                     break
-            except (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            except NOT_ANSWERING:
                 pass
             if anyio.current_time() > deadline:
                 raise TimeoutError(f"stream {name} has no leader after {timeout_s:g}s")

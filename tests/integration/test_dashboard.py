@@ -28,6 +28,8 @@ from streamsched.dashboard import STATIC
 from streamsched.rest import create_app
 from streamsched.testing import all_roles, running, serving_http
 
+from .test_rest import wait_status
+
 pytestmark = pytest.mark.anyio
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -126,12 +128,6 @@ async def submit(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
     assert answer.status_code == 201, answer.text
     ids: list[str] = answer.json()["ids"]
     return ids[0]
-
-
-async def wait_status(http: httpx.AsyncClient, task_id: str, status: str) -> None:
-    with anyio.fail_after(15):
-        while (answer := await http.get(f"/api/v1/tasks/{task_id}")).status_code != 200 or answer.json()["status"] != status:
-            await anyio.sleep(0.05)
 
 
 async def listed_counts(http: httpx.AsyncClient) -> dict[str, int]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
@@ -24,7 +25,8 @@ async def api(settings, bus) -> AsyncIterator[AsyncTestClient[Any]]:
         yield http
 
 
-async def wait_status(http: AsyncTestClient[Any], task_id: str, status: str) -> dict[str, Any]:
+async def wait_status(http: AsyncTestClient[Any] | httpx.AsyncClient, task_id: str, status: str) -> dict[str, Any]:
+    """The task's state once ``GET /api/v1/tasks/{id}`` shows ``status`` (an app in this process or one served over HTTP)."""
     with anyio.fail_after(15):
         while True:
             answer = await http.get(f"/api/v1/tasks/{task_id}")
