@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 
 from .. import subjects
 from ..config import Settings
+from ..transport.answering import when_answered
 from ..transport.bus import Bus
 from ..transport.kv_watch import bucket_values
 from ..transport.streams import work_consumer_config
@@ -199,7 +200,7 @@ def decide(breaker: Breaker, tally: Tally, now: float, settings: Settings) -> De
 
 async def breakers_bucket(bus: Bus) -> KeyValue:
     try:
-        return await bus.js.key_value(subjects.BREAKERS_BUCKET)
+        return await when_answered(lambda: bus.js.key_value(subjects.BREAKERS_BUCKET), "for KV breakers")
     except NotFoundError:
         log.error("no KV bucket %s: run `streamsched streams apply` (this version needs it)", subjects.BREAKERS_BUCKET)
         raise

@@ -42,6 +42,7 @@ from nats.js.kv import KeyValue
 
 from .. import subjects
 from ..config import Settings
+from ..transport.answering import when_answered
 from ..transport.bus import Bus
 from ..transport.kv_watch import BucketWatch, bucket_values
 from ..transport.pull import consumer_loads
@@ -168,7 +169,7 @@ class RegionPresence:
         Without the bucket (streams not applied since an upgrade) it says so and returns: the
         scheduler goes on releasing tasks, and the masters, knowing of no scheduler, route by hash."""
         try:
-            kv = await self.bus.js.key_value(subjects.REGIONS_BUCKET)
+            kv = await when_answered(lambda: self.bus.js.key_value(subjects.REGIONS_BUCKET), "for KV regions")
         except NotFoundError:
             log.error("no KV bucket %s: run `streamsched streams apply`; this scheduler is not registered meanwhile", subjects.REGIONS_BUCKET)
             return

@@ -19,8 +19,8 @@ import anyio
 
 from .. import logs, tracing
 from ..config import LOG_FORMAT_ENV, Settings
+from ..transport.answering import when_answered
 from ..transport.bus import Bus
-from ..transport.streams import NOT_ANSWERING
 from .metrics import serve as serve_metrics
 
 log = logging.getLogger("streamsched.service")
@@ -53,7 +53,8 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
     tracing.configure(name)  # on only if the OTEL_* variables ask for export
     bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
-        roles = await _build_when_answered(bus, build)
+        # A role started while a cluster elects its leaders (a rolling restart, a node lost) waits rather than crash-loops.
+        roles = await when_answered(lambda: build(bus), "while the roles start")
         if settings.metrics_port:
             serve_metrics(roles, settings.metrics_port, settings.metrics_host, settings.metrics_max_types)
         # What exists now (modules, settings, the connection, the roles) lives as long as the
@@ -70,26 +71,6 @@ async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
     finally:
         await bus.close()
         tracing.shutdown()  # exports the spans still buffered
-
-
-#: Longest a role keeps trying to start through such errors before it exits (and is restarted).
-START_RETRY_S = 60.0
-
-
-async def _build_when_answered(bus: Bus, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> Sequence[Role]:
-    """``build(bus)``, tried again while JetStream does not answer yet: a role started while a
-    cluster elects its leaders (a rolling restart, a node lost) waits rather than crash-loops."""
-    deadline = anyio.current_time() + START_RETRY_S
-    delay = 0.2
-    while True:
-        try:
-            return await build(bus)
-        except NOT_ANSWERING as exc:
-            if anyio.current_time() > deadline:
-                raise
-            log.warning("JetStream did not answer while starting (%r); trying again in %.1fs", exc, delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 async def _stop_on_signal(roles: Sequence[Role]) -> None:

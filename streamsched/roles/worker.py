@@ -80,6 +80,7 @@ from ..eventlog.recorder import Recording
 from ..model import decode_submission
 from ..registry import Registry, TaskContext, TaskDef, _current
 from ..transport import streams, wire
+from ..transport.answering import when_answered
 from ..transport.bus import (
     ACK,
     Bus,
@@ -213,7 +214,7 @@ class Worker:
             ", ".join(self.registry.names()) or "(none)",
         )
         self.progress = ProgressReports(self._loop, self._record_progress, self._is_running)
-        await streams.ensure_work_consumers(self.bus, self.settings, self.region, self.types)
+        await when_answered(lambda: streams.ensure_work_consumers(self.bus, self.settings, self.region, self.types), "for the WORK durables")
         await self.cancels.start()
         await self.priorities.start()
         async with anyio.create_task_group() as tg:

@@ -38,6 +38,7 @@ from .. import subjects
 from ..config import Settings
 from ..errors import NotFound
 from ..registry import Registry
+from ..transport.answering import when_answered
 from ..transport.bus import Bus
 from ..transport.kv_watch import BucketWatch, bucket_values
 
@@ -193,7 +194,7 @@ class Presence:
         """Register, answer drain requests and put the entry every heartbeat until cancelled
         (the worker's task group ends once it drained); then deregister."""
         try:
-            kv = await self.bus.js.key_value(subjects.WORKERS_BUCKET)
+            kv = await when_answered(lambda: self.bus.js.key_value(subjects.WORKERS_BUCKET), "for KV workers")
         except NotFoundError:
             log.error("no KV bucket %s: run `streamsched streams apply` (this version needs it)", subjects.WORKERS_BUCKET)
             raise

@@ -19,6 +19,7 @@ from typing import Any
 import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from .answering import when_answered
 from .bus import Bus
 from .reading import Since, read
 
@@ -63,6 +64,14 @@ class BucketWatch:
     async def start(self, timeout_s: float) -> bool:
         """Subscribe and wait up to ``timeout_s`` until the entries held now are in; False if
         they were not all in by then (the rest follow)."""
+        await when_answered(self._subscribe, f"to a watch of KV {self.bucket}")
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _subscribe(self) -> None:
         stream = f"KV_{self.bucket}"
         state = (await self.bus.js.stream_info(stream)).state
         self._load_until = state.last_seq if state.messages else 0
@@ -70,11 +79,6 @@ class BucketWatch:
             self._loaded.set()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         self._sub = await self.bus.js.subscribe(self._prefix + ">", stream=stream, ordered_consumer=True, config=config, cb=self._on_message)
-        try:
-            await asyncio.wait_for(self._loaded.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
     async def stop(self) -> None:
         if self._sub is not None:

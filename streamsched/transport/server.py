@@ -178,6 +178,11 @@ class NatsServer:
             self.process.kill()
             self.process.wait()
 
+    def restart(self, timeout_s: float = 15.0) -> NatsServer:
+        """Start again after a stop or a kill, on the same ports and store."""
+        self.process = None
+        return self.start(timeout_s)
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()

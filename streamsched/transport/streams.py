@@ -39,7 +39,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
-import nats.errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -49,10 +48,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..config import Settings
+from .answering import NOT_ANSWERING
 from .bus import Bus
 
 #: Event messages the projector holds un-acked (its consumer's ``max_ack_pending``). This
@@ -332,9 +332,6 @@ async def ensure_work_consumers(bus: Bus, settings: Settings, region: str, task_
     return names
 
 
-#: What a JetStream request raises while a server restarts or a cluster elects a leader:
-#: worth asking again.
-NOT_ANSWERING = (ServiceUnavailableError, nats.errors.TimeoutError, nats.errors.NoRespondersError)
 #: Longest a new JetStream cluster may take to elect its meta leader (a few seconds on loopback).
 READY_TIMEOUT_S = 30.0
 

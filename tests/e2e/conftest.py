@@ -1,8 +1,9 @@
 """What the e2e tests share: role subprocesses stopped by PID, the schedulers in the test's
-process, a client, and waiting for a process to exit."""
+process, a client, waiting for a process to exit, and a 3-node cluster on loopback."""
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from streamsched.roles.projector import Projector
 from streamsched.roles.regional import Regional
 from streamsched.testing import running
 from streamsched.transport.bus import Bus
+from streamsched.transport.server import ROUTE_PORT_OFFSET, NatsServer, local_cluster, port_in_use
 
 from ..conftest import subprocess_env
 
@@ -37,7 +39,7 @@ class Processes:
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start ``streamsched *args``; ``env`` adds to the environment the settings give."""
-        with open(self.log_dir / f"{name}.log", "wb") as log_file:
+        with open(self.log_dir / f"{name}.log", "ab") as log_file:  # a restart adds to its log
             process = subprocess.Popen(
                 [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
                 env={**self.env, **(env or {})},
@@ -117,3 +119,29 @@ async def wait_exit(process: subprocess.Popen[bytes], *, timeout_s: float) -> in
             raise AssertionError(f"process {process.pid} still running after {timeout_s}s")
         await anyio.sleep(0.02)
     return process.returncode
+
+
+#: Nodes of the :func:`cluster` fixture.
+NODES = 3
+
+
+def free_base_port() -> int:
+    """A client port such that it, the two after it and their route ports are all free."""
+    for _ in range(50):
+        base = random.randrange(20_000, 40_000)
+        if not any(port_in_use(base + i + offset) for i in range(NODES) for offset in (0, ROUTE_PORT_OFFSET)):
+            return base
+    raise RuntimeError("no free ports for a cluster")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three nats-servers routed into one JetStream cluster (as ``up --cluster 3`` runs them), stopped by PID."""
+    nodes = local_cluster(NODES, port=free_base_port(), store_dir=tmp_path / "cluster")
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()

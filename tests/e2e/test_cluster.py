@@ -3,10 +3,7 @@ cluster, every stream and bucket replicated on each, a task run while one node i
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -19,32 +16,11 @@ from streamsched.registry import Registry
 from streamsched.testing import all_roles, running
 from streamsched.transport import streams
 from streamsched.transport.bus import Bus
-from streamsched.transport.server import ROUTE_PORT_OFFSET, NatsServer, local_cluster, port_in_use, urls
+from streamsched.transport.server import NatsServer, urls
+
+from .conftest import NODES
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-NODES = 3
-
-
-def free_base_port() -> int:
-    """A client port such that it, the two after it and their route ports are all free."""
-    for _ in range(50):
-        base = random.randrange(20_000, 40_000)
-        if not any(port_in_use(base + i + offset) for i in range(NODES) for offset in (0, ROUTE_PORT_OFFSET)):
-            return base
-    raise RuntimeError("no free ports for a cluster")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    nodes = local_cluster(NODES, port=free_base_port(), store_dir=tmp_path / "cluster")
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 async def test_every_stream_is_replicated_and_a_task_runs_with_a_node_down(cluster: list[NatsServer], examples: Registry):
