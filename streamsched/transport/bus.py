@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -158,9 +159,19 @@ class Bus:
                 log.warning("disconnected from NATS; reconnecting")
                 holder[0]._fail_in_flight()
 
+        # nats-py tries a failing TLS handshake again for ever, whatever its attempts limit:
+        # a command gives up at the first one, since no retry can fix a certificate.
+        tls_failed: asyncio.Future[ssl.SSLError] = asyncio.get_running_loop().create_future()
+
         async def error(exc: Exception) -> None:
-            # A refused credential or subject is the deployment's to fix: say so where it shows.
-            refused = any(word in str(exc).lower() for word in ("permissions violation", "authorization", "authentication"))
+            # A refused credential or subject, or a certificate, is the deployment's to fix: say so where it shows.
+            if isinstance(exc, ssl.SSLError) and not wait_for_server:
+                if not tls_failed.done():
+                    tls_failed.set_result(exc)  # raised as Unavailable below, with what to do
+                return
+            refused = isinstance(exc, ssl.SSLError) or any(
+                word in str(exc).lower() for word in ("permissions violation", "authorization", "authentication")
+            )
             log.log(logging.ERROR if refused else logging.DEBUG, "nats client error: %s", exc if refused else repr(exc))
 
         if wait_for_server:
@@ -169,8 +180,8 @@ class Bus:
             credentials = connect_options(environ)
         except CredentialsError as exc:
             raise Unavailable(f"cannot connect to NATS: {exc}") from None
-        try:
-            nc = await nats.connect(
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 url.split(","),
                 **credentials,
                 name=name,
@@ -183,6 +194,17 @@ class Bus:
                 disconnected_cb=disconnected,
                 error_cb=error,
             )
+        )
+        await asyncio.wait((connecting, tls_failed), return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            raise Unavailable(
+                f"cannot connect to NATS at {url}: TLS failed ({tls_failed.result()}); the server's certificate must be "
+                "signed by the CA in NATS_CA, and a server that verifies clients needs NATS_CERT and NATS_KEY"
+            )
+        tls_failed.cancel()
+        try:
+            nc = connecting.result()
         except (nats.errors.NoServersError, OSError) as exc:
             raise Unavailable(f"cannot reach NATS at {url} ({exc or type(exc).__name__}); is the server up? (NATS_URL)") from None
         nc.options["max_reconnect_attempts"] = -1
