@@ -408,9 +408,10 @@ async def _while_disconnected(request: Request[Any, Any, Any]) -> Response[bytes
     return _error(503, "NATS is not reachable now; the API reconnects by itself", retry=True)
 
 
-#: Paths open without the token: liveness must answer a probe that has none. (Routes
-#: with ``opt={"no_token": True}``, the dashboard's page and files, are open too.)
-OPEN_PATHS = frozenset({"/health"})
+#: Paths open without the token: liveness and readiness must answer a probe that has none
+#: (they tell only whether the process and NATS answer). (Routes with
+#: ``opt={"no_token": True}``, the dashboard's page and files, are open too.)
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def _token_guard(token: str) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:

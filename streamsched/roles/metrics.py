@@ -1,8 +1,9 @@
 """A role process's own ``/metrics``: what this process did, read when it is scraped.
 
 Every role command takes ``--metrics-port`` (or ``STREAMSCHED_METRICS_PORT``; 0, the default,
-serves none). The endpoint is prometheus-client's own HTTP server on a thread, on
-``metrics_host`` (loopback unless configured).
+serves none). The endpoint is prometheus-client's threading WSGI server on a thread, on
+``metrics_host`` (loopback unless configured); a role command serves the process's
+``/health`` and ``/ready`` there too (:mod:`streamsched.roles.health`), for Kubernetes' probes.
 
 Nothing here is on the per-task path: the collectors read, at scrape time, the counts the
 roles keep for themselves anyway (a worker's finished attempts by type and outcome, which
@@ -21,15 +22,20 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import socket
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from .health import Health, with_probes
 
 if TYPE_CHECKING:
     from .master import Master
@@ -210,23 +216,49 @@ def process_registry(roles: Sequence[Any], max_types: int) -> CollectorRegistry:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
+    register_roles(registry, roles, max_types)
+    return registry
+
+
+def register_roles(registry: CollectorRegistry, roles: Sequence[Any], max_types: int) -> None:
+    """Add the collectors of ``roles`` to ``registry`` (which may already be served)."""
     types = TypeLabels(max_types)
     for role in roles:
         collector = collector_of(role, types)
         if collector is not None:
             registry.register(collector)
-    return registry
 
 
-def serve(roles: Sequence[Any], port: int, host: str, max_types: int) -> WSGIServer | None:
-    """Serve ``/metrics`` of this process on ``host:port`` (prometheus-client's server, on a
-    daemon thread of its own); returns the server (``shutdown()`` stops it). When the port
-    cannot be had (taken), an error is logged and the role runs on without it, and None is
-    returned: a watcher's endpoint must not stop the work it watches."""
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape or probe."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(registry: CollectorRegistry, port: int, host: str, health: Health | None = None) -> WSGIServer | None:
+    """Serve ``/metrics`` of ``registry`` on ``host:port`` (and, given ``health``, ``/health``
+    and ``/ready``: see :mod:`streamsched.roles.health`), on a daemon thread of its own; returns
+    the server (``shutdown()`` stops it). When the port cannot be had (taken), an error is
+    logged and the role runs on without it, and None is returned: a watcher's endpoint must
+    not stop the work it watches."""
+    app = make_wsgi_app(registry)
+    if health is not None:
+        app = with_probes(app, health)
     try:
-        server, _ = start_http_server(port, addr=host, registry=process_registry(roles, max_types))
+        server = make_server(host, port, app, _server_class(host), handler_class=_QuietHandler)
     except OSError as exc:
         log.error("cannot serve this process's metrics on %s:%d (%s); running without them", host, port, exc)
         return None
-    log.info("metrics of this process on http://%s:%d/metrics", host, port)
+    threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True).start()
+    log.info("metrics of this process on http://%s:%d/metrics%s", host, port, " (and /health, /ready)" if health is not None else "")
     return server
+
+
+def _server_class(host: str) -> type[WSGIServer]:
+    """prometheus-client's threading server, for an IPv6 address too (``::``, ``::1``)."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    return Server

