@@ -125,6 +125,9 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
     help=(
         "Start the whole system on this machine: embedded nats-server, streams, master, regional schedulers, "
         "projector, workers.\n\n"
+        "--masters, --projectors and --regionals (per region) run replicas of those roles, each its own process "
+        "(master#1, master#2 ...): they share their role's durable consumers, so each takes a share of the work and no "
+        "task is handled twice.\n\n"
         f"A role process that exits is restarted (after {RESTART_DELAY_S:g} s, doubling up to {RESTART_DELAY_MAX_S:g} s); "
         f"one that fails {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
         f"{Exit.ERROR:d} (a clean exit, code 0, as of a worker drained by `workers drain`, is restarted and is no failure). "
@@ -142,7 +145,8 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
     ),
     epilog=(
         "Examples:\n\n  streamsched up\n\n  streamsched up --autoscale 1:4 --concurrency 8\n\n"
-        "  STREAMSCHED_AUTOSCALE_IDLE_S=10 streamsched up --autoscale 2:6\n\n  streamsched up --cluster 3   # three nats-servers, streams R3"
+        "  STREAMSCHED_AUTOSCALE_IDLE_S=10 streamsched up --autoscale 2:6\n\n  streamsched up --cluster 3   # three nats-servers, streams R3\n\n"
+        "  streamsched up --masters 2 --projectors 2 --regionals 2 --workers 2   # replicas of every role"
     ),
 )
 def up(
@@ -150,6 +154,11 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where the embedded server keeps its JetStream store.")] = Path(".streamsched"),
     regions: Annotated[str, typer.Option(help="Comma-separated regions.")] = "default",
     workers: Annotated[int | None, typer.Option(help="Worker processes per region [default: 1].")] = None,
+    masters: Annotated[int, typer.Option(min=1, help="Master processes; they share the submissions (the durables on TASKS).")] = 1,
+    projectors: Annotated[
+        int, typer.Option(min=1, help="Projector processes; they share EVENTS (one durable) and write KV tasks by compare-and-set.")
+    ] = 1,
+    regionals: Annotated[int, typer.Option(min=1, help="Regional scheduler processes per region; they share the region's SCHED durables.")] = 1,
     autoscale: Annotated[
         str | None,
         typer.Option(metavar="MIN:MAX", help="Run MIN to MAX worker processes per region, as many as the backlog needs (not with --workers)."),
@@ -180,9 +189,10 @@ def up(
         typer.Option(
             min=0,
             max=65535,
-            help="Give every role process its own Prometheus /metrics on 127.0.0.1 from this port on: master BASE, projector BASE+1, "
-            "the regional schedulers next (one per region), then the workers (as many ports per region as it may run workers). "
-            "0: none. The cluster's /metrics is the REST API's, on --api-port.",
+            help="Give every role process its own Prometheus /metrics on 127.0.0.1, on consecutive ports from this one: the masters "
+            "(--masters), the projectors (--projectors), the regional schedulers region by region (--regionals each), then the "
+            "workers region by region (as many ports each as it may run workers); with one of each, master BASE, projector BASE+1, "
+            "regional BASE+2, worker BASE+3. 0: none. The cluster's /metrics is the REST API's, on --api-port.",
         ),
     ] = 0,
     log_level: LogLevel = "INFO",
@@ -221,6 +231,9 @@ def up(
         api_host=api_host,
         cluster=cluster,
         metrics_port_base=metrics_port_base,
+        masters=masters,
+        projectors=projectors,
+        regionals=regionals,
     )
     if metrics_port_base and last_metrics_port(settings, options) > 65535:
         raise typer.BadParameter(f"the role processes need ports up to {last_metrics_port(settings, options)}", param_hint="'--metrics-port-base'")
@@ -640,7 +653,13 @@ def bench(
     ],
     quick: Annotated[bool, typer.Option("--quick", help="A tenth of the task counts and one round of peers, for a smoke run.")] = False,
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes per region.")] = 1,
+    masters: Annotated[int, typer.Option(min=1, help="Master processes.")] = 1,
+    projectors: Annotated[int, typer.Option(min=1, help="Projector processes.")] = 1,
+    regionals: Annotated[int, typer.Option(min=1, help="Regional scheduler processes per region.")] = 1,
+    regions: Annotated[
+        int, typer.Option(min=1, help="Regions (default; r1, r2 ... with more than one), tasks spread over them by their region field.")
+    ] = 1,
     concurrency: Annotated[int | None, typer.Option(help="Handler slots per worker [default: 100, as `worker` and `up`].")] = None,
     prefetch: Annotated[int | None, typer.Option(min=0, help="Tasks per worker waiting for a slot [default: the worker's].")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON results.")] = Path("bench/results"),
@@ -652,7 +671,9 @@ def bench(
         typer.echo(f"error: unknown scenario {scenario!r} (one of {', '.join(bench_mod.SCENARIOS)})", err=True)
         raise typer.Exit(Exit.USAGE)
     configure_logging("WARNING")
-    roles = bench_mod.Roles(workers=workers, concurrency=concurrency, prefetch=prefetch)
+    roles = bench_mod.Roles(
+        workers=workers, concurrency=concurrency, prefetch=prefetch, masters=masters, regionals=regionals, projectors=projectors, regions=regions
+    )
     results = anyio.run(lambda: bench_mod.run(scenario, quick=quick, with_ceiling=ceiling, roles=roles))
     typer.echo(bench_mod.report(results))
     typer.echo(f"results: {bench_mod.save(results, out)}")

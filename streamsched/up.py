@@ -2,7 +2,9 @@
 
 Starts an embedded nats-server (unless given ``--nats-url``), applies the streams, then
 launches one plain subprocess per role (``streamsched master``, ``regional``,
-``projector``, ``worker``) so both cores work, and keeps them running: a role that exits
+``projector``, ``worker``) so both cores work, or several of each (``--masters``,
+``--projectors``, ``--regionals`` per region, ``--workers`` per region: replicas share
+their role's durable consumers, see docs/ARCHITECTURE.md), and keeps them running: a role that exits
 is restarted with backoff, and one that crash-loops stops everything (see
 :mod:`streamsched.supervisor`). With ``--autoscale MIN:MAX`` the workers of each region
 follow the WORK backlog instead of a fixed count (see :mod:`streamsched.autoscaler`).
@@ -73,26 +75,43 @@ class UpOptions:
     ports ``port`` onwards) and every stream and bucket is replicated on each."""
     metrics_port_base: int = 0
     """First port of the role processes' own ``/metrics`` (see :func:`metrics_port`); 0: none."""
+    masters: int = 1
+    """Master processes: they share the ingress durables on TASKS (and the masters' others)."""
+    projectors: int = 1
+    """Projector processes: they share the durable on EVENTS and write KV ``tasks`` by compare-and-set."""
+    regionals: int = 1
+    """Regional scheduler processes per region: they share the region's durables on SCHED."""
 
 
 ME = [sys.executable, "-m", "streamsched"]
 
 
 def roles(settings: Settings, options: UpOptions) -> list[Role]:
-    """One role process each; workers stop first, then the schedulers, then the projector.
-    Autoscaled workers are not among them: the autoscaler starts them."""
+    """One role process each (or ``options``' replicas of each); workers stop first, then the
+    schedulers, then the projectors. Autoscaled workers are not among them: the autoscaler starts them."""
     found = [
-        Role("master", [*ME, "master", *_metrics(settings, options, "master")], stop_stage=1),
-        Role("projector", [*ME, "projector", *_metrics(settings, options, "projector")], stop_stage=2),
+        Role(replica_name("master", n, options.masters), [*ME, "master", *_metrics(settings, options, "master", n=n)], stop_stage=1)
+        for n in range(1, options.masters + 1)
+    ]
+    found += [
+        Role(replica_name("projector", n, options.projectors), [*ME, "projector", *_metrics(settings, options, "projector", n=n)], stop_stage=2)
+        for n in range(1, options.projectors + 1)
     ]
     if options.api_port:
         found.append(Role("api", [*ME, "api", "--host", options.api_host, "--port", str(options.api_port)], stop_stage=1))
     for region in settings.regions:
-        regional = [*ME, "regional", "--region", region, *_metrics(settings, options, "regional", region)]
-        found.append(Role(f"regional {region}", regional, stop_stage=1))
+        for n in range(1, options.regionals + 1):
+            regional = [*ME, "regional", "--region", region, *_metrics(settings, options, "regional", region, n)]
+            found.append(Role(replica_name(f"regional {region}", n, options.regionals), regional, stop_stage=1))
         if options.autoscale is None:
             found.extend(worker_role(settings, options, region, n) for n in range(1, options.workers + 1))
     return found
+
+
+def replica_name(role: str, n: int, count: int) -> str:
+    """How the supervisor's log lines name the ``n``-th of ``count`` replicas of ``role``
+    (``master#2``); a role run once keeps its plain name (``master``)."""
+    return role if count == 1 else f"{role}#{n}"
 
 
 def worker_role(settings: Settings, options: UpOptions, region: str, n: int) -> Role:
@@ -101,26 +120,39 @@ def worker_role(settings: Settings, options: UpOptions, region: str, n: int) -> 
     return Role(f"worker {region}#{n}", [*command, *_metrics(settings, options, "worker", region, n)], stop_stage=0)
 
 
+#: A role process's place in the ``/metrics`` port layout: role, region ("" for a role of
+#: every region), and its number among the replicas of that role (of that region), from 1.
+MetricsSlot = tuple[str, str, int]
+
+
+def metrics_layout(settings: Settings, options: UpOptions) -> list[MetricsSlot]:
+    """Every role process ``up`` may run, in the order of their ``/metrics`` ports: the
+    masters, the projectors, the regional schedulers region by region (in the order of
+    ``regions``), then the workers region by region, as many slots each as it may run
+    workers at once (``--workers``, or the MAX of ``--autoscale``)."""
+    per_region = workers_per_region(options)
+    return [
+        *(("master", "", n) for n in range(1, options.masters + 1)),
+        *(("projector", "", n) for n in range(1, options.projectors + 1)),
+        *(("regional", region, n) for region in settings.regions for n in range(1, options.regionals + 1)),
+        *(("worker", region, n) for region in settings.regions for n in range(1, per_region + 1)),
+    ]
+
+
 def metrics_port(settings: Settings, options: UpOptions, role: str, region: str = "", n: int = 1) -> int | None:
     """The port of a role process's own ``/metrics`` under ``up --metrics-port-base BASE``
-    (None without): the master ``BASE``, the projector ``BASE+1``, the regional scheduler of
-    the i-th region (from 0, in the order of ``regions``) ``BASE+2+i``, then the workers, region
-    by region, as many ports each as it may run workers (``--workers``, or the MAX of
-    ``--autoscale``): worker ``n`` of the i-th region ``BASE+2+R+i*W+(n-1)%W`` (R regions, W
-    ports each). A restarted role keeps its port. The REST API's ``/metrics`` (the cluster's)
-    stays on the API's port."""
+    (None without): ``BASE`` plus the process's place in :func:`metrics_layout`, so ports
+    run consecutively from ``BASE``: masters, projectors, regional schedulers, workers
+    (with one of each and one region: master ``BASE``, projector ``BASE+1``, regional
+    scheduler ``BASE+2``, worker ``BASE+3``). An autoscaled worker ``n`` takes the slot
+    ``(n-1) % W + 1`` of its region (W slots: at most W run at once), and a restarted role
+    keeps its port. The REST API's ``/metrics`` (the cluster's) stays on the API's port."""
     base = options.metrics_port_base
     if not base:
         return None
-    regions = list(settings.regions)
-    if role == "master":
-        return base
-    if role == "projector":
-        return base + 1
-    if role == "regional":
-        return base + 2 + regions.index(region)
-    per_region = workers_per_region(options)
-    return base + 2 + len(regions) + regions.index(region) * per_region + (n - 1) % per_region
+    if role == "worker":
+        n = (n - 1) % workers_per_region(options) + 1
+    return base + metrics_layout(settings, options).index((role, region if role in ("regional", "worker") else "", n))
 
 
 def workers_per_region(options: UpOptions) -> int:
@@ -129,8 +161,8 @@ def workers_per_region(options: UpOptions) -> int:
 
 
 def last_metrics_port(settings: Settings, options: UpOptions) -> int:
-    """The highest port :func:`metrics_port` gives (``BASE - 1`` when there is no worker)."""
-    return options.metrics_port_base + 1 + len(settings.regions) * (1 + workers_per_region(options))
+    """The highest port :func:`metrics_port` gives."""
+    return options.metrics_port_base + len(metrics_layout(settings, options)) - 1
 
 
 def _metrics(settings: Settings, options: UpOptions, role: str, region: str = "", n: int = 1) -> list[str]:
@@ -267,6 +299,7 @@ def _banner(url: str, settings: Settings, options: UpOptions, servers: list[Nats
 streamsched is up
   NATS:        {url}   ({where}){monitor}
   regions:     {", ".join(settings.regions)}   workers per region: {_worker_count(options)} x {options.concurrency} slots
+  replicas:    {_replicas(options)}
   handlers:    {options.handlers}{_api_line(options)}{_metrics_line(settings, options)}
 
 Submit a task from any NATS client:
@@ -296,7 +329,11 @@ def _metrics_line(settings: Settings, options: UpOptions) -> str:
     if not options.metrics_port_base:
         return cluster
     ports = f"{options.metrics_port_base}-{last_metrics_port(settings, options)}"
-    return f"{cluster}\n  roles:       /metrics on 127.0.0.1, ports {ports}   (master, projector, regional schedulers, then workers)"
+    return f"{cluster}\n  roles:       /metrics on 127.0.0.1, ports {ports}   (masters, projectors, regional schedulers, then workers)"
+
+
+def _replicas(options: UpOptions) -> str:
+    return f"masters {options.masters}, projectors {options.projectors}, regional schedulers per region {options.regionals}"
 
 
 def _worker_count(options: UpOptions) -> str:

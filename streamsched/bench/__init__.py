@@ -128,7 +128,8 @@ def report(results: dict[str, Any]) -> str:
     if t:
         ratio = "   = " + targets.ceiling_ratios(t, ceiling, " raw two-hop") if ceiling else ""
         lines += [
-            f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}{_prefetch(t['roles'])}):",
+            f"throughput ({t['n']} no-op tasks, {t['roles']['workers']} worker x {t['roles']['concurrency']}"
+            f"{_prefetch(t['roles'])}{_replicas(t['roles'])}):",
             f"  end to end         {t['tasks_per_s']:>10.0f} tasks/s{ratio}{rounds.spread(t)}",
             f"  projected to KV    {t['projected_per_s']:>10.0f} tasks/s",
             f"  submit             {t['submit_per_s']:>10.0f} tasks/s",
@@ -297,3 +298,14 @@ def _cpu(values: dict[str, float]) -> str:
 def _prefetch(roles: dict[str, Any]) -> str:
     """`` + N prefetched`` when the run chose a prefetch (older results have none)."""
     return "" if roles.get("prefetch") is None else f" + {roles['prefetch']} prefetched"
+
+
+def _replicas(roles: dict[str, Any]) -> str:
+    """``; 2 masters, ...`` for the roles run more than once (and the regions, then each with
+    its workers and regional schedulers); results saved before replicas have none."""
+    counts = {name: roles.get(key, 1) for key, name in (("masters", "masters"), ("regionals", "regional schedulers"), ("projectors", "projectors"))}
+    more = [f"{count} {name}" for name, count in counts.items() if count > 1]
+    regions = roles.get("regions", 1)
+    if regions > 1:
+        more.append(f"{regions} regions (workers and regional schedulers in each)")
+    return "; " + ", ".join(more) if more else ""

@@ -87,7 +87,7 @@ async def dag(n: int = 10_000, chunks: int = 1000, roles: Roles | None = None, s
     full_graph = random_dag(n, seed)
     paced_graph = _renamed(random_dag(max(1, n // 5), seed + 2), "p")
     workflows_graph = small_dags(max(WORKFLOW_SIZE, n // 5), WORKFLOW_SIZE, seed + 3)
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
         base = await finished_count(sys_.bus)
         meter = CpuMeter(sys_.role_pids()).start()

@@ -52,7 +52,7 @@ async def fairness(flood: int = FLOOD, task_s: float = TASK_S, roles: Roles | No
 
 
 async def _trickle_under_flood(flood: int, task_s: float, roles: Roles, *, keyed: bool) -> dict[str, Any]:
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
         bus = sys_.bus
         await submit(bus, (_body(f"warm{i}", "warm" if keyed else None, 0.0) for i in range(200)))

@@ -43,7 +43,7 @@ MAX_WAIT_S = 900.0
 
 @dataclass
 class Roles:
-    """Which role processes a scenario runs (one region, ``default``)."""
+    """Which role processes a scenario runs: ``workers`` and ``regionals`` in each region."""
 
     workers: int = 1
     #: Task slots per worker; None: the scenario's own (:data:`CONCURRENCY`, or less, see ``priority``).
@@ -54,6 +54,17 @@ class Roles:
     masters: int = 1
     regionals: int = 1
     projectors: int = 1
+    regions: int = 1
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """``default`` alone, or ``r1`` ... ``rN``."""
+        return ("default",) if self.regions == 1 else tuple(f"r{i}" for i in range(1, self.regions + 1))
+
+    def region_of(self, i: int) -> str | None:
+        """The region the ``i``-th task of a scenario names: None (any) with one region,
+        else the regions in turn, so each gets an even share."""
+        return None if self.regions == 1 else self.region_names[i % self.regions]
 
     def resolved(self, concurrency: int = 0) -> Roles:
         """These roles, with ``concurrency`` (default :data:`CONCURRENCY`) where none was chosen."""
@@ -82,7 +93,7 @@ class System:
 
     def start_roles(self, roles: Roles, only: Iterable[str] | None = None) -> None:
         """Start the role processes (``only``: a subset of master, regional, projector, worker)."""
-        env = dict(os.environ, NATS_URL=self.settings.nats_url)
+        env = dict(os.environ, NATS_URL=self.settings.nats_url, STREAMSCHED_REGIONS=",".join(self.settings.regions))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         me = [sys.executable, "-m", "streamsched"]
         quiet = ["--log-level", "WARNING"]
@@ -91,15 +102,16 @@ class System:
         plan: list[tuple[str, list[str]]] = []
         if "master" in wanted:
             plan += [(f"master{i}", [*me, "master", *quiet]) for i in range(roles.masters)]
-        if "regional" in wanted:
-            plan += [(f"regional{i}", [*me, "regional", *quiet]) for i in range(roles.regionals)]
         if "projector" in wanted:
             plan += [(f"projector{i}", [*me, "projector", *quiet]) for i in range(roles.projectors)]
-        if "worker" in wanted:
-            plan += [
-                (f"worker{i}", [*me, "worker", roles.handlers, "--concurrency", str(roles.concurrency), *prefetch, *quiet])
-                for i in range(roles.workers)
-            ]
+        for region in self.settings.regions:
+            # One region keeps the names of the processes (in the CPU and RSS tables) short.
+            where = "" if len(self.settings.regions) == 1 else f"-{region}-"
+            if "regional" in wanted:
+                plan += [(f"regional{where}{i}", [*me, "regional", "--region", region, *quiet]) for i in range(roles.regionals)]
+            if "worker" in wanted:
+                worker = [*me, "worker", roles.handlers, "--region", region, "--concurrency", str(roles.concurrency), *prefetch, *quiet]
+                plan += [(f"worker{where}{i}", worker) for i in range(roles.workers)]
         for name, command in plan:
             self.processes[name] = subprocess.Popen(command, env=env)
 
@@ -118,11 +130,13 @@ class System:
 
 
 @contextlib.asynccontextmanager
-async def system(settings_overrides: dict[str, Any] | None = None) -> AsyncIterator[System]:
-    """A fresh nats-server (file storage, temporary store) with streams applied."""
+async def system(settings_overrides: dict[str, Any] | None = None, roles: Roles | None = None) -> AsyncIterator[System]:
+    """A fresh nats-server (file storage, temporary store) with streams applied, for the
+    regions of ``roles`` (``default`` without)."""
     store = Path(tempfile.mkdtemp(prefix="streamsched-bench-"))
     server = NatsServer(port=free_port(), store_dir=store, monitor_port=free_port()).start()
-    settings = Settings.load({}, nats_url=server.url, **(settings_overrides or {}))
+    regions = (roles or Roles()).region_names
+    settings = Settings.load({}, nats_url=server.url, **{"regions": regions, **(settings_overrides or {})})
     bus = await Bus.connect(server.url, name="bench-driver")
     sys_ = System(settings, server, bus)
     try:
@@ -175,8 +189,12 @@ async def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 0.05) 
     raise TimeoutError(f"benchmark wait timed out after {timeout_s}s")
 
 
-def envelope(task_id: str, task_type: str = "noop", priority: str = "medium", payload: Any = None) -> bytes:
-    return msgspec.json.encode({"id": task_id, "type": task_type, "priority": priority, "payload": payload})
+def envelope(task_id: str, task_type: str = "noop", priority: str = "medium", payload: Any = None, region: str | None = None) -> bytes:
+    """A submission's bytes; ``region`` only when given (None: the masters pick one)."""
+    body = {"id": task_id, "type": task_type, "priority": priority, "payload": payload}
+    if region is not None:
+        body["region"] = region
+    return msgspec.json.encode(body)
 
 
 async def submit(bus: Bus, bodies: Iterable[bytes], *, window: int = 4000, subject: str = subjects.SUBMIT) -> float:

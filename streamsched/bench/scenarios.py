@@ -39,8 +39,9 @@ DOOR_LOWS = 20_000
 DOOR_LOW_S = 0.1
 
 
-async def _warm_up(bus: Any, prefix: str = "warm") -> int:
-    await submit(bus, (envelope(f"{prefix}{i}") for i in range(WARMUP)))
+async def _warm_up(bus: Any, prefix: str = "warm", roles: Roles | None = None) -> int:
+    spread = roles or Roles()
+    await submit(bus, (envelope(f"{prefix}{i}", region=spread.region_of(i)) for i in range(WARMUP)))
     await wait_until(lambda: _at_least(bus, WARMUP), timeout_s=120)
     return await finished_count(bus)
 
@@ -50,15 +51,16 @@ async def _at_least(bus: Any, count: int) -> bool:
 
 
 async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, Any]:
-    """N no-op tasks submitted while the system consumes them; end-to-end tasks/s and CPU."""
+    """N no-op tasks submitted while the system consumes them (spread over the regions of
+    ``roles`` in turn); end-to-end tasks/s and CPU."""
     roles = (roles or Roles()).resolved()
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
-        base = await _warm_up(sys_.bus)
+        base = await _warm_up(sys_.bus, roles=roles)
         meter = CpuMeter(sys_.role_pids()).start()
         messages_before = await server_messages(sys_.server)
         began = time.monotonic()
-        submit_s = await submit(sys_.bus, (envelope(f"t{i}") for i in range(n)))
+        submit_s = await submit(sys_.bus, (envelope(f"t{i}", region=roles.region_of(i)) for i in range(n)))
         done = await wait_until(lambda: _at_least(sys_.bus, base + n), timeout_s=600)
         projected = await wait_until(lambda: projector_caught_up(sys_.bus), timeout_s=600)
         cpu = meter.stop()
@@ -86,7 +88,7 @@ async def throughput(n: int = 50_000, roles: Roles | None = None) -> dict[str, A
 async def latency(rate: float = 250.0, n: int = 2000, roles: Roles | None = None) -> dict[str, Any]:
     """Tasks at a fixed rate; submit→started and submit→succeeded percentiles in ms."""
     roles = (roles or Roles()).resolved()
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
         base = await _warm_up(sys_.bus)
         sent_at: dict[str, float] = {}
@@ -117,7 +119,7 @@ async def at_the_door(lows: int = DOOR_LOWS, low_s: float = DOOR_LOW_S, roles: R
     """A high task published on ``tasks.submit.high`` right after ``lows`` low ones on
     ``tasks.submit.low``, every role running: how many lows had finished when it started."""
     roles = (roles or Roles()).resolved(PRIORITY_CONCURRENCY)
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
         await _warm_up(sys_.bus)
         started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -169,7 +171,7 @@ async def priority(
     # the whole pipeline carries on two cores (no-op tasks with their events), and the figure
     # would measure CPU saturation, not how a high task passes a queue.
     roles = (roles or Roles()).resolved(PRIORITY_CONCURRENCY)
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles)
         await _warm_up(sys_.bus)
         await submit(sys_.bus, (envelope(f"low{i}", "sleep", "low", {"seconds": low_s}) for i in range(backlog)))
@@ -226,7 +228,7 @@ async def priority(
 async def backlog(n: int = 1_000_000, roles: Roles | None = None, sample_s: float = 5.0) -> dict[str, Any]:
     """N tasks queued with no workers, then drained; RSS of every role over time, disk per task."""
     roles = (roles or Roles()).resolved()
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         sys_.start_roles(roles, only=("master", "regional", "projector"))
         samples: list[dict[str, Any]] = []
         began = time.monotonic()
@@ -268,7 +270,7 @@ async def ingress(n: int = 200_000, roles: Roles | None = None) -> dict[str, Any
     """N raw submissions queued on TASKS first; then master, regional and projector start,
     and the master's drain rate is measured from its first ack to its last."""
     roles = (roles or Roles()).resolved()
-    async with system() as sys_:
+    async with system(roles=roles) as sys_:
         await submit(sys_.bus, (envelope(f"i{i}") for i in range(n)))
         sys_.start_roles(roles, only=("master", "regional", "projector"))
         meter = CpuMeter(sys_.role_pids()).start()

@@ -8,7 +8,7 @@ serves none). The endpoint is prometheus-client's threading WSGI server on a thr
 Nothing here is on the per-task path: the collectors read, at scrape time, the counts the
 roles keep for themselves anyway (a worker's finished attempts by type and outcome, which
 its registry entry already carries; a master's accepted and rejected submissions; the
-projector's applied events; each puller's held messages). The one addition to a task's path
+projector's folded event messages; each puller's held messages). The one addition to a task's path
 is the worker's :class:`Buckets` of handler durations: one dict lookup, one ``bisect`` and two
 additions per succeeded task.
 
@@ -174,13 +174,13 @@ class RegionalCollector(Collector):
 
 
 class ProjectorCollector(Collector):
-    """The projector's events applied to KV ``tasks`` and the ones it skipped."""
+    """The projector's event messages folded into KV ``tasks`` and the events it skipped."""
 
     def __init__(self, projector: Projector) -> None:
         self.projector = projector
 
     def collect(self) -> Iterator[Metric]:
-        applied = CounterMetricFamily("projector_applied", "Task states this projector wrote to KV tasks")
+        applied = CounterMetricFamily("projector_applied", "EVENTS messages this projector folded into KV tasks and acked")
         applied.add_metric([], self.projector.applied)
         yield applied
         skipped = CounterMetricFamily("projector_skipped_events", "Events it skipped (undecodable, or of an unknown schema version)")

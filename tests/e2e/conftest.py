@@ -37,11 +37,11 @@ class Processes:
         self.log_dir = log_dir
         self.started: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None, log_level: str = "DEBUG") -> subprocess.Popen[bytes]:
         """Start ``streamsched *args``; ``env`` adds to the environment the settings give."""
         with open(self.log_dir / f"{name}.log", "ab") as log_file:  # a restart adds to its log
             process = subprocess.Popen(
-                [sys.executable, "-m", "streamsched", *args, "--log-level", "DEBUG"],
+                [sys.executable, "-m", "streamsched", *args, "--log-level", log_level],
                 env={**self.env, **(env or {})},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -34,6 +34,7 @@ from streamsched.transport.server import (
     PortInUse,
     ServerStartError,
     free_port,
+    port_in_use,
 )
 from streamsched.up import UpOptions, run
 
@@ -196,6 +197,49 @@ async def test_up_runs_the_whole_system_and_stops_cleanly_on_sigint(tmp_path: Pa
     assert f"nats://127.0.0.1:{port}" in up.output and "nats pub tasks.submit" in up.output
     assert "Roles are restarted if they exit" in up.output
     assert f"REST API:    http://127.0.0.1:{api_port}" in up.output
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (tried from free ports the system gives)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count <= 65536 and not any(port_in_use(port) for port in range(base, base + count)):
+            return base
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
+def serves_metrics(port: int, timeout_s: float = 30.0) -> bool:
+    """Whether a role process serves its /metrics on ``port`` within ``timeout_s`` (it may be starting)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return b"process_cpu_seconds_total" in response.read()
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+async def test_up_runs_replicas_of_every_role_each_with_its_name_and_metrics_port(tmp_path: Path):
+    # 2 masters, 2 projectors, 2 regional schedulers in each of 2 regions, 1 worker in each.
+    base = free_ports(10)
+    args = ["--masters", "2", "--projectors", "2", "--regionals", "2", "--regions", "eu,us", "--metrics-port-base", str(base), "--api-port", "0"]
+    with running_up(tmp_path, *args) as (up, port):
+        submissions = [json.dumps({"id": f"rep{i}", "type": "echo", "region": ("eu", "us")[i % 2]}).encode() for i in range(40)]
+        outcomes = await submit_and_wait(port, submissions)
+        assert list(outcomes.values()).count("succeeded") == 40, outcomes
+        assert {kind: len(up.roles(kind)) for kind in ("master", "projector", "regional", "worker")} == {
+            "master": 2,
+            "projector": 2,
+            "regional": 4,
+            "worker": 2,
+        }
+        assert "replicas:    masters 2, projectors 2, regional schedulers per region 2" in up.output
+        assert f"ports {base}-{base + 9}" in up.output
+        assert [metrics_port for metrics_port in range(base, base + 10) if not serves_metrics(metrics_port)] == []
+    assert up.popen.returncode == 0, up.output[-3000:]
+    assert "stopping master#1, master#2, regional eu#1, regional eu#2, regional us#1, regional us#2" in up.output
+    assert "stopping projector#1, projector#2" in up.output
 
 
 async def test_a_killed_worker_is_restarted_and_the_next_tasks_succeed(tmp_path: Path):

@@ -201,3 +201,12 @@ def test_the_priority_report_shows_the_trial_at_the_door() -> None:
     assert "right after 20000 lows of 100 ms" in lines[0] and "started 12.5 ms after it was sent" in lines[0]
     assert lines[1].split() == ["when", "120", "lows", "had", "finished", "(0.60%;", "3", "while", "it", "waited)", "(target", "<", "1%)"]
     assert bench._door_lines(None) == []
+
+
+def test_the_throughput_line_names_the_replicas_and_regions_it_ran_and_tasks_spread_over_the_regions() -> None:
+    assert bench._replicas({"workers": 1, "concurrency": 100}) == ""  # results saved before replicas, or one of each
+    roles = bench.Roles(masters=2, projectors=3, regions=2)
+    assert bench._replicas(vars(roles)) == "; 2 masters, 3 projectors, 2 regions (workers and regional schedulers in each)"
+    assert roles.region_names == ("r1", "r2") and bench.Roles().region_names == ("default",)
+    assert [roles.region_of(i) for i in range(4)] == ["r1", "r2", "r1", "r2"]
+    assert bench.Roles().region_of(7) is None  # one region: the masters route as for any task

@@ -86,6 +86,40 @@ def test_up_gives_every_role_process_a_port_of_its_own() -> None:
     assert metrics_port(settings, autoscaled, "worker", "us", 4) == metrics_port(settings, autoscaled, "worker", "us", 1) == 9300 + 2 + 2 + 3
 
 
+def test_replicas_get_consecutive_ports_role_by_role_and_names_of_their_own() -> None:
+    settings = Settings(regions=("eu", "us"))
+    options = UpOptions(metrics_port_base=9300, masters=2, projectors=3, regionals=2, workers=2, api_port=0)
+    port_of = {role.name: int(role.command[role.command.index("--metrics-port") + 1]) for role in roles(settings, options)}
+    assert port_of == {
+        "master#1": 9300,
+        "master#2": 9301,
+        "projector#1": 9302,
+        "projector#2": 9303,
+        "projector#3": 9304,
+        "regional eu#1": 9305,
+        "regional eu#2": 9306,
+        "regional us#1": 9307,
+        "regional us#2": 9308,
+        "worker eu#1": 9309,
+        "worker eu#2": 9310,
+        "worker us#1": 9311,
+        "worker us#2": 9312,
+    }
+    assert last_metrics_port(settings, options) == 9312
+    # Each replica is its own process of its role, with its region.
+    commands = {role.name: role.command[3:] for role in roles(settings, options)}
+    assert commands["master#2"][0] == "master" and commands["projector#3"][0] == "projector"
+    assert commands["regional us#2"][:3] == ["regional", "--region", "us"]
+    # Autoscaled workers come after every replica of the other roles, MAX slots per region.
+    autoscaled = UpOptions(metrics_port_base=9300, masters=2, autoscale=(1, 3))
+    assert metrics_port(settings, autoscaled, "regional", "us") == 9300 + 2 + 1 + 1
+    assert metrics_port(settings, autoscaled, "worker", "eu", 1) == 9300 + 2 + 1 + 2
+    assert metrics_port(settings, autoscaled, "worker", "us", 5) == metrics_port(settings, autoscaled, "worker", "us", 2) == 9300 + 2 + 1 + 2 + 3 + 1
+    assert last_metrics_port(settings, autoscaled) == 9300 + 2 + 1 + 2 + 6 - 1
+    # One of each keeps the plain names the logs have always used.
+    assert [role.name for role in roles(Settings(), UpOptions(api_port=0))] == ["master", "projector", "regional default", "worker default#1"]
+
+
 def test_the_cluster_files_are_valid_and_the_nodes_up_cluster_3_runs(tmp_path: Path):
     import subprocess
 
