@@ -14,10 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from streamsched import subjects
 from streamsched.config import GIB, Settings
-from streamsched.transport import streams
+from streamsched.transport import definitions, streams
 
 SNAPSHOT = Path(__file__).parents[1] / "fixtures" / "stream_configs.json"
+FOLDER = Path(str(definitions.folder()))
 #: Settings whose definitions are recorded: the defaults, two regions, a cluster's three
 #: replicas, and every setting a definition reads set apart from the others (so a
 #: definition that reads the wrong setting cannot pass by two defaults being equal).
@@ -63,10 +67,13 @@ def plain(value: Any) -> Any:
     return value
 
 
-def definitions(settings: Settings) -> dict[str, Any]:
+def configs_of(settings: Settings) -> dict[str, Any]:
+    """The configs as JSON data; streams and buckets by name (their order does not matter:
+    each is made on its own), consumers in order (it is the order of their permissions in
+    ``access render``)."""
     return {
-        "streams": plain(streams.stream_configs(settings)),
-        "kv": plain(streams.kv_configs(settings)),
+        "streams": {config.name: plain(config) for config in streams.stream_configs(settings)},
+        "kv": {config.bucket: plain(config) for config in streams.kv_configs(settings)},
         "consumers": [[stream, plain(config)] for stream, config in streams.consumer_configs(settings)],
         "work_consumers": [
             plain(streams.work_consumer_config(settings, region, priority, task_type))
@@ -78,7 +85,7 @@ def definitions(settings: Settings) -> dict[str, Any]:
 
 
 def recorded() -> dict[str, Any]:
-    return {name: definitions(Settings(**overrides)) for name, overrides in CASES.items()}
+    return {name: configs_of(Settings(**overrides)) for name, overrides in CASES.items()}
 
 
 def test_the_definitions_are_the_recorded_ones_for_every_case() -> None:
@@ -86,13 +93,50 @@ def test_the_definitions_are_the_recorded_ones_for_every_case() -> None:
     assert set(expected) == set(CASES)
     for name, overrides in CASES.items():
         # Through JSON, as the record was written: a float stays the same float, an enum its value.
-        assert json.loads(json.dumps(definitions(Settings(**overrides)))) == expected[name], name
+        assert json.loads(json.dumps(configs_of(Settings(**overrides)))) == expected[name], name
 
 
 def test_the_check_sees_one_changed_field() -> None:
-    changed = definitions(Settings())
-    changed["streams"][0]["max_msg_size"] += 1
+    changed = configs_of(Settings())
+    changed["streams"]["TASKS"]["max_msg_size"] += 1
     assert json.loads(json.dumps(changed)) != json.loads(SNAPSHOT.read_text())["default"]
+
+
+def test_a_placeholder_alone_is_its_value_and_within_text_its_text() -> None:
+    filled = definitions.fill({"a": "${n}", "b": "x-${n}-${s}", "c": [1, "${s}"]}, {"n": 3, "s": "y"}, {})
+    assert filled == {"a": 3, "b": "x-3-y", "c": [1, "y"]}
+    with pytest.raises(KeyError):
+        definitions.fill({"a": "${nowhere}"}, {}, {})
+
+
+def test_a_list_item_naming_a_region_or_priority_repeats_regions_outer() -> None:
+    repeated = {"region": ("r1", "r2"), "priority": ("high", "low")}
+    assert definitions.fill(["plain", "s.${priority}"], {}, repeated) == ["plain", "s.high", "s.low"]
+    assert definitions.fill([{"name": "${region}-${priority}"}], {}, repeated) == [{"name": n} for n in ("r1-high", "r1-low", "r2-high", "r2-low")]
+    # A value given for one (a worker's own region) is used, not repeated.
+    assert definitions.fill(["${region}.${priority}"], {"region": "r2"}, repeated) == ["r2.high", "r2.low"]
+
+
+def test_every_definition_file_is_read_and_names_what_subjects_names() -> None:
+    settings = Settings(regions=("us", "eu"))
+    on_disk = {str(path.relative_to(FOLDER)) for path in FOLDER.rglob("*.json")}
+    read = {f"{kind}/{stem}.json" for kind in ("stream", "kv", "consumer") for stem, _ in definitions.read(kind)}
+    assert on_disk == read and streams.WORK_CONSUMER_FILE in read
+    assert {f"stream/{config.name}.json" for config in streams.stream_configs(settings)} == {p for p in read if p.startswith("stream/")}
+    assert {f"kv/{kv.bucket}.json" for kv in streams.kv_configs(settings)} == {p for p in read if p.startswith("kv/")}
+    # The workers' durables are found by subjects.work_consumer: the file must spell the same names.
+    for task_type in ("echo", "emails.send", "a/b:c", "a_b", "a.b", "x" * 80):
+        config = streams.work_consumer_config(settings, "eu", "low", task_type)
+        assert config.durable_name == subjects.work_consumer("eu", "low", task_type)
+        assert config.filter_subject == subjects.work("eu", "low", task_type)
+    by_name = {config.durable_name: (stream, config.filter_subject) for stream, config in streams.consumer_configs(settings)}
+    assert by_name[subjects.sched_consumer("eu", "low")] == (subjects.SCHED_STREAM, subjects.sched("eu", "low"))
+    assert by_name[subjects.master_consumer("high")] == (subjects.TASKS_STREAM, subjects.submit("high"))
+
+
+def test_the_top_level_streams_folder_is_the_packages() -> None:
+    top = Path(__file__).parents[2] / "streams"
+    assert top.resolve() == FOLDER.resolve()
 
 
 if __name__ == "__main__":
