@@ -236,7 +236,7 @@ def kv_stream(kv: dict[str, Any]) -> dict[str, Any]:
         "storage": kv.get("storage"),
         "num_replicas": kv.get("replicas", 1),
         "max_msgs_per_subject": kv.get("history", 1),
-        "max_age": ttl,
+        "max_age": ttl or None,  # none: kept until replaced
         "max_bytes": kv.get("max_bytes"),
         "max_msg_size": kv.get("max_value_size"),
         "max_msgs": -1,
