@@ -1,4 +1,6 @@
-"""Streams, consumers and the KV bucket, declared from :class:`Settings` and applied idempotently.
+"""Streams, consumers and KV buckets: defined in files (``streamsched/streams/``, ``streams/``
+in a clone; their README has the format and the reasons), filled from :class:`Settings` by
+:func:`placeholders`, and applied idempotently.
 
 Retention follows the role of each stream:
 
