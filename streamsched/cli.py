@@ -29,6 +29,7 @@ from .cli_files import MAX_BATCH_TASKS, submit_file
 from .cli_limits import limits_app
 from .cli_regions import regions_app
 from .cli_schedules import schedule_app
+from .cli_streams import streams_app
 from .cli_workers import workers_app
 from .client import Client
 from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, Settings
@@ -37,7 +38,6 @@ from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
 from .roles.workflows import WorkflowState
 from .supervisor import CRASH_LOOP_EXITS, CRASH_LOOP_WINDOW_S, RESTART_DELAY_MAX_S, RESTART_DELAY_S
-from .transport import streams
 from .transport.bus import Bus
 
 
@@ -71,7 +71,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-streams_app = typer.Typer(help="Create, update and inspect the JetStream streams.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
 app.add_typer(events_app, name="events")
 app.add_typer(task_app, name="task")
@@ -677,40 +676,6 @@ def bench(
     results = anyio.run(lambda: bench_mod.run(scenario, quick=quick, with_ceiling=ceiling, roles=roles))
     typer.echo(bench_mod.report(results))
     typer.echo(f"results: {bench_mod.save(results, out)}")
-
-
-@streams_app.command("apply")
-def streams_apply(
-    regions: Annotated[str | None, typer.Option(help="Comma-separated regions (default: $STREAMSCHED_REGIONS or default).")] = None,
-) -> None:
-    """Create or update every stream, consumer and KV bucket in place (a new priority gets its tasks.submit.<priority>); prints what changed."""
-    settings = load_or_exit(regions=_regions(regions))
-
-    async def go() -> None:
-        bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
-        try:
-            for change in await streams.apply(bus, settings):
-                typer.echo(str(change))
-        finally:
-            await bus.close()
-
-    anyio.run(go)
-
-
-@streams_app.command("show")
-def streams_show() -> None:
-    """Print every stream with its depth per subject, and its consumers."""
-    settings = load_or_exit()
-
-    async def go() -> None:
-        bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
-        try:
-            for line in await streams.show(bus):
-                typer.echo(line)
-        finally:
-            await bus.close()
-
-    anyio.run(go)
 
 
 async def _print_outcome(client: Client, task_id: str, timeout: float, expected: Status, *, workflow: bool = False) -> int:

@@ -225,14 +225,19 @@ def sched_consumer(region: str, priority: str) -> str:
     return f"regional-{region}-{priority}"
 
 
-def work_consumer(region: str, priority: str, task_type: str) -> str:
-    """Durable on WORK of one task type and priority, shared by every worker of ``region``
-    that handles the type. A consumer name takes no dots or slashes, so the type is spelled
-    with those replaced and followed by a digest of its exact spelling (``a.b`` and ``a_b``
-    stay apart)."""
+def type_token(task_type: str) -> str:
+    """``task_type`` as a part of a consumer name, which takes no dots or slashes: with those
+    replaced and followed by a digest of its exact spelling (``a.b`` and ``a_b`` stay apart)."""
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", task_type)[:48]
     digest = hashlib.blake2s(task_type.encode(), digest_size=4).hexdigest()
-    return f"worker-{region}-{priority}-{readable}-{digest}"
+    return f"{readable}-{digest}"
+
+
+def work_consumer(region: str, priority: str, task_type: str) -> str:
+    """Durable on WORK of one task type and priority, shared by every worker of ``region``
+    that handles the type (its definition, ``consumer/worker.json`` in the definition files,
+    spells the same name)."""
+    return f"worker-{region}-{priority}-{type_token(task_type)}"
 
 
 def state_key(task_id: str) -> str:

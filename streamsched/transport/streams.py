@@ -1,4 +1,6 @@
-"""Streams, consumers and the KV bucket, declared from :class:`Settings` and applied idempotently.
+"""Streams, consumers and KV buckets: defined in files (``streamsched/streams/``, ``streams/``
+in a clone; their README has the format and the reasons), filled from :class:`Settings` by
+:func:`placeholders`, and applied idempotently.
 
 Retention follows the role of each stream:
 
@@ -34,16 +36,20 @@ Retention follows the role of each stream:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from enum import Enum
+from typing import Any, cast
 
 import anyio
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    ReplayPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -52,6 +58,7 @@ from nats.js.errors import NotFoundError
 
 from .. import subjects
 from ..config import Settings
+from . import definitions
 from .answering import NOT_ANSWERING
 from .bus import Bus
 
@@ -83,73 +90,112 @@ def sched_window_messages(window_tasks: int, levels: int) -> int:
 
 #: Streams whose subjects are few (per region and priority), so a count per subject is useful.
 DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM)
+#: A WORK durable's definition, filled per region, priority and task type by the workers
+#: (:func:`ensure_work_consumers`): the types are known only to them.
+WORK_CONSUMER_FILE = "consumer/worker.json"
+#: A worker's entry in KV ``workers`` (and a regional scheduler's in ``regions``) expires
+#: this many heartbeats after its last put.
+WORKER_HEARTBEATS_TO_LIVE = 3
+#: TASKS stores a message of up to this many times ``max_payload_bytes``: the master then
+#: rejects an oversized submission with its reason, where the publisher would get a bare refusal.
+TASKS_MESSAGE_PAYLOADS = 4
+#: The API's enums by field, so that a config read from a file holds them as nats-py's own do.
+_ENUMS: dict[str, type[Enum]] = {
+    "retention": RetentionPolicy,
+    "discard": DiscardPolicy,
+    "storage": StorageType,
+    "ack_policy": AckPolicy,
+    "deliver_policy": DeliverPolicy,
+    "replay_policy": ReplayPolicy,
+}
+#: Durations of a bucket's config: nanoseconds in its file, seconds in nats-py's KeyValueConfig.
+_KV_DURATIONS = ("ttl", "limit_marker_ttl")
+NANOSECONDS = 1_000_000_000
+#: The dedupe window nats-py gives a bucket (or its TTL, if shorter).
+KV_DUPLICATE_WINDOW_S = 120.0
+
+
+def nanoseconds(seconds: float) -> int:
+    """``seconds`` as the API takes a duration (converted as nats-py converts it)."""
+    return int(seconds * NANOSECONDS)
+
+
+def placeholders(settings: Settings) -> dict[str, Any]:
+    """What each ``${name}`` in the definition files stands for (durations in nanoseconds)."""
+    return {
+        "replicas": settings.replicas,
+        "duplicate_window_ns": nanoseconds(settings.duplicate_window_s),
+        "tasks_max_age_ns": nanoseconds(settings.tasks_max_age_s),
+        "tasks_max_bytes": settings.tasks_max_bytes,
+        "tasks_max_msg_size": settings.max_payload_bytes * TASKS_MESSAGE_PAYLOADS,
+        "queue_max_bytes": settings.queue_max_bytes,
+        "events_max_age_ns": nanoseconds(settings.events_max_age_s),
+        "events_max_bytes": settings.events_max_bytes,
+        "dlq_max_age_ns": nanoseconds(settings.dlq_max_age_s),
+        "dlq_max_bytes": settings.dlq_max_bytes,
+        "state_max_bytes": settings.state_max_bytes,
+        "cancel_ttl_ns": nanoseconds(settings.cancel_ttl_s),
+        "heartbeat_ttl_ns": nanoseconds(WORKER_HEARTBEATS_TO_LIVE * settings.worker_heartbeat_s),
+        "master_window": settings.master_window,
+        "sched_window": sched_window_messages(settings.regional_window, len(settings.priorities)),
+        "canceller_window": CANCELLER_WINDOW,
+        "resolver_window": RESOLVER_WINDOW,
+        "timers_window": TIMERS_WINDOW,
+        "deps_timeout_window": DEPS_TIMEOUT_WINDOW,
+        "projector_window": PROJECTOR_WINDOW,
+        "ack_wait_ns": nanoseconds(settings.ack_wait_s),
+        "work_max_ack_pending": settings.work_max_ack_pending,
+        "max_deliver": settings.max_deliver,
+    }
+
+
+@dataclass(frozen=True)
+class Filled:
+    """The definition files with the settings filled in, in their API shapes."""
+
+    streams: list[dict[str, Any]]
+    kv: list[dict[str, Any]]
+    #: ``{"stream_name": ..., "config": ...}`` each, as ``$JS.API.CONSUMER.CREATE`` takes them.
+    consumers: list[dict[str, Any]]
+
+
+@functools.cache
+def _read(kind: str) -> list[tuple[str, Any]]:
+    """The files of one kind, read once: they do not change while a process runs (callers only fill copies)."""
+    return definitions.read(kind)
+
+
+def filled(settings: Settings) -> Filled:
+    """Every stream, bucket and role durable (not the workers' WORK durables), filled from ``settings``."""
+    values = placeholders(settings)
+    repeated = {"region": settings.regions, "priority": settings.priorities}
+    groups = [body for stem, body in _read("consumer") if f"consumer/{stem}.json" != WORK_CONSUMER_FILE]
+    return Filled(
+        streams=[definitions.fill(body, values, repeated) for _, body in _read("stream")],
+        kv=[definitions.fill(body, values, repeated) for _, body in _read("kv")],
+        consumers=[consumer for group in groups for consumer in definitions.fill(group, values, repeated)],
+    )
+
+
+def filled_work_consumer(settings: Settings, region: str, priority: str, task_type: str) -> dict[str, Any]:
+    """The WORK durable of one region, priority and task type (``{"stream_name", "config"}``)."""
+    values = {**placeholders(settings), "region": region, "priority": priority, "type": task_type, "type_token": subjects.type_token(task_type)}
+    return cast(dict[str, Any], definitions.fill(_read_work_consumer(), values, {}))
+
+
+@functools.cache
+def _read_work_consumer() -> Any:
+    return definitions.read_one(WORK_CONSUMER_FILE)
+
+
+def _typed(api: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``api`` with its enum fields as nats-py's enums."""
+    return {key: _ENUMS[key](value) if key in _ENUMS else value for key, value in api.items()}
 
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """Every stream streamsched needs (the KV bucket's stream is created by nats-py)."""
-    own = [
-        StreamConfig(
-            name=subjects.TASKS_STREAM,
-            subjects=[subjects.SUBMIT, *map(subjects.submit, settings.priorities), subjects.REJECTED, subjects.CANCEL, subjects.REPRIORITIZE],
-            retention=RetentionPolicy.LIMITS,
-            discard=DiscardPolicy.NEW,
-            max_age=settings.tasks_max_age_s,
-            max_bytes=settings.tasks_max_bytes,
-            max_msg_size=settings.max_payload_bytes * 4,
-        ),
-        StreamConfig(
-            name=subjects.SCHED_STREAM,
-            subjects=["sched.*.*", subjects.HELD_ALL],  # lanes: tasks parked by their limits
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=settings.queue_max_bytes,
-            allow_atomic=True,  # a batch submission's tasks are stored all together or not at all
-        ),
-        StreamConfig(
-            name=subjects.FINISHED_STREAM,
-            subjects=[subjects.FINISHED],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=settings.queue_max_bytes,
-        ),
-        StreamConfig(
-            name=subjects.TIMERS_STREAM,
-            # Message schedules, fired by the server onto timers.due (a schedule's target
-            # must be in its own stream). nats-server refuses schedules in a stream that
-            # discards new messages, and one that discards old ones at a limit would drop
-            # waiting tasks: so no limit, and the stream holds only what has yet to fire.
-            subjects=[subjects.TIMERS_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.OLD,
-            allow_msg_schedules=True,
-            allow_rollup_hdrs=True,  # the server turns it on for schedules; declared so apply sees no change
-            allow_msg_ttl=True,  # a schedule is removed by an empty message that rolls it up and expires
-        ),
-        StreamConfig(
-            name=subjects.WORK_STREAM,
-            subjects=[subjects.WORK_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-            max_bytes=settings.queue_max_bytes,
-        ),
-        StreamConfig(
-            name=subjects.EVENTS_STREAM,
-            subjects=[subjects.EVENTS_ALL],
-            retention=RetentionPolicy.LIMITS,
-            discard=DiscardPolicy.OLD,
-            max_age=settings.events_max_age_s,
-            max_bytes=settings.events_max_bytes,
-        ),
-        StreamConfig(
-            name=subjects.DLQ_STREAM,
-            subjects=["dlq.*"],
-            retention=RetentionPolicy.LIMITS,
-            discard=DiscardPolicy.OLD,
-            max_age=settings.dlq_max_age_s,
-            max_bytes=settings.dlq_max_bytes,
-        ),
-    ]
-    return [_with_shared_settings(config, settings) for config in own]
+    """Every stream streamsched needs (``stream/*.json``; a KV bucket's stream is created by nats-py)."""
+    return [StreamConfig.from_response(_typed(api)) for api in filled(settings).streams]
 
 
 #: The setting behind each limit at which a stream refuses publishes (discard new), so that
@@ -164,139 +210,64 @@ LIMIT_SETTINGS: dict[tuple[str, str], str] = {
 }
 
 
-def _with_shared_settings(config: StreamConfig, settings: Settings) -> StreamConfig:
-    """``config`` with what every stream shares: file storage, the replicas, direct gets and the dedup window."""
-    return replace(
-        config,
-        storage=StorageType.FILE,
-        num_replicas=settings.replicas,
-        allow_direct=True,
-        duplicate_window=settings.duplicate_window_s,
-    )
+def _kv_config(api: dict[str, Any]) -> KeyValueConfig:
+    seconds = {key: api[key] / NANOSECONDS for key in _KV_DURATIONS if key in api}
+    return KeyValueConfig.from_response({**_typed(api), **seconds})
 
 
-#: Seconds a KV ``cancels``, ``workers`` or ``regions`` expiry leaves its marker (the minimum):
-#: the marker is what tells the roles' watches to forget the id, the worker or the scheduler.
-EXPIRY_MARKER_TTL_S = 1.0
-#: A worker's entry in KV ``workers`` (and a regional scheduler's in ``regions``) expires
-#: this many heartbeats after its last put.
-WORKER_HEARTBEATS_TO_LIVE = 3
+def kv_configs(settings: Settings) -> list[KeyValueConfig]:
+    """Every bucket (``kv/*.json``; the module's docstring says what each holds)."""
+    return [_kv_config(api) for api in filled(settings).kv]
 
 
 def kv_config(settings: Settings) -> KeyValueConfig:
     """The ``tasks`` bucket: one revision per task, expiring with the events it folds."""
-    return KeyValueConfig(
-        bucket=subjects.STATE_BUCKET,
-        history=1,
-        ttl=settings.events_max_age_s,
-        storage=StorageType.FILE,
-        replicas=settings.replicas,
-        max_bytes=settings.state_max_bytes,
-        direct=True,
-    )
+    return next(kv for kv in kv_configs(settings) if kv.bucket == subjects.STATE_BUCKET)
 
 
-def kv_configs(settings: Settings) -> list[KeyValueConfig]:
-    """Every bucket: ``tasks``, then the dependency, workflow and priority-override buckets (these expire with
-    the events too, from their last write, so a dependency timeout may not be longer), then
-    the cancelled ids (kept ``cancel_ttl_s``), the cron schedules, the idempotency keys
-    (each key with its own TTL, which nats-py's bucket streams allow), the live workers and
-    the live regional schedulers (kept three heartbeats). The circuit breakers and the
-    limits' slots and token buckets are kept with the schedules: they outlive the processes
-    that set them."""
-    own = [
-        KeyValueConfig(
-            bucket=bucket,
-            history=1,
-            ttl=settings.events_max_age_s,
-            storage=StorageType.FILE,
-            replicas=settings.replicas,
-            direct=True,
-        )
-        for bucket in (subjects.WAITING_BUCKET, subjects.DEPENDANTS_BUCKET, subjects.WORKFLOWS_BUCKET, subjects.PRIORITIES_BUCKET)
-    ]
-    cancels = KeyValueConfig(
-        bucket=subjects.CANCELS_BUCKET,
-        history=1,
-        ttl=settings.cancel_ttl_s,
-        storage=StorageType.FILE,
-        replicas=settings.replicas,
-        direct=True,
-        limit_marker_ttl=EXPIRY_MARKER_TTL_S,
-    )
-    # A few live entries each, rewritten every heartbeat: nothing to keep across a restart.
-    workers, regions = (
-        KeyValueConfig(
-            bucket=bucket,
-            history=1,
-            ttl=WORKER_HEARTBEATS_TO_LIVE * settings.worker_heartbeat_s,
-            storage=StorageType.MEMORY,
-            replicas=settings.replicas,
-            direct=True,
-            limit_marker_ttl=EXPIRY_MARKER_TTL_S,
-        )
-        for bucket in (subjects.WORKERS_BUCKET, subjects.REGIONS_BUCKET)
-    )
-    schedules_and_keys = [
-        KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.replicas, direct=True)
-        for bucket in (subjects.SCHEDULES_BUCKET, subjects.IDEMPOTENCY_BUCKET, subjects.BREAKERS_BUCKET, subjects.LIMITS_BUCKET)
-    ]
-    return [kv_config(settings), *own, cancels, *schedules_and_keys, workers, regions]
+def kv_stream(kv: dict[str, Any]) -> dict[str, Any]:
+    """The stream nats-py's ``create_key_value`` makes for the bucket ``kv`` (both API shapes),
+    for whoever creates it another way (NACK: :mod:`streamsched.nack`). NATS clients differ
+    here: nats.go, and so NACK's own ``KeyValue``, allows per-message TTLs only with a limit
+    marker TTL, and the ``idempotency`` bucket needs them without one."""
+    bucket, ttl = kv["bucket"], kv.get("ttl", 0)
+    window = nanoseconds(KV_DUPLICATE_WINDOW_S)
+    stream = {
+        "name": f"KV_{bucket}",
+        "subjects": [f"$KV.{bucket}.>"],
+        "storage": kv.get("storage"),
+        "num_replicas": kv.get("replicas", 1),
+        "max_msgs_per_subject": kv.get("history", 1),
+        "max_age": ttl or None,  # none: kept until replaced
+        "max_bytes": kv.get("max_bytes"),
+        "max_msg_size": kv.get("max_value_size"),
+        "max_msgs": -1,
+        "max_consumers": -1,
+        "discard": DiscardPolicy.NEW.value,
+        "duplicate_window": min(window, ttl) if ttl else window,
+        "allow_direct": kv.get("direct"),
+        "allow_rollup_hdrs": True,
+        "allow_msg_ttl": True,
+        "deny_delete": True,
+        "subject_delete_marker_ttl": kv.get("limit_marker_ttl") or None,
+    }
+    return {key: value for key, value in stream.items() if value is not None}
 
 
-def _role_consumer(name: str, filter_subject: str, window: int, **more: Any) -> ConsumerConfig:
-    """A durable of a role that never fails on bad input, only on outages: it retries without limit."""
-    return ConsumerConfig(
-        durable_name=name,
-        filter_subject=filter_subject,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_ack_pending=window,
-        max_deliver=-1,
-        **more,
-    )
-
-
-def ingress_consumers(settings: Settings) -> list[tuple[str, str]]:
-    """``(durable, filter)`` of the masters' consumers on TASKS: ``master`` on plain
-    ``tasks.submit`` (its name kept, so a deployment keeps its place there), then
-    ``master-<priority>`` on each ``tasks.submit.<priority>``, highest first."""
-    return [(subjects.MASTER_CONSUMER, subjects.SUBMIT), *((subjects.master_consumer(p), subjects.submit(p)) for p in settings.priorities)]
+def _consumer_config(api: dict[str, Any]) -> ConsumerConfig:
+    config: ConsumerConfig = ConsumerConfig.from_response(_typed(api))
+    return config
 
 
 def consumer_configs(settings: Settings) -> list[tuple[str, ConsumerConfig]]:
-    """``(stream, config)`` of every durable pull consumer."""
-    out: list[tuple[str, ConsumerConfig]] = [
-        *(
-            (subjects.TASKS_STREAM, _role_consumer(name, subject, settings.master_window, max_waiting=512))
-            for name, subject in ingress_consumers(settings)
-        ),
-        (subjects.TASKS_STREAM, _role_consumer(subjects.CANCELLER_CONSUMER, subjects.CANCEL, CANCELLER_WINDOW)),
-        # One request at a time across every master: a move pauses a WORK durable and must not overlap another.
-        (subjects.TASKS_STREAM, _role_consumer(subjects.REPRIORITIZER_CONSUMER, subjects.REPRIORITIZE, 1)),
-        (subjects.FINISHED_STREAM, _role_consumer(subjects.RESOLVER_CONSUMER, subjects.FINISHED, RESOLVER_WINDOW)),
-        (subjects.TIMERS_STREAM, _role_consumer(subjects.TIMERS_CONSUMER, subjects.TIMERS_DUE, TIMERS_WINDOW)),
-        (subjects.TIMERS_STREAM, _role_consumer(subjects.DEPS_TIMEOUT_CONSUMER, subjects.DEPS_DUE, DEPS_TIMEOUT_WINDOW)),
-        (subjects.EVENTS_STREAM, _role_consumer(subjects.PROJECTOR_CONSUMER, subjects.EVENTS_ALL, PROJECTOR_WINDOW)),
-    ]
-    for region in settings.regions:
-        for priority in settings.priorities:
-            window = sched_window_messages(settings.regional_window, len(settings.priorities))
-            out.append((subjects.SCHED_STREAM, _role_consumer(subjects.sched_consumer(region, priority), subjects.sched(region, priority), window)))
-    return out
+    """``(stream, config)`` of every role's durable pull consumer, in the files' order (``consumer/*.json``)."""
+    return [(api["stream_name"], _consumer_config(api["config"])) for api in filled(settings).consumers]
 
 
 def work_consumer_config(settings: Settings, region: str, priority: str, task_type: str) -> ConsumerConfig:
     """The durable on WORK of one region, priority and task type. Workers create it for the
     types they load (:func:`ensure_work_consumers`): the types are known only to them."""
-    return ConsumerConfig(
-        durable_name=subjects.work_consumer(region, priority, task_type),
-        filter_subject=subjects.work(region, priority, task_type),
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_s,
-        max_ack_pending=settings.work_max_ack_pending,
-        max_deliver=settings.max_deliver,
-    )
+    return _consumer_config(filled_work_consumer(settings, region, priority, task_type)["config"])
 
 
 async def _work_consumer_configs(bus: Bus, settings: Settings) -> list[tuple[str, ConsumerConfig]]:
@@ -368,8 +339,6 @@ async def wait_for_leaders(bus: Bus, settings: Settings, timeout_s: float = READ
             await anyio.sleep(0.1)
 
 
-#: The dedupe window nats-py gives a bucket (or its TTL, if shorter).
-KV_DUPLICATE_WINDOW_S = 120.0
 #: TTLs closer than this are the same (the server keeps nanoseconds, the config float seconds).
 TTL_TOLERANCE_S = 0.001
 
