@@ -309,6 +309,20 @@ class _Fixed(Collector):
         return iter(self.families)
 
 
+#: The streams whose messages, bytes and byte limit ``/metrics`` shows: every one with a
+#: ``max_bytes`` setting, so that an alert can fire before a stream that discards new
+#: messages (TASKS, SCHED, FINISHED, WORK, KV ``tasks``) starts refusing them.
+LIMITED_STREAMS = (
+    subjects.TASKS_STREAM,
+    subjects.SCHED_STREAM,
+    subjects.FINISHED_STREAM,
+    subjects.WORK_STREAM,
+    subjects.EVENTS_STREAM,
+    subjects.DLQ_STREAM,
+    f"KV_{subjects.STATE_BUCKET}",
+)
+
+
 async def cluster_gauges(client: Client, index: TaskIndex, types: TypeLabels) -> list[Metric]:
     """The gauges read from JetStream and the KV buckets now (see the module)."""
     settings, bus = client.settings, client.bus
@@ -328,11 +342,18 @@ async def cluster_gauges(client: Client, index: TaskIndex, types: TypeLabels) ->
     for status, count in index.counts().items():
         tasks.add_metric([status], count)
     messages = GaugeMetricFamily("streamsched_stream_messages", "Messages each stream holds", labels=["stream"])
-    for stream in (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM, subjects.EVENTS_STREAM, subjects.DLQ_STREAM):
-        messages.add_metric([stream], (await bus.js.stream_info(stream)).state.messages)
+    stored = GaugeMetricFamily("streamsched_stream_bytes", "Bytes each stream holds", labels=["stream"])
+    limits = GaugeMetricFamily("streamsched_stream_max_bytes", "Each stream's byte limit (its max_bytes setting; 0: none)", labels=["stream"])
+    for stream in LIMITED_STREAMS:
+        info = await bus.js.stream_info(stream)
+        messages.add_metric([stream], info.state.messages)
+        stored.add_metric([stream], info.state.bytes)
+        limits.add_metric([stream], max(0, info.config.max_bytes or 0))
     out += [
         tasks,
         messages,
+        stored,
+        limits,
         GaugeMetricFamily("streamsched_workers", "Live workers", value=len(live)),
         GaugeMetricFamily("streamsched_tasks_running", "Tasks the live workers run now", value=sum(worker.running for worker in live)),
     ]

@@ -22,7 +22,7 @@ from streamsched.testing import all_roles, running
 from streamsched.transport import streams
 from streamsched.transport.server import free_port
 
-from ..unit.test_deploy_files import queried
+from ..unit.test_deploy_files import alerted, queried
 
 pytestmark = pytest.mark.anyio
 
@@ -109,6 +109,7 @@ async def test_the_counters_move_as_tasks_flow_and_the_names_are_all_there(setti
         after = await scrape(api)
     assert {name for name, _ in after} >= CLUSTER_NAMES
     assert queried('job="streamsched-api"') <= {name for name, _ in after}  # every name the dashboard reads there
+    assert alerted({"streamsched-api"}) <= {name for name, _ in after}  # and every one the alert rules read
     assert not any(name.startswith("tasks_") for name, _ in before)  # the fold began with the API: nothing before
     # Exact: each outcome counted once, by the labels of the task.
     assert total(after, "tasks_completed_total") == ok_high + ok_low
@@ -130,6 +131,10 @@ async def test_the_counters_move_as_tasks_flow_and_the_names_are_all_there(setti
     assert total(after, "breaker_state", region="default", type="noop", state="open") == 1
     assert total(after, "breaker_state", region="default", type="noop", state="closed") == 0
     assert total(after, "projector_lag_messages") >= 0 and ("projector_lag_seconds", frozenset()) in after
+    # How full each stream is, against the limit its setting gives it.
+    assert total(after, "streamsched_stream_max_bytes", stream="TASKS") == settings.tasks_max_bytes
+    assert total(after, "streamsched_stream_max_bytes", stream="KV_tasks") == settings.state_max_bytes
+    assert total(after, "streamsched_stream_bytes", stream="TASKS") > 0 and total(after, "streamsched_stream_bytes", stream="KV_tasks") > 0
 
 
 async def test_queue_size_shows_the_work_no_worker_takes(settings, bus, examples, api):
@@ -169,6 +174,7 @@ async def test_a_role_process_serves_its_own_counts(settings, bus, examples):
         server.server_close()
     assert taken is None
     assert queried('job=~"streamsched-(master|regional|projector|worker)"') <= {name for name, _ in samples}
+    assert alerted({"streamsched-master", "streamsched-regional", "streamsched-projector", "streamsched-worker"}) <= {name for name, _ in samples}
     assert total(samples, "tasks_completed_total", type="echo", region="default") == 7
     assert total(samples, "task_duration_seconds_count", type="echo") == 7
     assert total(samples, "master_submissions_total", outcome="accepted") == 7

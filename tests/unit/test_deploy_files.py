@@ -1,8 +1,9 @@
-"""deploy/: the Prometheus scrape config and the Grafana dashboard are valid, scrape the ports
-`up --metrics-port-base` gives, and query the jobs the config names; `up` gives each role
-process a port of its own; the Dockerfile lints clean and keeps the essentials (a pinned base,
-several stages, a user); deploy/compose.yaml is complete and agrees with the settings and the
-dashboard. The Kubernetes manifests are test_deploy_manifests.py's."""
+"""deploy/: the Prometheus scrape config, its alert rules and the Grafana dashboard are valid,
+scrape the ports `up --metrics-port-base` gives, and query the jobs the config names, the
+rules only metrics the code exports; `up` gives each role process a port of its own; the
+Dockerfile lints clean and keeps the essentials (a pinned base, several stages, a user);
+deploy/compose.yaml is complete and agrees with the settings and the dashboard. The
+Kubernetes manifests are test_deploy_manifests.py's."""
 
 from __future__ import annotations
 
@@ -17,13 +18,23 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
+from streamsched import metrics as cluster_metrics
 from streamsched.config import Settings
+from streamsched.roles import metrics as role_metrics
+from streamsched.transport import streams
 from streamsched.up import DEFAULT_API_PORT, UpOptions, last_metrics_port, metrics_port, roles
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
-#: A metric name in a PromQL expression: the dashboard writes every selector with braces.
+#: A metric name in a PromQL expression: the dashboard and the alert rules write every selector with braces.
 SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^}]*)\}")
+#: A metric family made in the code with its name written out: ``GaugeMetricFamily("worker_count", ...``.
+FAMILY = re.compile(r"\b(GaugeMetricFamily|CounterMetricFamily|HistogramMetricFamily|histogram|_gauge)\(\s*\"([a-z_:][a-z0-9_:]*)\"")
+#: The series Prometheus makes itself for every target it scrapes.
+PROMETHEUS_OWN = {"up"}
 
 
 def scrape_jobs() -> dict[str, list[str]]:
@@ -39,6 +50,47 @@ def dashboard_queries() -> list[str]:
 def queried(job_pattern: str) -> set[str]:
     """The metric names the dashboard reads from the jobs a selector matches with ``job_pattern``."""
     return {name for expr in dashboard_queries() for name, labels in SELECTOR.findall(expr) if job_pattern in labels}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in config["groups"] for rule in group["rules"]]
+
+
+def job_matcher(labels: str) -> re.Pattern[str]:
+    """The jobs a selector's labels (``job="x"`` or ``job=~"x|y"``) pick, as a pattern to fullmatch."""
+    job = re.search(r'job(=~|=)"([^"]+)"', labels)
+    assert job is not None, labels
+    return re.compile(job.group(2) if job.group(1) == "=~" else re.escape(job.group(2)))
+
+
+def alerted(jobs: set[str]) -> set[str]:
+    """The metric names the alert rules read from any of ``jobs`` (Prometheus's own ``up`` left out)."""
+    return {
+        name
+        for rule in alert_rules()
+        for name, labels in SELECTOR.findall(rule["expr"])
+        if name not in PROMETHEUS_OWN and any(job_matcher(labels).fullmatch(job) for job in jobs)
+    }
+
+
+def exported_names() -> set[str]:
+    """Every series name the API's and the roles' /metrics can show, from the code: the families
+    they make (counters exposed with ``_total``, histograms as ``_bucket``, ``_sum`` and
+    ``_count``), and what prometheus-client's process and platform collectors add."""
+    families: dict[str, str] = {}
+    for module in (cluster_metrics, role_metrics):
+        source = Path(module.__file__ or "").read_text()
+        for maker, name in FAMILY.findall(source):
+            families[name] = {"CounterMetricFamily": "counter", "HistogramMetricFamily": "histogram", "histogram": "histogram"}.get(maker, "gauge")
+    # Counters whose names the code keeps in tables rather than writing out at the call.
+    families.update(dict.fromkeys([*cluster_metrics.COUNTER_HELP, *role_metrics.OUTCOME_COUNTERS.values()], "counter"))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {name + suffix for name, kind in families.items() for suffix in suffixes[kind]}
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return names | {sample.name for family in registry.collect() for sample in family.samples}
 
 
 def test_the_scrape_config_targets_the_api_and_every_role_at_the_ports_up_gives() -> None:
@@ -72,6 +124,31 @@ def test_the_dashboard_is_grafana_json_reading_only_the_scraped_jobs() -> None:
                 assert any(re.fullmatch(job.group(2), name) for name in jobs), job.group(2)
     # What the API and the roles' own metrics are checked against a real scrape (tests/integration/test_metrics.py).
     assert {"tasks_completed_total", "queue_size", "worker_count", "task_wait_seconds_bucket"} <= queried('job="streamsched-api"')
+
+
+def test_the_alert_rules_are_loaded_and_read_only_metrics_the_code_exports() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]  # beside prometheus.yml, which Prometheus resolves it against
+    rules = alert_rules()
+    exported, jobs = exported_names(), set(scrape_jobs())
+    # The names are read from the source: make sure the reading finds them.
+    assert {"queue_size", "tasks_completed_total", "task_hop_seconds_bucket"} <= exported
+    assert {"projector_skipped_events_total", "process_resident_memory_bytes"} <= exported
+    assert len({rule["alert"] for rule in rules}) == len(rules) >= 10
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        selectors = SELECTOR.findall(rule["expr"])
+        assert selectors, rule["alert"]
+        for name, labels in selectors:
+            assert name in exported | PROMETHEUS_OWN, f"{rule['alert']}: {name} is not exported"
+            assert any(job_matcher(labels).fullmatch(job) for job in jobs), f"{rule['alert']}: no scraped job matches {labels}"
+    # The limits the stream alerts compare against are the ones that make a stream refuse
+    # publishes (discard new) or drop its oldest messages (discard old).
+    refusing = {stream for stream, _ in streams.LIMIT_SETTINGS}
+    filling = next(rule for rule in rules if rule["alert"] == "StreamschedStreamFilling")
+    assert set(re.findall(r'stream=~"([^"]+)"', filling["expr"])[0].split("|")) == refusing
+    assert set(cluster_metrics.LIMITED_STREAMS) == refusing | {"EVENTS", "DLQ"}
 
 
 def test_up_gives_every_role_process_a_port_of_its_own() -> None:
