@@ -341,6 +341,9 @@ async def wait_for_leaders(bus: Bus, settings: Settings, timeout_s: float = READ
 
 #: TTLs closer than this are the same (the server keeps nanoseconds, the config float seconds).
 TTL_TOLERANCE_S = 0.001
+#: Buckets whose entries are all heartbeats, put again within ``worker_heartbeat_s``: one whose
+#: storage differs from its definition (JetStream cannot change it in place) is made again.
+HEARTBEAT_BUCKETS = frozenset({subjects.WORKERS_BUCKET, subjects.REGIONS_BUCKET})
 
 
 @dataclass(frozen=True)
@@ -349,7 +352,7 @@ class Change:
 
     kind: str  # "stream", "consumer" or "kv"
     name: str
-    action: str  # "created", "updated" or "unchanged"
+    action: str  # "created", "updated", "recreated" (a heartbeat bucket) or "unchanged"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -385,6 +388,11 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
         except NotFoundError:
             await js.create_key_value(kv)
             changes.append(Change("kv", kv.bucket, "created"))
+            continue
+        if kv.bucket in HEARTBEAT_BUCKETS and kv.storage is not None and current.storage != kv.storage:
+            await js.delete_key_value(kv.bucket)
+            await js.create_key_value(kv)
+            changes.append(Change("kv", kv.bucket, "recreated", f"storage {kv.storage.value}: its entries come back within a heartbeat"))
             continue
         # The TTL follows settings that may change (worker_heartbeat_s, cancel_ttl_s ...);
         # the dedupe window may not be longer, as nats-py makes it for a new bucket.

@@ -92,7 +92,7 @@ def test_specs_say_what_the_definitions_say() -> None:
     ingress = [subjects.SUBMIT, *map(subjects.submit, Settings().priorities)]
     assert tasks["subjects"] == [*ingress, subjects.REJECTED, subjects.CANCEL, subjects.REPRIORITIZE]
     workers = items[("Stream", f"KV_{subjects.WORKERS_BUCKET}")]
-    assert (workers["maxAge"], workers["storage"], workers["subjectDeleteMarkerTtl"], workers["allowMsgTtl"]) == ("6s", "memory", "1s", True)
+    assert (workers["maxAge"], workers["storage"], workers["subjectDeleteMarkerTtl"], workers["allowMsgTtl"]) == ("6s", "file", "1s", True)
     assert items[("Stream", f"KV_{subjects.IDEMPOTENCY_BUCKET}")]["allowMsgTtl"] is True  # per-key TTLs
     projector = items[("Consumer", subjects.PROJECTOR_CONSUMER)]
     assert (projector["streamName"], projector["ackWait"], projector["maxDeliver"]) == (subjects.EVENTS_STREAM, "30s", -1)
