@@ -11,12 +11,13 @@ import json
 from typing import Annotated, Any
 
 import anyio
+import nats.js.errors
 import typer
 
 from .cli_events import load_or_exit
 from .config import Settings
 from .transport import streams
-from .transport.bus import Bus
+from .transport.bus import Bus, explain
 
 streams_app = typer.Typer(
     help=(
@@ -64,6 +65,10 @@ def apply(regions: Regions = None, replicas: Replicas = None) -> None:
         try:
             for change in await streams.apply(bus, settings):
                 typer.echo(str(change))
+        except nats.js.errors.APIError as exc:
+            # A server's refusal is the deployment's to fix (its storage limits, say): one line, no traceback.
+            typer.echo(f"error: JetStream refused a definition: {explain(exc)} (docs/OPERATIONS.md, Sizing)", err=True)
+            raise typer.Exit(1) from None
         finally:
             await bus.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -13,6 +14,7 @@ from streamsched import subjects
 from streamsched.config import Settings
 from streamsched.testing import all_roles, running
 from streamsched.transport import streams
+from streamsched.transport.server import NatsServer, free_port
 
 from ..conftest import subprocess_env
 
@@ -38,6 +40,17 @@ async def test_streams_apply_is_idempotent_and_reports_what_changed(settings, bu
     assert "ack_wait" in changes[f"WORK/{echo_high}"].detail
     assert changes["TASKS"].action == "unchanged"
     assert (await bus.js.consumer_info("WORK", echo_high)).config.ack_wait == 9.0
+
+
+async def test_streams_apply_says_in_one_line_what_the_server_refused(tmp_path: Path):
+    config = tmp_path / "small.conf"
+    config.write_text("jetstream { max_file_store: 64MB }\n")  # less than the streams reserve
+    with NatsServer(port=free_port(), store_dir=tmp_path / "js", config=config) as server:
+        result = await cli(Settings.load({}, nats_url=server.url), "streams", "apply", check=False)
+    assert result.returncode == 1
+    error = result.stderr.decode()
+    assert error.startswith("error: JetStream refused a definition:") and "10047" in error, error
+    assert "Traceback" not in error
 
 
 async def test_streams_show_prints_depth_per_subject_and_consumers(settings, bus):
