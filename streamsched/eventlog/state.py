@@ -293,13 +293,9 @@ async def last_values(bus: Bus, stream: str, filters: list[str], *, timeout_s: f
                 if not done.done():
                     done.set_exception(exc)
 
-    inbox = bus.nc.new_inbox()
-    subscription = await bus.subscribe(inbox, on_reply)
-    try:
+    async with bus.reply_subject(on_reply) as inbox:
         bus.send(f"$JS.API.DIRECT.GET.{stream}", msgspec.json.encode({"multi_last": filters}), inbox)
         status = await asyncio.wait_for(done, timeout_s)
-    finally:
-        await wire.unsubscribe(bus.nc, subscription)
     return None if status == "503" else found
 
 

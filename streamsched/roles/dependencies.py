@@ -13,8 +13,9 @@ A submission with dependencies is *registered*, not placed (by the master's inta
 The *completer* is a master's resolver (:mod:`streamsched.roles.resolver`): after a write
 batch has landed, the projector names the tasks whose state is now final in a notice, and
 :meth:`Dependencies.resolve` looks up their edges (one batched direct get per notice),
-reads the waiting records the edges name (one more), and resolves each edge with a
-compare-and-set on the record's revision:
+reads the waiting records the edges name (one more; none for the records this process
+wrote last, which it keeps as written, see :class:`RecentRecords`), and resolves each
+edge with a compare-and-set on the record's revision:
 the dependency leaves ``unmet``; the write that empties it releases the task (placed,
 ``scheduled`` event); a dependency that ended failed, dead, cancelled or rejected cancels
 the task under the ``cancel`` policy (a ``cancelled`` event naming it, whose own
@@ -35,6 +36,7 @@ not register the task again; the buckets expire with the events (``events_max_ag
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections import defaultdict
@@ -70,6 +72,10 @@ MAX_FILTERS = MAX_GET_MANY
 REGISTRATIONS_AT_ONCE = 256
 #: What a record is once it stops waiting.
 WAITING, RELEASED, CANCELLED = "waiting", "released", "cancelled"
+#: Waiting records a process keeps as it last wrote them (see :class:`RecentRecords`), at
+#: most, and the bytes of their task bodies at most.
+RECENT_RECORDS = 4096
+RECENT_BYTES = 32 * 2**20
 
 
 class WaitingRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
@@ -97,6 +103,43 @@ class WaitingRecord(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 _record_decoder = msgspec.json.Decoder(WaitingRecord)
+
+
+class RecentRecords:
+    """The waiting records this process wrote last, each with the revision it wrote.
+
+    A master resolves the tasks it registered itself: with the record at hand, the
+    compare-and-set that resolves an edge goes out without reading the record first, one
+    round trip less between a dependency's success and its dependant's start. The copy
+    decides nothing on its own: a record changed since by another writer (another master,
+    a canceller) fails that compare-and-set, and is read and decided again as after any
+    lost write. Bounded in count and in body bytes, oldest first out."""
+
+    def __init__(self, max_records: int = RECENT_RECORDS, max_bytes: int = RECENT_BYTES) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, tuple[WaitingRecord, int]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def keep(self, record: WaitingRecord, revision: int) -> None:
+        """Remember ``record`` as written at ``revision``, while it waits (an ended wait is not resolved again)."""
+        self.take(record.task.id)
+        if record.state != WAITING:
+            return
+        self._entries[record.task.id] = (record, revision)
+        self._bytes += len(record.task.body)
+        while len(self._entries) > self.max_records or self._bytes > self.max_bytes:
+            _, (oldest, _revision) = self._entries.popitem(last=False)
+            self._bytes -= len(oldest.task.body)
+
+    def take(self, task_id: str) -> tuple[WaitingRecord, int] | None:
+        """The record of ``task_id`` as last written here, taken out (the caller changes it, and
+        keeps it again once its write landed); None when not at hand."""
+        entry = self._entries.pop(task_id, None)
+        if entry is not None:
+            self._bytes -= len(entry[0].task.body)
+        return entry
+
 
 #: ``(subject, body, header block)`` of a raw publish.
 Publication = tuple[str, bytes, bytes | None]
@@ -174,6 +217,7 @@ class Dependencies:
         self.recorder = EventRecorder(bus, source)
         self._tasks: StateStore | None = None
         self._registrations = TickBatch(self._register_all, max_items=REGISTRATIONS_AT_ONCE)
+        self.recent = RecentRecords()
 
     async def _task_states(self) -> StateStore:
         if self._tasks is None:
@@ -209,15 +253,20 @@ class Dependencies:
     async def _register_all(self, records: list[WaitingRecord]) -> None:
         """Write the records, their timeout schedules and their edges in one go, then re-check."""
         publications: list[Publication] = []
+        record_at: list[int] = []  # where each record's write is among the publications
         for record in records:
             task_id = record.task.id
             # Created only if absent: one already there is a redelivered submission's, and goes on.
+            record_at.append(len(publications))
             publications.append((_kv_subject(subjects.WAITING_BUCKET, task_id), msgspec.json.encode(record), COMPARE_AND_SET % 0))
             timeout = b"NATS/1.0\r\n" + at_schedule(record.since + record.timeout_s, subjects.DEPS_DUE) + b"\r\n"
             publications.append((subjects.dependency_timer(task_id), task_id.encode(), timeout))
             for dependency in record.depends_on:
                 publications.append((_kv_subject(subjects.DEPENDANTS_BUCKET, subjects.edge_key(dependency, task_id)), b"", None))
-        await self._publish(publications)
+        sequences = await self._publish(publications)
+        for record, at in zip(records, record_at, strict=True):
+            if (sequence := sequences[at]) is not None:  # None: a redelivered submission's, written before
+                self.recent.keep(record, sequence)
         # The re-check: a dependency that became final before its edge existed was missed by
         # the completer. Only these records' own edges: a hub's other dependants are not ours.
         dependencies = list(dict.fromkeys(d for record in records for d in record.depends_on))
@@ -276,7 +325,9 @@ class Dependencies:
             await self._resolve_chunk(dict(items[start : start + MAX_FILTERS]), finished, dict(known))
 
     async def _resolve_chunk(self, by_dependant: dict[str, list[str]], finished: dict[str, Status], known: dict[str, TaskState]) -> None:
-        entries: dict[str, tuple[WaitingRecord, int] | None] = dict(await self._records(list(by_dependant)))
+        entries: dict[str, tuple[WaitingRecord, int] | None] = {dependant: self.recent.take(dependant) for dependant in by_dependant}
+        if unknown := [dependant for dependant, entry in entries.items() if entry is None]:
+            entries.update(await self._records(unknown))
         after_conflict = False
         for _ in range(CAS_ROUNDS):
             writes: list[tuple[WaitingRecord, int]] = []
@@ -292,6 +343,8 @@ class Dependencies:
                     continue
                 if _decide(record, finished):
                     writes.append(entry)
+                else:
+                    self.recent.keep(*entry)
             releasing = [r for r, _ in (*writes, *ended) if r.state == RELEASED]
             wanted = [d for d in dict.fromkeys(d for r in releasing for d in r.depends_on) if d not in known]
             results = asyncio.ensure_future(self._states(wanted)) if wanted else None
@@ -312,6 +365,8 @@ class Dependencies:
                     progress.append(_split_progress(record))
                 if record.state != WAITING:
                     ended.append((record, sequence))
+                else:
+                    self.recent.keep(record, sequence)
             if progress:
                 await self.recorder.record(progress)
             await self._act_all(ended, known)
@@ -373,6 +428,7 @@ class Dependencies:
         """Change one waiting record with ``decide`` (True when it changed it) by compare-and-set,
         re-reading on a conflict, and carry it out once it stops waiting; True when this call
         ended the wait. (A timeout or a cancel: one task at a time.)"""
+        self.recent.take(task_id)  # read afresh: a cancel or a timeout comes seldom, and may come from elsewhere
         for _ in range(CAS_ROUNDS):
             entry = (await self._records([task_id])).get(task_id)
             if entry is None:
@@ -388,6 +444,7 @@ class Dependencies:
             (sequence,) = await self._publish([write])
             if sequence is None:
                 continue
+            self.recent.keep(record, sequence)
             if record.state != WAITING:
                 await self._act_all([(record, sequence)], {})
                 return True

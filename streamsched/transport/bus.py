@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -135,6 +136,10 @@ class Bus:
         self._room = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], None]] = []
+        self._answers_prefix = ""
+        self._answers_started: asyncio.Task[Any] | None = None
+        self._answer_handlers: dict[str, wire.Handler] = {}
+        self._next_answer = 0
 
     @classmethod
     async def connect(cls, url: str, *, name: str, wait_for_server: bool = False, environ: Mapping[str, str] | None = None) -> Bus:
@@ -224,6 +229,30 @@ class Bus:
     async def subscribe(self, subject: str, handler: wire.Handler) -> Any:
         """A subscription whose messages go straight to ``handler`` (see :mod:`streamsched.transport.wire`)."""
         return await wire.subscribe(self.nc, subject, handler)
+
+    @contextlib.asynccontextmanager
+    async def reply_subject(self, handler: wire.Handler) -> AsyncIterator[str]:
+        """A reply subject whose messages go to ``handler`` while the block runs (the answers
+        to a request of many replies, such as a batched direct get). One wildcard
+        subscription serves every such request of the connection: one per request would
+        cost a SUB and an UNSUB, each a change to the server's subject table."""
+        started = self._answers_started
+        if started is None or (started.done() and (started.cancelled() or started.exception() is not None)):  # first, or failed: again
+            self._answers_prefix = self.nc.new_inbox() + "."
+            started = self._answers_started = asyncio.ensure_future(wire.subscribe(self.nc, self._answers_prefix + "*", self._on_answer))
+        await asyncio.shield(started)
+        self._next_answer += 1
+        token = str(self._next_answer)
+        self._answer_handlers[token] = handler
+        try:
+            yield self._answers_prefix + token
+        finally:
+            del self._answer_handlers[token]
+
+    def _on_answer(self, subject: str, reply: str, data: bytes, raw_headers: bytes | None) -> None:
+        handler = self._answer_handlers.get(subject[len(self._answers_prefix) :])
+        if handler is not None:  # None: a late answer to a request that gave up
+            handler(subject, reply, data, raw_headers)
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | bytes | None = None) -> asyncio.Future[dict[str, Any]]:
         """Publish to JetStream without waiting; the future holds the PubAck (a dict) or an error.

@@ -58,14 +58,10 @@ async def next_on_subject(bus: Bus, stream: str, subject: str, start_seq: int, b
             if not done.done():
                 done.set_exception(exc)
 
-    inbox = bus.nc.new_inbox()
-    subscription = await bus.subscribe(inbox, on_reply)
-    try:
+    async with bus.reply_subject(on_reply) as inbox:
         request = msgspec.json.encode({"seq": start_seq, "next_by_subj": subject, "batch": batch})
         bus.send(f"$JS.API.DIRECT.GET.{stream}", request, inbox)
         await asyncio.wait_for(done, timeout_s)
-    finally:
-        await wire.unsubscribe(bus.nc, subscription)
     return found
 
 
