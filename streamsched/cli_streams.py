@@ -39,6 +39,10 @@ Replicas = Annotated[
 ]
 
 
+#: JetStream's error code when the streams' limits ask for more storage than the server has.
+INSUFFICIENT_RESOURCES = 10047
+
+
 class Format(enum.StrEnum):
     """What ``streams render`` prints."""
 
@@ -67,7 +71,8 @@ def apply(regions: Regions = None, replicas: Replicas = None) -> None:
                 typer.echo(str(change))
         except nats.js.errors.APIError as exc:
             # A server's refusal is the deployment's to fix (its storage limits, say): one line, no traceback.
-            typer.echo(f"error: JetStream refused a definition: {explain(exc)} (docs/OPERATIONS.md, Sizing)", err=True)
+            hint = " (docs/OPERATIONS.md, Sizing)" if exc.err_code == INSUFFICIENT_RESOURCES else ""
+            typer.echo(f"error: JetStream refused a definition: {explain(exc)}{hint}", err=True)
             raise typer.Exit(1) from None
         finally:
             await bus.close()

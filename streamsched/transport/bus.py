@@ -165,13 +165,18 @@ class Bus:
                 holder[0]._fail_in_flight()
 
         # nats-py tries a failing TLS handshake again for ever, whatever its attempts limit:
-        # a command gives up at the first one, since no retry can fix a certificate.
+        # a command gives up once each server listed could have failed one (it tries them in
+        # turn), since no retry can fix a certificate.
         tls_failed: asyncio.Future[ssl.SSLError] = asyncio.get_running_loop().create_future()
+        tls_failures = 0
+        servers = len(url.split(","))
 
         async def error(exc: Exception) -> None:
             # A refused credential or subject, or a certificate, is the deployment's to fix: say so where it shows.
-            if isinstance(exc, ssl.SSLError) and not wait_for_server:
-                if not tls_failed.done():
+            nonlocal tls_failures
+            if isinstance(exc, ssl.SSLError) and not wait_for_server and not tls_failed.done():
+                tls_failures += 1
+                if tls_failures >= servers:
                     tls_failed.set_result(exc)  # raised as Unavailable below, with what to do
                 return
             refused = isinstance(exc, ssl.SSLError) or any(
@@ -203,6 +208,7 @@ class Bus:
         await asyncio.wait((connecting, tls_failed), return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():
             connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
             raise Unavailable(
                 f"cannot connect to NATS at {url}: TLS failed ({tls_failed.result()}); the server's certificate must be "
                 "signed by the CA in NATS_CA, and a server that verifies clients needs NATS_CERT and NATS_KEY"

@@ -31,6 +31,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 TASKS = 3000
 WORKERS = 2
 CONCURRENCY = 16
+#: Outcomes a worker keeps un-acked while their events land (``worker_finish_window``), kept
+#: small so that what a worker may hold un-acked, and so the re-run bound below, is tight.
+FINISH_WINDOW = 16
+#: What a worker holds un-acked at most: running, waiting for a slot (prefetch, one per
+#: slot by default), and finished with their acks on the way.
+HELD = CONCURRENCY + CONCURRENCY + FINISH_WINDOW
 
 
 async def kill_and_restart(
@@ -54,6 +60,7 @@ async def test_kills_of_a_server_a_worker_the_scheduler_and_the_master_lose_no_t
         await streams.wait_for_leaders(bus, settings)
         roles = Processes(settings, tmp_path)
         roles.env["STREAMSCHED_REPLICAS"] = str(NODES)
+        roles.env["STREAMSCHED_WORKER_FINISH_WINDOW"] = str(FINISH_WINDOW)
         started = time.time()
         try:
             roles.start("master", "master")
@@ -119,6 +126,7 @@ async def test_kills_of_a_server_a_worker_the_scheduler_and_the_master_lose_no_t
         + "; ".join(f"{what} at +{at - started:.1f} s" for at, what in kills)
         + f"\nlongest stall in completions after the first kill: {stall:.2f} s; tasks that ran more than once: {ran_again}"
     )
-    # Only what a killed process held un-acked runs again: at most each worker's window.
-    assert ran_again <= WORKERS * CONCURRENCY * 2, f"{ran_again} tasks ran more than once"
-    assert stall < 30.0
+    # Only what was held un-acked where it was lost runs again: the killed server may take
+    # the acks of all that both workers held, the killed worker all it held.
+    assert ran_again <= (WORKERS + 1) * HELD, f"{ran_again} tasks ran more than once"
+    assert stall < 45.0, "completions did not resume"

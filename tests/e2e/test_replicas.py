@@ -56,19 +56,22 @@ def counted(text: str, name: str) -> float:
 
 
 async def scrape(http: httpx.AsyncClient, port: int) -> str | None:
+    """The process's /metrics once it is ready (connected, its roles pulling; /metrics itself
+    answers from the start, before the process has connected)."""
     with contextlib.suppress(httpx.TransportError):  # not serving yet
-        return (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        if (await http.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
+            return (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     return None
 
 
 async def scrape_all(http: httpx.AsyncClient, ports: dict[str, int]) -> dict[str, str]:
-    """Each process's /metrics, once every one of them answers."""
+    """Each process's /metrics, once every one of them is ready."""
     deadline = time.monotonic() + DEADLINE_S
     while True:
         texts = {name: await scrape(http, port) for name, port in ports.items()}
         if all(text is not None for text in texts.values()):
             return {name: text for name, text in texts.items() if text is not None}
-        assert time.monotonic() < deadline, f"not serving /metrics: {[name for name, text in texts.items() if text is None]}"
+        assert time.monotonic() < deadline, f"not ready: {[name for name, text in texts.items() if text is None]}"
         await anyio.sleep(0.1)
 
 

@@ -209,13 +209,16 @@ def free_ports(count: int) -> int:
 
 
 def serves_metrics(port: int, timeout_s: float = 30.0) -> bool:
-    """Whether a role process serves its /metrics on ``port`` within ``timeout_s`` (it may be starting)."""
+    """Whether a role process on ``port`` is ready within ``timeout_s`` (connected, its roles
+    pulling: it may be starting) and serves its /metrics."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
+                pass
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 return b"process_cpu_seconds_total" in response.read()
-        except OSError:
+        except OSError:  # not listening yet, or 503: not ready yet (urllib raises HTTPError, an OSError)
             time.sleep(0.1)
     return False
 

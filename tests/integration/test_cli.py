@@ -49,7 +49,7 @@ async def test_streams_apply_says_in_one_line_what_the_server_refused(tmp_path: 
         result = await cli(Settings.load({}, nats_url=server.url), "streams", "apply", check=False)
     assert result.returncode == 1
     error = result.stderr.decode()
-    assert error.startswith("error: JetStream refused a definition:") and "10047" in error, error
+    assert error.startswith("error: JetStream refused a definition:") and "10047" in error and "Sizing" in error, error
     assert "Traceback" not in error
 
 
