@@ -61,7 +61,11 @@ def _settings(regions: str | None, replicas: int | None) -> Settings:
 
 @streams_app.command("apply")
 def apply(regions: Regions = None, replicas: Replicas = None) -> None:
-    """Create or update every stream, consumer and KV bucket in place (a new priority gets its tasks.submit.<priority>); prints what changed."""
+    """Create or update every stream, consumer and KV bucket in place (a new priority gets its tasks.submit.<priority>); prints what changed.
+
+    Nothing is deleted, except that KV workers or regions on another storage than their
+    definition's is made again (JetStream cannot change it in place; their entries are
+    heartbeats, put again within one)."""
     settings = _settings(regions, replicas)
 
     async def go() -> None:
