@@ -147,7 +147,7 @@ def worker_grant(settings: Settings, region: str, task_types: Sequence[str] | No
     return grant.add(
         metadata(),
         pull(subjects.WORK_STREAM, *durables, create=True),
-        [subjects.events("*"), subjects.dlq("*")],
+        [*subjects.EVENTS_RECORDED, subjects.dlq("*")],
         kv(subjects.WORKERS_BUCKET, subjects.LIMITS_BUCKET, subjects.BREAKERS_BUCKET, write=True),
         kv(subjects.STATE_BUCKET, subjects.CANCELS_BUCKET, subjects.PRIORITIES_BUCKET),
     )
@@ -159,7 +159,7 @@ def regional_grant(settings: Settings, region: str) -> Grant:
         pull(subjects.SCHED_STREAM, *(subjects.sched_consumer(region, p) for p in settings.priorities)),
         # Any region's WORK: every regional scheduler's admission loop may admit any region's
         # held tasks (so a region whose scheduler is down still has them admitted).
-        [subjects.WORK_ALL, subjects.HELD_ALL, subjects.events("*"), subjects.dlq("*")],
+        [subjects.WORK_ALL, subjects.HELD_ALL, *subjects.EVENTS_RECORDED, subjects.dlq("*")],
         direct(subjects.SCHED_STREAM),
         change(subjects.SCHED_STREAM, delete_messages=True),
         kv(subjects.REGIONS_BUCKET, subjects.LIMITS_BUCKET, subjects.BREAKERS_BUCKET, write=True),
@@ -174,7 +174,7 @@ def master_grant(settings: Settings) -> Grant:
         metadata(),
         *(pull(stream, name) for stream, name in durables if stream in mine),
         submitting(settings),
-        ["sched.>", subjects.HELD_ALL, subjects.WORK_ALL, subjects.TIMERS_ALL, subjects.REJECTED, subjects.events("*"), subjects.dlq("*")],
+        ["sched.>", subjects.HELD_ALL, subjects.WORK_ALL, subjects.TIMERS_ALL, subjects.REJECTED, *subjects.EVENTS_RECORDED, subjects.dlq("*")],
         direct(subjects.TIMERS_STREAM, subjects.SCHED_STREAM, subjects.WORK_STREAM, subjects.TASKS_STREAM),
         change(subjects.WORK_STREAM, delete_messages=True, pause=True),
         change(subjects.SCHED_STREAM, delete_messages=True),
@@ -183,11 +183,11 @@ def master_grant(settings: Settings) -> Grant:
     )
 
 
-def projector_grant() -> Grant:
+def projector_grant(settings: Settings) -> Grant:
     return Grant().add(
         metadata(),
-        pull(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER),
-        [subjects.FINISHED, subjects.events("*")],
+        pull(subjects.EVENTS_STREAM, *subjects.projector_consumers(settings.projector_partitions)),
+        [subjects.FINISHED, *subjects.EVENTS_RECORDED],
         direct(subjects.EVENTS_STREAM),
         kv(subjects.STATE_BUCKET, subjects.WORKFLOWS_BUCKET, write=True),
         kv(*ALL_BUCKETS),
@@ -221,7 +221,7 @@ def client_grant(settings: Settings) -> Grant:
 def grants(settings: Settings, task_types: dict[str, Sequence[str]] | None = None) -> dict[str, Grant]:
     """Every user's grant; ``task_types`` (by region) narrows each region's workers to the
     WORK durables of those types."""
-    out = {MASTER: master_grant(settings), PROJECTOR: projector_grant()}
+    out = {MASTER: master_grant(settings), PROJECTOR: projector_grant(settings)}
     for region in settings.regions:
         out[f"regional-{region}"] = regional_grant(settings, region)
         out[f"worker-{region}"] = worker_grant(settings, region, (task_types or {}).get(region))

@@ -15,6 +15,7 @@ import msgspec
 import typer
 import yaml
 
+from . import subjects
 from .cli_access import access_app
 from .cli_breakers import breakers_app
 from .cli_events import (
@@ -32,7 +33,7 @@ from .cli_schedules import schedule_app
 from .cli_streams import streams_app
 from .cli_workers import workers_app
 from .client import Client
-from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, Settings
+from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, MAX_PROJECTOR_PARTITIONS, Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Unavailable
 from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
@@ -124,9 +125,10 @@ def _regions(value: str | None) -> tuple[str, ...] | None:
     help=(
         "Start the whole system on this machine: embedded nats-server, streams, master, regional schedulers, "
         "projector, workers.\n\n"
-        "--masters, --projectors and --regionals (per region) run replicas of those roles, each its own process "
+        "--masters and --regionals (per region) run replicas of those roles, each its own process "
         "(master#1, master#2 ...): they share their role's durable consumers, so each takes a share of the work and no "
-        "task is handled twice.\n\n"
+        "task is handled twice. --projectors N runs N projectors, each folding one projector partition (the tasks "
+        "whose id hashes to it).\n\n"
         f"A role process that exits is restarted (after {RESTART_DELAY_S:g} s, doubling up to {RESTART_DELAY_MAX_S:g} s); "
         f"one that fails {CRASH_LOOP_EXITS} times within {CRASH_LOOP_WINDOW_S:g} s stops everything with exit code "
         f"{Exit.ERROR:d} (a clean exit, code 0, as of a worker drained by `workers drain`, is restarted and is no failure). "
@@ -155,7 +157,12 @@ def up(
     workers: Annotated[int | None, typer.Option(help="Worker processes per region [default: 1].")] = None,
     masters: Annotated[int, typer.Option(min=1, help="Master processes; they share the submissions (the durables on TASKS).")] = 1,
     projectors: Annotated[
-        int, typer.Option(min=1, help="Projector processes; they share EVENTS (one durable) and write KV tasks by compare-and-set.")
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_PROJECTOR_PARTITIONS,
+            help="Projector processes, one per projector partition (sets STREAMSCHED_PROJECTOR_PARTITIONS for every role).",
+        ),
     ] = 1,
     regionals: Annotated[int, typer.Option(min=1, help="Regional scheduler processes per region; they share the region's SCHED durables.")] = 1,
     autoscale: Annotated[
@@ -382,21 +389,34 @@ def worker(
 
 
 @app.command()
-def projector(log_level: LogLevel = "INFO", log_format: LogFormat = None, metrics_port: MetricsPort = None) -> None:
-    """Run the state projector (folds EVENTS into KV `tasks`)."""
+def projector(
+    partition: Annotated[
+        int | None,
+        typer.Option(
+            help="The projector partition to fold (0 to STREAMSCHED_PROJECTOR_PARTITIONS - 1), required when there are "
+            "several. Each partition holds the events of the tasks whose id hashes to it; two projectors of one "
+            "partition share its work by compare-and-set, so a second one is for availability."
+        ),
+    ] = None,
+    log_level: LogLevel = "INFO",
+    log_format: LogFormat = None,
+    metrics_port: MetricsPort = None,
+) -> None:
+    """Run the state projector (folds EVENTS into KV `tasks`, or one partition's events)."""
     from .eventlog.state import StateStore
     from .roles.projector import Projector
 
     configure_logging(log_level, log_format)
     settings = load_or_exit(metrics_port=metrics_port)
+    consumer = _projector_consumer(settings, partition)
     # Lower priority for the whole process: on shared cores the tasks go first (+15-25 %
     # tasks/s in `bench throughput`, and the view completes no later than at nice 0).
     os.nice(settings.projector_nice)
 
     async def build(bus: Bus) -> list[Projector]:
-        return [Projector(settings, bus, await StateStore.open(bus))]
+        return [Projector(settings, bus, await StateStore.open(bus), consumer=consumer)]
 
-    run_service(settings, "streamsched-projector", build)
+    run_service(settings, "streamsched-projector" if partition is None else f"streamsched-projector-{partition}", build)
 
 
 @app.command()
@@ -654,7 +674,7 @@ def bench(
     ceiling: Annotated[bool, typer.Option("--ceiling/--no-ceiling", help="Measure the raw engine in the same run (throughput, latency).")] = True,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes per region.")] = 1,
     masters: Annotated[int, typer.Option(min=1, help="Master processes.")] = 1,
-    projectors: Annotated[int, typer.Option(min=1, help="Projector processes.")] = 1,
+    projectors: Annotated[int, typer.Option(min=1, max=MAX_PROJECTOR_PARTITIONS, help="Projector processes, one per projector partition.")] = 1,
     regionals: Annotated[int, typer.Option(min=1, help="Regional scheduler processes per region.")] = 1,
     regions: Annotated[
         int, typer.Option(min=1, help="Regions (default; r1, r2 ... with more than one), tasks spread over them by their region field.")
@@ -689,6 +709,22 @@ async def _print_outcome(client: Client, task_id: str, timeout: float, expected:
         return Exit.TIMEOUT
     typer.echo(_encode_state(state))
     return Exit.OK if state.status == expected else Exit.TASK_FAILED
+
+
+def _projector_consumer(settings: Settings, partition: int | None) -> str:
+    """The durable a projector reads: the one of ``--partition``, which must name one of the
+    settings' partitions, or, with one partition, the projector's only durable."""
+    partitions = settings.projector_partitions
+    if partitions == 1 and partition is None:
+        return subjects.PROJECTOR_CONSUMER
+    if partitions == 1:
+        typer.echo("error: --partition needs STREAMSCHED_PROJECTOR_PARTITIONS above 1 (it is 1: one projector durable)", err=True)
+        raise typer.Exit(Exit.USAGE)
+    if partition is None or not 0 <= partition < partitions:
+        given = "no --partition" if partition is None else f"--partition {partition}"
+        typer.echo(f"error: {given}: STREAMSCHED_PROJECTOR_PARTITIONS is {partitions}, so give --partition 0 to {partitions - 1}", err=True)
+        raise typer.Exit(Exit.USAGE)
+    return subjects.projector_consumer(partition)
 
 
 def _check_region(settings: Settings, region: str) -> None:

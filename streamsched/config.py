@@ -33,6 +33,8 @@ DEFAULT_CONCURRENCY = 100
 #: Without them a worker of short tasks idles a pull request's round trip whenever its
 #: slots empty (docs/BENCHMARKS.md has the measurement).
 PREFETCH_PER_SLOT = 1
+#: Most projector partitions: each is a durable on EVENTS and a projector process or more.
+MAX_PROJECTOR_PARTITIONS = 64
 GIB = 1024**3
 
 
@@ -185,6 +187,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """The roles' event loop: ``uvloop`` (libuv's, in C; the default where it is installed,
     which pip does everywhere but Windows) or ``asyncio`` (the standard library's). uvloop
     gives 9 % more tasks/s in ``bench throughput``."""
+    projector_partitions: int = 1
+    """Projector partitions: each task's events go to one of them, chosen by a hash of its id,
+    and each has its own durable on EVENTS read by the projectors started with its
+    ``--partition``. 1: one durable on every event. Every role must have the same value (the
+    recorders publish to the partitions, ``streams apply`` makes their durables); ``up`` and
+    ``bench --projectors N`` set it to N."""
     projector_nice: int = 10
     """How far the projector lowers its own CPU priority (a ``nice`` increment, 0 to 19).
     Its work can wait and the tasks' cannot: when roles share cores, the pipeline goes first
@@ -270,6 +278,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise ConfigError(f"metrics_port must be 0 (none) to 65535, not {self.metrics_port}")
         if self.metrics_max_types < 1 or self.metrics_max_tasks < 1:
             raise ConfigError("metrics_max_types and metrics_max_tasks must be at least 1")
+        if not 1 <= self.projector_partitions <= MAX_PROJECTOR_PARTITIONS:
+            raise ConfigError(f"projector_partitions must be 1 to {MAX_PROJECTOR_PARTITIONS}, not {self.projector_partitions}")
         if not 0 <= self.projector_nice <= 19:
             raise ConfigError(f"projector_nice must be 0 to 19, not {self.projector_nice}")
         self._check_autoscale()

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -336,7 +337,7 @@ async def cluster_gauges(client: Client, index: TaskIndex, types: TypeLabels) ->
         workers.add_metric([region], count)
     out.append(workers)
     out.append(await breaker_states(client, types))
-    out.extend(await projector_lag(bus))
+    out.extend(await projector_lag(bus, settings.projector_partitions))
     # The API's own view and the streams' depths, as ``streamsched_*``.
     tasks = GaugeMetricFamily("streamsched_tasks", "Tasks in the API's view of KV tasks, by status", labels=["status"])
     for status, count in index.counts().items():
@@ -393,24 +394,40 @@ async def breaker_states(client: Client, types: TypeLabels) -> GaugeMetricFamily
     return family
 
 
-async def projector_lag(bus: Bus) -> list[GaugeMetricFamily]:
-    """How far the projector is behind EVENTS: messages it has not acked, and the age of the oldest."""
-    messages = GaugeMetricFamily("projector_lag_messages", "EVENTS messages the projector has not folded yet")
-    seconds = GaugeMetricFamily("projector_lag_seconds", "Age of the oldest EVENTS message the projector has not folded (0: none)")
-    try:
-        info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
-    except NotFoundError:
+async def projector_lag(bus: Bus, partitions: int = 1) -> list[GaugeMetricFamily]:
+    """How far the projectors are behind EVENTS: messages not acked, summed over the
+    partitions, and the age of the oldest (of the partition furthest behind)."""
+    messages = GaugeMetricFamily("projector_lag_messages", "EVENTS messages the projectors have not folded yet")
+    seconds = GaugeMetricFamily("projector_lag_seconds", "Age of the oldest EVENTS message the projectors have not folded (0: none)")
+    total, oldest_age = 0, 0.0
+    found = False
+    for consumer in subjects.projector_consumers(partitions):
+        try:
+            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, consumer)
+        except NotFoundError:
+            continue
+        found = True
+        behind = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        total += behind
+        if behind and info.ack_floor is not None:
+            oldest_age = max(oldest_age, await _oldest_unfolded_age(bus, info))
+    if not found:
         return []
-    behind = (info.num_pending or 0) + (info.num_ack_pending or 0)
-    messages.add_metric([], behind)
-    age = 0.0
-    if behind and info.ack_floor is not None:
-        with contextlib.suppress(NotFoundError):  # gone (EVENTS' age limit): no age to tell
-            oldest = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=info.ack_floor.stream_seq + 1, direct=True)
-            if oldest.time is not None:
-                age = max(0.0, time.time() - oldest.time.timestamp())
-    seconds.add_metric([], age)
+    messages.add_metric([], total)
+    seconds.add_metric([], oldest_age)
     return [messages, seconds]
+
+
+async def _oldest_unfolded_age(bus: Bus, info: ConsumerInfo) -> float:
+    """Age of the first message past ``info``'s ack floor on its (first) filter subject: a
+    partition's durable reads only some of EVENTS' messages."""
+    assert info.ack_floor is not None
+    subject = info.config.filter_subject or (info.config.filter_subjects or [subjects.EVENTS_ALL])[0]
+    with contextlib.suppress(NotFoundError):  # gone (EVENTS' age limit): no age to tell
+        oldest = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=info.ack_floor.stream_seq + 1, subject=subject, next=True, direct=True)
+        if oldest.time is not None:
+            return max(0.0, time.time() - oldest.time.timestamp())
+    return 0.0
 
 
 __all__ = ["OTHER", "ClusterMetrics", "EventFold", "cluster_gauges"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from collections.abc import Sequence
 
 #: Ingress: anyone publishes a JSON task here (``nats pub tasks.submit '{...}'``); its
@@ -60,6 +61,7 @@ LIMITS_BUCKET = "limits"
 
 #: Durable consumer names that are not per region.
 MASTER_CONSUMER = "master"
+#: The projector's durable on EVENTS (with one partition; see :func:`projector_consumers`).
 PROJECTOR_CONSUMER = "projector"
 CANCELLER_CONSUMER = "canceller"
 #: The masters' durable on ``tasks.reprioritize`` (one request at a time, cluster-wide).
@@ -201,18 +203,44 @@ def parse_work(subject: str) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[3]
 
 
-def events(source: str) -> str:
-    """The EVENTS subject of the messages one kind of role records (``events.master``…).
+def events(source: str, partition: int | None = None) -> str:
+    """The EVENTS subject of the messages one kind of role records (``events.master``…), or
+    with ``partition``, those of its events whose tasks fall in that projector partition
+    (``events.master.3``; see :func:`event_partition`).
 
     A message holds events of any tasks (see :mod:`streamsched.eventlog.recorder`), so the subject
     names who recorded them, not a task. EVENTS takes ``events.>``: earlier versions
     published each task's events on ``events.<task_id>.<kind>``, and readers still read those.
     """
-    return f"events.{source}"
+    return f"events.{source}" if partition is None else f"events.{source}.{partition}"
 
 
 #: The filter over every EVENTS message.
 EVENTS_ALL = "events.>"
+#: What a role that records events publishes on: ``events.<source>`` and ``events.<source>.<partition>``.
+EVENTS_RECORDED = ("events.*", "events.*.*")
+
+
+def event_partition(task_id: str, partitions: int) -> int:
+    """The projector partition of a task's events: a hash of its id (stable across processes
+    and versions, unlike Python's ``hash``), modulo ``projector_partitions``."""
+    return zlib.crc32(task_id.encode()) % partitions
+
+
+def projector_consumers(partitions: int) -> list[str]:
+    """The projectors' durables on EVENTS: ``projector`` on every event with one partition,
+    else ``projector-0`` ... ``projector-<N-1>``, one per partition."""
+    return [PROJECTOR_CONSUMER] if partitions == 1 else [projector_consumer(k) for k in range(partitions)]
+
+
+def is_projector_consumer(name: str) -> bool:
+    """Whether ``name`` is a projector's durable, for any number of partitions."""
+    return name == PROJECTOR_CONSUMER or re.fullmatch(rf"{PROJECTOR_CONSUMER}-\d+", name) is not None
+
+
+def projector_consumer(partition: int) -> str:
+    """The durable of one projector partition (with ``projector_partitions`` above 1)."""
+    return f"{PROJECTOR_CONSUMER}-{partition}"
 
 
 def dlq(task_id: str) -> str:

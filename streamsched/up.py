@@ -78,7 +78,8 @@ class UpOptions:
     masters: int = 1
     """Master processes: they share the ingress durables on TASKS (and the masters' others)."""
     projectors: int = 1
-    """Projector processes: they share the durable on EVENTS and write KV ``tasks`` by compare-and-set."""
+    """Projector processes, one per projector partition (``projector_partitions`` is set to
+    this for every role): each folds the events of its share of the tasks."""
     regionals: int = 1
     """Regional scheduler processes per region: they share the region's durables on SCHED."""
 
@@ -94,7 +95,11 @@ def roles(settings: Settings, options: UpOptions) -> list[Role]:
         for n in range(1, options.masters + 1)
     ]
     found += [
-        Role(replica_name("projector", n, options.projectors), [*ME, "projector", *_metrics(settings, options, "projector", n=n)], stop_stage=2)
+        Role(
+            replica_name("projector", n, options.projectors),
+            [*ME, "projector", *_partition(n, options), *_metrics(settings, options, "projector", n=n)],
+            stop_stage=2,
+        )
         for n in range(1, options.projectors + 1)
     ]
     if options.api_port:
@@ -106,6 +111,11 @@ def roles(settings: Settings, options: UpOptions) -> list[Role]:
         if options.autoscale is None:
             found.extend(worker_role(settings, options, region, n) for n in range(1, options.workers + 1))
     return found
+
+
+def _partition(n: int, options: UpOptions) -> list[str]:
+    """The ``--partition`` of projector ``n`` (from 1): partition ``n - 1``, none with one projector."""
+    return [] if options.projectors == 1 else ["--partition", str(n - 1)]
 
 
 def replica_name(role: str, n: int, count: int) -> str:
@@ -182,8 +192,15 @@ def run(settings: Settings, options: UpOptions) -> bool:
         raise PortInUse(options.api_port, "api")
     servers = _embedded_servers(options) if options.nats_url is None else []
     url = urls(servers) if servers else str(options.nats_url)
-    settings = msgspec.structs.replace(settings, nats_url=url, replicas=options.cluster if len(servers) > 1 else settings.replicas)
-    env = dict(os.environ, NATS_URL=url, STREAMSCHED_REGIONS=",".join(settings.regions), STREAMSCHED_REPLICAS=str(settings.replicas))
+    replicas = options.cluster if len(servers) > 1 else settings.replicas
+    settings = msgspec.structs.replace(settings, nats_url=url, replicas=replicas, projector_partitions=options.projectors)
+    env = dict(
+        os.environ,
+        NATS_URL=url,
+        STREAMSCHED_REGIONS=",".join(settings.regions),
+        STREAMSCHED_REPLICAS=str(settings.replicas),
+        STREAMSCHED_PROJECTOR_PARTITIONS=str(settings.projector_partitions),
+    )
     supervisor = Supervisor(roles(settings, options), env, options.restarts)
     autoscaler = None
     if options.autoscale is not None:

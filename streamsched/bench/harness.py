@@ -93,7 +93,12 @@ class System:
 
     def start_roles(self, roles: Roles, only: Iterable[str] | None = None) -> None:
         """Start the role processes (``only``: a subset of master, regional, projector, worker)."""
-        env = dict(os.environ, NATS_URL=self.settings.nats_url, STREAMSCHED_REGIONS=",".join(self.settings.regions))
+        env = dict(
+            os.environ,
+            NATS_URL=self.settings.nats_url,
+            STREAMSCHED_REGIONS=",".join(self.settings.regions),
+            STREAMSCHED_PROJECTOR_PARTITIONS=str(self.settings.projector_partitions),
+        )
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         me = [sys.executable, "-m", "streamsched"]
         quiet = ["--log-level", "WARNING"]
@@ -103,7 +108,8 @@ class System:
         if "master" in wanted:
             plan += [(f"master{i}", [*me, "master", *quiet]) for i in range(roles.masters)]
         if "projector" in wanted:
-            plan += [(f"projector{i}", [*me, "projector", *quiet]) for i in range(roles.projectors)]
+            partitions = self.settings.projector_partitions
+            plan += [(f"projector{i}", [*me, "projector", *_partition(i, partitions), *quiet]) for i in range(roles.projectors)]
         for region in self.settings.regions:
             # One region keeps the names of the processes (in the CPU and RSS tables) short.
             where = "" if len(self.settings.regions) == 1 else f"-{region}-"
@@ -129,14 +135,20 @@ class System:
             del self.processes[name]
 
 
+def _partition(i: int, partitions: int) -> list[str]:
+    """The ``--partition`` of the ``i``-th projector (partitions in turn), none with one partition."""
+    return [] if partitions == 1 else ["--partition", str(i % partitions)]
+
+
 @contextlib.asynccontextmanager
 async def system(settings_overrides: dict[str, Any] | None = None, roles: Roles | None = None) -> AsyncIterator[System]:
     """A fresh nats-server (file storage, temporary store) with streams applied, for the
-    regions of ``roles`` (``default`` without)."""
+    regions of ``roles`` (``default`` without) and a projector partition per projector."""
     store = Path(tempfile.mkdtemp(prefix="streamsched-bench-"))
     server = NatsServer(port=free_port(), store_dir=store, monitor_port=free_port()).start()
-    regions = (roles or Roles()).region_names
-    settings = Settings.load({}, nats_url=server.url, **{"regions": regions, **(settings_overrides or {})})
+    chosen = roles or Roles()
+    defaults = {"regions": chosen.region_names, "projector_partitions": chosen.projectors}
+    settings = Settings.load({}, nats_url=server.url, **{**defaults, **(settings_overrides or {})})
     bus = await Bus.connect(server.url, name="bench-driver")
     sys_ = System(settings, server, bus)
     try:
@@ -168,15 +180,23 @@ async def finished_count(bus: Bus) -> int:
     return state.last_seq - state.messages
 
 
+async def _projector_durables(bus: Bus) -> list[ConsumerInfo]:
+    """The projectors' durables on EVENTS: one, or one per partition."""
+    infos: list[ConsumerInfo] = await bus.js.consumers_info(subjects.EVENTS_STREAM)
+    return [info for info in infos if subjects.is_projector_consumer(info.name)]
+
+
 async def projector_caught_up(bus: Bus) -> bool:
-    info: ConsumerInfo = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in await _projector_durables(bus))
 
 
 async def projected_through(bus: Bus, stream_seq: int) -> bool:
-    """The projector has settled every EVENTS message up to ``stream_seq`` (it may hold later ones)."""
-    info: ConsumerInfo = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
-    return info.ack_floor is not None and info.ack_floor.stream_seq >= stream_seq
+    """The projectors have settled every EVENTS message up to ``stream_seq`` (they may hold
+    later ones). A partition's durable whose last message came earlier has settled it all."""
+    return all(
+        (info.ack_floor is not None and info.ack_floor.stream_seq >= stream_seq) or (info.num_pending == 0 and info.num_ack_pending == 0)
+        for info in await _projector_durables(bus)
+    )
 
 
 async def wait_until(predicate: Any, *, timeout_s: float, poll_s: float = 0.05) -> float:

@@ -5,6 +5,9 @@ EVENTS message on ``events.<source>`` (``events.master``, ``events.worker``…) 
 array of them, up to :data:`MAX_EVENTS` or :data:`MAX_BYTES`. Per task that is three
 messages fewer to publish and acknowledge, store, deliver to the projector and ack again:
 about a third of what a task costs the cores when each event is a message of its own.
+With projector partitions (the ``projector_partitions`` setting) a tick's events go in one
+message per partition on ``events.<source>.<partition>``, so that each projector reads
+every event of its own tasks and no other's.
 
 :meth:`EventRecorder.record` returns the :class:`Recording` (the message) the events
 went into; a role acks its upstream message only when it (and its downstream publish)
@@ -85,40 +88,61 @@ class Recording:
 
 
 class EventRecorder:
-    """Publishes events on ``events.<source>``, those of one loop tick in one message."""
+    """Publishes events on ``events.<source>``, those of one loop tick in one message; with
+    ``partitions`` above 1, on ``events.<source>.<k>``, one message per projector partition
+    ``k`` a tick has events for (a task's events always in its partition: see
+    :func:`~streamsched.subjects.event_partition`)."""
 
-    def __init__(self, bus: Bus, source: str) -> None:
+    def __init__(self, bus: Bus, source: str, partitions: int = 1) -> None:
         self.bus = bus
-        self.subject = subjects.events(source)
+        self.partitions = partitions
+        self.subjects = [subjects.events(source)] if partitions == 1 else [subjects.events(source, k) for k in range(partitions)]
         self._id_prefix = f"{source}:{os.urandom(6).hex()}:"
         self._count = 0
-        self._open: Recording | None = None
+        self._open: list[Recording | None] = [None] * partitions
 
     def record(self, events: Iterable[ev.Event]) -> Recording:
         """Add ``events`` (in the order they happened) to the open message; returns it.
 
-        More events than one message holds (a batch or a workflow taken in at once) go into
-        as many messages as they need, in order; the returned recording then stands for all
-        of them (it lands when the last one has)."""
+        More events than one message holds (a batch or a workflow taken in at once), or
+        events of several partitions, go into as many messages as they need, in order; the
+        returned recording then stands for all of them (it lands when the last one has)."""
+        if self.partitions > 1:
+            return self._record_partitioned(events)
+        # One partition, every role's per-task path: :meth:`_record_parts` inline.
         parts = [ev.encode(event) for event in events]
         size = sum(len(part) + 1 for part in parts)
         if len(parts) > MAX_EVENTS or size > MAX_BYTES:
-            return self._record_in_chunks(parts)
-        return self._add(parts, size)
+            return self._record_in_chunks(parts, 0)
+        return self._add(parts, size, 0)
 
-    def _add(self, parts: list[bytes], size: int) -> Recording:
-        batch = self._open
+    def _record_partitioned(self, events: Iterable[ev.Event]) -> Recording:
+        by_partition: dict[int, list[bytes]] = {}
+        for event in events:
+            partition = subjects.event_partition(event.task_id, self.partitions)
+            by_partition.setdefault(partition, []).append(ev.encode(event))
+        recordings = [self._record_parts(parts, partition) for partition, parts in by_partition.items()]
+        return recordings[0] if len(recordings) == 1 else _joint(recordings)
+
+    def _record_parts(self, parts: list[bytes], partition: int) -> Recording:
+        size = sum(len(part) + 1 for part in parts)
+        if len(parts) > MAX_EVENTS or size > MAX_BYTES:
+            return self._record_in_chunks(parts, partition)
+        return self._add(parts, size, partition)
+
+    def _add(self, parts: list[bytes], size: int, partition: int) -> Recording:
+        batch = self._open[partition]
         if batch is not None and (len(batch.parts) + len(parts) > MAX_EVENTS or batch.size + size > MAX_BYTES):
-            self._seal()
+            self._seal(partition)
             batch = None
         if batch is None:
-            batch = self._open = Recording()
-            asyncio.get_running_loop().call_soon(self._seal_tick, batch)
+            batch = self._open[partition] = Recording()
+            asyncio.get_running_loop().call_soon(self._seal_tick, batch, partition)
         batch.parts += parts
         batch.size += size
         return batch
 
-    def _record_in_chunks(self, parts: list[bytes]) -> Recording:
+    def _record_in_chunks(self, parts: list[bytes], partition: int) -> Recording:
         chunks: list[tuple[list[bytes], int]] = [([], 0)]
         for part in parts:
             chunk, size = chunks[-1]
@@ -127,32 +151,37 @@ class EventRecorder:
                 chunk, size = chunks[-1]
             chunk.append(part)
             chunks[-1] = (chunk, size + len(part) + 1)
-        joint = Recording()
-        remaining = len(chunks)
-        first_error: list[BaseException] = []
+        return _joint([self._add(chunk, size, partition) for chunk, size in chunks])
 
-        def landed(error: BaseException | None) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if error is not None and not first_error:
-                first_error.append(error)
-            if remaining == 0:
-                joint._finish(first_error[0] if first_error else None)
+    def _seal_tick(self, batch: Recording, partition: int) -> None:
+        if self._open[partition] is batch:
+            self._seal(partition)
 
-        for chunk, size in chunks:
-            self._add(chunk, size).then(landed)
-        return joint
-
-    def _seal_tick(self, batch: Recording) -> None:
-        if self._open is batch:
-            self._seal()
-
-    def _seal(self) -> None:
-        batch, self._open = self._open, None
+    def _seal(self, partition: int) -> None:
+        batch, self._open[partition] = self._open[partition], None
         assert batch is not None
         self._count += 1
         body = b"[" + b",".join(batch.parts) + b"]"
-        send(self.bus, self.subject, body, {subjects.H_MSG_ID: self._id_prefix + str(self._count)}, batch)
+        send(self.bus, self.subjects[partition], body, {subjects.H_MSG_ID: self._id_prefix + str(self._count)}, batch)
+
+
+def _joint(recordings: list[Recording]) -> Recording:
+    """One recording that lands when all of ``recordings`` have (failing with the first error)."""
+    joint = Recording()
+    remaining = len(recordings)
+    first_error: list[BaseException] = []
+
+    def landed(error: BaseException | None) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if error is not None and not first_error:
+            first_error.append(error)
+        if remaining == 0:
+            joint._finish(first_error[0] if first_error else None)
+
+    for recording in recordings:
+        recording.then(landed)
+    return joint
 
 
 def send(bus: Bus, subject: str, body: bytes, headers: dict[str, str] | bytes, recording: Recording, attempt: int = 0) -> None:

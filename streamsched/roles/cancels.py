@@ -98,8 +98,7 @@ class Canceller(DurableReader):
     """A master's consumer of cancel requests: records the fact, stops what is not queued yet."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
-        super().__init__(bus, subjects.TASKS_STREAM, subjects.CANCELLER_CONSUMER, CANCELLER_WINDOW, source="canceller")
-        self.settings = settings
+        super().__init__(settings, bus, subjects.TASKS_STREAM, subjects.CANCELLER_CONSUMER, CANCELLER_WINDOW, source="canceller")
         self.dependencies = Dependencies(settings, bus, source="canceller")
         self.workflows = WorkflowTracker(bus)
         self._tasks: StateStore | None = None

@@ -214,7 +214,7 @@ class Dependencies:
     def __init__(self, settings: Settings, bus: Bus, *, source: str) -> None:
         self.settings = settings
         self.bus = bus
-        self.recorder = EventRecorder(bus, source)
+        self.recorder = EventRecorder(bus, source, settings.projector_partitions)
         self._tasks: StateStore | None = None
         self._registrations = TickBatch(self._register_all, max_items=REGISTRATIONS_AT_ONCE)
         self.recent = RecentRecords()

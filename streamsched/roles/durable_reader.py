@@ -3,6 +3,7 @@ reprioritizations, what TIMERS fired): a credit puller, a settler, and run/shutd
 
 from __future__ import annotations
 
+from ..config import Settings
 from ..transport.bus import Bus
 from ..transport.pull import Puller
 from ..transport.wire import Delivery
@@ -14,10 +15,11 @@ class DurableReader:
     a subclass handles each in :meth:`_on_message` and settles it through ``self.settler``
     (which records its events as ``source``)."""
 
-    def __init__(self, bus: Bus, stream: str, consumer: str, window: int, *, source: str) -> None:
+    def __init__(self, settings: Settings, bus: Bus, stream: str, consumer: str, window: int, *, source: str) -> None:
+        self.settings = settings
         self.bus = bus
         self.puller = Puller(bus, stream, [consumer], window, self._on_message)
-        self.settler = Settler(bus, self.puller, source=source)
+        self.settler = Settler(bus, self.puller, source=source, partitions=settings.projector_partitions)
 
     async def run(self) -> None:
         await self.puller.run()

@@ -125,7 +125,7 @@ class Master:
         #: The priority the subject of each puller level names (``None``: plain ``tasks.submit``).
         self.subject_priorities = tuple(priority for _, priority in levels)
         self.puller = Puller(bus, subjects.TASKS_STREAM, [name for name, _ in levels], settings.master_window, self._on_message)
-        self.settler = Settler(bus, self.puller, source="master", batcher=TaskBatcher(bus))
+        self.settler = Settler(bus, self.puller, source="master", partitions=settings.projector_partitions, batcher=TaskBatcher(bus))
         self.intake = Intake(settings, bus, self.settler, self._reject, self)
         self.canceller = Canceller(settings, bus)
         self.reprioritizer = Reprioritizer(settings, bus, self.canceller.dependencies)

@@ -124,6 +124,7 @@ class Projector:
         self.settings = settings
         self.bus = bus
         self.store = store
+        self.consumer = consumer
         self.puller = Puller(bus, subjects.EVENTS_STREAM, [consumer], WINDOW, self._on_message)
         self.settler = Settler(bus, self.puller)
         self.cache: collections.OrderedDict[str, tuple[TaskState, int]] = collections.OrderedDict()
@@ -140,7 +141,7 @@ class Projector:
         self._following: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
 
     async def run(self) -> None:
-        log.info("projector folding EVENTS into KV %s", subjects.STATE_BUCKET)
+        log.info("projector folding EVENTS (durable %s) into KV %s", self.consumer, self.store.bucket)
         flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         try:
             await self.puller.run()

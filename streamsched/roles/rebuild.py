@@ -2,9 +2,9 @@
 
 :func:`rebuild_state` folds EVENTS from the first event into a KV bucket with a
 :class:`~streamsched.roles.projector.Projector` reading its own temporary consumer. Into
-the live ``tasks`` bucket it pauses the live projector, purges the bucket, rebuilds, and
-resumes it (the live projector's cache is then stale; its compare-and-set writes notice
-and re-read). Into another bucket it builds a new version beside the live one.
+the live ``tasks`` bucket it pauses the live projectors (every partition's durable),
+purges the bucket, rebuilds, and resumes them (their caches are then stale; their
+compare-and-set writes notice and re-read). Into another bucket it builds a new version beside the live one.
 """
 
 from __future__ import annotations
@@ -47,32 +47,36 @@ async def rebuild_state(bus: Bus, settings: Settings, *, bucket: str = subjects.
     live = bucket == subjects.STATE_BUCKET
     async with anyio.create_task_group() as tg:
         if live:
-            # Paused in short, renewed leases: if this command dies, the projector resumes by itself.
-            await _pause_projector(bus)
-            tg.start_soon(_keep_projector_paused, bus)
+            # Paused in short, renewed leases: if this command dies, the projectors resume by themselves.
+            await _pause_projectors(bus, settings)
+            tg.start_soon(_keep_projectors_paused, bus, settings)
         try:
             report = await _rebuild(bus, settings, bucket, timeout_s, began)
         finally:
             tg.cancel_scope.cancel()
             if live:
                 with anyio.CancelScope(shield=True):
-                    await js.resume_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
+                    for consumer in subjects.projector_consumers(settings.projector_partitions):
+                        await js.resume_consumer(subjects.EVENTS_STREAM, consumer)
     return report
 
 
-#: How long one pause of the live projector lasts, and how often it is renewed.
+#: How long one pause of the live projectors lasts, and how often it is renewed.
 PAUSE_LEASE_S = 30.0
 PAUSE_RENEW_S = 10.0
 
 
-async def _pause_projector(bus: Bus) -> None:
-    await bus.js.pause_consumer(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER, _rfc3339(time.time() + PAUSE_LEASE_S))
+async def _pause_projectors(bus: Bus, settings: Settings) -> None:
+    """Pause every partition's durable (the one durable, with one partition)."""
+    until = _rfc3339(time.time() + PAUSE_LEASE_S)
+    for consumer in subjects.projector_consumers(settings.projector_partitions):
+        await bus.js.pause_consumer(subjects.EVENTS_STREAM, consumer, until)
 
 
-async def _keep_projector_paused(bus: Bus) -> None:
+async def _keep_projectors_paused(bus: Bus, settings: Settings) -> None:
     while True:
         await anyio.sleep(PAUSE_RENEW_S)
-        await _pause_projector(bus)
+        await _pause_projectors(bus, settings)
 
 
 async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, began: float) -> RebuildReport:

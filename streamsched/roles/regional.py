@@ -56,7 +56,7 @@ class Regional:
         consumers = [subjects.sched_consumer(region, p) for p in self.priorities]
         window = streams.sched_window_messages(settings.regional_window, len(self.priorities))
         self.puller = Puller(bus, subjects.SCHED_STREAM, consumers, window, self._on_message)
-        self.settler = Settler(bus, self.puller, source="regional")
+        self.settler = Settler(bus, self.puller, source="regional", partitions=settings.projector_partitions)
         self.cancels = CancelWatch(bus)
         self.workers = LiveWorkers(bus)
         self.ready = anyio.Event()

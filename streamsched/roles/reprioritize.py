@@ -138,8 +138,7 @@ class Reprioritizer(DurableReader):
     """A master's consumer of reprioritize requests."""
 
     def __init__(self, settings: Settings, bus: Bus, dependencies: Dependencies) -> None:
-        super().__init__(bus, subjects.TASKS_STREAM, subjects.REPRIORITIZER_CONSUMER, 1, source="reprioritizer")
-        self.settings = settings
+        super().__init__(settings, bus, subjects.TASKS_STREAM, subjects.REPRIORITIZER_CONSUMER, 1, source="reprioritizer")
         self.dependencies = dependencies
         self._tasks: StateStore | None = None
         self.moved = 0

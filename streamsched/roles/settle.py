@@ -48,14 +48,16 @@ class Settler:
         puller: Puller,
         *,
         source: str = "",
+        partitions: int = 1,
         batcher: TaskBatcher | None = None,
         retry_delay_s: float = 1.0,
     ) -> None:
-        """``source`` names the role in the subject of the events it records (``events.<source>``);
+        """``source`` names the role in the subject of the events it records (``events.<source>``,
+        in ``partitions`` projector partitions: the ``projector_partitions`` setting);
         ``batcher`` takes the hand-offs of :meth:`forward` (a master's SCHED publishes)."""
         self.bus = bus
         self.puller = puller
-        self.recorder = EventRecorder(bus, source) if source else None
+        self.recorder = EventRecorder(bus, source, partitions) if source else None
         self.batcher = batcher
         self.retry_delay_s = retry_delay_s
         self._tasks: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly

@@ -37,8 +37,7 @@ class Timers(DurableReader):
     """Consumes ``timers.due`` through the durable ``master-timers``; runs inside each master."""
 
     def __init__(self, settings: Settings, bus: Bus) -> None:
-        super().__init__(bus, subjects.TIMERS_STREAM, subjects.TIMERS_CONSUMER, streams.TIMERS_WINDOW, source="timers")
-        self.settings = settings
+        super().__init__(settings, bus, subjects.TIMERS_STREAM, subjects.TIMERS_CONSUMER, streams.TIMERS_WINDOW, source="timers")
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
         headers = wire.parse_headers(msg.raw_headers) if msg.raw_headers else {}

@@ -172,7 +172,7 @@ class Worker:
         self._priority_of = [level for level in range(len(settings.priorities)) for _ in self.types]
         self.prefetch = PREFETCH_PER_SLOT * concurrency if prefetch is None else prefetch
         self.puller = Puller(bus, subjects.WORK_STREAM, consumers, concurrency + self.prefetch, self._on_message, ranks=self._priority_of)
-        self.settler = Settler(bus, self.puller, source="worker")
+        self.settler = Settler(bus, self.puller, source="worker", partitions=settings.projector_partitions)
         self.threads = HandlerThreads(concurrency)
         self.running: dict[int, _Running] = {}
         self._waiting: list[collections.deque[Delivery]] = [collections.deque() for _ in settings.priorities]

@@ -11,9 +11,9 @@ What depends on the settings is a placeholder, ``${name}``, filled by :func:`fil
 
 * a string that is only ``"${name}"`` becomes the value itself (a number stays a number);
 * ``${name}`` inside a longer string becomes the value's text (``"regional-${region}"``);
-* an item of a list that names ``${region}`` or ``${priority}`` stands for one item per
-  region or priority of the settings, regions outer, in their order (a subject per
-  priority, a durable per region and priority).
+* an item of a list that names ``${region}``, ``${priority}`` or ``${partition}`` stands for
+  one item per region, priority or projector partition of the settings, regions outer, in
+  their order (a subject per priority, a durable per region and priority).
 
 That is all: no expressions, no conditions. A computed value (three heartbeats, a window
 in messages) is computed in Python and named (:func:`streamsched.transport.streams.placeholders`).
@@ -32,7 +32,7 @@ from typing import Any
 #: ``${name}``: a lower-case name in braces.
 PLACEHOLDER = re.compile(r"\$\{([a-z_]+)\}")
 #: Placeholders that repeat the list item they appear in, once per value.
-REPEATED = ("region", "priority")
+REPEATED = ("region", "priority", "partition")
 
 
 def folder() -> Traversable:

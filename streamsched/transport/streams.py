@@ -46,6 +46,7 @@ import anyio
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
@@ -93,6 +94,10 @@ DEPTH_BY_SUBJECT = (subjects.TASKS_STREAM, subjects.SCHED_STREAM, subjects.WORK_
 #: A WORK durable's definition, filled per region, priority and task type by the workers
 #: (:func:`ensure_work_consumers`): the types are known only to them.
 WORK_CONSUMER_FILE = "consumer/worker.json"
+#: The projector's durable with one partition, and the partitions' durables with more
+#: (``projector_partitions``): the files that do not apply to the settings are left out.
+PROJECTOR_CONSUMER_FILE = "consumer/projector.json"
+PARTITIONED_PROJECTOR_FILE = "consumer/projector-partitions.json"
 #: A worker's entry in KV ``workers`` (and a regional scheduler's in ``regions``) expires
 #: this many heartbeats after its last put.
 WORKER_HEARTBEATS_TO_LIVE = 3
@@ -168,8 +173,11 @@ def _read(kind: str) -> list[tuple[str, Any]]:
 def filled(settings: Settings) -> Filled:
     """Every stream, bucket and role durable (not the workers' WORK durables), filled from ``settings``."""
     values = placeholders(settings)
-    repeated = {"region": settings.regions, "priority": settings.priorities}
-    groups = [body for stem, body in _read("consumer") if f"consumer/{stem}.json" != WORK_CONSUMER_FILE]
+    partitions = settings.projector_partitions
+    # Partition 0's durable has an item of its own (it also reads unpartitioned events): the others repeat.
+    repeated = {"region": settings.regions, "priority": settings.priorities, "partition": [str(k) for k in range(1, partitions)]}
+    unused = {WORK_CONSUMER_FILE, PARTITIONED_PROJECTOR_FILE if partitions == 1 else PROJECTOR_CONSUMER_FILE}
+    groups = [body for stem, body in _read("consumer") if f"consumer/{stem}.json" not in unused]
     return Filled(
         streams=[definitions.fill(body, values, repeated) for _, body in _read("stream")],
         kv=[definitions.fill(body, values, repeated) for _, body in _read("kv")],
@@ -352,7 +360,7 @@ class Change:
 
     kind: str  # "stream", "consumer" or "kv"
     name: str
-    action: str  # "created", "updated", "recreated" (a heartbeat bucket) or "unchanged"
+    action: str  # "created", "updated", "recreated" (a heartbeat bucket), "deleted" (a projector durable) or "unchanged"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -417,6 +425,26 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
             # add_consumer updates an existing durable in place (the server creates or updates).
             await js.add_consumer(stream, consumer)
         changes.append(Change("consumer", f"{stream}/{name}", "updated" if diff else "unchanged", ", ".join(diff)))
+    return changes + await _delete_unused_projectors(bus, settings)
+
+
+async def _delete_unused_projectors(bus: Bus, settings: Settings) -> list[Change]:
+    """Delete the projector durables of another ``projector_partitions`` (their projectors
+    are stopped first): left behind, each would keep every later event of its subjects
+    pending. One deleted with events not folded yet says so: ``replay rebuild-state`` folds them."""
+    wanted = set(subjects.projector_consumers(settings.projector_partitions))
+    infos: list[ConsumerInfo] = []
+    while page := await bus.js.consumers_info(subjects.EVENTS_STREAM, offset=len(infos)):
+        infos += page
+    changes: list[Change] = []
+    for info in infos:
+        if subjects.is_projector_consumer(info.name) and info.name not in wanted:
+            await bus.js.delete_consumer(subjects.EVENTS_STREAM, info.name)
+            why = f"projector_partitions is {settings.projector_partitions}"
+            unfolded = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            if unfolded:
+                why += f"; it had {unfolded} messages not folded: `streamsched replay rebuild-state` folds them"
+            changes.append(Change("consumer", f"{subjects.EVENTS_STREAM}/{info.name}", "deleted", why))
     return changes
 
 

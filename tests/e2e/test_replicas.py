@@ -1,6 +1,7 @@
 """Replicas of every role share its work: two masters, two regional schedulers, two
-projectors and two workers, each its own process, run a few thousand tasks; every task
-runs once, and each process's own /metrics shows it took a share of its role's work."""
+projectors (one per projector partition) and two workers, each its own process, run a few
+thousand tasks; every task runs once, and each process's own /metrics shows it took a share
+of its role's work."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import time
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamsched import subjects
 from streamsched.client import Client
+from streamsched.config import Settings
 from streamsched.eventlog import events as ev
 from streamsched.eventlog.state import MAX_GET_MANY, StateStore
+from streamsched.transport import streams
 from streamsched.transport.bus import Bus
 from streamsched.transport.reading import Since, read
 from streamsched.transport.server import free_port
@@ -76,11 +80,17 @@ async def scrape_all(http: httpx.AsyncClient, ports: dict[str, int]) -> dict[str
 
 
 async def projected(bus: Bus) -> bool:
-    info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.PROJECTOR_CONSUMER)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    for name in subjects.projector_consumers(REPLICAS):
+        info = await bus.js.consumer_info(subjects.EVENTS_STREAM, name)
+        if info.num_pending or info.num_ack_pending:
+            return False
+    return True
 
 
-async def test_replicas_of_every_role_each_take_a_share_and_no_task_runs_twice(client: Client, bus: Bus, processes: Processes):
+async def test_replicas_of_every_role_each_take_a_share_and_no_task_runs_twice(settings: Settings, client: Client, bus: Bus, processes: Processes):
+    # As `up --projectors 2`: a projector partition per projector, the setting in every role.
+    await streams.apply(bus, msgspec.structs.replace(settings, projector_partitions=REPLICAS))
+    partitions = {"STREAMSCHED_PROJECTOR_PARTITIONS": str(REPLICAS)}
     ports: dict[str, int] = {}
     for role in WORK_COUNTERS:
         for n in range(1, REPLICAS + 1):
@@ -89,7 +99,9 @@ async def test_replicas_of_every_role_each_take_a_share_and_no_task_runs_twice(c
             where = ["--region", "default"] if role in ("regional", "worker") else []
             handlers = ["workers.examples"] if role == "worker" else []
             slots = ["--concurrency", "32"] if role == "worker" else []
-            processes.start(name, role, *handlers, *where, *slots, "--metrics-port", str(port), log_level="INFO")
+            partition = ["--partition", str(n - 1)] if role == "projector" else []
+            args = [*handlers, *where, *slots, *partition, "--metrics-port", str(port)]
+            processes.start(name, role, *args, env=partitions, log_level="INFO")
     async with httpx.AsyncClient(timeout=5) as http:
         await scrape_all(http, ports)  # every replica is up before the first task
         began = time.monotonic()
@@ -112,14 +124,18 @@ async def test_replicas_of_every_role_each_take_a_share_and_no_task_runs_twice(c
     started: collections.Counter[str] = collections.Counter()
     succeeded: collections.Counter[str] = collections.Counter()
     event_messages = 0
+    misplaced: list[tuple[str, str]] = []  # (subject, task id) of events outside their task's partition
     async for stored in read(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, Since(seq=1)):
         event_messages += 1
         for event in ev.decode_all(stored.data):
+            if stored.subject != subjects.events(stored.subject.split(".")[1], subjects.event_partition(event.task_id, REPLICAS)):
+                misplaced.append((stored.subject, event.task_id))
             if isinstance(event, ev.Started):
                 started[event.task_id] += 1
             elif isinstance(event, ev.Succeeded):
                 succeeded[event.task_id] += 1
     assert set(started) == set(succeeded) == set(ids)
+    assert misplaced == []
     assert [task_id for task_id, count in (started + succeeded).items() if count != 2] == []
     store = await StateStore.open(bus)
     statuses = collections.Counter[str]()

@@ -238,6 +238,10 @@ async def test_up_runs_replicas_of_every_role_each_with_its_name_and_metrics_por
             "worker": 2,
         }
         assert "replicas:    masters 2, projectors 2, regional schedulers per region 2" in up.output
+        # A projector partition each, the setting given to every role.
+        projectors = up.roles("projector")
+        assert sorted(p.cmdline()[p.cmdline().index("--partition") + 1] for p in projectors) == ["0", "1"]
+        assert {p.environ().get("STREAMSCHED_PROJECTOR_PARTITIONS") for p in [*projectors, *up.roles("worker")]} == {"2"}
         assert f"ports {base}-{base + 9}" in up.output
         assert [metrics_port for metrics_port in range(base, base + 10) if not serves_metrics(metrics_port)] == []
     assert up.popen.returncode == 0, up.output[-3000:]

@@ -110,3 +110,23 @@ async def test_an_event_that_would_overfill_a_message_starts_the_next(bus, monke
     await asyncio.gather(*set(futures))
     stored = await stored_messages(bus)
     assert [[e.task_id for e in events] for _, events, _ in stored] == [["t1", "big"], ["big", "t2"]]
+
+
+async def test_with_partitions_each_message_holds_the_events_of_one_partitions_tasks(bus):
+    recorder = EventRecorder(bus, "test", partitions=4)
+    ids = [f"p{i}" for i in range(40)]
+    # One call spanning the partitions: one recording that lands when all its messages have.
+    spanning = recorder.record([scheduled(task_id) for task_id in ids])
+    await asyncio.wait_for(spanning, timeout=5)
+    # A task's events go to one partition, so a call for one task joins that partition's message.
+    alone = recorder.record([scheduled("p0")])
+    assert alone is recorder._open[subjects.event_partition("p0", 4)]
+    await alone
+
+    stored = await stored_messages(bus)
+    by_subject = {subject: [e.task_id for e in events] for subject, events, _ in stored[:-1]}
+    expected = {f"events.test.{k}": [t for t in ids if subjects.event_partition(t, 4) == k] for k in range(4)}
+    assert by_subject == {subject: tasks for subject, tasks in expected.items() if tasks}
+    assert len(by_subject) == 4  # 40 ids fill every partition
+    assert stored[-1][0] == f"events.test.{subjects.event_partition('p0', 4)}"
+    assert len({msg_id for _, _, msg_id in stored}) == len(stored)  # each message its own msg id

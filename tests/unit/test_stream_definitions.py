@@ -29,6 +29,7 @@ CASES: dict[str, dict[str, Any]] = {
     "default": {},
     "two regions": {"regions": ("default", "eu")},
     "replicas 3": {"replicas": 3},
+    "three projector partitions": {"projector_partitions": 3},
     "every setting apart": {
         "regions": ("us", "eu", "ap"),
         "priorities": ("urgent", "normal"),
@@ -132,6 +133,21 @@ def test_every_definition_file_is_read_and_names_what_subjects_names() -> None:
     by_name = {config.durable_name: (stream, config.filter_subject) for stream, config in streams.consumer_configs(settings)}
     assert by_name[subjects.sched_consumer("eu", "low")] == (subjects.SCHED_STREAM, subjects.sched("eu", "low"))
     assert by_name[subjects.master_consumer("high")] == (subjects.TASKS_STREAM, subjects.submit("high"))
+    assert by_name[subjects.PROJECTOR_CONSUMER] == (subjects.EVENTS_STREAM, subjects.EVENTS_ALL)
+
+
+def test_projector_partitions_have_a_durable_each_on_their_subjects_and_partition_zero_also_the_unpartitioned() -> None:
+    """With partitions, the recorders publish a task's events on ``events.<source>.<k>``: the
+    durable of ``k`` must take exactly those, and partition 0's also ``events.<source>``
+    (what tools publish without a partition), so that no event goes unfolded."""
+    filters = {
+        config.durable_name: config.filter_subjects or [config.filter_subject]
+        for stream, config in streams.consumer_configs(Settings(projector_partitions=3))
+        if stream == subjects.EVENTS_STREAM
+    }
+    assert list(filters) == subjects.projector_consumers(3) == ["projector-0", "projector-1", "projector-2"]
+    assert filters == {"projector-0": ["events.*.0", "events.*"], "projector-1": ["events.*.1"], "projector-2": ["events.*.2"]}
+    assert all(subjects.is_projector_consumer(name) for name in filters) and not subjects.is_projector_consumer("projector-x")
 
 
 def test_the_top_level_streams_folder_is_the_packages() -> None:
