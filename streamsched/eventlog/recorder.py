@@ -100,6 +100,8 @@ class EventRecorder:
         self._id_prefix = f"{source}:{os.urandom(6).hex()}:"
         self._count = 0
         self._open: list[Recording | None] = [None] * partitions
+        if partitions > 1:  # chosen once here: record() is on every role's per-task path
+            self.record = self._record_partitioned  # type: ignore[method-assign]
 
     def record(self, events: Iterable[ev.Event]) -> Recording:
         """Add ``events`` (in the order they happened) to the open message; returns it.
@@ -107,9 +109,6 @@ class EventRecorder:
         More events than one message holds (a batch or a workflow taken in at once), or
         events of several partitions, go into as many messages as they need, in order; the
         returned recording then stands for all of them (it lands when the last one has)."""
-        if self.partitions > 1:
-            return self._record_partitioned(events)
-        # One partition, every role's per-task path: :meth:`_record_parts` inline.
         parts = [ev.encode(event) for event in events]
         size = sum(len(part) + 1 for part in parts)
         if len(parts) > MAX_EVENTS or size > MAX_BYTES:
