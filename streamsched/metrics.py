@@ -49,6 +49,7 @@ from .eventlog.reader import decode
 from .queues import STAGES, queue_depths
 from .roles.metrics import OTHER, Buckets, TypeLabels, histogram
 from .task_index import TaskIndex
+from .transport import streams
 from .transport.bus import Bus
 from .transport.reading import ReadStats, Since, read
 
@@ -337,7 +338,7 @@ async def cluster_gauges(client: Client, index: TaskIndex, types: TypeLabels) ->
         workers.add_metric([region], count)
     out.append(workers)
     out.append(await breaker_states(client, types))
-    out.extend(await projector_lag(bus, settings.projector_partitions))
+    out.extend(await projector_lag(bus))
     # The API's own view and the streams' depths, as ``streamsched_*``.
     tasks = GaugeMetricFamily("streamsched_tasks", "Tasks in the API's view of KV tasks, by status", labels=["status"])
     for status, count in index.counts().items():
@@ -394,25 +395,23 @@ async def breaker_states(client: Client, types: TypeLabels) -> GaugeMetricFamily
     return family
 
 
-async def projector_lag(bus: Bus, partitions: int = 1) -> list[GaugeMetricFamily]:
+async def projector_lag(bus: Bus) -> list[GaugeMetricFamily]:
     """How far the projectors are behind EVENTS: messages not acked, summed over the
-    partitions, and the age of the oldest (of the partition furthest behind)."""
+    projector durables there are, and the age of the oldest (of the one furthest behind)."""
     messages = GaugeMetricFamily("projector_lag_messages", "EVENTS messages the projectors have not folded yet")
     seconds = GaugeMetricFamily("projector_lag_seconds", "Age of the oldest EVENTS message the projectors have not folded (0: none)")
+    try:
+        durables = await streams.projector_durables(bus)
+    except NotFoundError:  # no EVENTS yet
+        return []
+    if not durables:
+        return []
     total, oldest_age = 0, 0.0
-    found = False
-    for consumer in subjects.projector_consumers(partitions):
-        try:
-            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, consumer)
-        except NotFoundError:
-            continue
-        found = True
+    for info in durables:
         behind = (info.num_pending or 0) + (info.num_ack_pending or 0)
         total += behind
         if behind and info.ack_floor is not None:
             oldest_age = max(oldest_age, await _oldest_unfolded_age(bus, info))
-    if not found:
-        return []
     messages.add_metric([], total)
     seconds.add_metric([], oldest_age)
     return [messages, seconds]

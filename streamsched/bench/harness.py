@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamState
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamState
 
 from .. import subjects
 from ..config import DEFAULT_CONCURRENCY, Settings
@@ -180,14 +180,8 @@ async def finished_count(bus: Bus) -> int:
     return state.last_seq - state.messages
 
 
-async def _projector_durables(bus: Bus) -> list[ConsumerInfo]:
-    """The projectors' durables on EVENTS: one, or one per partition."""
-    infos: list[ConsumerInfo] = await bus.js.consumers_info(subjects.EVENTS_STREAM)
-    return [info for info in infos if subjects.is_projector_consumer(info.name)]
-
-
 async def projector_caught_up(bus: Bus) -> bool:
-    return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in await _projector_durables(bus))
+    return all(info.num_pending == 0 and info.num_ack_pending == 0 for info in await streams.projector_durables(bus))
 
 
 async def projected_through(bus: Bus, stream_seq: int) -> bool:
@@ -195,7 +189,7 @@ async def projected_through(bus: Bus, stream_seq: int) -> bool:
     later ones). A partition's durable whose last message came earlier has settled it all."""
     return all(
         (info.ack_floor is not None and info.ack_floor.stream_seq >= stream_seq) or (info.num_pending == 0 and info.num_ack_pending == 0)
-        for info in await _projector_durables(bus)
+        for info in await streams.projector_durables(bus)
     )
 
 

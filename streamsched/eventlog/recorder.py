@@ -168,6 +168,8 @@ def _joint(recordings: list[Recording]) -> Recording:
     """One recording that lands when all of ``recordings`` have (failing with the first error)."""
     joint = Recording()
     remaining = len(recordings)
+    if not recordings:  # nothing to wait for (record([]) with partitions)
+        joint._finish(None)
     first_error: list[BaseException] = []
 
     def landed(error: BaseException | None) -> None:

@@ -48,15 +48,16 @@ async def rebuild_state(bus: Bus, settings: Settings, *, bucket: str = subjects.
     async with anyio.create_task_group() as tg:
         if live:
             # Paused in short, renewed leases: if this command dies, the projectors resume by themselves.
-            await _pause_projectors(bus, settings)
-            tg.start_soon(_keep_projectors_paused, bus, settings)
+            paused = [info.name for info in await streams.projector_durables(bus)]
+            await _pause(bus, paused)
+            tg.start_soon(_keep_paused, bus, paused)
         try:
             report = await _rebuild(bus, settings, bucket, timeout_s, began)
         finally:
             tg.cancel_scope.cancel()
             if live:
                 with anyio.CancelScope(shield=True):
-                    for consumer in subjects.projector_consumers(settings.projector_partitions):
+                    for consumer in paused:
                         await js.resume_consumer(subjects.EVENTS_STREAM, consumer)
     return report
 
@@ -66,17 +67,17 @@ PAUSE_LEASE_S = 30.0
 PAUSE_RENEW_S = 10.0
 
 
-async def _pause_projectors(bus: Bus, settings: Settings) -> None:
-    """Pause every partition's durable (the one durable, with one partition)."""
+async def _pause(bus: Bus, consumers: list[str]) -> None:
+    """Pause the projector durables ``consumers`` (every partition's) for one lease."""
     until = _rfc3339(time.time() + PAUSE_LEASE_S)
-    for consumer in subjects.projector_consumers(settings.projector_partitions):
+    for consumer in consumers:
         await bus.js.pause_consumer(subjects.EVENTS_STREAM, consumer, until)
 
 
-async def _keep_projectors_paused(bus: Bus, settings: Settings) -> None:
+async def _keep_paused(bus: Bus, consumers: list[str]) -> None:
     while True:
         await anyio.sleep(PAUSE_RENEW_S)
-        await _pause_projectors(bus, settings)
+        await _pause(bus, consumers)
 
 
 async def _rebuild(bus: Bus, settings: Settings, bucket: str, timeout_s: float, began: float) -> RebuildReport:

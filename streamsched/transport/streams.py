@@ -428,17 +428,23 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
     return changes + await _delete_unused_projectors(bus, settings)
 
 
+async def projector_durables(bus: Bus) -> list[ConsumerInfo]:
+    """The projectors' durables on EVENTS as they are on the server (one, or one per
+    partition), whatever this process's ``projector_partitions`` says."""
+    infos: list[ConsumerInfo] = []
+    while page := await bus.js.consumers_info(subjects.EVENTS_STREAM, offset=len(infos)):
+        infos += page
+    return [info for info in infos if subjects.is_projector_consumer(info.name)]
+
+
 async def _delete_unused_projectors(bus: Bus, settings: Settings) -> list[Change]:
     """Delete the projector durables of another ``projector_partitions`` (their projectors
     are stopped first): left behind, each would keep every later event of its subjects
     pending. One deleted with events not folded yet says so: ``replay rebuild-state`` folds them."""
     wanted = set(subjects.projector_consumers(settings.projector_partitions))
-    infos: list[ConsumerInfo] = []
-    while page := await bus.js.consumers_info(subjects.EVENTS_STREAM, offset=len(infos)):
-        infos += page
     changes: list[Change] = []
-    for info in infos:
-        if subjects.is_projector_consumer(info.name) and info.name not in wanted:
+    for info in await projector_durables(bus):
+        if info.name not in wanted:
             await bus.js.delete_consumer(subjects.EVENTS_STREAM, info.name)
             why = f"projector_partitions is {settings.projector_partitions}"
             unfolded = (info.num_pending or 0) + (info.num_ack_pending or 0)

@@ -130,3 +130,8 @@ async def test_with_partitions_each_message_holds_the_events_of_one_partitions_t
     assert len(by_subject) == 4  # 40 ids fill every partition
     assert stored[-1][0] == f"events.test.{subjects.event_partition('p0', 4)}"
     assert len({msg_id for _, _, msg_id in stored}) == len(stored)  # each message its own msg id
+
+
+async def test_with_partitions_recording_no_events_lands_at_once(bus):
+    recording = EventRecorder(bus, "test", partitions=2).record([])
+    assert recording.done and recording.error is None
