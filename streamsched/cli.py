@@ -33,7 +33,7 @@ from .cli_schedules import schedule_app
 from .cli_streams import streams_app
 from .cli_workers import workers_app
 from .client import Client
-from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, MAX_PROJECTOR_PARTITIONS, Settings
+from .config import DEFAULT_CONCURRENCY, LOG_FORMAT_ENV, MAX_PROJECTOR_PARTITIONS, PARTITIONS_ENV, Settings
 from .errors import AlreadyFinished, NotFound, Overloaded, Unavailable
 from .model import DEFAULT_PRIORITY, Status, TaskState
 from .roles.service import configure_logging, run_service
@@ -157,13 +157,14 @@ def up(
     workers: Annotated[int | None, typer.Option(help="Worker processes per region [default: 1].")] = None,
     masters: Annotated[int, typer.Option(min=1, help="Master processes; they share the submissions (the durables on TASKS).")] = 1,
     projectors: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             max=MAX_PROJECTOR_PARTITIONS,
-            help="Projector processes, one per projector partition (sets STREAMSCHED_PROJECTOR_PARTITIONS for every role).",
+            help="Projector processes, one per projector partition (sets STREAMSCHED_PROJECTOR_PARTITIONS for every role) "
+            "[default: $STREAMSCHED_PROJECTOR_PARTITIONS or 1].",
         ),
-    ] = 1,
+    ] = None,
     regionals: Annotated[int, typer.Option(min=1, help="Regional scheduler processes per region; they share the region's SCHED durables.")] = 1,
     autoscale: Annotated[
         str | None,
@@ -221,6 +222,11 @@ def up(
     if log_format is not None:  # the role processes inherit the environment
         os.environ[LOG_FORMAT_ENV] = log_format
     settings = load_or_exit(regions=_regions(regions))
+    if projectors is None:
+        projectors = settings.projector_partitions
+    elif PARTITIONS_ENV in os.environ and projectors != settings.projector_partitions:
+        # Against running roles (--nats-url) the other count would make streams apply replace their projectors' durables.
+        raise typer.BadParameter(f"{PARTITIONS_ENV} is {settings.projector_partitions}: give one count, not two", param_hint="'--projectors'")
     if api_port:
         refuse_public_without_token(api_host, settings, "the REST API")
     options = UpOptions(

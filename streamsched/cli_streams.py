@@ -60,18 +60,32 @@ def _settings(regions: str | None, replicas: int | None) -> Settings:
 
 
 @streams_app.command("apply")
-def apply(regions: Regions = None, replicas: Replicas = None) -> None:
+def apply(
+    regions: Regions = None,
+    replicas: Replicas = None,
+    prune_projectors: Annotated[
+        bool,
+        typer.Option(
+            "--prune-projectors",
+            help="Also delete the durable of a projector partition the count dropped while it still has events not folded "
+            "(`streamsched replay rebuild-state` folds them afterwards).",
+        ),
+    ] = False,
+) -> None:
     """Create or update every stream, consumer and KV bucket in place (a new priority gets its tasks.submit.<priority>); prints what changed.
 
-    Nothing is deleted, except that KV workers or regions on another storage than their
+    Two things are deleted. KV workers or regions on another storage than their
     definition's is made again (JetStream cannot change it in place; their entries are
-    heartbeats, put again within one)."""
+    heartbeats, put again within one). The projector durables of another
+    STREAMSCHED_PROJECTOR_PARTITIONS give way to this count's, which start where the
+    slowest of them stands; a dropped partition's durable with events not folded yet is
+    kept (the line says "kept") until its projector has folded them."""
     settings = _settings(regions, replicas)
 
     async def go() -> None:
         bus = await Bus.connect(settings.nats_url, name="streamsched-cli")
         try:
-            for change in await streams.apply(bus, settings):
+            for change in await streams.apply(bus, settings, prune_projectors=prune_projectors):
                 typer.echo(str(change))
         except nats.js.errors.APIError as exc:
             # A server's refusal is the deployment's to fix (its storage limits, say): one line, no traceback.

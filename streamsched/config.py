@@ -24,6 +24,8 @@ WIRE_ROUTE_ENV = "STREAMSCHED_WIRE"
 LOG_FORMAT_ENV = "STREAMSCHED_LOG_FORMAT"
 #: Its values: streamsched's own per-message path, or nats-py's public API.
 WIRE_ROUTES = ("fast", "nats-py")
+#: The ``projector_partitions`` setting's variable, which ``up --projectors`` sets for every role.
+PARTITIONS_ENV = f"{ENV_PREFIX}PROJECTOR_PARTITIONS"
 #: Handlers a worker runs at once unless told otherwise (``--concurrency``; a worker's own
 #: option, not a deployment setting). As Temporal's and Hatchet's workers: handlers mostly
 #: wait on I/O, async ones on the loop, sync ones in threads made only as calls need them.

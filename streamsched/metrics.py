@@ -418,15 +418,16 @@ async def projector_lag(bus: Bus) -> list[GaugeMetricFamily]:
 
 
 async def _oldest_unfolded_age(bus: Bus, info: ConsumerInfo) -> float:
-    """Age of the first message past ``info``'s ack floor on its (first) filter subject: a
+    """Age of the first message past ``info``'s ack floor on its filter subjects: a
     partition's durable reads only some of EVENTS' messages."""
     assert info.ack_floor is not None
-    subject = info.config.filter_subject or (info.config.filter_subjects or [subjects.EVENTS_ALL])[0]
-    with contextlib.suppress(NotFoundError):  # gone (EVENTS' age limit): no age to tell
-        oldest = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=info.ack_floor.stream_seq + 1, subject=subject, next=True, direct=True)
-        if oldest.time is not None:
-            return max(0.0, time.time() - oldest.time.timestamp())
-    return 0.0
+    ages = [0.0]
+    for subject in streams.event_filters(info):
+        with contextlib.suppress(NotFoundError):  # none, or gone (EVENTS' age limit): no age to tell
+            oldest = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=info.ack_floor.stream_seq + 1, subject=subject, next=True, direct=True)
+            if oldest.time is not None:
+                ages.append(time.time() - oldest.time.timestamp())
+    return max(ages)
 
 
 __all__ = ["OTHER", "ClusterMetrics", "EventFold", "cluster_gauges"]

@@ -111,14 +111,17 @@ async def all_roles(
     region: str = "default",
     concurrency: int = 8,
 ) -> list[Role]:
-    """Master, regional scheduler, projector and (given a registry) a worker, on one bus."""
+    """Master, regional scheduler, a projector per projector partition and (given a
+    registry) a worker, on one bus."""
     from .eventlog.state import StateStore
     from .roles.master import Master
     from .roles.projector import Projector
     from .roles.regional import Regional
     from .roles.worker import Worker
 
-    roles: list[Role] = [Master(settings, bus), Regional(settings, bus, region), Projector(settings, bus, await StateStore.open(bus))]
+    store = await StateStore.open(bus)
+    projectors = [Projector(settings, bus, store, consumer=name) for name in subjects.projector_consumers(settings.projector_partitions)]
+    roles: list[Role] = [Master(settings, bus), Regional(settings, bus, region), *projectors]
     if registry is not None:
         roles.append(Worker(settings, bus, registry, region=region, concurrency=concurrency))
     return roles

@@ -82,6 +82,7 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
         STREAMSCHED_RETRY_MAX_S=str(settings.retry_max_s),
         STREAMSCHED_ACK_WAIT_S=str(settings.ack_wait_s),
         STREAMSCHED_GRACE_S=str(settings.grace_s),
+        STREAMSCHED_PROJECTOR_PARTITIONS=str(settings.projector_partitions),
         PYTHONPATH=str(REPO),
     )
     return env

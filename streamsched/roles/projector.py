@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.js.errors import APIError, BadRequestError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from .. import logs, subjects
 from ..config import Settings
@@ -70,6 +70,8 @@ CACHE_SIZE = 50_000
 #: Events that open a task's record. A task whose batch has none and whose state is not
 #: cached has a stored state: it is read before it is written.
 OPENING: frozenset[type] = frozenset({ev.Submitted, ev.Rejected, ev.Waiting})
+#: How often a projector whose durable does not exist looks for it again (and says so).
+DURABLE_CHECK_S = 10.0
 #: How long a batch waits for more events before it is folded. Projection lag, and also
 #: task latency: a dependant is released only once its dependency's final state is written.
 COALESCE_S = 0.001
@@ -139,8 +141,10 @@ class Projector:
         self.workflows = WorkflowTracker(bus) if follow_up else None
         self._follow_ups = asyncio.Semaphore(FOLLOW_UPS)
         self._following: set[asyncio.Task[None]] = set()  # referenced: the loop keeps tasks weakly
+        self._stopping = asyncio.Event()
 
     async def run(self) -> None:
+        await self._wait_for_durable()
         log.info("projector folding EVENTS (durable %s) into KV %s", self.consumer, self.store.bucket)
         flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         try:
@@ -150,7 +154,28 @@ class Projector:
             flusher.cancel()
 
     async def shutdown(self) -> None:
+        self._stopping.set()
         self.puller.stop()
+
+    async def _wait_for_durable(self) -> None:
+        """Return once the durable exists, or the projector is stopped. Without it each pull
+        is answered "no such consumer" and nothing is folded, in silence: ``streams apply``
+        makes a partition's durable for its ``projector_partitions``, and one with a lower
+        count deletes the durables of the partitions it drops."""
+        while True:
+            try:
+                await self.bus.js.consumer_info(subjects.EVENTS_STREAM, self.consumer)
+                return
+            except NotFoundError:
+                log.error(
+                    "EVENTS has no durable %s: run `streamsched streams apply` with STREAMSCHED_PROJECTOR_PARTITIONS=%d; looking again in %gs",
+                    self.consumer,
+                    self.settings.projector_partitions,
+                    DURABLE_CHECK_S,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), DURABLE_CHECK_S)
+                return
 
     def _on_message(self, _level: int, msg: Delivery) -> None:
         events = decode(msg.stream_seq, msg.data, self.stats)

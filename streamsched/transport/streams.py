@@ -18,8 +18,9 @@ Retention follows the role of each stream:
   masters that release what waits for them.
 * TIMERS (work queue): message schedules (delayed tasks on ``timers.at.<id>``), which
   nats-server fires onto ``timers.due`` for the master.
-* EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, each
-  message holding the events of many tasks).
+* EVENTS (limits): the lifecycle log, the source of truth (``events.<source>``, or
+  ``events.<source>.<k>`` with projector partitions, each message holding the events of
+  many tasks), read by the projectors' durables: one, or one per partition.
 * DLQ (limits): dead tasks with their last error.
 * KV ``tasks``: the latest state of each task, a projection of EVENTS.
 * KV ``cancels``: the ids of cancelled tasks, each for ``cancel_ttl_s``.
@@ -360,7 +361,7 @@ class Change:
 
     kind: str  # "stream", "consumer" or "kv"
     name: str
-    action: str  # "created", "updated", "recreated" (a heartbeat bucket), "deleted" (a projector durable) or "unchanged"
+    action: str  # "created", "updated", "recreated" (a heartbeat bucket), "deleted" or "kept" (an old projector durable), "unchanged"
     detail: str = ""
 
     def __str__(self) -> str:
@@ -372,8 +373,14 @@ def _differences(desired: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(key for key, value in desired.items() if current.get(key) != value)
 
 
-async def apply(bus: Bus, settings: Settings) -> list[Change]:
-    """Create what is missing and update what differs; safe to run on every start."""
+async def apply(bus: Bus, settings: Settings, *, prune_projectors: bool = False) -> list[Change]:
+    """Create what is missing and update what differs; safe to run on every start.
+
+    With another ``projector_partitions`` than the server's projector durables have, it
+    makes the new count's durables, each starting where the slowest of the old ones stands
+    (so nothing is folded twice but what was in flight), and deletes the old ones that
+    nothing is lost with (:func:`_delete_unused_projectors`; ``prune_projectors`` deletes
+    them all)."""
     js = bus.js
     changes: list[Change] = []
     for config in stream_configs(settings):
@@ -411,21 +418,28 @@ async def apply(bus: Bus, settings: Settings) -> list[Change]:
         else:
             changes.append(Change("kv", kv.bucket, "unchanged"))
 
+    projectors_start = await _projectors_start(bus)
     for stream, consumer in [*consumer_configs(settings), *await _work_consumer_configs(bus, settings)]:
         name = consumer.durable_name
         assert name is not None
         try:
             current_consumer = (await js.consumer_info(stream, name)).config
         except NotFoundError:
+            detail = ""
+            if projectors_start is not None and subjects.is_projector_consumer(name):
+                consumer = replace(consumer, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=projectors_start)
+                detail = f"from EVENTS sequence {projectors_start}, where the projector durables before it stood"
             await js.add_consumer(stream, consumer)
-            changes.append(Change("consumer", f"{stream}/{name}", "created"))
+            changes.append(Change("consumer", f"{stream}/{name}", "created", detail))
             continue
+        # Where a durable starts is set when it is made and cannot change: kept as it is.
+        consumer = replace(consumer, deliver_policy=current_consumer.deliver_policy, opt_start_seq=current_consumer.opt_start_seq)
         diff = _differences(consumer.as_dict(), current_consumer.as_dict())
         if diff:
             # add_consumer updates an existing durable in place (the server creates or updates).
             await js.add_consumer(stream, consumer)
         changes.append(Change("consumer", f"{stream}/{name}", "updated" if diff else "unchanged", ", ".join(diff)))
-    return changes + await _delete_unused_projectors(bus, settings)
+    return changes + await _delete_unused_projectors(bus, settings, prune=prune_projectors)
 
 
 async def projector_durables(bus: Bus) -> list[ConsumerInfo]:
@@ -437,20 +451,73 @@ async def projector_durables(bus: Bus) -> list[ConsumerInfo]:
     return [info for info in infos if subjects.is_projector_consumer(info.name)]
 
 
-async def _delete_unused_projectors(bus: Bus, settings: Settings) -> list[Change]:
-    """Delete the projector durables of another ``projector_partitions`` (their projectors
-    are stopped first): left behind, each would keep every later event of its subjects
-    pending. One deleted with events not folded yet says so: ``replay rebuild-state`` folds them."""
+async def _projectors_start(bus: Bus) -> int | None:
+    """The EVENTS sequence a new projector durable starts from while others exist: just past
+    the lowest ack floor among them, so that it reads everything one of them has not
+    folded. None when there are none (a new deployment's durable reads EVENTS whole)."""
+    # Read before the durables: one with nothing pending then has folded at least this far,
+    # though its ack floor stays at the last event of its own subjects.
+    last = (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    floors = [_floor(info) if info.num_pending or info.num_ack_pending else last for info in await projector_durables(bus)]
+    return min(floors) + 1 if floors else None
+
+
+def _floor(info: ConsumerInfo) -> int:
+    """The EVENTS sequence up to which a durable has acked every message."""
+    return info.ack_floor.stream_seq if info.ack_floor else 0
+
+
+def _start(info: ConsumerInfo) -> int:
+    """The first EVENTS sequence a durable reads."""
+    config = info.config
+    if config.deliver_policy == DeliverPolicy.BY_START_SEQUENCE and config.opt_start_seq:
+        return config.opt_start_seq
+    return 1
+
+
+def event_filters(info: ConsumerInfo) -> list[str]:
+    """The EVENTS subjects a durable reads (partition 0's durable reads two)."""
+    return info.config.filter_subjects or [info.config.filter_subject or subjects.EVENTS_ALL]
+
+
+def _read_by(kept: list[ConsumerInfo], gone: ConsumerInfo) -> bool:
+    """Whether ``kept`` read every event ``gone`` has not folded: they started at or before
+    its ack floor, on its subjects. One partition's ``events.>`` counts as read by the
+    partitions: its events are on ``events.<source>`` (recorders of one partition),
+    which partition 0 reads, or on the partitions of the recorders already on the new
+    count."""
+    if any(_start(info) > _floor(gone) + 1 for info in kept):
+        return False
+    read = {subject for info in kept for subject in event_filters(info)}
+    return subjects.EVENTS_ALL in read or all(subject in read or subject == subjects.EVENTS_ALL for subject in event_filters(gone))
+
+
+async def _delete_unused_projectors(bus: Bus, settings: Settings, *, prune: bool) -> list[Change]:
+    """Delete the projector durables of another ``projector_partitions``: left behind, each
+    would keep every later event of its subjects pending. One whose events not yet folded
+    no durable kept reads (a partition dropped by a lower count) is kept until it has
+    folded them, unless ``prune``: ``replay rebuild-state`` folds what it had left."""
     wanted = set(subjects.projector_consumers(settings.projector_partitions))
+    durables = await projector_durables(bus)
+    kept = [info for info in durables if info.name in wanted]
     changes: list[Change] = []
-    for info in await projector_durables(bus):
-        if info.name not in wanted:
-            await bus.js.delete_consumer(subjects.EVENTS_STREAM, info.name)
-            why = f"projector_partitions is {settings.projector_partitions}"
-            unfolded = (info.num_pending or 0) + (info.num_ack_pending or 0)
-            if unfolded:
-                why += f"; it had {unfolded} messages not folded: `streamsched replay rebuild-state` folds them"
-            changes.append(Change("consumer", f"{subjects.EVENTS_STREAM}/{info.name}", "deleted", why))
+    for info in durables:
+        if info.name in wanted:
+            continue
+        name = f"{subjects.EVENTS_STREAM}/{info.name}"
+        unfolded = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        why = f"projector_partitions is {settings.projector_partitions}"
+        if unfolded and not _read_by(kept, info):
+            if not prune:
+                why += (
+                    f"; its {unfolded} messages not folded yet are on subjects no other durable reads: "
+                    "apply again once its projector has folded them (or --prune-projectors)"
+                )
+                changes.append(Change("consumer", name, "kept", why))
+                continue
+            why += f"; it had {unfolded} messages not folded: `streamsched replay rebuild-state` folds them"
+        await bus.js.delete_consumer(subjects.EVENTS_STREAM, info.name)
+        changes.append(Change("consumer", name, "deleted", why))
     return changes
 
 

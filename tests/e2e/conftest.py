@@ -18,10 +18,7 @@ import pytest
 from streamsched.client import Client
 from streamsched.config import Settings
 from streamsched.eventlog.state import StateStore
-from streamsched.roles.master import Master
-from streamsched.roles.projector import Projector
-from streamsched.roles.regional import Regional
-from streamsched.testing import running
+from streamsched.testing import all_roles, running
 from streamsched.transport.bus import Bus
 from streamsched.transport.server import ROUTE_PORT_OFFSET, NatsServer, local_cluster, port_in_use
 
@@ -100,9 +97,8 @@ async def client(bus: Bus) -> Client:
 
 @pytest.fixture
 async def schedulers(settings: Settings, bus: Bus) -> AsyncIterator[None]:
-    """Master, regional scheduler and projector in this process (for the worker fault tests)."""
-    roles = [Master(settings, bus), Regional(settings, bus, "default"), Projector(settings, bus, await StateStore.open(bus))]
-    async with running(roles):
+    """Master, regional scheduler and projectors in this process (for the worker fault tests)."""
+    async with running(await all_roles(settings, bus, None)):
         yield
 
 

@@ -8,7 +8,7 @@ import collections
 import pytest
 from typer.testing import CliRunner
 
-from streamsched import access, subjects
+from streamsched import access, subjects, up
 from streamsched.cli import app
 from streamsched.config import ConfigError, Settings
 
@@ -54,3 +54,22 @@ def test_projectors_may_pull_every_partitions_durable_and_recorders_publish_on_p
         assert {"events.*", "events.*.*"} <= set(grant.publish)
     # Nobody but the admin makes or changes the partitions' durables (a client could otherwise refilter one).
     assert {f"$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.projector-{k}" for k in range(2)} <= set(access.durable_guard(settings))
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "started"),
+    [({"STREAMSCHED_PROJECTOR_PARTITIONS": "3"}, [], 3), ({}, ["--projectors", "2"], 2), ({}, [], 1)],
+)
+def test_up_runs_a_projector_per_partition_of_the_setting_or_of_projectors(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], args: list[str], started: int
+) -> None:
+    chosen = []
+    monkeypatch.setattr(up, "run", lambda settings, options: chosen.append(options.projectors) or True)
+    monkeypatch.delenv("STREAMSCHED_PROJECTOR_PARTITIONS", raising=False)
+    result = CliRunner().invoke(app, ["up", "--api-port", "0", *args], env=env)
+    assert result.exit_code == 0 and chosen == [started], result.output
+
+
+def test_up_refuses_a_projectors_count_other_than_the_settings() -> None:
+    result = CliRunner().invoke(app, ["up", "--projectors", "2", "--api-port", "0"], env={"STREAMSCHED_PROJECTOR_PARTITIONS": "3"})
+    assert result.exit_code == 2 and "STREAMSCHED_PROJECTOR_PARTITIONS is 3: give one count, not two" in result.output, result.output
