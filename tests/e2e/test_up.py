@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
+import nats.js.errors
 import psutil
 import pytest
 
@@ -247,6 +248,44 @@ async def test_up_runs_replicas_of_every_role_each_with_its_name_and_metrics_por
     assert up.popen.returncode == 0, up.output[-3000:]
     assert "stopping master#1, master#2, regional eu#1, regional eu#2, regional us#1, regional us#2" in up.output
     assert "stopping projector#1, projector#2" in up.output
+
+
+async def stored_states(port: int) -> dict[str, tuple[int, str]]:
+    """Each task's state in KV ``tasks``: the sequence it was written at, and its status."""
+    nc = await connect(port)
+    js = nc.jetstream()
+    states: dict[str, tuple[int, str]] = {}
+    info = await js.stream_info("KV_tasks")
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            message = await js.get_msg("KV_tasks", seq)
+        except nats.js.errors.NotFoundError:  # a key written over since: its older revision is gone
+            continue
+        states[message.subject.removeprefix("$KV.tasks.")] = (seq, json.loads(message.data)["status"])
+    await nc.close()
+    return states
+
+
+async def test_up_with_another_projectors_count_makes_new_durables_that_do_not_fold_the_history_again(tmp_path: Path):
+    earlier: dict[str, tuple[int, str]] = {}
+    for phase, projectors in enumerate((1, 2, 1)):
+        with running_up(tmp_path, "--projectors", str(projectors), "--api-port", "0") as (up, port):
+            outcomes = await submit_and_wait(port, echo_tasks(f"p{phase}-", 60))
+            assert set(outcomes.values()) == {"succeeded"}
+            deadline = time.monotonic() + 30
+            while True:  # the view is written after the events: wait for it
+                states = await stored_states(port)
+                if sum(status == "succeeded" for _, status in states.values()) == 60 * (phase + 1):
+                    break
+                assert time.monotonic() < deadline, states
+                await anyio.sleep(0.1)
+        # The earlier phases' tasks were not written again: the new durables started past them.
+        assert {task_id: states[task_id] for task_id in earlier} == earlier
+        earlier = states
+        if phase:
+            created = "EVENTS/projector-0 (from EVENTS sequence" if projectors == 2 else "EVENTS/projector (from EVENTS sequence"
+            assert any(f"created   consumer {created}" in line for line in up.lines), up.output[-3000:]
+            assert sum("deleted   consumer EVENTS/projector" in line for line in up.lines) == (1 if projectors == 2 else 2), up.output[-3000:]
 
 
 async def test_a_killed_worker_is_restarted_and_the_next_tasks_succeed(tmp_path: Path):
