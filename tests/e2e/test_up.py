@@ -22,14 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
-import nats.js.errors
 import psutil
 import pytest
 
 from streamsched.cli import Exit
 from streamsched.config import Settings
+from streamsched.eventlog.state import last_values
 from streamsched.supervisor import RestartPolicy
 from streamsched.transport import server as server_module
+from streamsched.transport.bus import Bus
 from streamsched.transport.server import (
     NatsServer,
     PortInUse,
@@ -251,19 +252,14 @@ async def test_up_runs_replicas_of_every_role_each_with_its_name_and_metrics_por
 
 
 async def stored_states(port: int) -> dict[str, tuple[int, str]]:
-    """Each task's state in KV ``tasks``: the sequence it was written at, and its status."""
-    nc = await connect(port)
-    js = nc.jetstream()
-    states: dict[str, tuple[int, str]] = {}
-    info = await js.stream_info("KV_tasks")
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            message = await js.get_msg("KV_tasks", seq)
-        except nats.js.errors.NotFoundError:  # a key written over since: its older revision is gone
-            continue
-        states[message.subject.removeprefix("$KV.tasks.")] = (seq, json.loads(message.data)["status"])
-    await nc.close()
-    return states
+    """Each task's state in KV ``tasks``: the sequence it was last written at, and its status."""
+    bus = await Bus.connect(f"nats://127.0.0.1:{port}", name="test-up")
+    try:
+        entries = await last_values(bus, "KV_tasks", ["$KV.tasks.>"])
+    finally:
+        await bus.close()
+    assert entries is not None
+    return {subject.removeprefix("$KV.tasks."): (seq, json.loads(data)["status"]) for subject, seq, data in entries}
 
 
 async def test_up_with_another_projectors_count_makes_new_durables_that_do_not_fold_the_history_again(tmp_path: Path):
@@ -283,8 +279,8 @@ async def test_up_with_another_projectors_count_makes_new_durables_that_do_not_f
         assert {task_id: states[task_id] for task_id in earlier} == earlier
         earlier = states
         if phase:
-            created = "EVENTS/projector-0 (from EVENTS sequence" if projectors == 2 else "EVENTS/projector (from EVENTS sequence"
-            assert any(f"created   consumer {created}" in line for line in up.lines), up.output[-3000:]
+            durable = "projector-0" if projectors == 2 else "projector"
+            assert any(f"created   consumer EVENTS/{durable} (from EVENTS sequence" in line for line in up.lines), up.output[-3000:]
             assert sum("deleted   consumer EVENTS/projector" in line for line in up.lines) == (1 if projectors == 2 else 2), up.output[-3000:]
 
 
